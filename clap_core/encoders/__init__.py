@@ -1,0 +1,1 @@
+"""Audio encoders: log-mel (B, 1, T, F) -> clip embedding (B, out_dim)."""

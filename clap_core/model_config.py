@@ -1,0 +1,144 @@
+"""Model architecture configs: typed dataclasses, and a registry of named YAML files.
+
+    cfg = get_model_config("htsat-tiny-roberta", ["embed_dim=256"])
+    list_models()  # ['clara-perceiver', 'cnn14-bert', 'htsat-tiny-roberta', 'tiny']
+
+Each `clap_core/configs/models/<name>.yaml` is one architecture. A path to a YAML file works too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from clap_core.config import ConfigError, load_config
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "configs" / "models"
+
+
+@dataclass
+class AudioFrontendConfig:
+    sample_rate: int = 48_000  # waveforms given to the model must be at this rate (Hz)
+    n_fft: int = 1024  # STFT window and FFT size (samples)
+    hop_length: int = 480  # STFT hop: 480 at 48 kHz = 100 frames per second
+    n_mels: int = 64  # mel bins
+    f_min: float = 50.0  # lowest mel filter edge (Hz)
+    f_max: float = 14_000.0  # highest mel filter edge (Hz)
+    clip_seconds: float = 10.0  # fixed model input length: longer clips are cropped, shorter padded
+    pad_mode: Literal["repeatpad", "zero"] = "repeatpad"  # LAION repeats short clips, then zero-pads
+    fusion: bool = False  # LAION feature fusion for long clips (global view + 3 local chunks); HTS-AT only
+
+
+# --- audio encoders: one dataclass per `type`, its fields are the encoder's constructor kwargs ---
+
+
+@dataclass
+class ConvEncoderConfig:
+    type: Literal["conv"] = "conv"  # tiny 2D-conv log-mel encoder (tests, demo)
+    channels: tuple[int, ...] = (16, 32, 64)  # conv block widths
+    embed_dim: int = 64  # pooled output size
+
+
+@dataclass
+class Cnn14Config:
+    type: Literal["cnn14"] = "cnn14"  # PANNs CNN14, the 2022 Microsoft CLAP audio encoder
+    channels: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)  # six conv block widths
+    embed_dim: int = 2048  # fc1 output size
+    dropout: float = 0.2  # dropout before fc1
+
+
+@dataclass
+class PerceiverConfig:
+    type: Literal["perceiver"] = "perceiver"  # CLARA: conv head + Perceiver over learned latents
+    conv_channels: int = 256  # channels of the Conv1d head over time
+    conv_layers: int = 2  # Conv1d layers in the head
+    conv_stride: int = 2  # time stride of each head layer
+    num_latents: int = 64  # learned latents; cost is linear in clip length
+    latent_dim: int = 256  # latent width; output is mean+max pooled -> 2 * latent_dim
+    cross_heads: int = 1  # heads of the latent->frames cross-attention
+    self_heads: int = 8  # heads of the latent self-attention layers
+    self_layers: int = 4  # latent transformer layers
+    mlp_ratio: int = 4  # MLP width multiplier (GELU)
+    dropout: float = 0.1  # dropout in attention and MLPs
+    max_frames: int = 4096  # longest input in frames after the conv head
+
+
+@dataclass
+class HTSATConfig:
+    type: Literal["htsat"] = "htsat"  # HTS-AT (transformers' ClapAudioModel), the LAION-CLAP encoder
+    spec_size: int = 256  # Swin input side; time is interpolated to spec_size * (spec_size // n_mels)
+    patch_size: int = 4  # patch side
+    patch_stride: tuple[int, int] = (4, 4)  # patch stride
+    patch_embeds_hidden_size: int = 96  # width of the first stage; doubles every stage
+    depths: tuple[int, ...] = (2, 2, 6, 2)  # Swin blocks per stage
+    num_attention_heads: tuple[int, ...] = (4, 8, 16, 32)  # heads per stage
+    window_size: int = 8  # Swin window
+    mlp_ratio: float = 4.0  # MLP width multiplier
+    hidden_dropout_prob: float = 0.1  # dropout in Swin blocks
+    drop_path_rate: float = 0.0  # stochastic depth
+    enable_fusion: bool = False  # attentional feature fusion of the 4 views (set with audio.fusion)
+    fusion_type: str | None = None  # transformers' fusion variant ("aff_2d" in LAION's fused models)
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Picks its concrete dataclass from `type` (see `__variants__`)."""
+
+    type: str = "conv"
+    __variants__ = {"type": {"conv": ConvEncoderConfig, "cnn14": Cnn14Config,
+                             "perceiver": PerceiverConfig, "htsat": HTSATConfig}}
+
+
+@dataclass
+class TextEncoderConfig:
+    pretrained: str | None = None  # hub name or local folder for AutoModel.from_pretrained; None: build from hf_config
+    hf_config: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs incl. model_type (offline init)
+    tokenizer: str = "bytes"  # hub name or local folder for AutoTokenizer, or "bytes" (built-in byte-level tokenizer)
+    pooling: Literal["cls", "mean", "last", "mean_max", "pooler"] = "mean"  # how token states become one vector
+    max_length: int = 77  # token ids per caption (longer captions are truncated; longer ids rejected)
+    frozen: bool = False  # keep the text encoder fixed during training (MS-CLAP 2023)
+
+
+@dataclass
+class ProjectionConfig:
+    layers: int = 2  # 1: a linear map (CLIP); 2: linear-act-linear (LAION-CLAP)
+    activation: Literal["relu", "gelu"] = "relu"  # between the two layers
+
+
+@dataclass
+class TemperatureConfig:
+    init: float = 0.07  # initial temperature (logit scale = 1 / init, CLIP-style)
+    max_scale: float = 100.0  # logit scale is clamped to this
+    per_modality: bool = False  # one learnable temperature per modality (CLARA)
+    learnable: bool = True  # freeze the temperature at `init` when false
+
+
+@dataclass
+class ClapModelConfig:
+    name: str = "custom"  # architecture name (registry key)
+    embed_dim: int = 512  # size of the shared audio-text embedding space
+    loss: Literal["infonce", "siglip"] = "infonce"  # contrastive objective the temperature params belong to
+    audio: AudioFrontendConfig = field(default_factory=AudioFrontendConfig)
+    audio_encoder: AudioEncoderConfig = field(default_factory=ConvEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    audio_projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    text_projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+
+    def __post_init__(self) -> None:
+        if self.audio.fusion and not getattr(self.audio_encoder, "enable_fusion", False):
+            raise ConfigError("audio.fusion=true needs an htsat audio_encoder with enable_fusion=true")
+
+
+def list_models() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+
+
+def get_model_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ClapModelConfig:
+    """A registered architecture by name, or a YAML file, with optional `key=value` overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = MODEL_CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown model '{name_or_path}'; registered models: {', '.join(list_models())}")
+    return load_config(ClapModelConfig, path, overrides)

@@ -1,0 +1,68 @@
+"""The `clap` console script: one subcommand per job.
+
+    clap models                       # registered architectures
+    clap preprocess --input M --output OUT [--config FILE] [key=value ...]
+    clap pretrain --data SHARDS --output RUN --model tiny [--config FILE] [key=value ...]
+    clap evaluate / embed / search / tune-probe / demo
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`; modules
+are imported only when their subcommand runs, so `clap models` starts fast and without Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from clap_core.config import ConfigError
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("pipelines.models_cmd", "list registered model architectures or show one"),
+    "preprocess": ("pipelines.preprocess", "raw audio corpus -> augmented 48 kHz Parquet shards (Ray Data)"),
+    "pretrain": ("pipelines.pretrain", "contrastive pretraining (Ray Train + DeepSpeed)"),
+    "evaluate": ("pipelines.evaluate", "retrieval and zero-shot evaluation of a checkpoint"),
+    "embed": ("pipelines.embed", "batch audio/text embedding to Parquet (Ray Data)"),
+    "search": ("pipelines.search", "top-k clips for a text or audio query"),
+    "tune-probe": ("pipelines.tune_probe", "MELD emotion probe sweep (Ray Tune)"),
+    "demo": ("pipelines.demo", "the whole pipeline on a small generated corpus"),
+}
+
+
+def available_subcommands() -> dict[str, tuple[str, str]]:
+    """Subcommands whose module is present in this install."""
+    return {name: spec for name, spec in SUBCOMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
+    parser = argparse.ArgumentParser(prog="clap", description="Contrastive language-audio pretraining at scale.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subcommands = available_subcommands()
+    for name, (_, help_text) in subcommands.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    # Import only the chosen subcommand's module, then give it a real parser of its own.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen not in subcommands:
+        return parser, None
+    module = importlib.import_module(subcommands[chosen][0])
+    sub = subparsers.choices[chosen]
+    sub.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    module.add_arguments(sub)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, module = build_parser(argv)
+    args = parser.parse_args(argv)
+    if module is None:
+        parser.print_help()
+        return 2 if argv else 0
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as e:  # a user mistake in a config or override: say which key, no traceback
+        print(f"clap {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
