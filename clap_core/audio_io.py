@@ -91,27 +91,27 @@ def frame_to_float(frame: av.AudioFrame) -> np.ndarray:
     return samples.astype(np.float32)
 
 
-def decode_packets(container: av.container.InputContainer, stream: av.AudioStream) -> tuple[list[np.ndarray], int]:
+def decode_packets(container: av.container.InputContainer, stream: av.AudioStream) -> tuple[list[av.AudioFrame], int]:
     """Decode every packet of the stream, skipping corrupt ones the way the ffmpeg CLI does.
 
     A truncated tail or one damaged packet should not cost a whole long recording;
     a stream where nothing decodes is rejected by the caller. Returns the decoded
-    chunks and the number of packets that failed.
+    frames and the number of packets that failed.
     """
-    chunks, failures = [], 0
+    frames, failures = [], 0
     try:
         for packet in container.demux(stream):
             try:
-                chunks.extend(frame_to_float(f) for f in stream.codec_context.decode(packet))
+                frames.extend(stream.codec_context.decode(packet))
             except av.error.FFmpegError:
                 failures += 1
     except av.error.FFmpegError:
         failures += 1  # the demuxer hit corrupt or truncated data: keep what decoded so far
     try:
-        chunks.extend(frame_to_float(f) for f in stream.codec_context.decode(None))
+        frames.extend(stream.codec_context.decode(None))
     except av.error.FFmpegError:
         failures += 1
-    return chunks, failures
+    return [f for f in frames if f.samples > 0], failures
 
 
 def decode_with_pyav(data: bytes) -> tuple[np.ndarray, int]:
@@ -126,15 +126,16 @@ def decode_with_pyav(data: bytes) -> tuple[np.ndarray, int]:
         if not container.streams.audio:
             raise AudioDecodeError("no_audio_stream", f"{container.format.name} container has no audio stream")
         stream = container.streams.audio[0]
-        chunks, failures = decode_packets(container, stream)
-        sr = chunks[0].shape[1] and stream.codec_context.sample_rate if chunks else stream.codec_context.sample_rate
-    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+        frames, failures = decode_packets(container, stream)
+        codec_name = stream.codec_context.name
+    if not frames:
         if failures:
-            raise AudioDecodeError("decode_failed", f"all {failures} packets of the {stream.codec_context.name} stream failed")
+            raise AudioDecodeError("decode_failed", f"all {failures} packets of the {codec_name} stream failed")
         raise AudioDecodeError("no_samples", "the audio stream holds no samples")
-    if len({c.shape[0] for c in chunks}) > 1:
-        raise AudioDecodeError("decode_failed", "channel count changes inside the stream")
-    return np.concatenate(chunks, axis=1), int(sr)  # (C, N)
+    chunks = [frame_to_float(f) for f in frames]  # each (C, n)
+    if len({c.shape[0] for c in chunks}) > 1 or len({f.sample_rate for f in frames}) > 1:
+        raise AudioDecodeError("decode_failed", "channel count or sample rate changes inside the stream")
+    return np.concatenate(chunks, axis=1), int(frames[0].sample_rate)  # (C, N)
 
 
 def check_samples(wave: np.ndarray, max_channels: int | None) -> None:

@@ -256,7 +256,7 @@ def rayjob_pretrain() -> dict:
     gpus = gpu_workers(min_replicas=2, max_replicas=2, gpus=4, cpu=32, memory_gi=192)
     return rayjob(
         "pretrain",
-        "--data s3://clap-data/shards/v1 --output s3://clap-data/runs/clap-base --model clap-base"
+        "--data s3://clap-data/shards/v1 --output s3://clap-data/runs/clap-base --model htsat-tiny-roberta"
         " --config pipelines/configs/pretrain.yaml",
         cluster_spec(head_group(), [gpus]),
         deadline_h=72,
