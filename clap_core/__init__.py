@@ -1,0 +1,29 @@
+"""clap_core: the CLAP library (model, loss, audio, data, eval). It never imports Ray.
+
+    from clap_core import ClapModel, get_model_config
+    model = ClapModel.from_pretrained("runs/demo/final")
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Attributes load on first use, so `import clap_core` stays cheap for config-only callers.
+_EXPORTS = {
+    "ClapModel": "clap_core.model",
+    "ClapModelConfig": "clap_core.model_config",
+    "get_model_config": "clap_core.model_config",
+    "list_models": "clap_core.model_config",
+    "load_config": "clap_core.config",
+    "ConfigError": "clap_core.config",
+    "import_laion_clap": "clap_core.laion",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'clap_core' has no attribute '{name}'")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

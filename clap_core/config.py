@@ -39,7 +39,7 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     if dataclasses.is_dataclass(data) and isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {type(data).__name__} {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     _reject_unknown_keys(data, fields, prefix)
