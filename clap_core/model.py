@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 from transformers import PreTrainedTokenizerBase
 
+from clap_core import inference
 from clap_core.config import from_dict, to_dict
 from clap_core.encoders.cnn14 import Cnn14
 from clap_core.encoders.conv import TinyConvEncoder
@@ -31,6 +32,7 @@ from clap_core.encoders.perceiver import PerceiverAudioEncoder
 from clap_core.encoders.text import TextEncoder, build_text_backbone, build_tokenizer
 from clap_core.features import AudioFrontend
 from clap_core.loss import LogitScale, SigmoidLogitScale
+from clap_core.metrics import DEFAULT_TEMPLATES
 from clap_core.model_config import ClapModelConfig, ProjectionConfig
 
 AUDIO_ENCODERS: dict[str, type[nn.Module]] = {"conv": TinyConvEncoder, "cnn14": Cnn14,
@@ -181,6 +183,26 @@ class ClapModel(nn.Module):
         if self.config.loss == "siglip":
             out["logit_bias"] = self.logit_scale()[1]
         return out
+
+    # --- inference API (deterministic; see clap_core.inference) ---
+
+    def embed_audio(self, audio, sample_rate: int | None = None, batch_size: int = 16,
+                    long_audio: inference.LongAudio = "auto") -> np.ndarray:
+        """Paths or arrays -> (N, embed_dim) unit embeddings; decodes, resamples and batches by itself."""
+        return inference.embed_audio(self, audio, sample_rate, batch_size, long_audio)
+
+    def embed_text(self, texts: str | Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Captions -> (N, embed_dim) unit embeddings."""
+        return inference.embed_text(self, texts, batch_size)
+
+    def zero_shot(self, audio, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                  sample_rate: int | None = None) -> np.ndarray:
+        """Per-label probabilities (N, len(labels)) from prompt templates ("This is a sound of {label}.")."""
+        return inference.zero_shot(self, audio, labels, templates, sample_rate)
+
+    def similarity(self, audio, texts: str | Sequence[str], sample_rate: int | None = None) -> np.ndarray:
+        """Cosine similarity (N_audio, N_text)."""
+        return inference.similarity(self, audio, texts, sample_rate)
 
     # --- checkpoints ---
 
