@@ -156,7 +156,8 @@ def apply_pitch_shift(wave: np.ndarray, rng: np.random.Generator, cfg: AugmentCo
 
 def apply_clipping(wave: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> tuple[np.ndarray, dict]:
     lo, hi = cfg.clipping_percent_range
-    percent = int(rng.integers(lo, hi + 1))
+    # audiomentations clips int(percent / 2) percent at each extreme: draw per side so the record is exact
+    percent = 2 * int(rng.integers(lo // 2, hi // 2 + 1))
     return run_frozen(ClippingDistortion(), wave, {"percentile_threshold": percent}), {"percent": percent}
 
 

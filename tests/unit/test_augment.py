@@ -174,14 +174,15 @@ def test_synthetic_reverb_of_an_impulse_is_an_ir_of_the_recorded_rt60():
     reverb = params["reverb"]
     assert reverb["ir"] == "synthetic"
     assert 0.2 <= reverb["rt60"] <= 1.0 and 0.0 <= reverb["drr_db"] <= 12.0
-    support = np.flatnonzero(out[0])[-1] + 1
-    assert support == int(reverb["rt60"] * SR)  # the IR ends at the drawn rt60
+    ir_length = int(reverb["rt60"] * SR)  # the IR ends at the drawn rt60
+    assert np.abs(out[0, ir_length:]).max() < 1e-6 * out[0, 0]  # only FFT round-off after it
+    assert np.abs(out[0, ir_length - 200 : ir_length]).max() > 1e-5 * out[0, 0]
     energy = out[0] ** 2
     assert energy[1:].sum() / energy[0] == pytest.approx(10 ** (-reverb["drr_db"] / 10), rel=1e-3)
 
 
 def test_reverb_keeps_the_dry_loudness():
-    wave = busy_clip()
+    wave = 0.3 * busy_clip()  # quiet enough that the peak limiter stays off
     out, _ = aug.augment_clip(wave, "clip-1", 0, only("reverb"))
     assert np.sqrt(np.mean(out**2)) == pytest.approx(np.sqrt(np.mean(wave**2)), rel=1e-4)
     assert not np.allclose(out, wave)
