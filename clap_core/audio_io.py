@@ -69,7 +69,7 @@ def decode_with_soundfile(data: bytes) -> tuple[np.ndarray, int] | None:
     """Decode with libsndfile; None when libsndfile does not understand the bytes."""
     try:
         frames, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (N, C)
-    except (sf.LibsndfileError, RuntimeError, TypeError):
+    except RuntimeError:  # soundfile.LibsndfileError: format unknown to libsndfile, or malformed
         return None
     return np.ascontiguousarray(frames.T), int(sr)
 
@@ -120,7 +120,7 @@ def decode_with_pyav(data: bytes) -> tuple[np.ndarray, int]:
         container = av.open(io.BytesIO(data), mode="r")
     except av.error.EOFError as e:
         raise AudioDecodeError("truncated", f"data ends inside the header ({e})") from e
-    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+    except av.error.FFmpegError as e:
         raise AudioDecodeError("undecodable", f"no decoder recognises the data ({e})") from e
     with container:
         if not container.streams.audio:
@@ -171,22 +171,23 @@ def decode_audio(
     return wave, sr
 
 
+def as_readable(source: str | bytes | os.PathLike) -> str | io.BytesIO:
+    """A path string or an in-memory file: both soundfile and PyAV open either."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source))
+    return os.fspath(source)
+
+
 def probe_duration(source: str | bytes | os.PathLike) -> float | None:
     """Duration in seconds read from the header, without decoding; None if unknown."""
     try:
-        data = read_source_bytes(source)
-    except AudioDecodeError:
-        return None
-    try:
-        return float(sf.info(io.BytesIO(data)).duration)
-    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return float(sf.info(as_readable(source)).duration)
+    except RuntimeError:
         pass
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if container.duration is None:
-                return None
-            return container.duration / av.time_base
-    except (av.error.FFmpegError, UnicodeDecodeError):
+        with av.open(as_readable(source), mode="r") as container:
+            return None if container.duration is None else container.duration / av.time_base
+    except (av.error.FFmpegError, OSError):
         return None
 
 
@@ -279,7 +280,8 @@ def encode_with_pyav(wave: np.ndarray, sr: int, container: str, codec: str, code
     return buf.getvalue()
 
 
-# File extension -> encoder of (C, N) float audio at sr.
+# Format name -> encoder of (C, N) float audio at sr. mp3 and webm_vorbis take at most
+# 2 channels (libmp3lame, FFmpeg's native vorbis); opus is always coded at 48 kHz.
 AUDIO_ENCODERS = {
     "wav": lambda w, sr: encode_with_soundfile(w, sr, "WAV", "PCM_16"),
     "flac": lambda w, sr: encode_flac(w, sr, "PCM_24"),
@@ -287,8 +289,8 @@ AUDIO_ENCODERS = {
     "mp3": lambda w, sr: encode_with_pyav(w, sr, "mp3", "libmp3lame"),
     "m4a": lambda w, sr: encode_with_pyav(w, sr, "ipod", "aac"),
     "mp4": lambda w, sr: encode_with_pyav(w, sr, "mp4", "aac"),
-    "opus": lambda w, sr: encode_with_pyav(w, sr, "ogg", "libopus", codec_rate=TARGET_SR),
-    "webm": lambda w, sr: encode_with_pyav(w, sr, "webm", "libopus", codec_rate=TARGET_SR),
+    "opus": lambda w, sr: encode_with_pyav(w, sr, "ogg", "libopus", codec_rate=48_000),
+    "webm": lambda w, sr: encode_with_pyav(w, sr, "webm", "libopus", codec_rate=48_000),
     "webm_vorbis": lambda w, sr: encode_with_pyav(w, sr, "webm", "vorbis"),
 }
 

@@ -102,13 +102,16 @@ def synthetic_rir(rng: np.random.Generator, rt60: float, drr_db: float, n_reflec
     return reverberant.astype(np.float32)
 
 
+IR_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".webm"}  # files in reverb_ir_dir taken as IRs
+
+
 @functools.lru_cache(maxsize=8)
 def load_ir_bank(ir_dir: str) -> dict[str, np.ndarray]:
     """Every decodable audio file under ir_dir as a mono 48 kHz IR (L,), peak-normalised,
     keyed by its path relative to ir_dir (sorted, so choices are reproducible)."""
     root = Path(ir_dir)
     bank = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IR_SUFFIXES):
         ir, _ = decode_audio(path, mono=True, target_sr=TARGET_SR)  # (1, L)
         peak = np.abs(ir[0]).max()
         if peak == 0:
@@ -127,7 +130,9 @@ def convolve_same_loudness(wave: np.ndarray, ir: np.ndarray) -> np.ndarray:
     return (wet * (dry_rms / wet_rms) if wet_rms > 0 else wet).astype(np.float32)
 
 
-def apply_reverb(wave: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, ir_bank: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict]:
+def apply_reverb(
+    wave: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, ir_bank: dict[str, np.ndarray] | None
+) -> tuple[np.ndarray, dict]:
     if ir_bank is None:
         rt60, drr_db = uniform(rng, cfg.reverb_rt60_range), uniform(rng, cfg.reverb_drr_db_range)
         ir = synthetic_rir(rng, rt60, drr_db, cfg.reverb_early_reflections)
@@ -174,7 +179,8 @@ def apply_freq_mask(wave: np.ndarray, rng: np.random.Generator, cfg: AugmentConf
     center = float(convert_mel_to_frequency(rng.uniform(lo, hi)))  # uniform in mels: even spread to the ear
     bandwidth = center * uniform(rng, cfg.freq_mask_bandwidth_range)
     parameters = {"center_freq": center, "bandwidth": bandwidth, "rolloff": cfg.freq_mask_rolloff_db}
-    filtered = run_frozen(BandStopFilter(min_rolloff=cfg.freq_mask_rolloff_db, max_rolloff=cfg.freq_mask_rolloff_db), wave, parameters)
+    band_stop = BandStopFilter(min_rolloff=cfg.freq_mask_rolloff_db, max_rolloff=cfg.freq_mask_rolloff_db)
+    filtered = run_frozen(band_stop, wave, parameters)
     return filtered, {"center_hz": center, "bandwidth_hz": bandwidth, "rolloff_db": cfg.freq_mask_rolloff_db}
 
 
@@ -263,7 +269,7 @@ def augment_clip(
         rng = derive_rng(cfg.seed, clip_id, copy_index, name)
         if rng.random() < prob:
             mono, applied[name] = effect(mono, rng)
-    out, gain = peak_limit(np.asarray(mono, dtype=np.float32)[None, :])
+    out, gain = peak_limit(np.array(mono, dtype=np.float32)[None, :])  # a copy: never alias the input
     if gain != 1.0:
         applied["peak_limit"] = {"gain": gain}
     return out, applied

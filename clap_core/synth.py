@@ -87,46 +87,52 @@ def formant_gain(freq: np.ndarray, formants: tuple[float, ...]) -> np.ndarray:
 
 def voice(spec: ClipSpec, t: np.ndarray, sr: int, rng: np.random.Generator) -> np.ndarray:
     """Harmonics of a slightly vibrating f0 shaped by vowel formants; a new vowel per
-    syllable when pulsed, one held vowel when steady."""
-    f0 = VOICE_F0_HZ[spec.pitch] * (1.0 + 0.01 * np.sin(2 * np.pi * 5.0 * t))  # 5 Hz, 1% vibrato
-    phase = phase_of(f0, sr)
-    n_syllables = int(np.ceil(t[-1] * PULSE_HZ)) + 1 if spec.pattern == "pulsed" else 1
+    syllable when pulsed (switching where the gate is silent), one held vowel when steady."""
+    f0 = VOICE_F0_HZ[spec.pitch]
+    phase = phase_of(f0 * (1.0 + 0.01 * np.sin(2 * np.pi * 5.0 * t)), sr)  # 5 Hz, 1% vibrato
+    pulsed = spec.pattern == "pulsed"
+    n_syllables = int(t[-1] * PULSE_HZ) + 1 if pulsed else 1
+    syllable = (t * PULSE_HZ).astype(int) if pulsed else np.zeros(len(t), int)  # (N,)
     vowels = rng.integers(len(VOWEL_FORMANTS), size=n_syllables)
-    syllable = np.minimum((t * PULSE_HZ).astype(int), n_syllables - 1) if spec.pattern == "pulsed" else np.zeros(len(t), int)
+    harmonics = np.arange(1, int(4000.0 // f0) + 1)  # up to 4 kHz, like band-limited speech
+    gains = np.stack([formant_gain(harmonics * f0, VOWEL_FORMANTS[v]) for v in vowels])  # (S, K)
     out = np.zeros_like(t)
-    for k in range(1, int(4000.0 // VOICE_F0_HZ[spec.pitch]) + 1):  # harmonics up to 4 kHz
-        gains = np.stack([formant_gain(k * f0, VOWEL_FORMANTS[v]) for v in vowels])  # (syllables, N)
-        out += gains[syllable, np.arange(len(t))] * np.sin(k * phase)
+    for k in harmonics:
+        out += gains[syllable, k - 1] * np.sin(k * phase)
     return out
 
 
-def gate(spec: ClipSpec, t: np.ndarray, sr: int) -> np.ndarray:
+def gate(spec: ClipSpec, t: np.ndarray) -> np.ndarray:
     """Amplitude envelope: raised-cosine on-off at PULSE_HZ, or steady with 10 ms fades."""
     if spec.pattern == "pulsed":
         return 0.5 - 0.5 * np.cos(2 * np.pi * PULSE_HZ * t)
-    fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.01)
-    return fade
+    return np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.01)
 
 
-def background(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Unit-RMS noise (n,): white, or brown (leaky-integrated white, -6 dB/octave)."""
-    white = rng.standard_normal(n)
-    if kind == "white":
-        return white
-    brown = lfilter([1.0], [1.0, -0.995], white)  # leak puts the corner near 40 Hz: no DC drift
-    brown -= brown.mean()
-    return brown / np.sqrt(np.mean(brown**2))
+def white_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal(n)
+
+
+def brown_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Leaky-integrated white noise (-6 dB/octave); the leak puts the corner near 40 Hz
+    so the walk does not drift into DC."""
+    brown = lfilter([1.0], [1.0, -0.995], rng.standard_normal(n))
+    return brown - brown.mean()
+
+
+SOURCES = {"env": tone, "speech": voice}  # ClipSpec.kind -> source generator
+NOISES = {"white": white_noise, "brown": brown_noise}  # ClipSpec.noise -> noise generator
 
 
 def make_clip(spec: ClipSpec, sr: int = TARGET_SR, seconds: float = 1.0) -> np.ndarray:
     """Render a spec to float32 (N,) with peak PEAK; same spec -> same samples."""
     rng = np.random.default_rng(spec.seed)
     t = np.arange(int(round(sr * seconds))) / sr
-    source = voice(spec, t, sr, rng) if spec.kind == "speech" else tone(spec, t, sr, rng)
-    signal = source * gate(spec, t, sr)
+    signal = SOURCES[spec.kind](spec, t, sr, rng) * gate(spec, t)
     if spec.noise != "none":
-        signal_rms = np.sqrt(np.mean(signal**2))
-        signal = signal + background(spec.noise, len(t), rng) * signal_rms * 10 ** (-NOISE_SNR_DB / 20)
+        noise = NOISES[spec.noise](len(t), rng)
+        gain = np.sqrt(np.mean(signal**2) / np.mean(noise**2)) * 10 ** (-NOISE_SNR_DB / 20)
+        signal = signal + gain * noise
     return (PEAK * signal / np.abs(signal).max()).astype(np.float32)
 
 
@@ -149,7 +155,7 @@ def random_spec(rng: np.random.Generator, seed: int) -> ClipSpec:
 
 # File extension per encoder format name (the rest use their own name).
 EXTENSIONS = {"webm_vorbis": "webm"}
-# Channel limit per encoder; more channels are downmixed to this many.
+# Channel limit per encoder: clips in these formats get at most this many channels.
 MAX_ENCODER_CHANNELS = {"mp3": 2, "webm_vorbis": 2}
 
 
@@ -197,7 +203,7 @@ def write_corpus(
         write_audio_file(out_dir / audio_path, spatialise(make_clip(spec, sr, length), n_channels), sr, fmt)
         rows.append(
             {"id": clip_id, "audio_path": audio_path, "caption": spec.caption, "label": spec.label,
-             "split": split_of(clip_id), "kind": "speech" if spec.kind == "speech" else "env", "language": "en"}
+             "split": split_of(clip_id), "kind": spec.kind, "language": "en"}
         )
     manifest = out_dir / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -220,9 +226,11 @@ def flac_metadata_length(data: bytes) -> int:
             return pos
 
 
-def write_float_wav(path: Path, wave: np.ndarray, sr: int) -> None:
-    """(C, N) float32 WAV: can hold NaN, unlike integer PCM."""
-    sf.write(path, wave.T, sr, subtype="FLOAT")
+def encode_float_wav(wave: np.ndarray, sr: int) -> bytes:
+    """(C, N) as a float32 WAV, which can hold NaN (integer PCM cannot)."""
+    buf = io.BytesIO()
+    sf.write(buf, wave.T, sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
 
 
 def write_bad_inputs(out_dir: str | Path, min_seconds: float = 0.5, max_seconds: float = 30.0) -> list[dict]:
@@ -237,25 +245,30 @@ def write_bad_inputs(out_dir: str | Path, min_seconds: float = 0.5, max_seconds:
     out_dir = Path(out_dir)
     audio = out_dir / "audio"
     audio.mkdir(parents=True, exist_ok=True)
-    good = make_clip(ClipSpec(pitch="low", pattern="pulsed", seed=1), 16000, 1.0)[None, :]  # (1, N)
+    good_spec, short_spec, long_spec, eight_khz_spec = (
+        ClipSpec(pitch="low", pattern="pulsed", seed=1), ClipSpec(seed=2), ClipSpec(pitch="low", seed=3), ClipSpec(seed=4)
+    )
+    good = make_clip(good_spec, 16000, 1.0)[None, :]  # (1, N)
     flac = encode_flac(good, 16000)
+    with_nan = good.copy()
+    with_nan[0, ::100] = np.nan
 
     files = {
         "empty.flac": b"",
         "random.wav": np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint8).tobytes(),
         "truncated.flac": flac[: flac_metadata_length(flac) + 16],  # header intact, no complete frame
-        "good_8k.wav": encode_audio(make_clip(ClipSpec(seed=2), 8000, 1.0), 8000, "wav"),
-        "good.flac": flac,
+        "nan.wav": encode_float_wav(with_nan, 16000),
         "silence.wav": encode_audio(np.zeros(16000, np.float32), 16000, "wav"),
-        "short.wav": encode_audio(make_clip(ClipSpec(seed=3), 16000, min_seconds / 4), 16000, "wav"),
-        "long.flac": encode_flac(make_clip(ClipSpec(pitch="low", seed=4), 8000, max_seconds + 1.0), 8000),
+        "short.wav": encode_audio(make_clip(short_spec, 16000, min_seconds / 4), 16000, "wav"),
+        "long.flac": encode_flac(make_clip(long_spec, 8000, max_seconds + 1.0), 8000),
         "eight_channels.wav": encode_audio(spatialise(good[0], 8), 16000, "wav"),
+        "good_8k.wav": encode_audio(make_clip(eight_khz_spec, 8000, 1.0), 8000, "wav"),
+        "good.flac": flac,
     }
     for name, data in files.items():
         (audio / name).write_bytes(data)
-    write_float_wav(audio / "nan.wav", np.where(np.arange(16000) % 100 == 0, np.nan, good)[:, :16000], 16000)
 
-    caption = "a low pitched pulsed tone"
+    caption = good_spec.caption
     rows = [
         ("bad-missing", "audio/missing.wav", caption, "missing_file"),
         ("bad-empty", "audio/empty.flac", caption, "empty_file"),
@@ -263,10 +276,10 @@ def write_bad_inputs(out_dir: str | Path, min_seconds: float = 0.5, max_seconds:
         ("bad-truncated", "audio/truncated.flac", caption, "decode_failed"),
         ("bad-nan", "audio/nan.wav", caption, "nan_or_inf"),
         ("bad-silence", "audio/silence.wav", "silence", "silent"),
-        ("bad-short", "audio/short.wav", "a high pitched steady tone", "too_short"),
-        ("bad-long", "audio/long.flac", caption, "too_long"),
+        ("bad-short", "audio/short.wav", short_spec.caption, "too_short"),
+        ("bad-long", "audio/long.flac", long_spec.caption, "too_long"),
         ("bad-channels", "audio/eight_channels.wav", caption, "too_many_channels"),
-        ("ok-8k", "audio/good_8k.wav", "a high pitched steady tone", None),
+        ("ok-8k", "audio/good_8k.wav", eight_khz_spec.caption, None),
         ("bad-empty-caption", "audio/good.flac", "", "empty_caption"),
         ("bad-caption-bytes", "audio/good.flac", NON_UTF8_CAPTION, "caption_not_utf8"),
         ("dup", "audio/good.flac", caption, None),

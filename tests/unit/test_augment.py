@@ -294,7 +294,8 @@ def test_template_merger_default_and_custom_template():
         "a person saying hello, how are you, with rain falls on a roof in the background"
     )
     merge = aug.build_caption_merger("template", template="{speech}, with {env} in the background")
-    assert merge('A man says "hello".', "Rain falls on a roof.") == 'a man says "hello", with rain falls on a roof in the background'
+    merged = merge('A man says "hello".', "Rain falls on a roof.")
+    assert merged == 'a man says "hello", with rain falls on a roof in the background'
 
 
 @pytest.mark.parametrize(
