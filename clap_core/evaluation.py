@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -28,35 +28,62 @@ class EvalItem:
     label: str | None = None  # class name for zero-shot
 
 
-def evaluate_retrieval(model: "ClapModel", items: Sequence[EvalItem], batch_size: int = 16) -> dict:
+@dataclass
+class EmbeddedItems:
+    ids: list[str]
+    audio: np.ndarray  # (N, D) unit audio embeddings
+    captions: list[list[str]]
+    labels: list[str | None]
+
+
+def embed_items(model: "ClapModel", items: Iterable[EvalItem], batch_size: int = 16) -> EmbeddedItems:
+    """Stream items through the audio encoder, keeping only embeddings and metadata (bounded memory)."""
+    ids, captions, labels, chunks, pending = [], [], [], [], []
+    for item in items:
+        ids.append(item.id)
+        captions.append(list(item.captions))
+        labels.append(item.label)
+        pending.append(item.wave)
+        if len(pending) == batch_size:
+            chunks.append(embed_waveforms(model, pending, batch_size))
+            pending = []
+    if pending:
+        chunks.append(embed_waveforms(model, pending, batch_size))
+    audio = np.concatenate(chunks) if chunks else np.zeros((0, model.config.embed_dim), np.float32)
+    return EmbeddedItems(ids, audio, captions, labels)
+
+
+def evaluate_retrieval(model: "ClapModel", items: Iterable[EvalItem] | EmbeddedItems, batch_size: int = 16) -> dict:
     """Text->audio and audio->text R@1/5/10, mAP@10, mean/median rank; several captions per clip."""
-    items = [it for it in items if it.captions]
-    if not items:
+    data = items if isinstance(items, EmbeddedItems) else embed_items(model, items, batch_size)
+    keep = [i for i, caps in enumerate(data.captions) if caps]
+    if not keep:
         raise ValueError("retrieval needs clips with at least one caption")
-    audio = embed_waveforms(model, [it.wave for it in items], batch_size)  # (Na, D)
-    captions = [c for it in items for c in it.captions]
-    owner = np.repeat(np.arange(len(items)), [len(it.captions) for it in items])  # caption -> clip
+    captions = [c for i in keep for c in data.captions[i]]
+    owner = np.repeat(np.arange(len(keep)), [len(data.captions[i]) for i in keep])  # caption -> clip
     text = embed_text(model, captions)  # (Nt, D)
-    metrics = retrieval_metrics(audio, text, owner)
-    metrics.update(num_audio=len(items), num_captions=len(captions))
+    metrics = retrieval_metrics(data.audio[keep], text, owner)
+    metrics.update(num_audio=len(keep), num_captions=len(captions))
     return metrics
 
 
-def evaluate_zero_shot(model: "ClapModel", items: Sequence[EvalItem], labels: Sequence[str] | None = None,
-                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 16) -> dict:
+def evaluate_zero_shot(model: "ClapModel", items: Iterable[EvalItem] | EmbeddedItems,
+                       labels: Sequence[str] | None = None, templates: Sequence[str] = DEFAULT_TEMPLATES,
+                       batch_size: int = 16) -> dict:
     """Zero-shot accuracy of each clip's `label` against `labels` (default: the distinct labels present)."""
-    items = [it for it in items if it.label]
-    if not items:
+    data = items if isinstance(items, EmbeddedItems) else embed_items(model, items, batch_size)
+    keep = [i for i, label in enumerate(data.labels) if label]
+    if not keep:
         raise ValueError("zero-shot evaluation needs clips with a label")
-    labels = list(labels) if labels else sorted({it.label for it in items})
-    unknown = sorted({it.label for it in items} - set(labels))
+    present = {data.labels[i] for i in keep}
+    labels = list(labels) if labels else sorted(present)
+    unknown = sorted(present - set(labels))
     if unknown:
         raise ValueError(f"clips carry labels missing from --labels: {unknown}")
-    audio = embed_waveforms(model, [it.wave for it in items], batch_size)
-    probs = zero_shot(model, None, labels, templates, audio_embeds=audio)  # (N, C)
-    truth = np.array([labels.index(it.label) for it in items])
+    probs = zero_shot(model, None, labels, templates, audio_embeds=data.audio[keep])  # (N, C)
+    truth = np.array([labels.index(data.labels[i]) for i in keep])
     metrics = zero_shot_metrics(probs, truth, labels)
-    metrics.update(labels=labels, templates=list(templates), num_audio=len(items),
+    metrics.update(labels=labels, templates=list(templates), num_audio=len(keep),
                    chance_accuracy=1.0 / len(labels))
     return metrics
 

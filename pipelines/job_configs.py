@@ -9,7 +9,9 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-_CLASSES = {}
+_CLASSES = {
+    "pretrain": "clap_core.train.config:PretrainConfig",
+}
 
 
 class _LazyRegistry(dict):

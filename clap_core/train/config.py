@@ -64,6 +64,7 @@ class DataSection:
     max_clip_seconds: float | None = None  # training crop length (None: the model's clip_seconds)
     max_valid_clips: int = 1024  # evaluate on at most this many validation clips
     decode_batch_size: int = 64  # rows per Ray Data decode/tokenize task
+    decode_tasks: int | None = None  # most decode/tokenize tasks at once (None: as many as free CPUs allow)
 
 
 @dataclass

@@ -1,0 +1,563 @@
+"""`clap pretrain`: contrastive pretraining on the Parquet shards of `clap preprocess`, Ray Train + DeepSpeed.
+
+    clap pretrain --data SHARDS_DIR_OR_S3 --output RUN_DIR_OR_S3 --model tiny [--config FILE] [key=value ...]
+    clap pretrain --data ... --output RUN --model tiny --export-only   # consolidate the latest checkpoint now
+
+The driver builds the Ray Data pipeline (read shards -> decode, crop, tokenize -> per-epoch shuffle,
+split across workers) and a `TorchTrainer`; each worker wraps a ClapModel in a DeepSpeed engine (ZeRO
+stage from the config) and trains with negatives from the global batch.
+
+The run folder (local or s3://) is the Ray Train run: `<output>/checkpoint_<step>/` (DeepSpeed state of
+every rank + train_state.json), `tensorboard/`, `metrics.json`, `curves.png`, and `final/` (the
+`save_pretrained` export). Running the same command again with the same --output resumes from its
+latest checkpoint; a worker failure restarts the worker group from it (scaling.max_failures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from clap_core.config import config_hash, dump_yaml, from_dict, to_dict
+from clap_core.loss import ClipLoss, SigLipLoss
+from clap_core.metrics import retrieval_metrics
+from clap_core.model import ClapModel
+from clap_core.model_config import ClapModelConfig
+from clap_core.train.batching import PairBatchTransform, decode_waves, trim_padding
+from clap_core.train.config import PretrainConfig, load_pretrain_config, resolve_model_config
+from clap_core.train.gradcache import grad_cache_step, plain_step
+from clap_core.train.optim import build_optimizer, warmup_cosine
+from clap_core.train.plots import plot_curves
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain.yaml"
+DS_TAG = "deepspeed"  # DeepSpeed checkpoint tag inside each Ray Train checkpoint folder
+STATE_FILE = "train_state.json"  # step, epoch, metric history: what a resumed run continues from
+FAULT_MARKER = ".fault_injected"
+PROBE_CLIPS = 4  # validation pairs whose engine embeddings are saved to check the export
+
+log = logging.getLogger("clap.pretrain")
+
+
+# ---------------------------------------------------------------------------------------------
+# storage: local paths and s3:// behind one pyarrow filesystem
+
+
+def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """'s3://bucket/prefix' or a local path -> (filesystem, path inside it).
+
+    S3 credentials come from the usual AWS environment/instance chain; AWS_ENDPOINT_URL points
+    to an S3-compatible server (MinIO, moto in tests).
+    """
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        kwargs: dict[str, Any] = {"region": region} if region else {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host, scheme=scheme)
+        return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def upload(local: str | Path, fs: pafs.FileSystem, path: str) -> None:
+    """Copy a local file or folder to `path` on fs (a no-op when fs is this machine and the path is the same)."""
+    local = Path(local)
+    if isinstance(fs, pafs.LocalFileSystem) and local.resolve() == Path(path).resolve():
+        return
+    if local.is_dir():
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    else:
+        fs.create_dir(str(Path(path).parent), recursive=True)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def deepspeed_config(cfg: PretrainConfig, use_gpu: bool) -> dict:
+    ds, train = cfg.deepspeed, cfg.train
+    precision = ("bf16" if use_gpu else "fp32") if ds.precision == "auto" else ds.precision
+    cached = train.grad_cache_chunk > 0
+    zero: dict[str, Any] = {"stage": ds.zero_stage,
+                            # DeepSpeed allows overlap with caller-owned accumulation only from stage 2 on
+                            "overlap_comm": ds.overlap_comm and (not cached or ds.zero_stage >= 2)}
+    if ds.offload_optimizer and ds.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        # torch AdamW everywhere (no compiled DeepSpeedCPUAdam needed for offload)
+        "zero_force_ds_cpu_optimizer": False,
+        # The gradient cache calls backward once per chunk and steps once: the caller owns the boundary.
+        "managed_gradient_accumulation": not cached,
+    }
+    if precision != "fp32":
+        # autocast keeps fp32 weights (exported as they are) and the model keeps its STFT in fp32
+        config["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[precision]}
+    return config
+
+
+def init_engine(model: ClapModel, cfg: PretrainConfig, use_gpu: bool):
+    import deepspeed
+    import deepspeed.ops
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not use_gpu:
+        # The shared-memory allreduce op is compiled on first use (~40 s); gloo does the job on CPU.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    train = cfg.train
+    optimizer = build_optimizer(model, train.lr, train.weight_decay, train.lr_pretrained, train.betas, train.eps)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, use_gpu),
+        lr_scheduler=lambda opt: warmup_cosine(opt, train.warmup_steps, train.steps, train.min_lr_ratio))
+    return engine
+
+
+def clamp_temperature(engine) -> None:
+    """Clamp the stored log-scale (CLIP); under ZeRO the fp32 master copy is the one the optimizer updates."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    scale = engine.module.logit_scale
+    param = scale.log_scale
+    if not param.requires_grad:
+        return
+    if engine.zero_optimization_stage() == 0:
+        scale.clamp_()
+        return
+    full = safe_get_full_fp32_param(param)
+    if full is not None and bool((full > scale.max_log_scale).any()):
+        safe_set_full_fp32_param(param, full.clamp(max=scale.max_log_scale))
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 module state on every rank (ZeRO-3 gathers its partitions; all ranks must call)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    enabled = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=enabled):
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation data: the validation split, held by every worker, embedded rank-sharded
+
+
+class ValidSet:
+    """Validation clips (centre-cropped waves) and all their captions, loaded once per worker."""
+
+    def __init__(self, shard, model_cfg: ClapModelConfig, limit: int):
+        audio, captions = [], []
+        for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+            audio.extend(batch["audio"])
+            captions.extend([list(c) if c is not None and len(c) else [m] for c, m in
+                             zip(batch["captions"], batch["caption"])])
+        audio, captions = audio[:limit], captions[:limit]
+        transform = PairBatchTransform.for_model(model_cfg, training=False)
+        self.waves, self.lengths = decode_waves(audio, transform.clip_samples, None)  # (N, S), (N,)
+        self.texts = [c for caps in captions for c in caps]  # (Nt,)
+        self.text_to_audio = np.array([i for i, caps in enumerate(captions) for _ in caps])  # (Nt,)
+        self.tokens = transform.tokenize(self.texts)
+        self.main_caption_rows = np.cumsum([0] + [len(caps) for caps in captions[:-1]])  # first caption of each clip
+
+    def __len__(self) -> int:
+        return len(self.waves)
+
+
+def _rank_rows(n: int, rank: int, world: int) -> np.ndarray:
+    """Rows rank, rank+W, ... padded (repeating row 0) to ceil(n/W) so every rank runs the same forwards."""
+    per_rank = -(-n // world)
+    rows = np.arange(rank, per_rank * world, world)
+    return np.where(rows < n, rows, 0)
+
+
+def _gather_rows(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """Inverse of _rank_rows: (ceil(n/W), D) per rank -> (n, D) in row order."""
+    if world == 1:
+        return local[:n]
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.stack(parts, dim=1).reshape(-1, local.shape[-1])[:n]  # row r*... interleaved back
+
+
+@torch.no_grad()
+def embed_valid(model: ClapModel, valid: ValidSet, batch_size: int, rank: int, world: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Na, D) audio and (Nt, D) text embeddings of the validation set, work split across ranks."""
+    audio_rows = _rank_rows(len(valid), rank, world)
+    text_rows = _rank_rows(len(valid.texts), rank, world)
+    audio, text = [], []
+    for i in range(0, len(audio_rows), batch_size):
+        rows = audio_rows[i:i + batch_size]
+        audio.append(model.encode_audio(torch.from_numpy(valid.waves[rows]).to(device),
+                                        lengths=torch.from_numpy(valid.lengths[rows]).to(device)).float())
+    for i in range(0, len(text_rows), batch_size):
+        rows = text_rows[i:i + batch_size]
+        ids, mask = trim_padding(valid.tokens["input_ids"][rows], valid.tokens["attention_mask"][rows])
+        text.append(model.encode_text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)).float())
+    return (_gather_rows(torch.cat(audio), len(valid), world).cpu(),
+            _gather_rows(torch.cat(text), len(valid.texts), world).cpu())
+
+
+def evaluate(engine, valid: ValidSet, cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    model = engine.module
+    model.eval()
+    try:
+        audio, text = embed_valid(model, valid, cfg.train.eval_batch_size, rank, world, device)
+    finally:
+        model.train()
+    metrics = retrieval_metrics(audio.numpy(), text.numpy(), valid.text_to_audio)
+    return {f"val/{k}": v for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the training function of every worker
+
+
+class RunLogger:
+    """Rank 0's TensorBoard writer, console lines and metric history (the history survives restarts)."""
+
+    def __init__(self, run_uri: str, state: dict, enabled: bool):
+        self.enabled = enabled
+        self.fs, self.run_path = resolve_fs(run_uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        # remote runs log into a local folder and upload it at checkpoints and at the end
+        self.tb_dir = Path(self.run_path) / "tensorboard" if self.local else Path(tempfile.mkdtemp()) / "tensorboard"
+        self.history: list[dict] = state.get("history", [])
+        self.evals: list[dict] = state.get("evals", [])
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=state.get("step", 0) + 1)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def interval(self, entry: dict, total: int) -> None:
+        self.history.append(entry)
+        if self.enabled:
+            print(f"step {entry['step']}/{total}  loss {entry['loss']:.4f}  temperature {entry['temperature']:.4f}  "
+                  f"lr {entry['lr']:.2e}  {entry['samples_per_s']:.1f} samples/s  "
+                  f"data-wait {entry['data_wait_share']:.0%}", flush=True)
+
+    def evaluation(self, step: int, metrics: dict) -> None:
+        self.evals.append({"step": step, **{k.removeprefix("val/"): v for k, v in metrics.items()}})
+        self.scalars(step, metrics)
+        if self.enabled:
+            shown = "  ".join(f"{k} {metrics[f'val/{k}']:.3f}" for k in ("t2a/R@1", "t2a/R@5", "a2t/R@1", "t2a/mAP@10"))
+            print(f"step {step}  validation  {shown}", flush=True)
+
+    def sync(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            if not self.local:
+                upload(self.tb_dir, self.fs, f"{self.run_path}/tensorboard")
+
+
+def maybe_inject_fault(cfg: PretrainConfig, step: int, rank: int, world: int, run_uri: str) -> None:
+    """Test hook: the last rank dies (no cleanup, like a lost node) at the configured step, once per run folder."""
+    if cfg.train.kill_worker_at_step != step or rank != world - 1:
+        return
+    fs, run_path = resolve_fs(run_uri)
+    marker = f"{run_path}/{FAULT_MARKER}"
+    if exists(fs, marker):
+        return
+    write_text(fs, marker, f"worker {rank} killed at step {step}\n")
+    os._exit(1)
+
+
+def save_checkpoint(engine, state: dict, metrics: dict, rank: int) -> None:
+    """Every rank writes its DeepSpeed shards, then reports them; Ray Train merges them into one folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG)
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+
+
+def restore(engine) -> dict:
+    state = {"step": 0, "epoch": 0, "history": [], "evals": [], "resumes": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return state
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag=DS_TAG)
+        state = json.loads(Path(folder, STATE_FILE).read_text())
+    state["resumes"].append(state["step"])
+    return state
+
+
+def train_batches(shard, cfg: PretrainConfig, device: torch.device):
+    """Endless (batch, seconds waited) pairs; each pass over the shard is one epoch with its own shuffle."""
+    while True:
+        empty = True
+        iterator = iter(shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size, drop_last=True, device=device,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches))
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            waited = time.perf_counter() - start
+            if batch is None:
+                break
+            empty = False
+            yield batch, waited
+        if empty:
+            raise ValueError(f"the training split holds fewer than train.batch_size={cfg.train.batch_size} "
+                             "rows per worker: lower the batch size or the number of workers")
+
+
+def build_loss(model_cfg: ClapModelConfig, cfg: PretrainConfig, rank: int, world: int) -> torch.nn.Module:
+    if model_cfg.loss == "siglip":
+        return SigLipLoss(rank=rank, world_size=world)
+    return ClipLoss(local_loss=cfg.train.local_loss, gather_with_grad=True, rank=rank, world_size=world)
+
+
+def train_step(engine, loss_fn, batch: dict, cfg: PretrainConfig) -> torch.Tensor:
+    ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
+    inputs = {"waves": batch["waves"], "lengths": batch["lengths"], "input_ids": ids, "attention_mask": mask}
+    if cfg.train.grad_cache_chunk:
+        loss = grad_cache_step(engine, loss_fn, inputs, cfg.train.grad_cache_chunk, engine.backward, engine.module)
+    else:
+        loss = plain_step(engine, loss_fn, inputs, engine.backward)
+    engine.step()
+    clamp_temperature(engine)
+    return loss
+
+
+def all_mean(values: list[float], device: torch.device, world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+@torch.no_grad()
+def temperature(model: ClapModel) -> float:
+    return float(1.0 / model.logit_scales()[0].float())
+
+
+def train_fn_per_worker(config: dict) -> None:
+    cfg = from_dict(PretrainConfig, config["pretrain"])
+    model_cfg = from_dict(ClapModelConfig, config["model"])
+    run_uri, export_only = config["run_uri"], config.get("export_only", False)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_gpu = device.type == "cuda"
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    engine = init_engine(ClapModel(model_cfg).to(device), cfg, use_gpu)
+    torch.manual_seed(cfg.train.seed + 1000 * rank)  # different dropout/crops per rank
+    state = restore(engine)
+    if export_only and not state["resumes"]:
+        raise FileNotFoundError(f"--export-only: {run_uri} holds no checkpoint to export")
+    logger = RunLogger(run_uri, state, enabled=rank == 0)
+    valid_shard = ray.train.get_dataset_shard("valid") if config.get("has_valid") else None
+    valid = ValidSet(valid_shard, model_cfg, cfg.data.max_valid_clips) if valid_shard is not None else None
+    loss_fn = build_loss(model_cfg, cfg, rank, world)
+
+    if not export_only and state["step"] < cfg.train.steps:
+        train_loop(engine, loss_fn, cfg, state, logger, valid, rank, world, device, run_uri)
+    finish(engine, model_cfg, cfg, state, logger, valid, rank, world, device, run_uri)
+
+
+def train_loop(engine, loss_fn, cfg: PretrainConfig, state: dict, logger: RunLogger, valid: ValidSet | None,
+               rank: int, world: int, device: torch.device, run_uri: str) -> None:
+    train = cfg.train
+    batches = train_batches(ray.train.get_dataset_shard("train"), cfg, device)
+    engine.train()
+    window = {"loss": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
+    tick = time.perf_counter()
+    while state["step"] < train.steps:
+        batch, waited = next(batches)
+        loss = train_step(engine, loss_fn, batch, cfg)
+        state["step"] += 1
+        step = state["step"]
+        now = time.perf_counter()
+        window["loss"] += float(loss)
+        window["wait"] += waited
+        window["time"] += now - tick
+        window["steps"] += 1
+        tick = now
+        maybe_inject_fault(cfg, step, rank, world, run_uri)
+        last = step == train.steps
+        metrics: dict[str, Any] = {}
+        if step % train.log_every == 0 or last:
+            metrics = log_interval(engine, window, cfg, step, logger, device, world)
+            window = {"loss": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
+        if valid is not None and ((train.eval_every and step % train.eval_every == 0) or last):
+            eval_metrics = evaluate(engine, valid, cfg, rank, world, device)
+            logger.evaluation(step, eval_metrics)
+            metrics.update(eval_metrics)
+        if step % train.checkpoint_every == 0 or last:
+            state.update(history=logger.history, evals=logger.evals)
+            logger.sync()
+            save_checkpoint(engine, state, {"step": step, **metrics}, rank)
+        elif metrics:
+            ray.train.report({"step": step, **metrics})
+        tick = time.perf_counter()  # checkpoint and eval time is not step time
+
+
+def log_interval(engine, window: dict, cfg: PretrainConfig, step: int, logger: RunLogger,
+                 device: torch.device, world: int) -> dict:
+    loss, wait, seconds = all_mean([window["loss"] / window["steps"], window["wait"], window["time"]], device, world)
+    entry = {"step": step, "loss": loss, "temperature": temperature(engine.module), "lr": engine.get_lr()[0],
+             "samples_per_s": window["steps"] * cfg.train.batch_size * world / max(seconds, 1e-9),
+             "data_wait_share": wait / max(seconds, 1e-9)}
+    logger.scalars(step, {f"train/{k}": v for k, v in entry.items() if k != "step"})
+    logger.interval(entry, cfg.train.steps)
+    return {f"train/{k}": v for k, v in entry.items() if k != "step"}
+
+
+def finish(engine, model_cfg: ClapModelConfig, cfg: PretrainConfig, state: dict, logger: RunLogger,
+           valid: ValidSet | None, rank: int, world: int, device: torch.device, run_uri: str) -> None:
+    """Consolidated `save_pretrained` export, probe embeddings of the engine, metrics.json and the PNG."""
+    weights = consolidated_state_dict(engine)
+    probe = engine_probe(engine, valid, device) if valid is not None else None
+    if rank != 0:
+        return
+    fs, run_path = resolve_fs(run_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        export = ClapModel(model_cfg, tokenizer=engine.module.tokenizer)
+        export.load_state_dict(weights)
+        export.save_pretrained(Path(tmp) / "final")
+        if probe is not None:
+            np.savez(Path(tmp) / "engine_probe.npz", **probe)
+        summary = {"step": state["step"], "config_hash": config_hash(cfg), "resumes": state["resumes"],
+                   "history": logger.history, "evals": logger.evals,
+                   "final_eval": logger.evals[-1] if logger.evals else None}
+        Path(tmp, "metrics.json").write_text(json.dumps(summary, indent=1))
+        plot_curves(logger.history, logger.evals, Path(tmp) / "curves.png")
+        for name in ("final", "engine_probe.npz", "metrics.json", "curves.png"):
+            if Path(tmp, name).exists():
+                upload(Path(tmp, name), fs, f"{run_path}/{name}")
+    logger.sync()
+    print(f"exported {run_uri.rstrip('/')}/final (step {state['step']})", flush=True)
+
+
+@torch.no_grad()
+def engine_probe(engine, valid: ValidSet, device: torch.device) -> dict[str, np.ndarray]:
+    """The trained engine's embeddings of a few validation pairs, to check the export against."""
+    model = engine.module
+    model.eval()
+    rows = np.arange(min(PROBE_CLIPS, len(valid)))
+    text_rows = valid.main_caption_rows[rows]
+    ids, mask = trim_padding(valid.tokens["input_ids"][text_rows], valid.tokens["attention_mask"][text_rows])
+    audio = model.encode_audio(torch.from_numpy(valid.waves[rows]).to(device),
+                               lengths=torch.from_numpy(valid.lengths[rows]).to(device))
+    text = model.encode_text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+    model.train()
+    return {"waves": valid.waves[rows], "lengths": valid.lengths[rows], "input_ids": ids, "attention_mask": mask,
+            "audio_embeds": audio.float().cpu().numpy(), "text_embeds": text.float().cpu().numpy()}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfig) -> dict[str, ray.data.Dataset]:
+    fs, root = resolve_fs(data_uri)
+    train_path = f"{root}/{cfg.data.train_split}"
+    if not exists(fs, train_path):
+        raise FileNotFoundError(f"no training shards at {data_uri.rstrip('/')}/{cfg.data.train_split}")
+    transform = PairBatchTransform.for_model(model_cfg, training=True, clip_seconds=cfg.data.max_clip_seconds)
+    compute = ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks) if cfg.data.decode_tasks else None
+    train = (ray.data.read_parquet(train_path, filesystem=fs).select_columns(["audio", "caption", "captions"])
+             .randomize_block_order()
+             .map_batches(transform, batch_size=cfg.data.decode_batch_size, batch_format="numpy", compute=compute))
+    datasets = {"train": train}
+    valid_split = cfg.data.valid_split
+    if valid_split and exists(fs, f"{root}/{valid_split}"):
+        datasets["valid"] = (ray.data.read_parquet(f"{root}/{valid_split}", filesystem=fs)
+                             .select_columns(["audio", "caption", "captions"]))
+    return datasets
+
+
+def run_config(output: str, cfg: PretrainConfig) -> RunConfig:
+    """A stable run name (the output's last path component) so the same command finds its checkpoints."""
+    fs, path = resolve_fs(output)
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    return RunConfig(name=name, storage_path=parent, storage_filesystem=fs,
+                     failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints))
+
+
+def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_only: bool = False):
+    """Run (or resume) training; returns the Ray Train result."""
+    model_cfg = resolve_model_config(model, cfg.model)
+    if not ray.is_initialized():
+        ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
+    fs, run_path = resolve_fs(output)
+    with tempfile.TemporaryDirectory() as tmp:
+        dump_yaml(cfg, Path(tmp) / "pretrain_config.yaml")
+        dump_yaml(model_cfg, Path(tmp) / "model_config.yaml")
+        for name in ("pretrain_config.yaml", "model_config.yaml"):
+            upload(Path(tmp) / name, fs, f"{run_path}/{name}")
+    datasets = build_datasets(data, cfg, model_cfg)
+    scaling = cfg.scaling
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"pretrain": to_dict(cfg), "model": to_dict(model_cfg), "run_uri": output,
+                           "export_only": export_only, "has_valid": "valid" in datasets},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=scaling.resources_per_worker or None),
+        run_config=run_config(output, cfg),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="folder or s3:// prefix written by `clap preprocess`")
+    parser.add_argument("--output", required=True, help="run folder or s3:// prefix (re-running resumes it)")
+    parser.add_argument("--model", default="tiny", help="registered model name or model YAML (default: tiny)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pretraining YAML (default: shipped)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="load the latest checkpoint of --output and write final/ without training")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500 scaling.num_workers=4")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_pretrain_config(args.config, args.overrides)
+    result = pretrain(args.data, args.output, args.model, cfg, export_only=args.export_only)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith(("step", "val/t2a", "train/loss"))}
+    print(json.dumps({"output": args.output, **metrics}))
+    return 0

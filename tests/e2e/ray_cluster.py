@@ -1,0 +1,134 @@
+"""A real two-node Ray cluster on this machine (head + one worker node), for `ray job submit` tests.
+
+Both nodes bind to 127.0.0.1 on free ports and run `ray start --block` in their own process groups;
+stopping sends SIGTERM to exactly those groups (what `ray start --block` turns into stopping the
+processes it started), then SIGKILL after a grace period. Never `ray stop`: it would end every Ray
+process on the machine, including other test sessions'.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.conftest import free_port
+
+RAY = str(Path(sys.executable).parent / "ray")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the Ray CLI colours its output
+
+
+@dataclass
+class LocalRayCluster:
+    env: dict
+    num_cpus: int = 4
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    temp_dir: str = ""
+    gcs_port: int = 0
+    dashboard_port: int = 0
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, timeout_s: float = 120) -> "LocalRayCluster":
+        # Ray's socket paths must stay short: a fresh folder directly under /tmp.
+        self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self._spawn(["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
+                     f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}"], worker_ports=20000)
+        self._wait_for_dashboard(timeout_s)
+        self._spawn([f"--address=127.0.0.1:{self.gcs_port}"], worker_ports=21000)
+        self._wait_for_nodes(2, timeout_s)
+        return self
+
+    def _spawn(self, args: list[str], worker_ports: int) -> None:
+        ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                 f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 999}"]
+        cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
+               "--disable-usage-stats", *ports, *args]
+        log = open(Path(self.temp_dir) / f"node{len(self.procs)}.log", "w")
+        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+
+    def _wait_for_dashboard(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"Ray dashboard did not come up in {timeout_s} s: {self.logs()}")
+
+    def _wait_for_nodes(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            out = subprocess.run([RAY, "status", f"--address=127.0.0.1:{self.gcs_port}"], env=self.env,
+                                 capture_output=True, text=True, timeout=60).stdout
+            active = out.split("Active:")[-1].split("Pending:")[0]
+            if active.count("node_") >= count:
+                return
+            time.sleep(2)
+        raise TimeoutError(f"{count} Ray nodes did not register in {timeout_s} s: {self.logs()}")
+
+    def _check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`ray start` exited with {proc.returncode}: {self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-2000:] for p in sorted(Path(self.temp_dir).glob("node*.log")))
+
+    def submit(self, entrypoint: list[str], working_dir: str | Path, timeout_s: float = 600) -> "JobResult":
+        """`ray job submit` (waits for the job, streams its logs), then the job's final status."""
+        cmd = [RAY, "job", "submit", f"--address={self.dashboard_url}", f"--working-dir={working_dir}",
+               "--runtime-env-json", '{"excludes": [".venv", "*.egg-info", "demo_output"]}', "--", *entrypoint]
+        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout_s)
+        logs = ANSI.sub("", done.stdout + done.stderr)
+        match = re.search(r"raysubmit_\w+", logs)
+        if not match:
+            raise RuntimeError(f"`ray job submit` printed no submission id: {logs[-3000:]}")
+        status = subprocess.run([RAY, "job", "status", f"--address={self.dashboard_url}", match.group(0)],
+                                env=self.env, capture_output=True, text=True, timeout=60)
+        final = re.search(r"\b(SUCCEEDED|FAILED|STOPPED|RUNNING|PENDING)\b", ANSI.sub("", status.stdout + status.stderr))
+        return JobResult(match.group(0), final.group(1) if final else "UNKNOWN", logs)
+
+    def stop(self, grace_s: float = 30) -> None:
+        """SIGTERM each node's own process group (worker first), SIGKILL what is left after grace_s."""
+        for proc in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@dataclass
+class JobResult:
+    submission_id: str
+    status: str  # SUCCEEDED / FAILED / STOPPED, from `ray job status`
+    logs: str  # what `ray job submit` streamed: the job's own output included
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,181 @@
+"""`pipelines.pretrain` on the shared local Ray: it learns, survives a killed worker, resumes a re-run, uses S3.
+
+The corpus is generated: each clip is a tone whose pitch (low / middle / high), rhythm (steady / pulsed)
+and background (quiet / hiss) are what its captions say, so text->audio retrieval can be learned from
+sound alone. Shards follow clap_core.shards.SHARD_SCHEMA, as `clap preprocess` writes them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from clap_core.audio_io import TARGET_SR, encode_flac
+from clap_core.metrics import retrieval_metrics
+from clap_core.model import ClapModel
+from clap_core.shards import SHARD_SCHEMA
+from clap_core.train.batching import PairBatchTransform, decode_waves
+from clap_core.train.config import load_pretrain_config
+from pipelines.pretrain import DEFAULT_CONFIG, pretrain
+
+pytestmark = pytest.mark.integration
+
+PITCHES = {"low": 220.0, "middle": 880.0, "high": 3520.0}
+RHYTHMS = ("steady", "pulsed")
+BACKGROUNDS = ("quiet", "hiss")
+TEMPLATES = ("a {rhythm} {pitch} tone{background}", "{pitch} pitched {rhythm} beep{background}",
+             "the sound of a {rhythm} {pitch} sine{background}")
+
+
+def synth_clip(rng: np.random.Generator, pitch: str, rhythm: str, background: str, seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * TARGET_SR)) / TARGET_SR
+    freq = PITCHES[pitch] * rng.uniform(0.9, 1.1)
+    wave = np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi)) * rng.uniform(0.2, 0.4)
+    if rhythm == "pulsed":
+        wave *= (np.sin(2 * np.pi * rng.uniform(3, 5) * t) > 0).astype(np.float64)
+    if background == "hiss":
+        wave += rng.normal(0, 0.08, t.shape)
+    else:
+        wave += rng.normal(0, 0.002, t.shape)
+    return np.clip(wave, -1, 1).astype(np.float32)
+
+
+def captions_for(pitch: str, rhythm: str, background: str) -> list[str]:
+    bg = " with hiss" if background == "hiss" else ""
+    return [tpl.format(pitch=pitch, rhythm=rhythm, background=bg) for tpl in TEMPLATES]
+
+
+def write_shards(root: Path, splits: dict[str, int], seed: int = 0, seconds: float = 1.0,
+                 rows_per_shard: int = 64) -> Path:
+    """OUT/<split>/part-*.parquet in SHARD_SCHEMA; factors cycle so every split covers all 12 combinations."""
+    rng = np.random.default_rng(seed)
+    combos = [(p, r, b) for p in PITCHES for r in RHYTHMS for b in BACKGROUNDS]
+    for split, count in splits.items():
+        rows = []
+        for i in range(count):
+            pitch, rhythm, background = combos[(i + rng.integers(len(combos))) % len(combos)] if split == "train" \
+                else combos[i % len(combos)]
+            caps = captions_for(pitch, rhythm, background)
+            wave = synth_clip(rng, pitch, rhythm, background, seconds)
+            rows.append({"id": f"{split}-{i}", "audio": encode_flac(wave, TARGET_SR, "PCM_16"), "sample_rate": TARGET_SR,
+                         "num_samples": len(wave), "num_channels": 1, "duration_s": seconds, "caption": caps[0],
+                         "captions": caps, "language": "en", "label": f"{pitch}-{rhythm}-{background}",
+                         "split": split, "kind": "env", "source_id": f"{split}-{i}", "source_path": f"synth://{i}",
+                         "augment": "{}"})
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for k in range(0, count, rows_per_shard):
+            table = pa.Table.from_pylist(rows[k:k + rows_per_shard], schema=SHARD_SCHEMA)
+            pq.write_table(table, root / split / f"part-{k // rows_per_shard:05d}.parquet")
+    (root / "manifest.json").write_text(json.dumps({"splits": splits}))
+    return root
+
+
+def read_split(root: Path, split: str) -> pa.Table:
+    return pq.read_table(root / split)
+
+
+def heldout_t2a_r1(model: ClapModel, table: pa.Table) -> tuple[float, int]:
+    """Text->audio R@1 of a model on a split (main caption of each clip), and the number of clips."""
+    transform = PairBatchTransform.for_model(model.config, training=False)
+    waves, lengths = decode_waves(table.column("audio").to_pylist(), transform.clip_samples, None)
+    with torch.no_grad():
+        audio = model.encode_audio(torch.from_numpy(waves), lengths=torch.from_numpy(lengths)).numpy()
+        text = model.encode_text(**model.tokenize(table.column("caption").to_pylist())).numpy()
+    return retrieval_metrics(audio, text, np.arange(len(waves)))["t2a/R@1"], len(waves)
+
+
+def config(overrides: list[str]):
+    base = ["scaling.num_workers=2", "scaling.max_failures=0", "scaling.resources_per_worker={CPU: 1}",
+            "data.decode_tasks=2", "data.decode_batch_size=32", "data.shuffle_buffer=64", "train.warmup_steps=5",
+            "train.log_every=1"]
+    return load_pretrain_config(DEFAULT_CONFIG, base + overrides)
+
+
+def metrics_of(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"), {"train": 1024, "valid": 24, "test": 36})
+
+
+def test_pretraining_learns_and_exports(ray_local, corpus, tmp_path):
+    """tiny, 2 workers, ZeRO-1, fixed seeds: held-out text->audio R@1 >= 3x chance; the export equals the engine."""
+    run = tmp_path / "learn"
+    cfg = config(["train.steps=120", "train.batch_size=16", "train.lr=2e-3", "train.eval_every=60",
+                  "train.checkpoint_every=60", "train.log_every=10", "deepspeed.zero_stage=1"])
+    result = pretrain(str(corpus), str(run), "tiny", cfg)
+    assert result.error is None
+
+    model = ClapModel.from_pretrained(run / "final")
+    r1, n = heldout_t2a_r1(model, read_split(corpus, "test"))
+    print(f"held-out t2a R@1 {r1:.3f} over {n} clips (chance {1 / n:.3f})")
+    assert r1 >= 3.0 / n
+
+    probe = np.load(run / "engine_probe.npz")
+    with torch.no_grad():
+        audio = model.encode_audio(torch.from_numpy(probe["waves"]), lengths=torch.from_numpy(probe["lengths"]))
+        text = model.encode_text(torch.from_numpy(probe["input_ids"]), torch.from_numpy(probe["attention_mask"]))
+    np.testing.assert_allclose(audio.numpy(), probe["audio_embeds"], atol=1e-5)
+    np.testing.assert_allclose(text.numpy(), probe["text_embeds"], atol=1e-5)
+
+    metrics = metrics_of(run)
+    assert metrics["step"] == 120 and metrics["resumes"] == []
+    first, last = metrics["history"][0], metrics["history"][-1]
+    assert last["loss"] < first["loss"]
+    assert {"loss", "temperature", "lr", "samples_per_s", "data_wait_share"} <= set(last)
+    assert [e["step"] for e in metrics["evals"]] == [60, 120]
+    assert {"t2a/R@1", "t2a/R@5", "t2a/R@10", "t2a/mAP@10", "a2t/R@1"} <= set(metrics["final_eval"])
+    assert (run / "curves.png").stat().st_size > 0
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000060", "checkpoint_00000120"]
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_local, corpus, tmp_path):
+    """Rank 1 dies at step 7; the group restarts from checkpoint 4 and ends at step 10, history intact."""
+    run = tmp_path / "killed"
+    cfg = config(["train.steps=10", "train.batch_size=8", "train.checkpoint_every=4", "train.eval_every=0",
+                  "train.kill_worker_at_step=7", "scaling.max_failures=1", "deepspeed.zero_stage=2",
+                  "data.valid_split=null"])
+    result = pretrain(str(corpus), str(run), "tiny", cfg)
+    assert result.error is None
+    assert (run / ".fault_injected").exists()
+
+    metrics = metrics_of(run)
+    assert metrics["step"] == 10 and metrics["resumes"] == [4]
+    steps = [h["step"] for h in metrics["history"]]
+    assert steps == list(range(1, 11))  # steps 5-7 were redone once, recorded once
+    losses = [h["loss"] for h in metrics["history"]]
+    # continuing, not restarting: the schedule and the weights came back with the checkpoint
+    assert metrics["history"][4]["lr"] == pytest.approx(metrics["history"][3]["lr"], rel=0.5)
+    assert np.mean(losses[4:]) < losses[0]
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000008", "checkpoint_00000010"]
+
+
+def test_rerun_same_command_resumes_on_s3(ray_local, corpus, s3_bucket):
+    """Shards and run folder on S3 (moto). The first run dies (no retries); the same command again resumes it."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    for path in corpus.rglob("*.parquet"):
+        s3.upload_file(str(path), s3_bucket, f"shards/{path.relative_to(corpus)}")
+    data, output = f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/runs/rerun"
+    cfg = config(["train.steps=6", "train.batch_size=8", "train.checkpoint_every=3", "train.eval_every=0",
+                  "train.kill_worker_at_step=5", "deepspeed.zero_stage=3", "train.grad_cache_chunk=4"])
+
+    first = pretrain(data, output, "tiny", cfg)
+    assert first.error is not None  # max_failures=0: the killed worker ends the run after checkpoint 3
+
+    second = pretrain(data, output, "tiny", cfg)  # same command: the fault marker keeps it from firing again
+    assert second.error is None
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="runs/rerun/")["Contents"]}
+    assert "runs/rerun/final/model.safetensors" in keys
+    metrics = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/rerun/metrics.json")["Body"].read())
+    assert metrics["step"] == 6 and metrics["resumes"] == [3]
+    assert [h["step"] for h in metrics["history"]] == list(range(1, 7))
