@@ -5,12 +5,28 @@ Layout of an output folder (local or s3://):
     OUT/manifest.json                  written last: shards, counts, hours, rejects, resolved config + hash
     OUT/<split>/part-<key>.parquet     one shard per split and input block (train, valid, test, ...)
     OUT/_rejects/part-<key>.parquet    rows that could not be used, with the stage and reason
+    OUT/_done/<unit>.json              per work unit: the files it committed (resume bookkeeping)
 
 Every row of a shard follows `SHARD_SCHEMA`; `audio` holds FLAC bytes at 48 kHz, mono by default.
+`<key>` is `<unit>-<k>` (a unit rolls over to k+1 at the configured shard size). Ids: an input clip
+keeps its id; segments of a long clip are "<id>#seg<i>", augmented copies "<id>#aug<k>" (or
+"<id>#seg<i>#aug<k>"); `augment` records the segment and every applied effect with its parameters.
+
+Readers take the shard list from manifest.json, never a folder listing, so files of an interrupted
+run that were not committed can never be read:
+
+    for row in iter_shard_rows("s3://bucket/shards", split="train"): ...
+    table = read_shards("out/", "valid", columns=["id", "audio", "caption"])
 """
 from __future__ import annotations
 
+import json
+from typing import Iterator
+
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clap_core import storage
 
 SHARD_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),  # unique row id; augmented copies get "<id>#aug<k>"
@@ -37,3 +53,42 @@ REJECT_SCHEMA = pa.schema([
     pa.field("reason", pa.string(), nullable=False),  # machine-readable reason, e.g. "missing_file"
     pa.field("detail", pa.string()),  # human-readable message
 ])
+
+
+def read_output_manifest(out_uri: str) -> dict:
+    """OUT/manifest.json; FileNotFoundError while the job has not finished."""
+    return json.loads(storage.read_bytes(storage.join(out_uri, "manifest.json")))
+
+
+def shard_uris(out_uri: str, split: str | None = None) -> list[str]:
+    """URIs of the committed shards of one split (or all), in manifest order."""
+    shards = read_output_manifest(out_uri)["shards"]
+    return [storage.join(out_uri, s["path"]) for s in shards if split is None or s["split"] == split]
+
+
+def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.resolve_fs(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def iter_shard_rows(uri: str, split: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:
+    """Rows (dicts) of one shard file, or of every shard of an output folder (optionally one split)."""
+    uris = [uri] if uri.endswith(".parquet") else shard_uris(uri, split)
+    for shard in uris:
+        fs, path = storage.resolve_fs(shard)
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=64, columns=columns):
+            yield from batch.to_pylist()
+
+
+def read_shards(out_uri: str, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows of a split (or all splits) as one table (small outputs, tests, evaluation)."""
+    tables = [read_parquet_file(u, columns) for u in shard_uris(out_uri, split)]
+    schema = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_rejects(out_uri: str) -> pa.Table:
+    """Every reject row of a finished output."""
+    files = read_output_manifest(out_uri)["rejects"]["files"]
+    tables = [read_parquet_file(storage.join(out_uri, f)) for f in files]
+    return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()

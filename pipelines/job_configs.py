@@ -11,6 +11,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 _CLASSES = {
     "pretrain": "clap_core.train.config:PretrainConfig",
+    "preprocess": "clap_core.preprocess_config:PreprocessConfig",
 }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.train
 import torch
 
 from clap_core.audio_io import TARGET_SR, encode_flac
@@ -169,8 +170,8 @@ def test_rerun_same_command_resumes_on_s3(ray_local, corpus, s3_bucket):
     cfg = config(["train.steps=6", "train.batch_size=8", "train.checkpoint_every=3", "train.eval_every=0",
                   "train.kill_worker_at_step=5", "deepspeed.zero_stage=3", "train.grad_cache_chunk=4"])
 
-    first = pretrain(data, output, "tiny", cfg)
-    assert first.error is not None  # max_failures=0: the killed worker ends the run after checkpoint 3
+    with pytest.raises(ray.train.TrainingFailedError):  # max_failures=0: the killed worker ends the run
+        pretrain(data, output, "tiny", cfg)
 
     second = pretrain(data, output, "tiny", cfg)  # same command: the fault marker keeps it from firing again
     assert second.error is None

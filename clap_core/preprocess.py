@@ -1,0 +1,446 @@
+"""Preprocessing logic, free of Ray: plan the work, process one row, process and commit one unit.
+
+    plan = plan_units(read_manifest(path), cfg)                 # driver: deterministic work units
+    rows_out, rejects = process_row(planned_row, cfg)           # any process: pure function of its inputs
+    marker = process_unit(unit, cfg, out_uri, merger)           # writes shards + rejects, then _done marker
+    manifest = build_manifest(out_uri, plan, cfg, markers)      # driver: manifest.json, written last
+
+Exactly once, resumable (local folders and s3://):
+1. Planning is a pure function of the manifest and the config. Every input row gets an id (given, or
+   its path without suffix), a split, caption checks, duplicate-id check (first row wins) and, for
+   speech rows, an env partner per augmented copy. Rows go to units: per split, sorted by a stable
+   hash of (id, row index), cut every `rows_per_unit` rows. So unit -> rows never depends on timing,
+   and each unit carries a hash of its exact content.
+2. A unit writes `<split>/part-<n>-<k>.parquet` (k rolls over at output.shard_mb) and
+   `_rejects/part-<split>-<n>.parquet` with atomic commits (local: temp file + rename; S3: one PUT),
+   then `_done/<split>-<n>.json` (its files, counts, hashes). The marker is the unit's commit point.
+3. A re-run plans again, refuses an output whose markers carry other unit hashes (config or input
+   changed), skips units with a marker, deletes temp files and the files of units without a marker
+   (a crash between a shard and its marker), and processes the rest; a redone unit produces the same
+   file names and bytes because processing is deterministic (seeded per clip and copy, our own FLAC
+   quantisation, fixed row order).
+4. `manifest.json` is written last, from the markers only; readers use the files it lists, so a
+   stray file can never add a duplicate. Ray Data's own at-least-once writes are not used.
+
+Row accounting: every input row ends in exactly one place, as one or more output rows (the clip,
+its segments, its augmented copies; `source_id` points back) or as one reject row with a stage
+(read_manifest / decode / validate / augment) and a machine-readable reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clap_core import storage
+from clap_core.audio_io import AudioDecodeError, decode_audio, encode_flac
+from clap_core.augment import augment_clip, build_caption_merger, pair_speech_with_env, stable_seed
+from clap_core.config import to_dict
+from clap_core.preprocess_config import PreprocessConfig
+from clap_core.shards import REJECT_SCHEMA, SHARD_SCHEMA
+
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # splits become folder names
+FLAC_RATIO = 0.6  # typical FLAC size / PCM size, to size units from shard_mb
+MANIFEST_FORMAT = "clap-shards/1"
+DONE_DIR, REJECTS_DIR = "_done", "_rejects"
+
+
+def text_ok(text: str) -> bool:
+    """False when text carries undecodable bytes (surrogateescape) that Arrow could not store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text) -> str:
+    """A string safe to store in a reject row: undecodable bytes shown as \\xNN."""
+    if text is None:
+        return ""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def reject(row: dict, stage: str, reason: str, detail: str = "") -> dict:
+    return {"id": printable(row.get("id")), "source_path": printable(row.get("source_path")), "stage": stage,
+            "reason": reason, "detail": printable(detail)}
+
+
+# -------------------------------------------------------------------------------------------------
+# planning (driver)
+
+
+def check_row(row: dict, cfg: PreprocessConfig) -> tuple[dict, tuple[str, str] | None]:
+    """Normalise one manifest row; returns (row, (reason, detail) or None when usable)."""
+    row = dict(row)
+    if not row.get("id"):
+        row["id"] = row["source_path"].rsplit(".", 1)[0] if row.get("source_path") else f"row-{row['row_index']}"
+    row["split"] = row.get("split") or cfg.input.default_split
+    kind = (row.get("kind") or "").strip().lower()
+    row["kind"] = kind if kind in ("speech", "env") else None
+    captions = [c.strip() for c in row.get("captions") or [] if c is not None]
+    row["caption"] = captions[0] if captions else ""
+    row["captions"] = [captions[0]] + [c for c in captions[1:] if c] if captions else []
+    if not SPLIT_NAME.match(row["split"]) and not row.get("error"):
+        row["error"] = ("bad_split", f"split {printable(row['split'])!r} is not a folder name")
+    if row.get("error"):
+        row["split"] = row["split"] if SPLIT_NAME.match(row["split"]) else cfg.input.default_split
+        return row, tuple(row["error"])
+    if not text_ok(row["id"]) or not text_ok(row["source_path"]):
+        return row, ("path_or_id_not_utf8", "id or audio path holds bytes that are not valid text")
+    if not all(text_ok(c) for c in row["captions"]):
+        return row, ("caption_not_utf8", f"caption bytes are not valid {cfg.input.encoding}: {printable(row['caption'])}")
+    if not row["caption"]:
+        return row, ("empty_caption", "main caption is empty")
+    return row, None
+
+
+def env_partners(rows: list[dict], cfg: PreprocessConfig) -> dict[str, dict[int, dict]]:
+    """speech id -> {copy index -> env row}: each augmented copy of a speech clip gets its own env clip."""
+    aug = cfg.augment
+    speech = [r for r in rows if r["kind"] == "speech"]
+    env = {r["id"]: r for r in rows if r["kind"] == "env"}
+    if not (aug.copies and aug.mix_prob > 0 and speech and env):
+        return {}
+    keys = [f"{r['id']}#aug{k}" for r in speech for k in range(1, aug.copies + 1)]
+    partners: dict[str, dict[int, dict]] = {}
+    for key, env_id in pair_speech_with_env(keys, list(env), aug.seed):
+        speech_id, k = key.rsplit("#aug", 1)
+        e = env[env_id]
+        partners.setdefault(speech_id, {})[int(k)] = {
+            "id": env_id, "audio_uri": e["audio_uri"], "byte_offset": e["byte_offset"], "byte_size": e["byte_size"],
+            "source_path": e["source_path"], "caption": e["caption"]}
+    return partners
+
+
+def rows_per_unit(cfg: PreprocessConfig) -> int:
+    """Input rows per unit so that one unit fills about one shard of output.shard_mb."""
+    if cfg.output.rows_per_unit:
+        return cfg.output.rows_per_unit
+    bytes_per_sample = 2 if cfg.output.flac_subtype == "PCM_16" else 3
+    row_mb = cfg.output.expected_clip_seconds * cfg.audio.target_sr * bytes_per_sample * FLAC_RATIO / 1e6
+    return max(1, int(cfg.output.shard_mb / (row_mb * (cfg.augment.copies + 1))))
+
+
+def job_config(cfg: PreprocessConfig) -> dict:
+    """The part of the config that decides the output (parallelism and debug settings do not)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("ray", "debug")}
+
+
+def content_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    units: list[dict]  # {"key", "split", "index", "hash", "rows": [planned row, ...]}
+    rows_in: int
+    planned_rejects: int
+    job_hash: str
+
+
+def plan_units(rows: list[dict], cfg: PreprocessConfig) -> Plan:
+    """Validate rows, detect duplicates, pair speech with env, and cut deterministic units."""
+    planned, seen, accepted = [], set(), []
+    for raw in rows:
+        row, problem = check_row(raw, cfg)
+        if problem is None and row["id"] in seen:
+            problem = ("duplicate_id", f"id {printable(row['id'])!r} appeared earlier in the input")
+        if problem is None:
+            seen.add(row["id"])
+            accepted.append(row)
+        row["planned_reject"] = None if problem is None else {"stage": "read_manifest", "reason": problem[0],
+                                                              "detail": problem[1]}
+        planned.append(row)
+    partners = env_partners(accepted, cfg)
+    for row in planned:
+        row["env_partners"] = {str(k): v for k, v in partners.get(row["id"], {}).items()} if not row["planned_reject"] else {}
+        row.pop("error", None)
+    size = rows_per_unit(cfg)
+    units = []
+    for split in sorted({r["split"] for r in planned}):
+        members = [r for r in planned if r["split"] == split]
+        members.sort(key=lambda r: (stable_seed(printable(r["id"]), r["row_index"]), r["row_index"]))
+        for n, start in enumerate(range(0, len(members), size)):
+            chunk = members[start:start + size]
+            key = f"{split}-{n:05d}"
+            units.append({"key": key, "split": split, "index": n, "rows": chunk,
+                          "hash": content_hash([job_config(cfg), key, chunk])})
+    job_hash = content_hash([job_config(cfg), [u["hash"] for u in units]])
+    n_rejects = sum(r["planned_reject"] is not None for r in planned)
+    return Plan(units=units, rows_in=len(rows), planned_rejects=n_rejects, job_hash=job_hash)
+
+
+# -------------------------------------------------------------------------------------------------
+# one row (workers)
+
+
+def build_merger(cfg: PreprocessConfig):
+    """The configured caption merger for environmental mixes."""
+    c = cfg.captions
+    if c.merger == "seq2seq":
+        return build_caption_merger("seq2seq", model_name_or_path=c.model, prompt=c.prompt)
+    return build_caption_merger("template", template=c.template)
+
+
+def load_wave(source: dict, cfg: PreprocessConfig) -> np.ndarray:
+    """Fetch and decode a row's audio (local path, s3:// object, or a byte range of a tar)."""
+    uri = source["audio_uri"]
+    try:
+        if source.get("byte_offset") is not None:
+            data = storage.read_range(uri, source["byte_offset"], source["byte_size"])
+        elif storage.is_s3(uri):
+            data = storage.read_bytes(uri)
+        else:
+            data = uri
+    except FileNotFoundError as e:
+        raise AudioDecodeError("missing_file", f"no such object: {uri}") from e
+    a = cfg.audio
+    wave, _ = decode_audio(data, mono=a.mono, target_sr=a.target_sr, max_channels=a.max_channels)
+    return wave
+
+
+def validate_wave(wave: np.ndarray, cfg: PreprocessConfig) -> tuple[str, str] | None:
+    """(reason, detail) when the decoded clip must not be used, else None."""
+    a = cfg.audio
+    seconds = wave.shape[1] / a.target_sr
+    peak = float(np.abs(wave).max())
+    peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
+    if a.silence == "reject" and peak_db < a.silence_threshold_db:
+        return "silent", f"peak {peak_db:.1f} dBFS < {a.silence_threshold_db} dBFS"
+    if seconds < a.min_seconds:
+        return "too_short", f"{seconds:.3f} s < min_seconds {a.min_seconds}"
+    if seconds > a.max_seconds and a.long_clip == "reject":
+        return "too_long", f"{seconds:.3f} s > max_seconds {a.max_seconds}"
+    return None
+
+
+def segments(wave: np.ndarray, cfg: PreprocessConfig) -> list[tuple[int, int, np.ndarray]]:
+    """[(segment index, start sample, (C, n))]: the whole clip, or ceil(N / max) equal segments (no
+    short tail to drop: each is between max_seconds / 2 and max_seconds long)."""
+    n = wave.shape[1]
+    max_n = int(cfg.audio.max_seconds * cfg.audio.target_sr)
+    if n <= max_n:
+        return [(0, 0, wave)]
+    count = -(-n // max_n)
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [(i, bounds[i], wave[:, bounds[i]:bounds[i + 1]]) for i in range(count)]
+
+
+def output_row(row: dict, row_id: str, wave: np.ndarray, captions: list[str], augment: dict, cfg: PreprocessConfig) -> dict:
+    sr = cfg.audio.target_sr
+    return {"id": row_id, "audio": encode_flac(wave, sr, cfg.output.flac_subtype), "sample_rate": sr,
+            "num_samples": int(wave.shape[1]), "num_channels": int(wave.shape[0]), "duration_s": wave.shape[1] / sr,
+            "caption": captions[0], "captions": captions, "language": row.get("language"), "label": row.get("label"),
+            "split": row["split"], "kind": row.get("kind"), "source_id": row["id"],
+            "source_path": row["source_path"], "augment": json.dumps(augment, sort_keys=True)}
+
+
+class EnvCache:
+    """Decoded env partners of one unit (an env clip is often the partner of several speech copies)."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.cfg, self.waves = cfg, {}
+
+    def get(self, env: dict) -> tuple[np.ndarray | None, str | None]:
+        """(first max_seconds of the env wave, None) or (None, reason it cannot be used)."""
+        if env["id"] not in self.waves:
+            try:
+                wave = load_wave(env, self.cfg)
+                problem = validate_wave(wave, self.cfg)
+                self.waves[env["id"]] = (None, problem[0]) if problem else (segments(wave, self.cfg)[0][2], None)
+            except Exception as e:  # a broken partner costs the mix, never the speech clip
+                self.waves[env["id"]] = (None, getattr(e, "reason", type(e).__name__))
+        return self.waves[env["id"]]
+
+
+def augmented_rows(row: dict, seg_id: str, wave: np.ndarray, base: dict, cfg: PreprocessConfig, merger,
+                   env_cache: EnvCache) -> list[dict]:
+    """The cfg.augment.copies augmented copies of one clip or segment."""
+    out = []
+    for k in range(1, cfg.augment.copies + 1):
+        partner = row["env_partners"].get(str(k))
+        env_wave, skipped = env_cache.get(partner) if partner else (None, None)
+        copy, applied = augment_clip(wave, seg_id, k, cfg.augment, env=env_wave,
+                                     env_id=partner["id"] if partner else None)
+        record = {**base, **applied}
+        captions = row["captions"]
+        if "env_mix" in applied:
+            captions = [merger(c, partner["caption"]) for c in captions]
+        elif skipped:
+            record["env_mix_skipped"] = {"env_id": partner["id"], "reason": skipped}
+        out.append(output_row(row, f"{seg_id}#aug{k}", copy, captions, record, cfg))
+    return out
+
+
+def process_row(row: dict, cfg: PreprocessConfig, merger=None, env_cache: EnvCache | None = None) -> tuple[list[dict], list[dict]]:
+    """One planned row -> (output rows, []) or ([], [one reject]). Never raises on bad input."""
+    if row.get("planned_reject"):
+        p = row["planned_reject"]
+        return [], [reject(row, p["stage"], p["reason"], p["detail"])]
+    merger = merger or build_merger(cfg)
+    env_cache = env_cache or EnvCache(cfg)
+    try:
+        wave = load_wave(row, cfg)
+    except AudioDecodeError as e:
+        return [], [reject(row, "decode", e.reason, e.message)]
+    except Exception as e:  # a decoder crash on hostile bytes must not take the job down
+        return [], [reject(row, "decode", "decode_error", f"{type(e).__name__}: {e}")]
+    problem = validate_wave(wave, cfg)
+    if problem:
+        return [], [reject(row, "validate", *problem)]
+    parts = segments(wave, cfg)
+    out = []
+    try:
+        for index, start, seg in parts:
+            seg_id = row["id"] if len(parts) == 1 else f"{row['id']}#seg{index}"
+            base = {} if len(parts) == 1 else {"segment": {"index": index, "count": len(parts),
+                                                           "start_s": start / cfg.audio.target_sr}}
+            out.append(output_row(row, seg_id, seg, row["captions"], base, cfg))
+            out += augmented_rows(row, seg_id, seg, base, cfg, merger, env_cache)
+    except Exception as e:  # the row goes wholly to rejects: never half a row's copies
+        return [], [reject(row, "augment", "augment_failed", f"{type(e).__name__}: {e}")]
+    return out, []
+
+
+# -------------------------------------------------------------------------------------------------
+# one unit (workers)
+
+
+def unit_paths(out_uri: str, unit: dict) -> dict[str, str]:
+    split, n = unit["split"], unit["index"]
+    return {"shard_prefix": storage.join(out_uri, split, f"part-{n:05d}-"),
+            "rejects": storage.join(out_uri, REJECTS_DIR, f"part-{split}-{n:05d}.parquet"),
+            "marker": storage.join(out_uri, DONE_DIR, f"{unit['key']}.json")}
+
+
+def table_bytes(rows: list[dict], schema: pa.Schema, row_group_rows: int) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, row_group_size=row_group_rows, compression="none"
+                   if schema is SHARD_SCHEMA else "zstd")
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Buffers a unit's rows and commits a shard file each time the audio reaches shard_mb."""
+
+    def __init__(self, prefix: str, out_uri: str, cfg: PreprocessConfig):
+        self.prefix, self.out_uri, self.cfg = prefix, out_uri, cfg
+        self.rows, self.audio_bytes, self.shards = [], 0, []
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.rows.append(row)
+            self.audio_bytes += len(row["audio"])
+            if self.audio_bytes >= self.cfg.output.shard_mb * 1e6:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        uri = f"{self.prefix}{len(self.shards):03d}.parquet"
+        data = table_bytes(self.rows, SHARD_SCHEMA, self.cfg.output.row_group_rows)
+        storage.put_atomic(uri, data)
+        self.shards.append({"path": uri[len(self.out_uri.rstrip("/")) + 1:], "split": self.rows[0]["split"],
+                            "rows": len(self.rows), "bytes": len(data),
+                            "seconds": sum(r["duration_s"] for r in self.rows)})
+        self.rows, self.audio_bytes = [], 0
+
+
+def process_unit(unit: dict, cfg: PreprocessConfig, out_uri: str, merger=None) -> dict:
+    """Process every row of a unit, commit its shards and rejects, then its marker; returns the marker."""
+    paths = unit_paths(out_uri, unit)
+    merger = merger or build_merger(cfg)
+    env_cache = EnvCache(cfg)
+    writer = ShardWriter(paths["shard_prefix"], out_uri, cfg)
+    rejects, sources_out, seconds_in = [], 0, 0.0
+    for row in unit["rows"]:
+        rows_out, row_rejects = process_row(row, cfg, merger, env_cache)
+        writer.add(rows_out)
+        rejects += row_rejects
+        sources_out += bool(rows_out)
+        seconds_in += sum(r["duration_s"] for r in rows_out if "#aug" not in r["id"])
+    writer.flush()
+    if rejects:
+        storage.put_atomic(paths["rejects"], table_bytes(rejects, REJECT_SCHEMA, 10_000))
+    reasons: dict[str, int] = {}
+    for r in rejects:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    marker = {"unit": unit["key"], "hash": unit["hash"], "split": unit["split"], "rows_in": len(unit["rows"]),
+              "sources_out": sources_out, "rows_out": sum(s["rows"] for s in writer.shards),
+              "seconds_in": seconds_in, "seconds_out": sum(s["seconds"] for s in writer.shards),
+              "shards": writer.shards, "rejects": {"path": paths["rejects"][len(out_uri.rstrip("/")) + 1:]
+                                                   if rejects else None, "rows": len(rejects), "by_reason": reasons}}
+    storage.put_atomic(paths["marker"], json.dumps(marker, sort_keys=True).encode())
+    return marker
+
+
+# -------------------------------------------------------------------------------------------------
+# resume and the final manifest (driver)
+
+
+def read_markers(out_uri: str) -> dict[str, dict]:
+    """unit key -> marker, for every committed unit under out_uri."""
+    markers = {}
+    for uri in storage.list_files(storage.join(out_uri, DONE_DIR)):
+        name = uri.rsplit("/", 1)[-1]
+        if name.endswith(".json") and not name.startswith(storage.TEMP_PREFIX):
+            marker = json.loads(storage.read_bytes(uri))
+            markers[marker["unit"]] = marker
+    return markers
+
+
+def check_markers(plan: Plan, markers: dict[str, dict], out_uri: str) -> None:
+    """A marker from another job (other input or config) means this output is not ours to resume."""
+    planned = {u["key"]: u["hash"] for u in plan.units}
+    foreign = sorted(k for k, m in markers.items() if planned.get(k) != m["hash"])
+    if foreign:
+        raise ValueError(f"{out_uri} holds units of a different job (input or config changed), e.g. {foreign[0]}; "
+                         "use a new --output or delete the old one")
+
+
+def clean_uncommitted(out_uri: str, plan: Plan, markers: dict[str, dict]) -> list[str]:
+    """Delete temp files and every shard/reject file not listed by a marker; returns what went."""
+    keep = {storage.join(out_uri, p) for m in markers.values()
+            for p in [s["path"] for s in m["shards"]] + ([m["rejects"]["path"]] if m["rejects"]["path"] else [])}
+    removed = storage.clean_temp_files(out_uri)
+    folders = sorted({u["split"] for u in plan.units} | {REJECTS_DIR})
+    for folder in folders:
+        for uri in storage.list_files(storage.join(out_uri, folder)):
+            if uri.endswith(".parquet") and uri not in keep:
+                storage.delete(uri)
+                removed.append(uri)
+    return removed
+
+
+def build_manifest(plan: Plan, cfg: PreprocessConfig, markers: dict[str, dict], input_uri: str) -> dict:
+    """manifest.json content: shards, per-split counts and hours, rejects by reason, config and hash."""
+    ordered = [markers[u["key"]] for u in plan.units]
+    splits: dict[str, dict] = {}
+    reasons: dict[str, int] = {}
+    for m in ordered:
+        for s in m["shards"]:
+            entry = splits.setdefault(s["split"], {"rows": 0, "hours": 0.0, "shards": 0})
+            entry["rows"] += s["rows"]
+            entry["hours"] += s["seconds"] / 3600
+            entry["shards"] += 1
+        for reason, count in m["rejects"]["by_reason"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    return {
+        "format": MANIFEST_FORMAT, "input": input_uri, "job_hash": plan.job_hash,
+        "rows_in": plan.rows_in, "sources_out": sum(m["sources_out"] for m in ordered),
+        "rows_out": sum(m["rows_out"] for m in ordered), "hours_in": sum(m["seconds_in"] for m in ordered) / 3600,
+        "hours_out": sum(m["seconds_out"] for m in ordered) / 3600,
+        "splits": dict(sorted(splits.items())),
+        "shards": [{k: s[k] for k in ("path", "split", "rows", "bytes", "seconds")} for m in ordered for s in m["shards"]],
+        "rejects": {"rows": sum(m["rejects"]["rows"] for m in ordered), "by_reason": dict(sorted(reasons.items())),
+                    "files": [m["rejects"]["path"] for m in ordered if m["rejects"]["path"]]},
+        "units": len(ordered), "config": to_dict(cfg), "config_hash": content_hash(job_config(cfg)),
+    }

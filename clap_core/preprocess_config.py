@@ -1,0 +1,95 @@
+"""`clap preprocess` configuration (shipped default: pipelines/configs/preprocess.yaml).
+
+    cfg = load_preprocess_config(None, ["audio.long_clip=reject", "augment.copies=2"])
+
+Sections: `input` (how manifests are read), `audio` (decode + validation rules), `augment` (the
+augmentation chain, clap_core.augment.AugmentConfig), `captions` (merger for environmental mixes),
+`output` (shard size and FLAC format), `ray` (parallelism only: changing it never invalidates a
+partly written output), `debug` (fault injection for tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from clap_core.augment import AugmentConfig
+from clap_core.config import ConfigError, load_config
+
+
+@dataclass
+class InputConfig:
+    encoding: str = "utf-8"  # text encoding of manifests and sidecars; undecodable captions are rejected
+    audio_dir: str | None = None  # AudioCaps/Clotho: folder of the audio files (default: next to the CSV)
+    default_split: str = "train"  # split of rows that name none
+
+
+@dataclass
+class AudioConfig:
+    mono: bool = True  # downmix to one channel (augmentation needs mono)
+    target_sr: int = 48_000  # output sample rate (soxr VHQ resampling)
+    max_channels: int = 6  # more input channels than this: rejected (too_many_channels); 5.1 passes
+    min_seconds: float = 0.5  # shorter clips: rejected (too_short)
+    max_seconds: float = 30.0  # longer clips: see long_clip
+    long_clip: Literal["split", "reject"] = "split"  # split: equal segments <= max_seconds, ids "<id>#seg<k>"
+    silence: Literal["reject", "keep"] = "reject"  # a clip whose peak is below silence_threshold_db
+    silence_threshold_db: float = -60.0  # peak level in dBFS under which a clip counts as silent
+
+
+@dataclass
+class CaptionsConfig:
+    merger: Literal["template", "seq2seq"] = "template"  # how an env mix's caption is written
+    template: str = "a person saying {speech}, with {env} in the background"
+    model: str | None = None  # seq2seq: local path of a transformers text-to-text model
+    prompt: str = "merge captions. speech: {speech} background: {env}"  # seq2seq input
+
+
+@dataclass
+class OutputConfig:
+    shard_mb: float = 256.0  # a unit rolls over to a new shard file when its audio reaches this size
+    rows_per_unit: int = 0  # input rows per work unit; 0: derived from shard_mb and expected_clip_seconds
+    expected_clip_seconds: float = 10.0  # typical clip length, to size units so one unit ~ one shard
+    flac_subtype: Literal["PCM_16", "PCM_24"] = "PCM_16"
+    row_group_rows: int = 64  # Parquet row group size (readers fetch whole row groups)
+
+
+@dataclass
+class RayConfig:
+    concurrency: int = 0  # unit workers (actors) at once; 0: cluster CPUs / num_cpus
+    num_cpus: float = 1.0  # CPUs reserved per worker
+
+
+@dataclass
+class DebugConfig:
+    crash_after_units: int = 0  # tests: the driver raises SimulatedCrash once this many units committed
+
+
+@dataclass
+class PreprocessConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self):
+        checks = [
+            (self.augment.copies >= 0, "augment.copies must be >= 0"),
+            (self.audio.mono or self.augment.copies == 0, "augment.copies > 0 needs audio.mono=true"),
+            (0 < self.audio.min_seconds < self.audio.max_seconds, "need 0 < audio.min_seconds < audio.max_seconds"),
+            (self.audio.long_clip == "reject" or self.audio.max_seconds >= 2 * self.audio.min_seconds,
+             "audio.long_clip=split needs audio.max_seconds >= 2 * audio.min_seconds"),
+            (self.audio.max_channels >= 1, "audio.max_channels must be >= 1"),
+            (self.output.shard_mb > 0, "output.shard_mb must be > 0"),
+            (self.output.rows_per_unit >= 0, "output.rows_per_unit must be >= 0"),
+            (self.captions.merger == "template" or self.captions.model, "captions.merger=seq2seq needs captions.model"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def load_preprocess_config(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> PreprocessConfig:
+    return load_config(PreprocessConfig, source, overrides)

@@ -1,0 +1,132 @@
+"""Audio rows from either input users have: a manifest (JSONL/CSV) or a folder of preprocessed shards.
+
+    for row in iter_rows("shards/", split="test"): ...          # shard rows, FLAC bytes in row["audio"]
+    for item, error in iter_eval_items("data/manifest.jsonl"):  # decoded EvalItems, or the reason they failed
+
+Shard folders are recognised by their `manifest.json` (written last by `clap preprocess`) or by
+`<split>/*.parquet` below them; anything else is read as a manifest file. Local paths and s3:// URIs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from clap_core.audio_io import TARGET_SR, AudioDecodeError, decode_audio
+from clap_core.evaluation import EvalItem
+
+
+def filesystem_and_path(uri: str):
+    """(pyarrow FileSystem, path inside it) for a local path or an s3:// URI.
+
+    S3 credentials, region and endpoint come from the standard AWS environment; AWS_ENDPOINT_URL
+    (an S3-compatible server such as MinIO or a local test server) is honoured, http or https.
+    """
+    import os
+
+    from pyarrow import fs
+
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs = {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs = {"endpoint_override": host, "scheme": scheme}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return fs.S3FileSystem(region=region, **kwargs), uri[len("s3://"):].rstrip("/")
+    return fs.LocalFileSystem(), os.path.abspath(uri).rstrip("/")
+
+
+def is_shard_folder(uri: str) -> bool:
+    fs, path = filesystem_and_path(uri)
+    from pyarrow.fs import FileType
+
+    if fs.get_file_info(f"{path}/manifest.json").type == FileType.File:
+        return True
+    return bool(shard_files(uri, None))
+
+
+def shard_files(uri: str, split: str | None) -> list[str]:
+    """Sorted Parquet files of one split (or of every split) under a shard folder."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, path = filesystem_and_path(uri)
+    base = f"{path}/{split}" if split else path
+    if fs.get_file_info(base).type != FileType.Directory:
+        return []
+    infos = fs.get_file_info(FileSelector(base, recursive=True))
+    files = [i.path for i in infos if i.type == FileType.File and i.path.endswith(".parquet")]
+    return sorted(f for f in files if "/_" not in f[len(path):])  # skip _rejects/, _tmp/, _done/
+
+
+def iter_shard_rows(uri: str, split: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:
+    """Rows of the shards, one file and one row group at a time (bounded memory)."""
+    fs, _ = filesystem_and_path(uri)
+    for path in shard_files(uri, split):
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            for group in range(parquet.num_row_groups):
+                yield from parquet.read_row_group(group, columns=columns).to_pylist()
+
+
+@dataclass
+class Rejected:
+    id: str
+    source_path: str
+    reason: str
+    detail: str
+
+
+def shard_row_to_item(row: dict) -> EvalItem:
+    wave, _ = decode_audio(row["audio"], mono=True, target_sr=TARGET_SR)  # (1, N); bad bytes -> AudioDecodeError
+    captions = list(row.get("captions") or [row["caption"]])
+    return EvalItem(id=row["id"], wave=wave[0], captions=captions, label=row.get("label"))
+
+
+def manifest_row_to_item(row: dict) -> EvalItem:
+    wave, _ = decode_audio(row["audio_path"], mono=True, target_sr=TARGET_SR)
+    captions = [c for c in row.get("captions") or [row.get("caption")] if c]
+    return EvalItem(id=str(row["id"]), wave=wave[0], captions=captions, label=row.get("label") or None)
+
+
+def iter_eval_items(data: str, split: str | None = None) -> Iterator[tuple[EvalItem | None, Rejected | None]]:
+    """(item, None) for every usable clip, (None, Rejected) for every clip that cannot be decoded."""
+    if is_shard_folder(data):
+        for row in iter_shard_rows(data, split):
+            yield _convert(row, shard_row_to_item, row.get("source_path", ""))
+        return
+    from clap_core.manifest import read_manifest
+
+    for row in read_manifest(data):
+        if split and row.get("split") and row["split"] != split:
+            continue
+        yield _convert(row, manifest_row_to_item, row.get("audio_path", ""))
+
+
+def _convert(row: dict, convert, source: str) -> tuple[EvalItem | None, Rejected | None]:
+    try:
+        item = convert(row)
+    except AudioDecodeError as e:  # NaN/inf, empty and undecodable audio all land here
+        return None, Rejected(str(row.get("id", "")), str(source), e.reason, e.message)
+    return item, None
+
+
+def local_copy(uri: str, cache_root: str | None = None) -> str:
+    """A local folder holding `uri`: the path itself, or an s3:// folder downloaded once into a cache."""
+    if not uri.startswith("s3://"):
+        return uri
+    import hashlib
+    import os
+    import tempfile
+
+    from pyarrow import fs
+
+    root = cache_root or os.path.join(tempfile.gettempdir(), "clap-cache")
+    target = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    if not os.path.isdir(target):
+        remote, path = filesystem_and_path(uri)
+        partial = f"{target}.partial-{os.getpid()}"
+        fs.copy_files(path, partial, source_filesystem=remote, destination_filesystem=fs.LocalFileSystem())
+        os.replace(partial, target)  # a crash mid-download never leaves a half cache behind
+    return target

@@ -1,0 +1,138 @@
+"""Local folders and s3:// prefixes behind one small API (pyarrow.fs), with atomic commits.
+
+    fs, path = resolve_fs("s3://bucket/run")        # or a local path
+    put_atomic("s3://bucket/run/x.parquet", data)    # the object appears whole or not at all
+    read_bytes(uri), read_range(uri, offset, size), list_files(uri), exists(uri), delete(uri)
+
+S3 credentials, region and endpoint come from the standard AWS environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for S3-compatible servers
+such as MinIO or moto) or the instance/role chain; nothing here logs or returns them.
+
+Atomic commit: locally the bytes go to a hidden temp file in the destination folder (same
+filesystem), are fsync'ed, and `os.replace` renames them onto the final name. On S3 a single PUT
+(pyarrow switches to a multipart upload for large bodies, which S3 completes in one call) makes the
+key visible only once complete, so a crash leaves either the old state or the whole new object.
+Temp files of crashed local writes start with TEMP_PREFIX; `clean_temp_files` removes them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+TEMP_PREFIX = ".tmp-"  # name prefix of uncommitted local writes
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+@functools.lru_cache(maxsize=4)
+def s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    """One S3FileSystem per (endpoint, region) per process: building one costs a few ms and sockets."""
+    kwargs = {"region": region} if region else {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve_fs(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """'s3://bucket/prefix' or a local path -> (filesystem, path inside it, no trailing slash)."""
+    uri = str(uri)
+    if is_s3(uri):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return s3_filesystem(endpoint, region), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path parts with '/' (both s3:// and POSIX paths use it)."""
+    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def parent(uri: str) -> str:
+    return str(uri).rstrip("/").rsplit("/", 1)[0]
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve_fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve_fs(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole file; FileNotFoundError when absent (also on S3)."""
+    fs, path = resolve_fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_range(uri: str, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` (a member of a tar shard) without reading the rest of the file."""
+    fs, path = resolve_fs(uri)
+    with fs.open_input_file(path) as f:
+        return f.read_at(size, offset)
+
+
+def file_size(uri: str) -> int:
+    fs, path = resolve_fs(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(uri)
+    return int(info.size)
+
+
+def put_atomic(uri: str, data: bytes) -> None:
+    """Write `data` to `uri` so that readers see the old state or all of `data`, never a part."""
+    fs, path = resolve_fs(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def list_files(uri: str, recursive: bool = True) -> list[str]:
+    """URIs of the files under a folder/prefix (sorted); [] when it does not exist."""
+    fs, path = resolve_fs(uri)
+    selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+    infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + i.path for i in infos)
+
+
+def delete(uri: str) -> None:
+    """Remove one file; no error when it is already gone."""
+    fs, path = resolve_fs(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def clean_temp_files(uri: str) -> list[str]:
+    """Delete the leftovers of interrupted local writes under a folder; returns what was removed."""
+    stray = [f for f in list_files(uri) if f.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)]
+    for f in stray:
+        delete(f)
+    return stray

@@ -1,0 +1,181 @@
+"""`clap embed`: Ray Data batch inference: audio (and caption) embeddings of a manifest or shards to Parquet.
+
+    clap embed --checkpoint runs/a/final --input data/manifest.jsonl --output embeddings/
+    clap embed --checkpoint s3://bucket/runs/a/final --input s3://bucket/shards --split test --output s3://bucket/emb
+
+Stages: rows -> decode (CPU tasks; unreadable rows go to OUTPUT/_rejects/, never a crash) -> embed
+(an actor pool: the model is loaded once per actor, on a GPU when the cluster has one) -> Parquet of
+`id`, `audio_embedding`, `text_embedding` and the input's metadata. A run replaces the Parquet files
+already in OUTPUT, so re-running gives one row per clip, not duplicates.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clap_core.audio_io import AudioDecodeError, TARGET_SR, decode_audio
+from clap_core.shards import REJECT_SCHEMA
+from clap_core.sources import filesystem_and_path, is_shard_folder, local_copy, shard_files
+
+META_COLUMNS = ("caption", "label", "split", "source_path", "audio_path", "language", "kind")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="save_pretrained folder (local or s3://)")
+    parser.add_argument("--input", required=True, help="manifest (JSONL/CSV) or shard folder (local or s3://)")
+    parser.add_argument("--output", required=True, help="output folder (local or s3://)")
+    parser.add_argument("--split", default=None, help="only rows of this split")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips per model call")
+    parser.add_argument("--concurrency", type=int, default=None, help="embedding actors (default: 1 per GPU, else 2)")
+    parser.add_argument("--no-text", action="store_true", help="skip caption embeddings")
+
+
+# --- stage 1: decode (plain batch function on CPU tasks) ---
+
+
+def decode_batch(batch: dict[str, np.ndarray], output: str) -> dict[str, np.ndarray]:
+    """Rows -> rows with a 48 kHz mono `wave`; undecodable rows are written to OUTPUT/_rejects/."""
+    keep, waves, rejects = [], [], []
+    for i in range(len(batch["id"])):
+        row = {k: v[i] for k, v in batch.items()}
+        try:
+            waves.append(decode_row(row))
+            keep.append(i)
+        except AudioDecodeError as e:
+            source = row.get("source_path") or row.get("audio_path") or ""
+            rejects.append({"id": str(row["id"]), "source_path": str(source), "stage": "decode",
+                            "reason": e.reason, "detail": e.message})
+    if rejects:
+        write_rejects(output, rejects)
+    out = {k: v[keep] for k, v in batch.items() if k != "audio"}
+    out["wave"] = np.array(waves + [None], dtype=object)[:-1]  # ragged (N_i,) arrays
+    return out
+
+
+def decode_row(row: dict) -> np.ndarray:
+    """(N,) float32 at 48 kHz from shard FLAC bytes or a manifest audio path."""
+    if row.get("audio") is not None:
+        wave, _ = decode_audio(row["audio"], mono=True, target_sr=TARGET_SR)
+    else:
+        wave, _ = decode_audio(str(row["audio_path"]), mono=True, target_sr=TARGET_SR)
+    return wave[0]  # decode_audio has rejected NaN/inf and empty audio
+
+
+def write_rejects(output: str, rejects: list[dict]) -> None:
+    """One file per batch, named by its ids: a retried task overwrites its own file instead of adding one."""
+    fs, path = filesystem_and_path(output)
+    key = hashlib.sha256("\n".join(r["id"] for r in rejects).encode()).hexdigest()[:16]
+    fs.create_dir(f"{path}/_rejects", recursive=True)
+    with fs.open_output_stream(f"{path}/_rejects/part-{key}.parquet") as f:
+        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), f)
+
+
+# --- stage 2: embed (callable class on an actor pool: the model loads once per actor) ---
+
+
+class EmbedBatch:
+    def __init__(self, checkpoint: str, batch_size: int, text: bool):
+        import torch
+
+        from clap_core.model import ClapModel
+
+        self.model = ClapModel.from_pretrained(local_copy(checkpoint))
+        if torch.cuda.is_available():
+            self.model = self.model.cuda()
+        self.batch_size, self.text = batch_size, text
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from clap_core.inference import embed_text, embed_waveforms
+
+        waves = list(batch.pop("wave"))
+        batch["duration_s"] = np.array([len(w) / TARGET_SR for w in waves])
+        batch["audio_embedding"] = embed_waveforms(self.model, waves, self.batch_size)  # (B, D)
+        if self.text and "caption" in batch:
+            batch["text_embedding"] = embed_text(self.model, [str(c or "") for c in batch["caption"]])
+        batch["id"] = batch["id"].astype(str)
+        return batch
+
+
+# --- the job ---
+
+
+def read_input(ray, input_uri: str, split: str | None):
+    """A Ray Dataset of rows with id, audio (shards) or audio_path (manifest), and metadata columns."""
+    if is_shard_folder(input_uri):
+        fs, _ = filesystem_and_path(input_uri)
+        columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
+        return ray.data.read_parquet(shard_files(input_uri, split), filesystem=fs).select_columns(columns)
+    from clap_core.manifest import read_manifest
+
+    rows = [r for r in read_manifest(input_uri) if not split or r.get("split") in (None, "", split)]
+    keep = ("id", "audio_path", *META_COLUMNS)
+    return ray.data.from_items([{k: _text(r.get(k)) for k in keep} for r in rows])
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def clear_outputs(output: str) -> None:
+    """Remove the Parquet files and rejects of an earlier run of the same job."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, path = filesystem_and_path(output)
+    if fs.get_file_info(path).type != FileType.Directory:
+        fs.create_dir(path, recursive=True)
+        return
+    for info in fs.get_file_info(FileSelector(path, recursive=True)):
+        if info.type == FileType.File and info.path.endswith(".parquet"):
+            fs.delete_file(info.path)
+
+
+def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
+                  concurrency: int | None = None, text: bool = True) -> dict:
+    """Run the embedding job (Ray must be reachable: local or the submitted-to cluster); returns a summary."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    clear_outputs(output)
+    ds = read_input(ray, input_uri, split)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"output": output}, batch_size=batch_size)
+    actors = concurrency or (gpus if gpus else 2)
+    ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text), batch_size=batch_size,
+                        concurrency=actors, num_gpus=1 if gpus else 0)
+    fs, path = filesystem_and_path(output)
+    ds.write_parquet(path, filesystem=fs)
+    return summarize(output)
+
+
+def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: int = 16,
+                   concurrency: int | None = None, text: bool = True) -> dict:
+    return embed_dataset(checkpoint, manifest, output, batch_size=batch_size, concurrency=concurrency, text=text)
+
+
+def summarize(output: str) -> dict:
+    """Counts read back from what was written: rows, rejects and their reasons."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, path = filesystem_and_path(output)
+    files = [i.path for i in fs.get_file_info(FileSelector(path, recursive=True))
+             if i.type == FileType.File and i.path.endswith(".parquet")]
+    reject_files = [f for f in files if "/_rejects/" in f]
+    rows = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files if f not in reject_files)
+    reasons = Counter()
+    for f in reject_files:
+        reasons.update(pq.read_table(fs.open_input_file(f), columns=["reason"]).column("reason").to_pylist())
+    return {"rows": rows, "rejects": sum(reasons.values()), "reject_reasons": dict(reasons)}
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = embed_dataset(args.checkpoint, args.input, args.output, split=args.split, batch_size=args.batch_size,
+                            concurrency=args.concurrency, text=not args.no_text)
+    print(json.dumps(summary))
+    return 0

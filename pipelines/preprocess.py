@@ -1,0 +1,148 @@
+"""`clap preprocess`: raw audio corpus -> augmented 48 kHz Parquet shards, exactly once, resumable.
+
+    clap preprocess --input corpus/manifest.jsonl --output s3://bucket/shards [--config FILE] [key=value ...]
+
+The driver reads the input (clap_core.manifest.read_manifest) and plans deterministic work units
+(clap_core.preprocess.plan_units: validation, duplicate ids, env-mix pairing). Ray Data streams the
+units not yet committed through an actor pool (`ray.concurrency` actors of `ray.num_cpus` CPUs);
+each actor processes a unit and commits its shards, rejects and `_done` marker itself
+(clap_core.preprocess.process_unit). `manifest.json` is written last from the markers. Re-running the
+same command resumes: committed units are skipped, anything uncommitted is deleted and redone.
+Runs on a local Ray, or unchanged under `ray job submit` (ray.init() joins the cluster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import ray
+
+from clap_core import storage
+from clap_core.config import from_dict, to_dict
+from clap_core.manifest import read_manifest
+from clap_core.preprocess import (Plan, build_manifest, build_merger, check_markers, clean_uncommitted, plan_units,
+                                  process_unit, read_markers)
+from clap_core.preprocess_config import PreprocessConfig, load_preprocess_config
+from pipelines.job_configs import default_config_path
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the driver when debug.crash_after_units is reached (resume tests)."""
+
+
+class OutputMismatchError(ValueError):
+    """The output folder holds units of a different job."""
+
+
+class UnitProcessor:
+    """Actor stage: one JSON-encoded unit in, its marker (JSON) out. Holds the caption merger."""
+
+    def __init__(self, cfg: dict, out_uri: str):
+        self.cfg = from_dict(PreprocessConfig, cfg)
+        self.out_uri = out_uri
+        self.merger = build_merger(self.cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        markers = [process_unit(json.loads(u), self.cfg, self.out_uri, self.merger) for u in batch["unit"]]
+        return {"marker": np.array([json.dumps(m) for m in markers], dtype=object)}
+
+
+def worker_count(cfg: PreprocessConfig, n_units: int) -> int:
+    if cfg.ray.concurrency:
+        return min(cfg.ray.concurrency, n_units)
+    return max(1, min(int(ray.cluster_resources().get("CPU", 1) / cfg.ray.num_cpus), n_units))
+
+
+def run_units(units: list[dict], cfg: PreprocessConfig, out_uri: str) -> list[dict]:
+    """Process units on Ray Data (one unit per block, streamed); returns the markers of this run."""
+    items = [{"unit": json.dumps(u)} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        UnitProcessor, fn_constructor_args=(to_dict(cfg), out_uri), batch_size=1,
+        concurrency=worker_count(cfg, len(units)), num_cpus=cfg.ray.num_cpus)
+    markers, rows = [], iter(ds.iter_rows())
+    try:
+        for row in rows:
+            markers.append(json.loads(row["marker"]))
+            if cfg.debug.crash_after_units and len(markers) >= cfg.debug.crash_after_units:
+                raise SimulatedCrash(f"debug.crash_after_units={cfg.debug.crash_after_units} reached")
+    finally:
+        rows.close()  # stops the streaming executor and its actors now, not when the traceback is freed
+    return markers
+
+
+def finished_manifest(out_uri: str, plan: Plan) -> dict | None:
+    """The manifest of an already finished identical job, else None."""
+    uri = storage.join(out_uri, "manifest.json")
+    if not storage.exists(uri):
+        return None
+    manifest = json.loads(storage.read_bytes(uri))
+    if manifest.get("job_hash") != plan.job_hash:
+        raise OutputMismatchError(f"{out_uri} already holds a finished output of a different job "
+                                  f"(job hash {manifest.get('job_hash')} != {plan.job_hash}); use a new --output")
+    return manifest
+
+
+def preprocess(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> dict:
+    """Run or resume the job; returns manifest.json's content plus this run's timing in "run"."""
+    start = time.perf_counter()
+    plan = plan_units(read_manifest(input_uri, cfg.input.encoding, cfg.input.audio_dir), cfg)
+    done = finished_manifest(out_uri, plan)
+    if done is not None:
+        return {**done, "run": {"units_processed": 0, "seconds": time.perf_counter() - start, "seconds_in": 0.0}}
+    markers = read_markers(out_uri)
+    try:
+        check_markers(plan, markers, out_uri)
+    except ValueError as e:
+        raise OutputMismatchError(str(e)) from None
+    clean_uncommitted(out_uri, plan, markers)
+    todo = [u for u in plan.units if u["key"] not in markers]
+    new = run_units(todo, cfg, out_uri) if todo else []
+    markers = read_markers(out_uri)
+    missing = [u["key"] for u in plan.units if u["key"] not in markers]
+    if missing:
+        raise RuntimeError(f"{len(missing)} units have no marker after the run, e.g. {missing[0]}")
+    manifest = build_manifest(plan, cfg, markers, input_uri)
+    storage.put_atomic(storage.join(out_uri, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    run_info = {"units_processed": len(new), "seconds": time.perf_counter() - start,
+                "seconds_in": sum(m["seconds_in"] for m in new)}
+    return {**manifest, "run": run_info}
+
+
+def summary_line(manifest: dict) -> str:
+    run = manifest["run"]
+    rtf = run["seconds_in"] / run["seconds"] if run["seconds"] > 0 else 0.0
+    return (f"clap preprocess: clips in {manifest['rows_in']}, rows out {manifest['rows_out']} "
+            f"(from {manifest['sources_out']} clips), rejects {manifest['rejects']['rows']}, "
+            f"hours out {manifest['hours_out']:.4f}, realtime factor {rtf:.1f}x "
+            f"({run['units_processed']} of {manifest['units']} units processed in {run['seconds']:.1f} s)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True,
+                        help="JSONL/CSV manifest, AudioCaps/Clotho CSV, folder with sidecar captions, "
+                             "WebDataset .tar or folder of them (local or s3://)")
+    parser.add_argument("--output", required=True, help="output folder or s3:// prefix (re-running resumes it)")
+    parser.add_argument("--config", default=str(default_config_path("preprocess")),
+                        help="preprocessing YAML (default: the shipped pipelines/configs/preprocess.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. augment.copies=2 audio.silence=keep")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_preprocess_config(args.config, args.overrides)
+    started = not ray.is_initialized()
+    if started:
+        ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
+    try:
+        manifest = preprocess(args.input, args.output, cfg)
+    except OutputMismatchError as e:
+        print(f"clap preprocess: {e}")
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+    print(json.dumps({"output": args.output, "rows_in": manifest["rows_in"], "rows_out": manifest["rows_out"],
+                      "rejects": manifest["rejects"]["by_reason"], "splits": manifest["splits"]}))
+    print(summary_line(manifest))
+    return 0

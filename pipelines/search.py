@@ -1,0 +1,65 @@
+"""`clap search`: the top-k clips of an embedding index for a text query or an audio file.
+
+    clap search "a dog barking in the rain" --index embeddings/ --checkpoint runs/a/final -k 10
+    clap search --audio query.wav --index s3://bucket/emb --checkpoint runs/a/final
+
+The index is the Parquet output of `clap embed` (local or s3://). Scores are cosine similarities.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clap_core.sources import filesystem_and_path, local_copy
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("query", help="a text query, or an audio file with --audio")
+    parser.add_argument("--index", required=True, help="`clap embed` output folder (local or s3://)")
+    parser.add_argument("--checkpoint", required=True, help="the checkpoint that built the index")
+    parser.add_argument("-k", type=int, default=10, help="number of results")
+    parser.add_argument("--audio", action="store_true", help="the query is an audio file (audio-to-audio search)")
+
+
+def load_index(index: str) -> dict[str, np.ndarray]:
+    """id, caption, source path and the (N, D) audio embeddings of every row in the index."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, path = filesystem_and_path(index)
+    files = sorted(i.path for i in fs.get_file_info(FileSelector(path, recursive=True))
+                   if i.type == FileType.File and i.path.endswith(".parquet") and "/_rejects/" not in i.path)
+    if not files:
+        raise FileNotFoundError(f"no embedding Parquet files under {index}")
+    tables = [pq.read_table(fs.open_input_file(f)) for f in files]
+    rows = {"id": [], "caption": [], "source": [], "emb": []}
+    for t in tables:
+        cols = set(t.column_names)
+        rows["id"] += t.column("id").to_pylist()
+        rows["caption"] += t.column("caption").to_pylist() if "caption" in cols else [""] * t.num_rows
+        src = "source_path" if "source_path" in cols and any(t.column("source_path").to_pylist()) else "audio_path"
+        rows["source"] += t.column(src).to_pylist() if src in cols else [""] * t.num_rows
+        rows["emb"] += t.column("audio_embedding").to_pylist()
+    return {"id": np.array(rows["id"]), "caption": np.array(rows["caption"], dtype=object),
+            "source": np.array(rows["source"], dtype=object), "emb": np.asarray(rows["emb"], dtype=np.float32)}
+
+
+def search(model, index: dict[str, np.ndarray], query: str, k: int = 10, audio: bool = False) -> list[dict]:
+    """Top-k rows by cosine similarity to the query's embedding, best first."""
+    q = model.embed_audio(query) if audio else model.embed_text([query])  # (1, D)
+    scores = index["emb"] @ q[0]  # (N,)
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [{"rank": r + 1, "score": float(scores[i]), "id": str(index["id"][i]), "caption": index["caption"][i],
+             "source": index["source"][i]} for r, i in enumerate(top)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from clap_core.model import ClapModel
+
+    model = ClapModel.from_pretrained(local_copy(args.checkpoint))
+    results = search(model, load_index(args.index), args.query, args.k, args.audio)
+    print(f"{'rank':>4}  {'score':>6}  {'id':<24} caption")
+    for r in results:
+        print(f"{r['rank']:>4}  {r['score']:6.3f}  {r['id']:<24} {r['caption'] or r['source']}")
+    return 0

@@ -1,0 +1,73 @@
+"""`clap embed` (Ray Data actor pool) and `clap search` on shards written in the test."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+
+from clap_core.model import ClapModel
+from clap_core.model_config import get_model_config
+from clap_core.sources import shard_row_to_item
+from pipelines.embed import embed_dataset
+from pipelines.search import load_index, search
+from tests.shard_fixtures import write_shards
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt")
+    ClapModel(get_model_config("tiny")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def embedded(ray_local, checkpoint, tmp_path_factory):
+    """One embedding run over 6 good clips and 1 corrupt row, shared by the tests below."""
+    root = tmp_path_factory.mktemp("embed")
+    rows = write_shards(root / "shards", per_label=2, corrupt=1)
+    summary = embed_dataset(str(checkpoint), str(root / "shards"), str(root / "emb"), batch_size=4, concurrency=1)
+    return root, rows, summary
+
+
+def read_rows(folder):
+    files = [p for p in folder.rglob("*.parquet") if "_rejects" not in p.parts]
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def test_embed_writes_every_row_or_a_reject_and_matches_the_python_api(embedded, checkpoint):
+    root, rows, summary = embedded
+    out = root / "emb"
+    assert summary == {"rows": 6, "rejects": 1, "reject_reasons": {"undecodable": 1}}
+    written = {r["id"]: r for r in read_rows(out)}
+    assert set(written) == {r["id"] for r in rows if not r["id"].startswith("corrupt")}
+    model = ClapModel.from_pretrained(checkpoint)
+    for row in rows[:6]:
+        expected = model.embed_audio(shard_row_to_item(row).wave, sample_rate=48_000)[0]
+        assert np.allclose(written[row["id"]]["audio_embedding"], expected, atol=1e-5)
+        assert np.allclose(written[row["id"]]["text_embedding"], model.embed_text(row["caption"])[0], atol=1e-5)
+        assert written[row["id"]]["label"] == row["label"]
+    rejects = pq.read_table(next((out / "_rejects").glob("*.parquet"))).to_pylist()
+    assert rejects[0]["id"] == "corrupt-0" and rejects[0]["stage"] == "decode"
+
+
+def test_search_finds_the_query_clip_first(embedded, checkpoint, tmp_path):
+    root, rows, _ = embedded
+    index = load_index(str(root / "emb"))
+    model = ClapModel.from_pretrained(checkpoint)
+    query = shard_row_to_item(rows[3]).wave
+    sf.write(tmp_path / "q.wav", query, 48_000, subtype="FLOAT")
+    hits = search(model, index, str(tmp_path / "q.wav"), k=3, audio=True)
+    assert hits[0]["id"] == rows[3]["id"] and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    text_hits = search(model, index, "a clip of a buzz", k=6)
+    scores = index["emb"] @ model.embed_text(["a clip of a buzz"])[0]
+    assert text_hits[0]["id"] == index["id"][int(np.argmax(scores))]
+
+
+def test_rerun_replaces_the_previous_output(embedded, checkpoint):
+    root, _, _ = embedded
+    again = embed_dataset(str(checkpoint), str(root / "shards"), str(root / "emb"), batch_size=8, concurrency=1)
+    assert again["rows"] == 6 and len(read_rows(root / "emb")) == 6
