@@ -14,56 +14,30 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from clap_core.audio_io import TARGET_SR, AudioDecodeError, decode_audio
+from clap_core import storage
 from clap_core.evaluation import EvalItem
 
 
-def filesystem_and_path(uri: str):
-    """(pyarrow FileSystem, path inside it) for a local path or an s3:// URI.
-
-    S3 credentials, region and endpoint come from the standard AWS environment; AWS_ENDPOINT_URL
-    (an S3-compatible server such as MinIO or a local test server) is honoured, http or https.
-    """
-    import os
-
-    from pyarrow import fs
-
-    if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {}
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs = {"endpoint_override": host, "scheme": scheme}
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return fs.S3FileSystem(region=region, **kwargs), uri[len("s3://"):].rstrip("/")
-    return fs.LocalFileSystem(), os.path.abspath(uri).rstrip("/")
-
 
 def is_shard_folder(uri: str) -> bool:
-    fs, path = filesystem_and_path(uri)
-    from pyarrow.fs import FileType
-
-    if fs.get_file_info(f"{path}/manifest.json").type == FileType.File:
-        return True
-    return bool(shard_files(uri, None))
+    return storage.exists(storage.join(uri, "manifest.json")) or bool(shard_files(uri, None))
 
 
 def shard_files(uri: str, split: str | None) -> list[str]:
-    """Sorted Parquet files of one split (or of every split) under a shard folder."""
-    from pyarrow.fs import FileSelector, FileType
-
-    fs, path = filesystem_and_path(uri)
-    base = f"{path}/{split}" if split else path
-    if fs.get_file_info(base).type != FileType.Directory:
+    """Sorted Parquet files of one split (or of every split) under a shard folder; [] for a file."""
+    base = storage.join(uri, split) if split else uri
+    if not storage.is_dir(base):
         return []
-    infos = fs.get_file_info(FileSelector(base, recursive=True))
-    files = [i.path for i in infos if i.type == FileType.File and i.path.endswith(".parquet")]
-    return sorted(f for f in files if "/_" not in f[len(path):])  # skip _rejects/, _tmp/, _done/
+    rel = len(str(uri).rstrip("/"))
+    # skip _rejects/, _done/ and temp files: only committed shards count
+    return [f for f in storage.list_files(base) if f.endswith(".parquet") and "/_" not in f[rel:]
+            and storage.TEMP_PREFIX not in f[rel:]]
 
 
 def iter_shard_rows(uri: str, split: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:
     """Rows of the shards, one file and one row group at a time (bounded memory)."""
-    fs, _ = filesystem_and_path(uri)
-    for path in shard_files(uri, split):
+    for uri_ in shard_files(uri, split):
+        fs, path = storage.resolve_fs(uri_)
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
             for group in range(parquet.num_row_groups):
@@ -125,7 +99,7 @@ def local_copy(uri: str, cache_root: str | None = None) -> str:
     root = cache_root or os.path.join(tempfile.gettempdir(), "clap-cache")
     target = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
     if not os.path.isdir(target):
-        remote, path = filesystem_and_path(uri)
+        remote, path = storage.resolve_fs(uri)
         partial = f"{target}.partial-{os.getpid()}"
         fs.copy_files(path, partial, source_filesystem=remote, destination_filesystem=fs.LocalFileSystem())
         os.replace(partial, target)  # a crash mid-download never leaves a half cache behind

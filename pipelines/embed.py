@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from clap_core.audio_io import AudioDecodeError, TARGET_SR, decode_audio
 from clap_core.shards import REJECT_SCHEMA
-from clap_core.sources import filesystem_and_path, is_shard_folder, local_copy, shard_files
+from clap_core import storage
+from clap_core.sources import is_shard_folder, local_copy, shard_files
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "audio_path", "language", "kind")
 
@@ -69,11 +70,10 @@ def decode_row(row: dict) -> np.ndarray:
 
 def write_rejects(output: str, rejects: list[dict]) -> None:
     """One file per batch, named by its ids: a retried task overwrites its own file instead of adding one."""
-    fs, path = filesystem_and_path(output)
     key = hashlib.sha256("\n".join(r["id"] for r in rejects).encode()).hexdigest()[:16]
-    fs.create_dir(f"{path}/_rejects", recursive=True)
-    with fs.open_output_stream(f"{path}/_rejects/part-{key}.parquet") as f:
-        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), f)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), sink)
+    storage.put_atomic(storage.join(output, "_rejects", f"part-{key}.parquet"), sink.getvalue().to_pybytes())
 
 
 # --- stage 2: embed (callable class on an actor pool: the model loads once per actor) ---
@@ -108,7 +108,7 @@ class EmbedBatch:
 def read_input(ray, input_uri: str, split: str | None):
     """A Ray Dataset of rows with id, audio (shards) or audio_path (manifest), and metadata columns."""
     if is_shard_folder(input_uri):
-        fs, _ = filesystem_and_path(input_uri)
+        fs, _ = storage.resolve_fs(input_uri)
         columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
         return ray.data.read_parquet(shard_files(input_uri, split), filesystem=fs).select_columns(columns)
     from clap_core.manifest import read_manifest
@@ -124,15 +124,9 @@ def _text(value) -> str:
 
 def clear_outputs(output: str) -> None:
     """Remove the Parquet files and rejects of an earlier run of the same job."""
-    from pyarrow.fs import FileSelector, FileType
-
-    fs, path = filesystem_and_path(output)
-    if fs.get_file_info(path).type != FileType.Directory:
-        fs.create_dir(path, recursive=True)
-        return
-    for info in fs.get_file_info(FileSelector(path, recursive=True)):
-        if info.type == FileType.File and info.path.endswith(".parquet"):
-            fs.delete_file(info.path)
+    for uri in storage.list_files(output):
+        if uri.endswith(".parquet"):
+            storage.delete(uri)
 
 
 def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
@@ -149,7 +143,7 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     actors = concurrency or (gpus if gpus else 2)
     ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text), batch_size=batch_size,
                         concurrency=actors, num_gpus=1 if gpus else 0)
-    fs, path = filesystem_and_path(output)
+    fs, path = storage.resolve_fs(output)
     ds.write_parquet(path, filesystem=fs)
     return summarize(output)
 
@@ -161,16 +155,14 @@ def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: i
 
 def summarize(output: str) -> dict:
     """Counts read back from what was written: rows, rejects and their reasons."""
-    from pyarrow.fs import FileSelector, FileType
-
-    fs, path = filesystem_and_path(output)
-    files = [i.path for i in fs.get_file_info(FileSelector(path, recursive=True))
-             if i.type == FileType.File and i.path.endswith(".parquet")]
-    reject_files = [f for f in files if "/_rejects/" in f]
-    rows = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files if f not in reject_files)
+    files = [f for f in storage.list_files(output) if f.endswith(".parquet")]
+    rejects = [f for f in files if "/_rejects/" in f]
+    rows = sum(pq.ParquetFile(pa.BufferReader(storage.read_bytes(f))).metadata.num_rows
+               for f in files if f not in rejects)
     reasons = Counter()
-    for f in reject_files:
-        reasons.update(pq.read_table(fs.open_input_file(f), columns=["reason"]).column("reason").to_pylist())
+    for f in rejects:
+        reasons.update(pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=["reason"])
+                       .column("reason").to_pylist())
     return {"rows": rows, "rejects": sum(reasons.values()), "reject_reasons": dict(reasons)}
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clap_core.sources import filesystem_and_path, local_copy
+from clap_core import storage
+from clap_core.sources import local_copy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,14 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_index(index: str) -> dict[str, np.ndarray]:
     """id, caption, source path and the (N, D) audio embeddings of every row in the index."""
-    from pyarrow.fs import FileSelector, FileType
-
-    fs, path = filesystem_and_path(index)
-    files = sorted(i.path for i in fs.get_file_info(FileSelector(path, recursive=True))
-                   if i.type == FileType.File and i.path.endswith(".parquet") and "/_rejects/" not in i.path)
+    files = [f for f in storage.list_files(index) if f.endswith(".parquet") and "/_rejects/" not in f]
     if not files:
         raise FileNotFoundError(f"no embedding Parquet files under {index}")
-    tables = [pq.read_table(fs.open_input_file(f)) for f in files]
+    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(f))) for f in files]
     rows = {"id": [], "caption": [], "source": [], "emb": []}
     for t in tables:
         cols = set(t.column_names)
