@@ -160,7 +160,8 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, corpus, tmp_path)
 
 
 def test_rerun_same_command_resumes_on_s3(ray_local, corpus, s3_bucket):
-    """Shards and run folder on S3 (moto). The first run dies (no retries); the same command again resumes it."""
+    """Shards and run folder on S3 (moto), ZeRO-3 with the gradient cache, 1 worker (kept small: moto is slow).
+    The first run dies (no retries); the same command again resumes it."""
     import boto3
 
     s3 = boto3.client("s3")
@@ -168,7 +169,8 @@ def test_rerun_same_command_resumes_on_s3(ray_local, corpus, s3_bucket):
         s3.upload_file(str(path), s3_bucket, f"shards/{path.relative_to(corpus)}")
     data, output = f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/runs/rerun"
     cfg = config(["train.steps=6", "train.batch_size=8", "train.checkpoint_every=3", "train.eval_every=0",
-                  "train.kill_worker_at_step=5", "deepspeed.zero_stage=3", "train.grad_cache_chunk=4"])
+                  "train.kill_worker_at_step=5", "deepspeed.zero_stage=3", "train.grad_cache_chunk=4",
+                  "scaling.num_workers=1"])
 
     with pytest.raises(ray.train.TrainingFailedError):  # max_failures=0: the killed worker ends the run
         pretrain(data, output, "tiny", cfg)

@@ -1,0 +1,132 @@
+"""Training throughput: plain PyTorch vs Ray Train + DeepSpeed (1 and 2 workers), and peak memory per ZeRO stage.
+
+    python benchmarks/bench_train.py                  # tiny, batch 16 per worker, 20 timed steps (~2-3 min on 2 cores)
+    python benchmarks/bench_train.py --model htsat-tiny-roberta --batch 8 --stages 0 1 2 3
+
+Every variant trains the same model on the same in-memory batch with the same AdamW groups, warmup +
+cosine schedule and gradient clipping, so the ratios measure the framework, not the data pipeline.
+samples/s counts the pairs of all workers; peak memory is each worker process' max RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from clap_core.loss import ClipLoss
+from clap_core.model import ClapModel
+from clap_core.train.config import load_pretrain_config, resolve_model_config
+from clap_core.train.gradcache import plain_step
+from clap_core.train.optim import build_optimizer, warmup_cosine
+
+
+def synthetic_batch(model: ClapModel, batch: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    waves = torch.randn(batch, model.frontend.clip_samples, generator=g) * 0.1
+    tokens = model.tokenize([f"a synthetic sound number {i}" for i in range(batch)])
+    return {"waves": waves, "lengths": torch.full((batch,), waves.shape[1]), **tokens}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plain_torch(model_name: str, batch: int, steps: int, warmup: int) -> dict:
+    cfg = load_pretrain_config(None, [f"train.batch_size={batch}"])
+    torch.manual_seed(0)
+    model = ClapModel(resolve_model_config(model_name, {})).train()
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lr_pretrained,
+                                cfg.train.betas, cfg.train.eps)
+    scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, cfg.train.steps)
+    data, loss_fn = synthetic_batch(model, batch), ClipLoss()
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        plain_step(model, loss_fn, data, torch.Tensor.backward)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        model.logit_scale.clamp_()
+    return {"samples_per_s": steps * batch / (time.perf_counter() - start), "peak_rss_mb": peak_rss_mb()}
+
+
+def bench_worker(config: dict) -> None:
+    import ray.train
+
+    from clap_core.config import from_dict
+    from clap_core.model_config import ClapModelConfig
+    from clap_core.train.config import PretrainConfig
+    from pipelines.pretrain import build_loss, init_engine, train_step
+
+    cfg = from_dict(PretrainConfig, config["pretrain"])
+    model_cfg = from_dict(ClapModelConfig, config["model"])
+    ctx = ray.train.get_context()
+    torch.manual_seed(0)
+    engine = init_engine(ClapModel(model_cfg), cfg, use_gpu=False)
+    data = synthetic_batch(engine.module, cfg.train.batch_size)
+    loss_fn = build_loss(model_cfg, cfg, ctx.get_world_rank(), ctx.get_world_size())
+    for i in range(config["warmup"] + config["steps"]):
+        if i == config["warmup"]:
+            start = time.perf_counter()
+        train_step(engine, loss_fn, data, cfg)
+    seconds = time.perf_counter() - start
+    if ctx.get_world_rank() == 0:  # a metrics-only report is not kept in the V2 Result: hand it over in a file
+        Path(config["result_file"]).write_text(json.dumps({
+            "samples_per_s": config["steps"] * cfg.train.batch_size * ctx.get_world_size() / seconds,
+            "peak_rss_mb": peak_rss_mb()}))
+
+
+def ray_deepspeed(model_name: str, batch: int, steps: int, warmup: int, workers: int, stage: int) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from clap_core.config import to_dict
+
+    cfg = load_pretrain_config(None, [f"train.batch_size={batch}", f"deepspeed.zero_stage={stage}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = TorchTrainer(
+            bench_worker,
+            train_loop_config={"pretrain": to_dict(cfg), "model": to_dict(resolve_model_config(model_name, {})),
+                               "steps": steps, "warmup": warmup, "result_file": f"{tmp}/result.json"},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+            run_config=ray.train.RunConfig(name=f"bench-{workers}w-z{stage}", storage_path=tmp))
+        trainer.fit()
+        return json.loads(Path(tmp, "result.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--batch", type=int, default=16, help="pairs per worker per step")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--stages", type=int, nargs="*", default=[1, 2, 3], help="ZeRO stages for the memory table")
+    args = parser.parse_args()
+
+    import ray
+    torch.set_num_threads(1)  # one core per worker in the Ray variants; the same for the plain loop
+    plain = plain_torch(args.model, args.batch, args.steps, args.warmup)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    one = ray_deepspeed(args.model, args.batch, args.steps, args.warmup, 1, 1)
+    two = ray_deepspeed(args.model, args.batch, args.steps, args.warmup, 2, 1)
+    print(f"model {args.model}, batch {args.batch}/worker, {args.steps} steps, CPU fp32")
+    print(f"(a) plain PyTorch, 1 process      {plain['samples_per_s']:8.1f} samples/s")
+    print(f"(b) Ray Train + DeepSpeed, 1 worker {one['samples_per_s']:8.1f} samples/s   (b)/(a) = "
+          f"{one['samples_per_s'] / plain['samples_per_s']:.2f}  (goal >= 0.9)")
+    print(f"(c) Ray Train + DeepSpeed, 2 workers {two['samples_per_s']:7.1f} samples/s   (c)/(b) = "
+          f"{two['samples_per_s'] / one['samples_per_s']:.2f}")
+    print(f"peak RSS per process: plain {plain['peak_rss_mb']:.0f} MB")
+    for stage in args.stages:
+        stats = two if stage == 1 else ray_deepspeed(args.model, args.batch, 3, 1, 2, stage)
+        print(f"  ZeRO-{stage}, 2 workers: rank-0 peak RSS {stats['peak_rss_mb']:.0f} MB")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The real `clap pretrain` command in a subprocess: a tiny run end to end, and a config typo."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_pretrain import heldout_t2a_r1, read_split, write_shards
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+
+
+def clap(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_clap_pretrain_cli(tmp_path):
+    data = write_shards(tmp_path / "shards", {"train": 64, "valid": 12})
+    run = tmp_path / "run"
+    proc = clap("pretrain", "--data", str(data), "--output", str(run), "--model", "tiny",
+                "train.steps=4", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=4",
+                "train.eval_every=0", "scaling.num_workers=1", "scaling.resources_per_worker={CPU: 0.5}",
+                "data.decode_tasks=1", "data.shuffle_buffer=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [2, 4]
+    assert (run / "final" / "model.safetensors").is_file() and (run / "curves.png").is_file()
+
+    from clap_core.model import ClapModel
+    r1, _ = heldout_t2a_r1(ClapModel.from_pretrained(run / "final"), read_split(data, "valid"))
+    assert 0.0 <= r1 <= 1.0
+
+
+def test_clap_pretrain_config_typo_names_the_key(tmp_path):
+    proc = clap("pretrain", "--data", str(tmp_path), "--output", str(tmp_path / "run"), "train.batchsize=8")
+    assert proc.returncode == 2
+    assert "train.batchsize" in proc.stderr and "train.batch_size" in proc.stderr
