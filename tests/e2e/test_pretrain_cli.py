@@ -1,4 +1,4 @@
-"""The real `clap pretrain` command in a subprocess: a tiny run end to end, and a config typo."""
+"""The real `clap preprocess` then `clap pretrain` commands in subprocesses, and a config typo."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_pretrain import heldout_t2a_r1, read_split, write_shards
+from tests.integration.test_pretrain import heldout_t2a_r1, read_split, write_corpus
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -20,8 +20,12 @@ def clap(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_clap_pretrain_cli(tmp_path):
-    data = write_shards(tmp_path / "shards", {"train": 64, "valid": 12})
+def test_clap_preprocess_then_pretrain_cli(tmp_path):
+    manifest = write_corpus(tmp_path / "audio", {"train": 64, "valid": 12})
+    data = tmp_path / "shards"
+    proc = clap("preprocess", "--input", str(manifest), "--output", str(data), "output.expected_clip_seconds=1.0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rows out 76" in proc.stdout
     run = tmp_path / "run"
     proc = clap("pretrain", "--data", str(data), "--output", str(run), "--model", "tiny",
                 "train.steps=4", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=4",

@@ -2,7 +2,8 @@
 
 The corpus is generated: each clip is a tone whose pitch (low / middle / high), rhythm (steady / pulsed)
 and background (quiet / hiss) are what its captions say, so text->audio retrieval can be learned from
-sound alone. Shards follow clap_core.shards.SHARD_SCHEMA, as `clap preprocess` writes them.
+sound alone. The clips are written as wav/flac/ogg/mp3 files and turned into shards by the real
+preprocessing job, as a user's corpus would be.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import pytest
 import ray.train
 import torch
 
-from clap_core.audio_io import TARGET_SR, encode_flac
+from clap_core.audio_io import TARGET_SR, encode_audio
+from clap_core.config import load_config
+from clap_core.preprocess_config import PreprocessConfig
 from clap_core.metrics import retrieval_metrics
 from clap_core.model import ClapModel
-from clap_core.shards import SHARD_SCHEMA
 from clap_core.train.batching import PairBatchTransform, decode_waves
 from clap_core.train.config import load_pretrain_config
+from pipelines.job_configs import default_config_path
+from pipelines.preprocess import preprocess
 from pipelines.pretrain import DEFAULT_CONFIG, pretrain
 
 pytestmark = pytest.mark.integration
@@ -51,29 +55,35 @@ def captions_for(pitch: str, rhythm: str, background: str) -> list[str]:
     return [tpl.format(pitch=pitch, rhythm=rhythm, background=bg) for tpl in TEMPLATES]
 
 
-def write_shards(root: Path, splits: dict[str, int], seed: int = 0, seconds: float = 1.0,
-                 rows_per_shard: int = 64) -> Path:
-    """OUT/<split>/part-*.parquet in SHARD_SCHEMA; factors cycle so every split covers all 12 combinations."""
+FORMATS = ("wav", "flac", "ogg", "mp3")
+
+
+def write_corpus(root: Path, splits: dict[str, int], seed: int = 0, seconds: float = 1.0) -> Path:
+    """Audio files in mixed formats + manifest.jsonl; factors cycle so every split covers all 12 combinations."""
     rng = np.random.default_rng(seed)
     combos = [(p, r, b) for p in PITCHES for r in RHYTHMS for b in BACKGROUNDS]
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
     for split, count in splits.items():
-        rows = []
         for i in range(count):
             pitch, rhythm, background = combos[(i + rng.integers(len(combos))) % len(combos)] if split == "train" \
                 else combos[i % len(combos)]
             caps = captions_for(pitch, rhythm, background)
-            wave = synth_clip(rng, pitch, rhythm, background, seconds)
-            rows.append({"id": f"{split}-{i}", "audio": encode_flac(wave, TARGET_SR, "PCM_16"), "sample_rate": TARGET_SR,
-                         "num_samples": len(wave), "num_channels": 1, "duration_s": seconds, "caption": caps[0],
-                         "captions": caps, "language": "en", "label": f"{pitch}-{rhythm}-{background}",
-                         "split": split, "kind": "env", "source_id": f"{split}-{i}", "source_path": f"synth://{i}",
-                         "augment": "{}"})
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for k in range(0, count, rows_per_shard):
-            table = pa.Table.from_pylist(rows[k:k + rows_per_shard], schema=SHARD_SCHEMA)
-            pq.write_table(table, root / split / f"part-{k // rows_per_shard:05d}.parquet")
-    (root / "manifest.json").write_text(json.dumps({"splits": splits}))
-    return root
+            fmt = FORMATS[i % len(FORMATS)] if split != "train" else FORMATS[i % 2]  # train: fast lossless codecs
+            name = f"{split}-{i}.{fmt}"
+            (root / name).write_bytes(encode_audio(synth_clip(rng, pitch, rhythm, background, seconds), TARGET_SR, fmt))
+            records.append({"id": f"{split}-{i}", "audio_path": name, "caption": caps[0], "captions": caps[1:],
+                            "label": f"{pitch}-{rhythm}-{background}", "split": split, "kind": "env"})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root / "manifest.jsonl"
+
+
+def preprocess_corpus(manifest: Path, out: Path) -> Path:
+    """The real preprocessing job (Ray Data on the shared Ray) turns the corpus into shards."""
+    cfg = load_config(PreprocessConfig, default_config_path("preprocess"), ["output.expected_clip_seconds=1.0"])
+    result = preprocess(str(manifest), str(out), cfg)
+    assert result["rejects"]["rows"] == 0 and result["rows_out"] == result["rows_in"]
+    return out
 
 
 def read_split(root: Path, split: str) -> pa.Table:
@@ -102,8 +112,10 @@ def metrics_of(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_shards(tmp_path_factory.mktemp("shards"), {"train": 1024, "valid": 24, "test": 36})
+def corpus(ray_local, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    manifest = write_corpus(root / "audio", {"train": 1024, "valid": 24, "test": 36})
+    return preprocess_corpus(manifest, root / "shards")
 
 
 def test_pretraining_learns_and_exports(ray_local, corpus, tmp_path):
