@@ -33,6 +33,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from clap_core.config import config_hash, dump_yaml, from_dict, to_dict
+from clap_core.storage import resolve_fs
 from clap_core.loss import ClipLoss, SigLipLoss
 from clap_core.metrics import retrieval_metrics
 from clap_core.model import ClapModel
@@ -53,24 +54,7 @@ log = logging.getLogger("clap.pretrain")
 
 
 # ---------------------------------------------------------------------------------------------
-# storage: local paths and s3:// behind one pyarrow filesystem
-
-
-def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    """'s3://bucket/prefix' or a local path -> (filesystem, path inside it).
-
-    S3 credentials come from the usual AWS environment/instance chain; AWS_ENDPOINT_URL points
-    to an S3-compatible server (MinIO, moto in tests).
-    """
-    if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        kwargs: dict[str, Any] = {"region": region} if region else {}
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs.update(endpoint_override=host, scheme=scheme)
-        return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+# storage: local paths and s3:// behind one pyarrow filesystem (clap_core.storage.resolve_fs)
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
