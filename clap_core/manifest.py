@@ -241,22 +241,24 @@ def read_sidecar_folder(uri: str, encoding: str = "utf-8") -> list[dict]:
 # WebDataset tar shards (LAION-CLAP layout)
 
 
-def tar_members(uri: str) -> list[tarfile.TarInfo]:
-    """Members of a tar read as a stream (works on S3 without a local copy)."""
+def tar_members(uri: str) -> tuple[list[tarfile.TarInfo], dict[str, bytes]]:
+    """Members of a tar read as one stream (works on S3 without a local copy) and the bytes of its
+    .json members (captions are small: keep them now, the audio stays in the tar)."""
     fs, path = storage.resolve_fs(uri)
+    members, metadata = [], {}
     with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        members = []
         for m in tar:
             if m.isfile() and m.name.lower().endswith(".json"):
-                m.json_bytes = tar.extractfile(m).read()  # captions are small: keep them now
+                metadata[m.name] = tar.extractfile(m).read()
             members.append(m)
-        return members
+    return members, metadata
 
 
 def webdataset_rows(uri: str, first_index: int, encoding: str) -> list[dict]:
     """One row per sample key with an audio member; audio stays in the tar as (offset, size)."""
+    members, metadata = tar_members(uri)
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    for m in tar_members(uri):
+    for m in members:
         if m.isfile() and "." in m.name:
             key, ext = m.name.split(".", 1)
             samples.setdefault(key, {})[ext.lower()] = m
@@ -267,13 +269,13 @@ def webdataset_rows(uri: str, first_index: int, encoding: str) -> list[dict]:
         if audio is None:
             continue  # a sample without audio is not a clip (e.g. a stray metadata file)
         source = f"{uri}#{audio.name}"
-        extra = {"byte_offset": audio.offset_data, "byte_size": audio.size, "id": PurePosixPath(key).name}
+        extra = {"byte_offset": audio.offset_data, "byte_size": audio.size, "id": key}
         meta = parts.get("json")
         if meta is None:
             rows.append(new_row(index, source, uri, [], error=("missing_caption", "no .json in sample"), **extra))
             continue
         try:
-            captions, fields = sidecar_fields(meta.json_bytes, ".json", encoding)
+            captions, fields = sidecar_fields(metadata[meta.name], ".json", encoding)
         except ValueError as e:
             rows.append(new_row(index, source, uri, [], error=("bad_manifest_row", f"{meta.name}: {e}"), **extra))
             continue

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -356,6 +357,7 @@ class ShardWriter:
 
 def process_unit(unit: dict, cfg: PreprocessConfig, out_uri: str, merger=None) -> dict:
     """Process every row of a unit, commit its shards and rejects, then its marker; returns the marker."""
+    cpu_start = time.process_time()
     paths = unit_paths(out_uri, unit)
     merger = merger or build_merger(cfg)
     env_cache = EnvCache(cfg)
@@ -376,6 +378,7 @@ def process_unit(unit: dict, cfg: PreprocessConfig, out_uri: str, merger=None) -
     marker = {"unit": unit["key"], "hash": unit["hash"], "split": unit["split"], "rows_in": len(unit["rows"]),
               "sources_out": sources_out, "rows_out": sum(s["rows"] for s in writer.shards),
               "seconds_in": seconds_in, "seconds_out": sum(s["seconds"] for s in writer.shards),
+              "cpu_seconds": time.process_time() - cpu_start,  # this process's CPU time: benchmarks, cost
               "shards": writer.shards, "rejects": {"path": paths["rejects"][len(out_uri.rstrip("/")) + 1:]
                                                    if rejects else None, "rows": len(rejects), "by_reason": reasons}}
     storage.put_atomic(paths["marker"], json.dumps(marker, sort_keys=True).encode())
@@ -438,6 +441,7 @@ def build_manifest(plan: Plan, cfg: PreprocessConfig, markers: dict[str, dict], 
         "rows_in": plan.rows_in, "sources_out": sum(m["sources_out"] for m in ordered),
         "rows_out": sum(m["rows_out"] for m in ordered), "hours_in": sum(m["seconds_in"] for m in ordered) / 3600,
         "hours_out": sum(m["seconds_out"] for m in ordered) / 3600,
+        "cpu_hours": sum(m["cpu_seconds"] for m in ordered) / 3600,
         "splits": dict(sorted(splits.items())),
         "shards": [{k: s[k] for k in ("path", "split", "rows", "bytes", "seconds")} for m in ordered for s in m["shards"]],
         "rejects": {"rows": sum(m["rejects"]["rows"] for m in ordered), "by_reason": dict(sorted(reasons.items())),

@@ -8,7 +8,9 @@ units not yet committed through an actor pool (`ray.concurrency` actors of `ray.
 each actor processes a unit and commits its shards, rejects and `_done` marker itself
 (clap_core.preprocess.process_unit). `manifest.json` is written last from the markers. Re-running the
 same command resumes: committed units are skipped, anything uncommitted is deleted and redone.
-Runs on a local Ray, or unchanged under `ray job submit` (ray.init() joins the cluster).
+Runs on a local Ray, or unchanged under `ray job submit` (ray.init() joins the cluster); on a
+multi-node cluster write to s3:// or a shared filesystem, since each unit is written by the node
+that runs it.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def run_units(units: list[dict], cfg: PreprocessConfig, out_uri: str) -> list[di
     items = [{"unit": json.dumps(u)} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         UnitProcessor, fn_constructor_args=(to_dict(cfg), out_uri), batch_size=1,
-        concurrency=worker_count(cfg, len(units)), num_cpus=cfg.ray.num_cpus)
+        compute=ray.data.ActorPoolStrategy(size=worker_count(cfg, len(units))), num_cpus=cfg.ray.num_cpus)
     markers, rows = [], iter(ds.iter_rows())
     try:
         for row in rows:
