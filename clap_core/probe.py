@@ -45,6 +45,7 @@ class ProbeConfig:
     epochs: int = 20  # upper bound; early stopping usually ends sooner
     class_weights: bool = False  # weight the cross-entropy by inverse class frequency of the train split
     patience: int = 5  # epochs without a better validation weighted F1 before stopping
+    standardize: bool = True  # z-score each input feature with train-split statistics (kept in the probe)
     seed: int = 0  # initialisation, shuffling and dropout
 
     def __post_init__(self):
@@ -248,9 +249,31 @@ def confusion_png(confusion: list[list[int]], classes: tuple[str, ...], title: s
 # model and training
 
 
+class Standardize(nn.Module):
+    """(x - mean) / std with train-split statistics as buffers, so a saved probe applies them too.
+
+    Embeddings of one CLAP model share a large common component (cosines near 1 between class means are usual
+    for a weak encoder); removing it puts the class differences on the scale the MLP's initialisation expects.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, x: torch.Tensor) -> "Standardize":
+        self.mean.copy_(x.mean(dim=0))
+        self.std.copy_(x.std(dim=0).clamp_min(1e-6))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class ProbeMLP(nn.Module):
     def __init__(self, in_dim: int, hidden: tuple[int, ...], num_classes: int, dropout: float):
         super().__init__()
+        self.standardize = Standardize(in_dim)  # identity until fit
         layers: list[nn.Module] = []
         for width in hidden:
             layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout)]
@@ -259,7 +282,7 @@ class ProbeMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, F) -> (B, K) logits
+        return self.net(self.standardize(x))  # (B, F) -> (B, K) logits
 
 
 @torch.no_grad()
@@ -279,6 +302,8 @@ class ProbeTrainer:
         self.x_valid, self.y_valid = features(valid, cfg.mode), torch.from_numpy(valid.labels)
         torch.manual_seed(cfg.seed)
         self.model = ProbeMLP(self.x_train.shape[1], cfg.hidden, len(classes), cfg.dropout)
+        if cfg.standardize:
+            self.model.standardize.fit(self.x_train)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         weight = inverse_frequency_weights(train.labels, len(classes)) if cfg.class_weights else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight)

@@ -29,7 +29,6 @@ CUES = {
 SPEAKERS = ("Ross", "Rachel", "Monica", "Chandler", "Joey", "Phoebe")
 HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID", "Season",
           "Episode", "StartTime", "EndTime"]
-BAD_BYTE = "\u0081"  # written as the raw byte 0x81, which cp1252 leaves undefined
 
 
 def emotion_wave(emotion: str, rng: np.random.Generator, seconds: float) -> np.ndarray:
@@ -70,7 +69,7 @@ def write_mp4(path: Path, wave: np.ndarray, video: bool = True) -> None:
 
 
 def csv_bytes(records: list[list]) -> bytes:
-    """The CSV in cp1252 (as MELD ships it), then the 0x81 byte, then one line re-encoded as UTF-8."""
+    """The CSV in cp1252 (as MELD ships it), except for the UTF-8 line; <BAD> becomes the raw byte 0x81."""
     lines = []
     for record in [HEADER, *records]:
         buf = io.StringIO()
@@ -79,7 +78,7 @@ def csv_bytes(records: list[list]) -> bytes:
         if "café" in text:
             lines.append(text.encode("utf-8"))
         else:
-            lines.append(text.replace(BAD_BYTE, "").encode("cp1252").replace(b"<BAD>", b"\x81"))
+            lines.append(text.encode("cp1252").replace(b"<BAD>", b"\x81"))  # 0x81: undefined in cp1252
     return b"".join(lines)
 
 
@@ -107,7 +106,7 @@ def csv_path(root: Path, layout: str, split: str) -> Path:
 
 def write_meld(root: Path, layout: str = "raw", per_emotion: dict[str, int] | None = None,
                neutral_factor: int = 2, seconds: float = 1.0, corrupt: bool = True, seed: int = 0) -> dict:
-    """Write a MELD corpus; returns {split: [(clip id, emotion, utterance), ...]} of the CSV rows written.
+    """Write a MELD corpus; returns {split: [(clip id, emotion, utterance as read back), ...]} of the CSV rows.
 
     Neutral gets `neutral_factor` times as many clips (MELD is mostly neutral). With `corrupt`, the test
     split also lists dia999_utt0.mp4, whose bytes are not a media file (a decode reject).
@@ -122,11 +121,11 @@ def write_meld(root: Path, layout: str = "raw", per_emotion: dict[str, int] | No
         for e, emotion in enumerate(EMOTIONS):
             for i in range(count * (neutral_factor if emotion == "neutral" else 1)):
                 dia, utt = e * 100 + i // 3, i % 3
-                text = utterance(emotion, i, rng)
+                text = utterance(emotion, len(records), rng)
                 write_mp4(folder / f"dia{dia}_utt{utt}.mp4", emotion_wave(emotion, rng, seconds), video=i % 2 == 0)
                 records.append([len(records) + 1, text, str(rng.choice(SPEAKERS)), emotion.capitalize(),
                                 "neutral", dia, utt, 3, 7, "00:14:38,127", "00:14:40,164"])
-                rows.append((f"{split}/dia{dia}_utt{utt}", emotion, text))
+                rows.append((f"{split}/dia{dia}_utt{utt}", emotion, text.replace("<BAD>", "\x81")))
         if corrupt and split == "test":
             (folder / "dia999_utt0.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 3)
             records.append([len(records) + 1, "Joey, yay I am so happy", "Joey", "Joy", "positive", 999, 0, 1, 1,
