@@ -32,6 +32,7 @@ import tarfile
 from pathlib import PurePosixPath
 
 from clap_core import storage
+from clap_core.audio_io import AudioDecodeError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".mp4", ".webm", ".aac", ".aiff", ".aif")
 ROW_FIELDS = ("id", "language", "label", "split", "kind")
@@ -48,6 +49,26 @@ def new_row(row_index: int, source_path: str, audio_uri: str | None, captions: l
            "split": None, "kind": None, "row_index": row_index, "error": None}
     row.update({k: v for k, v in fields.items() if v is not None})
     return row
+
+
+def row_id(row: dict) -> str:
+    """The row's id, or one derived from its audio path (without extension) or its position."""
+    if row.get("id"):
+        return row["id"]
+    return row["source_path"].rsplit(".", 1)[0] if row.get("source_path") else f"row-{row['row_index']}"
+
+
+def audio_source(row: dict) -> str | bytes:
+    """What `decode_audio` reads for a row: a local path, or the bytes of an s3:// object or a tar member."""
+    uri = row["audio_uri"]
+    try:
+        if row.get("byte_offset") is not None:
+            return storage.read_range(uri, row["byte_offset"], row["byte_size"])
+        if storage.is_s3(uri):
+            return storage.read_bytes(uri)
+    except FileNotFoundError as e:
+        raise AudioDecodeError("missing_file", f"no such object: {uri}") from e
+    return uri
 
 
 def resolve_audio_path(base_dir: str, audio_path: str) -> str:

@@ -44,6 +44,7 @@ from clap_core import storage
 from clap_core.audio_io import AudioDecodeError, decode_audio, encode_flac
 from clap_core.augment import augment_clip, build_caption_merger, pair_speech_with_env, stable_seed
 from clap_core.config import to_dict
+from clap_core.manifest import audio_source, row_id
 from clap_core.preprocess_config import PreprocessConfig
 from clap_core.shards import REJECT_SCHEMA, SHARD_SCHEMA
 
@@ -81,8 +82,7 @@ def reject(row: dict, stage: str, reason: str, detail: str = "") -> dict:
 def check_row(row: dict, cfg: PreprocessConfig) -> tuple[dict, tuple[str, str] | None]:
     """Normalise one manifest row; returns (row, (reason, detail) or None when usable)."""
     row = dict(row)
-    if not row.get("id"):
-        row["id"] = row["source_path"].rsplit(".", 1)[0] if row.get("source_path") else f"row-{row['row_index']}"
+    row["id"] = row_id(row)
     row["split"] = row.get("split") or cfg.input.default_split
     kind = (row.get("kind") or "").strip().lower()
     row["kind"] = kind if kind in ("speech", "env") else None
@@ -193,16 +193,7 @@ def build_merger(cfg: PreprocessConfig):
 
 def load_wave(source: dict, cfg: PreprocessConfig) -> np.ndarray:
     """Fetch and decode a row's audio (local path, s3:// object, or a byte range of a tar)."""
-    uri = source["audio_uri"]
-    try:
-        if source.get("byte_offset") is not None:
-            data = storage.read_range(uri, source["byte_offset"], source["byte_size"])
-        elif storage.is_s3(uri):
-            data = storage.read_bytes(uri)
-        else:
-            data = uri
-    except FileNotFoundError as e:
-        raise AudioDecodeError("missing_file", f"no such object: {uri}") from e
+    data = audio_source(source)
     a = cfg.audio
     wave, _ = decode_audio(data, mono=a.mono, target_sr=a.target_sr, max_channels=a.max_channels)
     return wave

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from clap_core.audio_io import TARGET_SR, AudioDecodeError, decode_audio
 from clap_core import storage
 from clap_core.evaluation import EvalItem
+from clap_core.manifest import audio_source, read_manifest, row_id
 
 
 
@@ -59,9 +60,11 @@ def shard_row_to_item(row: dict) -> EvalItem:
 
 
 def manifest_row_to_item(row: dict) -> EvalItem:
-    wave, _ = decode_audio(row["audio_path"], mono=True, target_sr=TARGET_SR)
-    captions = [c for c in row.get("captions") or [row.get("caption")] if c]
-    return EvalItem(id=str(row["id"]), wave=wave[0], captions=captions, label=row.get("label") or None)
+    if row.get("error"):
+        raise AudioDecodeError(*row["error"])
+    wave, _ = decode_audio(audio_source(row), mono=True, target_sr=TARGET_SR)
+    captions = [c for c in row.get("captions") or [] if c]
+    return EvalItem(id=row_id(row), wave=wave[0], captions=captions, label=row.get("label") or None)
 
 
 def iter_eval_items(data: str, split: str | None = None) -> Iterator[tuple[EvalItem | None, Rejected | None]]:
@@ -70,12 +73,10 @@ def iter_eval_items(data: str, split: str | None = None) -> Iterator[tuple[EvalI
         for row in iter_shard_rows(data, split):
             yield _convert(row, shard_row_to_item, row.get("source_path", ""))
         return
-    from clap_core.manifest import read_manifest
-
     for row in read_manifest(data):
         if split and row.get("split") and row["split"] != split:
             continue
-        yield _convert(row, manifest_row_to_item, row.get("audio_path", ""))
+        yield _convert(row, manifest_row_to_item, row.get("source_path", ""))
 
 
 def _convert(row: dict, convert, source: str) -> tuple[EvalItem | None, Rejected | None]:

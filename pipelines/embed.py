@@ -20,11 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clap_core.audio_io import AudioDecodeError, TARGET_SR, decode_audio
+from clap_core.manifest import audio_source, read_manifest, row_id
 from clap_core.shards import REJECT_SCHEMA
 from clap_core import storage
 from clap_core.sources import is_shard_folder, local_copy, shard_files
 
-META_COLUMNS = ("caption", "label", "split", "source_path", "audio_path", "language", "kind")
+META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +50,7 @@ def decode_batch(batch: dict[str, np.ndarray], output: str) -> dict[str, np.ndar
             waves.append(decode_row(row))
             keep.append(i)
         except AudioDecodeError as e:
-            source = row.get("source_path") or row.get("audio_path") or ""
+            source = row.get("source_path") or ""
             rejects.append({"id": str(row["id"]), "source_path": str(source), "stage": "decode",
                             "reason": e.reason, "detail": e.message})
     if rejects:
@@ -61,10 +62,16 @@ def decode_batch(batch: dict[str, np.ndarray], output: str) -> dict[str, np.ndar
 
 def decode_row(row: dict) -> np.ndarray:
     """(N,) float32 at 48 kHz from shard FLAC bytes or a manifest audio path."""
+    if row.get("error_reason"):  # the manifest reader already knew this row is unusable
+        raise AudioDecodeError(str(row["error_reason"]), str(row["error_detail"]))
     if row.get("audio") is not None:
-        wave, _ = decode_audio(row["audio"], mono=True, target_sr=TARGET_SR)
+        source = row["audio"]
     else:
-        wave, _ = decode_audio(str(row["audio_path"]), mono=True, target_sr=TARGET_SR)
+        ranged = int(row["byte_offset"]) >= 0  # -1: the whole object, not a tar member
+        source = audio_source({"audio_uri": str(row["audio_uri"]),
+                               "byte_offset": int(row["byte_offset"]) if ranged else None,
+                               "byte_size": int(row["byte_size"]) if ranged else None})
+    wave, _ = decode_audio(source, mono=True, target_sr=TARGET_SR)
     return wave[0]  # decode_audio has rejected NaN/inf and empty audio
 
 
@@ -106,16 +113,24 @@ class EmbedBatch:
 
 
 def read_input(ray, input_uri: str, split: str | None):
-    """A Ray Dataset of rows with id, audio (shards) or audio_path (manifest), and metadata columns."""
+    """A Ray Dataset of rows with id, audio bytes (shards) or where to read them (manifest), and metadata."""
     if is_shard_folder(input_uri):
         fs, _ = storage.resolve_fs(input_uri)
         columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
         return ray.data.read_parquet(shard_files(input_uri, split), filesystem=fs).select_columns(columns)
-    from clap_core.manifest import read_manifest
-
     rows = [r for r in read_manifest(input_uri) if not split or r.get("split") in (None, "", split)]
-    keep = ("id", "audio_path", *META_COLUMNS)
-    return ray.data.from_items([{k: _text(r.get(k)) for k in keep} for r in rows])
+    return ray.data.from_items([manifest_item(r) for r in rows])
+
+
+def manifest_item(row: dict) -> dict:
+    """A manifest row as flat strings for Ray Data (where to read the audio, what to carry along)."""
+    item = {k: _text(row.get(k)) for k in META_COLUMNS}
+    error = row.get("error")
+    ranged = row.get("byte_offset") is not None
+    item.update(id=row_id(row), audio_uri=_text(row.get("audio_uri")),
+                byte_offset=row["byte_offset"] if ranged else -1, byte_size=row["byte_size"] if ranged else -1,
+                error_reason=error[0] if error else "", error_detail=error[1] if error else "")
+    return item
 
 
 def _text(value) -> str:

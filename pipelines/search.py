@@ -36,8 +36,7 @@ def load_index(index: str) -> dict[str, np.ndarray]:
         cols = set(t.column_names)
         rows["id"] += t.column("id").to_pylist()
         rows["caption"] += t.column("caption").to_pylist() if "caption" in cols else [""] * t.num_rows
-        src = "source_path" if "source_path" in cols and any(t.column("source_path").to_pylist()) else "audio_path"
-        rows["source"] += t.column(src).to_pylist() if src in cols else [""] * t.num_rows
+        rows["source"] += t.column("source_path").to_pylist() if "source_path" in cols else [""] * t.num_rows
         rows["emb"] += t.column("audio_embedding").to_pylist()
     return {"id": np.array(rows["id"]), "caption": np.array(rows["caption"], dtype=object),
             "source": np.array(rows["source"], dtype=object), "emb": np.asarray(rows["emb"], dtype=np.float32)}

@@ -30,7 +30,7 @@ def trained_tiny():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     model = ClapModel(get_model_config("tiny", ["audio.clip_seconds=1.0"])).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # 3e-3 is fragile across thread counts
     labels = list(CLASSES)
     for step in range(300):
         waves = torch.from_numpy(np.stack([make_clip(label, rng) for label in labels]))
