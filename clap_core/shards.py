@@ -66,6 +66,35 @@ def shard_uris(out_uri: str, split: str | None = None) -> list[str]:
     return [storage.join(out_uri, s["path"]) for s in shards if split is None or s["split"] == split]
 
 
+def is_shard_folder(uri: str) -> bool:
+    """A `clap preprocess` output (its manifest.json) or any folder with <split>/*.parquet below it."""
+    return storage.exists(storage.join(uri, "manifest.json")) or bool(shard_files(uri))
+
+
+def shard_files(uri: str, split: str | None = None) -> list[str]:
+    """Shards to read: the ones manifest.json lists (never crash debris), else every Parquet file below
+    <uri>/<split> (folders written by other tools), skipping _rejects/, _done/ and temp files."""
+    if storage.exists(storage.join(uri, "manifest.json")):
+        return shard_uris(uri, split)
+    base = storage.join(uri, split) if split else uri
+    if not storage.is_dir(base):
+        return []
+    rel = len(str(uri).rstrip("/"))
+    return [f for f in storage.list_files(base)
+            if f.endswith(".parquet") and "/_" not in f[rel:] and storage.TEMP_PREFIX not in f[rel:]]
+
+
+def count_rows(uri: str, split: str) -> int:
+    """Rows in a split: from manifest.json when the folder has one, else from the Parquet footers."""
+    if storage.exists(storage.join(uri, "manifest.json")):
+        return sum(s["rows"] for s in read_output_manifest(uri)["shards"] if s["split"] == split)
+    total = 0
+    for shard in shard_files(uri, split):
+        fs, path = storage.resolve_fs(shard)
+        total += pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+    return total
+
+
 def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = storage.resolve_fs(uri)
     return pq.read_table(path, filesystem=fs, columns=columns)

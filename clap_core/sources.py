@@ -17,22 +17,8 @@ from clap_core.audio_io import TARGET_SR, AudioDecodeError, decode_audio
 from clap_core import storage
 from clap_core.evaluation import EvalItem
 from clap_core.manifest import audio_source, read_manifest, row_id
+from clap_core.shards import is_shard_folder, shard_files
 
-
-
-def is_shard_folder(uri: str) -> bool:
-    return storage.exists(storage.join(uri, "manifest.json")) or bool(shard_files(uri, None))
-
-
-def shard_files(uri: str, split: str | None) -> list[str]:
-    """Sorted Parquet files of one split (or of every split) under a shard folder; [] for a file."""
-    base = storage.join(uri, split) if split else uri
-    if not storage.is_dir(base):
-        return []
-    rel = len(str(uri).rstrip("/"))
-    # skip _rejects/, _done/ and temp files: only committed shards count
-    return [f for f in storage.list_files(base) if f.endswith(".parquet") and "/_" not in f[rel:]
-            and storage.TEMP_PREFIX not in f[rel:]]
 
 
 def iter_shard_rows(uri: str, split: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:

@@ -23,7 +23,8 @@ from clap_core.audio_io import AudioDecodeError, TARGET_SR, decode_audio
 from clap_core.manifest import audio_source, read_manifest, row_id
 from clap_core.shards import REJECT_SCHEMA
 from clap_core import storage
-from clap_core.sources import is_shard_folder, local_copy, shard_files
+from clap_core.shards import is_shard_folder, shard_files
+from clap_core.sources import local_copy
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
 
@@ -117,7 +118,8 @@ def read_input(ray, input_uri: str, split: str | None):
     if is_shard_folder(input_uri):
         fs, _ = storage.resolve_fs(input_uri)
         columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
-        return ray.data.read_parquet(shard_files(input_uri, split), filesystem=fs).select_columns(columns)
+        paths = [storage.resolve_fs(u)[1] for u in shard_files(input_uri, split)]
+        return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
     rows = [r for r in read_manifest(input_uri) if not split or r.get("split") in (None, "", split)]
     return ray.data.from_items([manifest_item(r) for r in rows])
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -33,6 +34,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from clap_core.config import config_hash, dump_yaml, from_dict, to_dict
+from clap_core.shards import count_rows, shard_files
 from clap_core.storage import resolve_fs
 from clap_core.loss import ClipLoss, SigLipLoss
 from clap_core.metrics import retrieval_metrics
@@ -477,21 +479,28 @@ def engine_probe(engine, valid: ValidSet, device: torch.device) -> dict[str, np.
 
 
 def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfig) -> dict[str, ray.data.Dataset]:
-    fs, root = resolve_fs(data_uri)
-    train_path = f"{root}/{cfg.data.train_split}"
-    if not exists(fs, train_path):
+    fs, _ = resolve_fs(data_uri)
+    train_files = shard_files(data_uri, cfg.data.train_split)  # manifest.json's list: never crash debris
+    if not train_files:
         raise FileNotFoundError(f"no training shards at {data_uri.rstrip('/')}/{cfg.data.train_split}")
     transform = PairBatchTransform.for_model(model_cfg, training=True, clip_seconds=cfg.data.max_clip_seconds)
     compute = ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks) if cfg.data.decode_tasks else None
-    train = (ray.data.read_parquet(train_path, filesystem=fs).select_columns(["audio", "caption", "captions"])
+    passes = max(1, math.ceil(cfg.data.min_epoch_rows / max(count_rows(data_uri, cfg.data.train_split), 1)))
+    train = (ray.data.read_parquet(_paths(train_files) * passes, filesystem=fs)
+             .select_columns(["audio", "caption", "captions"])
              .randomize_block_order()
              .map_batches(transform, batch_size=cfg.data.decode_batch_size, batch_format="numpy", compute=compute))
     datasets = {"train": train}
-    valid_split = cfg.data.valid_split
-    if valid_split and exists(fs, f"{root}/{valid_split}"):
-        datasets["valid"] = (ray.data.read_parquet(f"{root}/{valid_split}", filesystem=fs)
+    valid_files = shard_files(data_uri, cfg.data.valid_split) if cfg.data.valid_split else []
+    if valid_files:
+        datasets["valid"] = (ray.data.read_parquet(_paths(valid_files), filesystem=fs)
                              .select_columns(["audio", "caption", "captions"]))
     return datasets
+
+
+def _paths(uris: list[str]) -> list[str]:
+    """URIs -> paths inside their pyarrow filesystem (what read_parquet takes with `filesystem=`)."""
+    return [resolve_fs(u)[1] for u in uris]
 
 
 def run_config(output: str, cfg: PretrainConfig) -> RunConfig:

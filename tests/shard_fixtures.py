@@ -1,7 +1,7 @@
-"""Small shard folders written directly in the shard schema, for tests of the readers of shards."""
+"""Small shard folders written directly in the shard schema (no manifest.json, as other tools would write
+them), for tests of the readers of shards."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -38,5 +38,4 @@ def write_shards(folder: Path, per_label: int = 2, split: str = "test", corrupt:
              for i in range(corrupt)]
     (folder / split).mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), folder / split / "part-0.parquet")
-    (folder / "manifest.json").write_text(json.dumps({"splits": {split: {"rows": len(rows)}}}))
     return rows

@@ -22,7 +22,7 @@ from clap_core.config import load_config
 from clap_core.probe import ProbeSweepConfig, evaluate_probe, load_embeddings, load_probe
 from pipelines import cli, tune_probe
 from pipelines.job_configs import default_config_path
-from tests.meld_fixtures import write_meld
+from clap_core.synth_meld import write_meld
 
 pytestmark = pytest.mark.integration
 SWEEP = ["tune.num_samples=4", "tune.max_concurrent_trials=2", "tune.grace_period=2", "search.epochs=[3,8]",

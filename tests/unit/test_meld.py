@@ -7,7 +7,7 @@ import pytest
 from clap_core.audio_io import AudioDecodeError, decode_audio
 from clap_core.manifest import read_manifest
 from clap_core.meld import EMOTIONS, decode_csv_bytes, decode_line, find_layout, read_meld, write_manifest
-from tests.meld_fixtures import HEADER, SOUND, csv_path, write_meld
+from clap_core.synth_meld import HEADER, SOUND, csv_path, write_meld
 
 TINY = {"train": 1, "dev": 1, "test": 1}
 

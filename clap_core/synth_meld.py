@@ -1,4 +1,4 @@
-"""A tiny MELD-layout corpus of real mp4 files (AAC audio + a small MPEG-4 video track), for tests.
+"""A small MELD-layout corpus of real mp4 files (AAC audio + a small MPEG-4 video track): tests and the demo.
 
 Each emotion is audible (its own pitch, pulse rate and loudness) and readable (cue words in the utterance),
 so a probe on embeddings of even a randomly initialised CLAP can learn it. The CSVs are written like the real
