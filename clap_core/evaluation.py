@@ -15,6 +15,7 @@ import numpy as np
 
 from clap_core.inference import embed_text, embed_waveforms, zero_shot
 from clap_core.metrics import DEFAULT_TEMPLATES, retrieval_metrics, zero_shot_metrics
+from clap_core.plots import confusion_png, recall_png
 
 if TYPE_CHECKING:
     from clap_core.model import ClapModel
@@ -104,47 +105,6 @@ def per_class_table(per_class: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matrix = np.asarray(matrix)
-    size = max(4.0, 0.6 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xlabel="predicted", ylabel="true", title=title)
-    ax.set_xticklabels(labels, rotation=45, ha="right")
-    ax.set_yticklabels(labels)
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center",
-                color="white" if count > matrix.max() / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_recall_at_k(metrics: dict, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = ["R@1", "R@5", "R@10"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for offset, direction in ((-0.2, "t2a"), (0.2, "a2t")):
-        ax.bar(np.arange(3) + offset, [metrics[f"{direction}/{k}"] for k in ks], width=0.4,
-               label={"t2a": "text -> audio", "a2t": "audio -> text"}[direction])
-    ax.set(xticks=range(3), xticklabels=ks, ylim=(0, 1), ylabel="recall", title=title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def write_report(metrics: dict, task: str, output: Path, title: str) -> list[Path]:
     """metrics.json + metrics.md + the task's PNG into `output`; returns the files written."""
     output.mkdir(parents=True, exist_ok=True)
@@ -153,9 +113,11 @@ def write_report(metrics: dict, task: str, output: Path, title: str) -> list[Pat
     files = [output / "metrics.json", output / "metrics.md"]
     if task == "zero-shot":
         markdown += "\n## Per-class accuracy\n\n" + per_class_table(metrics["per_class_accuracy"])
-        files.append(plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"],
-                                           output / "confusion_matrix.png", title))
+        png = output / "confusion_matrix.png"
+        png.write_bytes(confusion_png(metrics["confusion_matrix"], tuple(metrics["labels"]), title))
     else:
-        files.append(plot_recall_at_k(metrics, output / "retrieval_recall.png", title))
+        png = output / "retrieval_recall.png"
+        png.write_bytes(recall_png(metrics, title))
+    files.append(png)
     (output / "metrics.md").write_text(markdown)
     return files

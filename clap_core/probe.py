@@ -219,32 +219,6 @@ def majority_baseline(train_labels: np.ndarray, y_true: np.ndarray, classes: tup
     return {**metrics, "predicted_class": classes[majority]}
 
 
-def confusion_png(confusion: list[list[int]], classes: tuple[str, ...], title: str) -> bytes:
-    """Row-normalised confusion matrix with the counts written in each cell, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = np.asarray(confusion)
-    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(classes), 0.8 + 0.8 * len(classes)))
-    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for (i, j), count in np.ndenumerate(counts):
-        ax.text(j, i, str(count), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
-    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 # -------------------------------------------------------------------------------------------------
 # model and training
 

@@ -44,7 +44,7 @@ from clap_core.train.batching import PairBatchTransform, decode_waves, trim_padd
 from clap_core.train.config import PretrainConfig, load_pretrain_config, resolve_model_config
 from clap_core.train.gradcache import grad_cache_step, plain_step
 from clap_core.train.optim import build_optimizer, warmup_cosine
-from clap_core.train.plots import plot_curves
+from clap_core.plots import plot_curves
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain.yaml"
 DS_TAG = "deepspeed"  # DeepSpeed checkpoint tag inside each Ray Train checkpoint folder

@@ -40,7 +40,8 @@ from ray.tune.search.optuna import OptunaSearch
 from clap_core import storage
 from clap_core.config import ConfigError, from_dict, load_config, to_dict
 from clap_core.meld import EMOTIONS, read_meld, write_manifest
-from clap_core.probe import (ProbeConfig, ProbeMLP, ProbeSweepConfig, ProbeTrainer, confusion_png, evaluate_probe,
+from clap_core.plots import confusion_png
+from clap_core.probe import (ProbeConfig, ProbeMLP, ProbeSweepConfig, ProbeTrainer, evaluate_probe,
                              features, hidden_key, load_embeddings, majority_baseline, save_probe, with_params)
 from clap_core.shards import REJECT_SCHEMA
 from pipelines.job_configs import default_config_path

@@ -8,8 +8,9 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from clap_core.config import ConfigError, load_config
 from clap_core.meld import EMOTIONS
+from clap_core.plots import confusion_png
 from clap_core.probe import (ProbeConfig, ProbeData, ProbeSweepConfig, ProbeTrainer, classification_metrics,
-                             confusion_png, evaluate_probe, features, fit_probe, inverse_frequency_weights,
+                             evaluate_probe, features, fit_probe, inverse_frequency_weights,
                              load_embeddings, load_probe, majority_baseline, save_probe, with_params)
 
 torch.set_num_threads(1)
