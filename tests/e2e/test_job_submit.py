@@ -63,3 +63,22 @@ def test_pipeline_stages_as_submitted_jobs(cluster, s3_bucket, tmp_path):
                           "--split", "test", "--output", f"{root}/embeddings"], REPO)
     assert job.status == "SUCCEEDED", job.logs[-3000:]
     assert '"rows": 8' in job.logs and '"rejects": 0' in job.logs
+
+
+def test_probe_sweep_as_a_submitted_job(cluster, s3_bucket, tmp_path):
+    import torch
+
+    from clap_core.model import ClapModel
+    from clap_core.model_config import get_model_config
+    from clap_core.synth_meld import write_meld
+
+    torch.manual_seed(0)
+    ClapModel(get_model_config("tiny")).save_pretrained(tmp_path / "ckpt")
+    write_meld(tmp_path / "meld", layout="raw", per_emotion={"train": 4, "dev": 3, "test": 3}, corrupt=True)
+    job = cluster.submit(["clap", "tune-probe", "--meld", str(tmp_path / "meld"), "--checkpoint",
+                          str(tmp_path / "ckpt"), "--output", f"s3://{s3_bucket}/probe", "tune.num_samples=2",
+                          "tune.max_concurrent_trials=2", "search.epochs=[3, 4]", "probe.epochs=4"], REPO)
+    assert job.status == "SUCCEEDED", job.logs[-3000:]
+    summary = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="probe/summary.json")["Body"].read())
+    assert summary["status"] == "finished" and summary["trials"] == 2
+    assert summary["embeddings"]["rejects"] == 1  # the corrupt mp4, counted, not skipped

@@ -124,3 +124,19 @@ def test_importing_clap_core_does_not_import_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"
+
+
+def test_text_encoder_and_tokenizer_load_from_a_local_pretrained_folder(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    tok = byte_level_tokenizer(64)
+    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, pad_token_id=tok.pad_token_id))
+    bert.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    model = ClapModel(get_model_config("tiny", [f"text_encoder.pretrained={tmp_path / 'bert'}",
+                                                f"text_encoder.tokenizer={tmp_path / 'bert'}"]))
+    loaded = model.text_encoder.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in bert.state_dict().items())
+    assert model.tokenize(["hello"])["input_ids"].tolist() == [tok(["hello"])["input_ids"][0]]
