@@ -50,6 +50,13 @@ def resolve_fs(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """s3:// URIs as they are; local paths made absolute here, on the driver, because Ray workers run in
+    other working directories and would resolve a relative path somewhere else."""
+    uri = str(uri)
+    return uri if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI or path parts with '/' (both s3:// and POSIX paths use it)."""
     return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])

@@ -151,6 +151,8 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     """Run the embedding job (Ray must be reachable: local or the submitted-to cluster); returns a summary."""
     import ray
 
+    checkpoint, input_uri, output = (storage.absolute(u) for u in (checkpoint, input_uri, output))
+
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     gpus = int(ray.cluster_resources().get("GPU", 0))

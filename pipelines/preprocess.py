@@ -89,6 +89,7 @@ def finished_manifest(out_uri: str, plan: Plan) -> dict | None:
 def preprocess(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> dict:
     """Run or resume the job; returns manifest.json's content plus this run's timing in "run"."""
     start = time.perf_counter()
+    input_uri, out_uri = storage.absolute(input_uri), storage.absolute(out_uri)
     plan = plan_units(read_manifest(input_uri, cfg.input.encoding, cfg.input.audio_dir), cfg)
     done = finished_manifest(out_uri, plan)
     if done is not None:

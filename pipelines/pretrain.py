@@ -35,6 +35,7 @@ from ray.train.torch import TorchTrainer
 
 from clap_core.config import config_hash, dump_yaml, from_dict, to_dict
 from clap_core.shards import count_rows, shard_files
+from clap_core import storage
 from clap_core.storage import resolve_fs
 from clap_core.loss import ClipLoss, SigLipLoss
 from clap_core.metrics import retrieval_metrics
@@ -514,6 +515,7 @@ def run_config(output: str, cfg: PretrainConfig) -> RunConfig:
 
 def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_only: bool = False):
     """Run (or resume) training; returns the Ray Train result."""
+    data, output = storage.absolute(data), storage.absolute(output)
     model_cfg = resolve_model_config(model, cfg.model)
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)

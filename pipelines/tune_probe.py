@@ -70,6 +70,7 @@ def tune_probe(meld: str, checkpoint: str, output: str, cfg: ProbeSweepConfig, c
 
     `callbacks` are extra Ray Tune callbacks for the sweep (e.g. experiment trackers).
     """
+    meld, checkpoint, output = (storage.absolute(u) for u in (meld, checkpoint, output))
     try:  # before starting Ray: a wrong --meld is a user mistake, reported in one line
         rows, csv_rejects = read_meld(meld)
     except (FileNotFoundError, ValueError) as e:

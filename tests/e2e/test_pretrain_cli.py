@@ -15,22 +15,24 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-def clap(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=dict(os.environ),
+def clap(*args: str, timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=dict(os.environ),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def test_clap_preprocess_then_pretrain_cli(tmp_path):
-    manifest = write_corpus(tmp_path / "audio", {"train": 64, "valid": 12})
+    write_corpus(tmp_path / "audio", {"train": 64, "valid": 12})
     data = tmp_path / "shards"
-    proc = clap("preprocess", "--input", str(manifest), "--output", str(data), "output.expected_clip_seconds=1.0")
+    # relative paths, as a user types them: Ray workers run elsewhere, the jobs must resolve them first
+    proc = clap("preprocess", "--input", "audio/manifest.jsonl", "--output", "shards",
+                "output.expected_clip_seconds=1.0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rows out 76" in proc.stdout
     run = tmp_path / "run"
-    proc = clap("pretrain", "--data", str(data), "--output", str(run), "--model", "tiny",
+    proc = clap("pretrain", "--data", "shards", "--output", "run", "--model", "tiny",
                 "train.steps=4", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=4",
                 "train.eval_every=0", "scaling.num_workers=1", "scaling.resources_per_worker={CPU: 0.5}",
-                "data.decode_tasks=1", "data.shuffle_buffer=0")
+                "data.decode_tasks=1", "data.shuffle_buffer=0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Ray's own warnings may follow on stdout: the summary is the last JSON line
     summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
