@@ -102,7 +102,7 @@ def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 def iter_shard_rows(uri: str, split: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:
     """Rows (dicts) of one shard file, or of every shard of an output folder (optionally one split)."""
-    uris = [uri] if uri.endswith(".parquet") else shard_uris(uri, split)
+    uris = [uri] if uri.endswith(".parquet") else shard_files(uri, split)
     for shard in uris:
         fs, path = storage.resolve_fs(shard)
         for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=64, columns=columns):

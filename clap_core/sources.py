@@ -11,24 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import pyarrow.parquet as pq
 
 from clap_core.audio_io import TARGET_SR, AudioDecodeError, decode_audio
 from clap_core import storage
 from clap_core.evaluation import EvalItem
 from clap_core.manifest import audio_source, read_manifest, row_id
-from clap_core.shards import is_shard_folder, shard_files
+from clap_core.shards import is_shard_folder, iter_shard_rows
 
-
-
-def iter_shard_rows(uri: str, split: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:
-    """Rows of the shards, one file and one row group at a time (bounded memory)."""
-    for uri_ in shard_files(uri, split):
-        fs, path = storage.resolve_fs(uri_)
-        with fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            for group in range(parquet.num_row_groups):
-                yield from parquet.read_row_group(group, columns=columns).to_pylist()
 
 
 @dataclass
