@@ -60,27 +60,13 @@ log = logging.getLogger("clap.pretrain")
 # storage: local paths and s3:// behind one pyarrow filesystem (clap_core.storage.resolve_fs)
 
 
-def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def upload(local: str | Path, fs: pafs.FileSystem, path: str) -> None:
     """Copy a local file or folder to `path` on fs (a no-op when fs is this machine and the path is the same)."""
     local = Path(local)
     if isinstance(fs, pafs.LocalFileSystem) and local.resolve() == Path(path).resolve():
         return
-    if local.is_dir():
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    else:
-        fs.create_dir(str(Path(path).parent), recursive=True)
-        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    fs.create_dir(path if local.is_dir() else str(Path(path).parent), recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,11 +266,10 @@ def maybe_inject_fault(cfg: PretrainConfig, step: int, rank: int, world: int, ru
     """Test hook: the last rank dies (no cleanup, like a lost node) at the configured step, once per run folder."""
     if cfg.train.kill_worker_at_step != step or rank != world - 1:
         return
-    fs, run_path = resolve_fs(run_uri)
-    marker = f"{run_path}/{FAULT_MARKER}"
-    if exists(fs, marker):
+    marker = storage.join(run_uri, FAULT_MARKER)
+    if storage.exists(marker):
         return
-    write_text(fs, marker, f"worker {rank} killed at step {step}\n")
+    storage.put_atomic(marker, f"worker {rank} killed at step {step}\n".encode())
     os._exit(1)
 
 
