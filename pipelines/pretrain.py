@@ -45,6 +45,7 @@ from clap_core.train.batching import PairBatchTransform, decode_waves, trim_padd
 from clap_core.train.config import PretrainConfig, load_pretrain_config, resolve_model_config
 from clap_core.train.gradcache import grad_cache_step, plain_step
 from clap_core.train.optim import build_optimizer, warmup_cosine
+from clap_core.train.safe_load import load_deepspeed_checkpoint
 from clap_core.plots import plot_curves
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain.yaml"
@@ -289,7 +290,7 @@ def restore(engine) -> dict:
     if checkpoint is None:
         return state
     with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(folder, tag=DS_TAG)
+        load_deepspeed_checkpoint(engine, folder, tag=DS_TAG)  # weights_only: a run folder is not trusted code
         state = json.loads(Path(folder, STATE_FILE).read_text())
     state["resumes"].append(state["step"])
     return state
