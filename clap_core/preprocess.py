@@ -19,6 +19,9 @@ Exactly once, resumable (local folders and s3://):
    (a crash between a shard and its marker), and processes the rest; a redone unit produces the same
    file names and bytes because processing is deterministic (seeded per clip and copy, our own FLAC
    quantisation, fixed row order).
+   A storage failure while reading a clip (clap_core.io_faults: 5xx, throttling, resets, after the
+   client's retries) is never a reject: the unit raises, is retried, and if it still fails stays
+   uncommitted for the re-run; a refused bucket/credential stops the job.
 4. `manifest.json` is written last, from the markers only; readers use the files it lists, so a
    stray file can never add a duplicate. Ray Data's own at-least-once writes are not used.
 
@@ -44,6 +47,7 @@ from clap_core import storage
 from clap_core.audio_io import AudioDecodeError, decode_audio, encode_flac
 from clap_core.augment import augment_clip, build_caption_merger, pair_speech_with_env, stable_seed
 from clap_core.config import to_dict
+from clap_core.io_faults import is_data_error
 from clap_core.manifest import audio_source, row_id
 from clap_core.preprocess_config import PreprocessConfig
 from clap_core.shards import REJECT_SCHEMA, SHARD_SCHEMA
@@ -248,7 +252,9 @@ class EnvCache:
                 wave = load_wave(env, self.cfg)
                 problem = validate_wave(wave, self.cfg)
                 self.waves[env["id"]] = (None, problem[0]) if problem else (segments(wave, self.cfg)[0][2], None)
-            except Exception as e:  # a broken partner costs the mix, never the speech clip
+            except Exception as e:  # a broken partner costs the mix, never the speech clip...
+                if not is_data_error(e):
+                    raise  # ...but an unreadable one (storage fault) must not change the output: retry the unit
                 self.waves[env["id"]] = (None, getattr(e, "reason", type(e).__name__))
         return self.waves[env["id"]]
 
@@ -281,9 +287,11 @@ def process_row(row: dict, cfg: PreprocessConfig, merger=None, env_cache: EnvCac
     env_cache = env_cache or EnvCache(cfg)
     try:
         wave = load_wave(row, cfg)
-    except AudioDecodeError as e:
-        return [], [reject(row, "decode", e.reason, e.message)]
-    except Exception as e:  # a decoder crash on hostile bytes must not take the job down
+    except Exception as e:  # a decoder crash on hostile bytes must not take the job down...
+        if not is_data_error(e):
+            raise  # ...but a storage failure is no verdict on the clip: the unit stays uncommitted, retried
+        if isinstance(e, AudioDecodeError):
+            return [], [reject(row, "decode", e.reason, e.message)]
         return [], [reject(row, "decode", "decode_error", f"{type(e).__name__}: {e}")]
     problem = validate_wave(wave, cfg)
     if problem:
@@ -298,6 +306,8 @@ def process_row(row: dict, cfg: PreprocessConfig, merger=None, env_cache: EnvCac
             out.append(output_row(row, seg_id, seg, row["captions"], base, cfg))
             out += augmented_rows(row, seg_id, seg, base, cfg, merger, env_cache)
     except Exception as e:  # the row goes wholly to rejects: never half a row's copies
+        if not is_data_error(e):
+            raise
         return [], [reject(row, "augment", "augment_failed", f"{type(e).__name__}: {e}")]
     return out, []
 

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from clap_core.audio_io import TARGET_SR, AudioDecodeError, decode_audio
 from clap_core import storage
+from clap_core.io_faults import retry_transient
 from clap_core.evaluation import EvalItem
 from clap_core.manifest import audio_source, read_manifest, row_id
 from clap_core.shards import is_shard_folder, iter_shard_rows
@@ -55,8 +56,8 @@ def iter_eval_items(data: str, split: str | None = None) -> Iterator[tuple[EvalI
 
 
 def _convert(row: dict, convert, source: str) -> tuple[EvalItem | None, Rejected | None]:
-    try:
-        item = convert(row)
+    try:  # a storage fault is retried, never a reject (clap_core.io_faults)
+        item = retry_transient(lambda: convert(row), what=str(row.get("audio_uri") or row.get("id", "")))
     except AudioDecodeError as e:  # NaN/inf, empty and undecodable audio all land here
         return None, Rejected(str(row.get("id", "")), str(source), e.reason, e.message)
     return item, None

@@ -13,9 +13,22 @@ filesystem), are fsync'ed, and `os.replace` renames them onto the final name. On
 (pyarrow switches to a multipart upload for large bodies, which S3 completes in one call) makes the
 key visible only once complete, so a crash leaves either the old state or the whole new object.
 Temp files of crashed local writes start with TEMP_PREFIX; `clean_temp_files` removes them.
+A failed multipart upload is never completed, so readers never see part of an object; S3 keeps its
+uploaded parts until the bucket's AbortIncompleteMultipartUpload lifecycle rule removes them.
+
+Retries (set here, deliberately, for every S3 client of the project):
+- pyarrow: AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS): the AWS SDK's "standard" mode
+  (exponential backoff with jitter, a retry quota) retries 5xx, SlowDown/throttling, resets and
+  timeouts; 403/404 are not retried, so a missing bucket or wrong credentials fail at once.
+- botocore (`boto_config()`, for tools that use boto3): retries mode "standard", same max attempts.
+- CLAP_S3_MAX_ATTEMPTS overrides the attempts (default 10: at 10% faulted requests a request fails
+  for good with probability 1e-10; the backoff of 10 attempts adds up to a few seconds).
+A transient error left after those attempts becomes io_faults.TransientIOError and a refusal
+(bucket missing, access denied, bad key) io_faults.StorageAccessError, both naming the URI.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import uuid
@@ -23,7 +36,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from clap_core.io_faults import PERSISTENT, TRANSIENT, StorageAccessError, TransientIOError, classify
+
 TEMP_PREFIX = ".tmp-"  # name prefix of uncommitted local writes
+S3_MAX_ATTEMPTS = int(os.environ.get("CLAP_S3_MAX_ATTEMPTS", "10"))  # per request, first try included
+S3_CONNECT_TIMEOUT_S = 10.0  # a node that cannot open a connection in 10 s is retried, not waited for
+S3_REQUEST_TIMEOUT_S = 120.0  # one request (a 10 MB part on a slow link fits)
 
 
 def is_s3(uri: str) -> bool:
@@ -37,7 +55,47 @@ def s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
-    return pafs.S3FileSystem(**kwargs)
+    return pafs.S3FileSystem(
+        **kwargs, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
+        allow_delayed_open=True)  # small objects: one PutObject at close instead of a 3-request multipart
+
+
+def boto_config():
+    """botocore Config with the same retry policy as the pyarrow client (for code that uses boto3)."""
+    from botocore.config import Config
+
+    return Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
+                  connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_REQUEST_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def naming(uri: str):
+    """Re-raise storage failures with the URI: refusals as StorageAccessError, exhausted retries as
+    TransientIOError (FileNotFoundError and everything else unchanged)."""
+    try:
+        yield
+    except (FileNotFoundError, StorageAccessError, TransientIOError):
+        raise
+    except OSError as e:
+        verdict = classify(e)
+        if verdict == PERSISTENT:
+            raise StorageAccessError(f"{uri}: access refused (bucket missing, credentials or permissions): {e}") from e
+        if verdict == TRANSIENT:
+            raise TransientIOError(f"{uri}: I/O failed after the client's retries: {e}") from e
+        raise
+
+
+def check_access(uri: str) -> None:
+    """Fail fast, on the driver, when an s3:// URI's bucket is missing or the credentials are refused."""
+    if not is_s3(uri):
+        return
+    fs, path = resolve_fs(uri)
+    bucket = path.split("/", 1)[0]
+    with naming(uri):
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise StorageAccessError(f"{uri}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
+        fs.get_file_info(path)  # credentials and permission on the prefix itself
 
 
 def resolve_fs(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -68,31 +126,34 @@ def parent(uri: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = resolve_fs(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with naming(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
     fs, path = resolve_fs(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    with naming(uri):
+        return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def read_bytes(uri: str) -> bytes:
     """Whole file; FileNotFoundError when absent (also on S3)."""
     fs, path = resolve_fs(uri)
-    with fs.open_input_stream(path) as f:
+    with naming(uri), fs.open_input_stream(path) as f:
         return f.read()
 
 
 def read_range(uri: str, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` (a member of a tar shard) without reading the rest of the file."""
     fs, path = resolve_fs(uri)
-    with fs.open_input_file(path) as f:
+    with naming(uri), fs.open_input_file(path) as f:
         return f.read_at(size, offset)
 
 
 def file_size(uri: str) -> int:
     fs, path = resolve_fs(uri)
-    info = fs.get_file_info(path)
+    with naming(uri):
+        info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(uri)
     return int(info.size)
@@ -102,7 +163,7 @@ def put_atomic(uri: str, data: bytes) -> None:
     """Write `data` to `uri` so that readers see the old state or all of `data`, never a part."""
     fs, path = resolve_fs(uri)
     if is_s3(uri):
-        with fs.open_output_stream(path) as f:
+        with naming(uri), fs.open_output_stream(path) as f:  # a failed write is never completed: not visible
             f.write(data)
         return
     folder, name = os.path.split(path)
@@ -123,7 +184,8 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
     """URIs of the files under a folder/prefix (sorted); [] when it does not exist."""
     fs, path = resolve_fs(uri)
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
-    infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    with naming(uri):
+        infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
     prefix = "s3://" if is_s3(uri) else ""
     return sorted(prefix + i.path for i in infos)
 
@@ -132,7 +194,8 @@ def delete(uri: str) -> None:
     """Remove one file; no error when it is already gone."""
     fs, path = resolve_fs(uri)
     try:
-        fs.delete_file(path)
+        with naming(uri):
+            fs.delete_file(path)
     except FileNotFoundError:
         pass
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clap_core.audio_io import AudioDecodeError, TARGET_SR, decode_audio
+from clap_core.io_faults import retry_transient
 from clap_core.manifest import audio_source, read_manifest, row_id
 from clap_core.shards import REJECT_SCHEMA
 from clap_core import storage
@@ -47,8 +48,8 @@ def decode_batch(batch: dict[str, np.ndarray], output: str) -> dict[str, np.ndar
     keep, waves, rejects = [], [], []
     for i in range(len(batch["id"])):
         row = {k: v[i] for k, v in batch.items()}
-        try:
-            waves.append(decode_row(row))
+        try:  # a storage fault is retried and never a reject (clap_core.io_faults); bad data is rejected
+            waves.append(retry_transient(lambda: decode_row(row), what=str(row.get("audio_uri") or row["id"])))
             keep.append(i)
         except AudioDecodeError as e:
             source = row.get("source_path") or ""
@@ -152,6 +153,8 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     import ray
 
     checkpoint, input_uri, output = (storage.absolute(u) for u in (checkpoint, input_uri, output))
+    for uri in (checkpoint, input_uri, output):
+        storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
 
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)

@@ -23,6 +23,7 @@ import ray
 
 from clap_core import storage
 from clap_core.config import from_dict, to_dict
+from clap_core.io_faults import retry_transient
 from clap_core.manifest import read_manifest
 from clap_core.preprocess import (Plan, build_manifest, build_merger, check_markers, clean_uncommitted, plan_units,
                                   process_unit, read_markers)
@@ -47,7 +48,10 @@ class UnitProcessor:
         self.merger = build_merger(self.cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        markers = [process_unit(json.loads(u), self.cfg, self.out_uri, self.merger) for u in batch["unit"]]
+        units = [json.loads(u) for u in batch["unit"]]
+        # a unit is redone whole after a transient storage error (its writes are deterministic and atomic)
+        markers = [retry_transient(lambda: process_unit(u, self.cfg, self.out_uri, self.merger), what=f"unit {u['key']}")
+                   for u in units]
         return {"marker": np.array([json.dumps(m) for m in markers], dtype=object)}
 
 
@@ -90,6 +94,8 @@ def preprocess(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> dict:
     """Run or resume the job; returns manifest.json's content plus this run's timing in "run"."""
     start = time.perf_counter()
     input_uri, out_uri = storage.absolute(input_uri), storage.absolute(out_uri)
+    for uri in (input_uri, out_uri):
+        storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
     plan = plan_units(read_manifest(input_uri, cfg.input.encoding, cfg.input.audio_dir), cfg)
     done = finished_manifest(out_uri, plan)
     if done is not None:

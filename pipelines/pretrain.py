@@ -502,6 +502,8 @@ def run_config(output: str, cfg: PretrainConfig) -> RunConfig:
 def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_only: bool = False):
     """Run (or resume) training; returns the Ray Train result."""
     data, output = storage.absolute(data), storage.absolute(output)
+    for uri in (data, output):
+        storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
     model_cfg = resolve_model_config(model, cfg.model)
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)

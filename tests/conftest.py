@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+FAKE_AWS_KEY_ID = "AKIAFAKECLAPLEAK7Q3Z"  # recognisable fake credentials: a leak test greps outputs for them
+FAKE_AWS_SECRET = "fakeSecretClapLeak/4b9XwYq2ZpR7sTn1VcKd8Hj3"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,20 +46,42 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """moto's threaded S3 server on 127.0.0.1; yields its endpoint URL with credentials in the env."""
+def s3_proxy():
+    """moto's threaded S3 server on 127.0.0.1 behind the fault proxy (tests/s3_fault_proxy.py), which relays
+    untouched until a test configures faults (`s3_faults`). Every S3 client of the session, Ray workers
+    included, talks to the proxy."""
     from moto.server import ThreadedMotoServer
+
+    from tests.s3_fault_proxy import S3FaultProxy
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    proxy = S3FaultProxy(f"http://127.0.0.1:{port}").start()
+    yield proxy
+    proxy.stop()
+    server.stop()
+
+
+@pytest.fixture
+def s3_faults(s3_proxy):
+    """The session's fault proxy, reset to a plain relay after the test."""
+    yield s3_proxy
+    s3_proxy.configure(rate=0.0)
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_proxy):
+    """The local S3 endpoint URL (the proxy in front of moto) with credentials in the env.
+
+    The credentials are fake but recognisable (FAKE_AWS_*): tests/integration/test_s3_faults.py greps
+    everything the jobs wrote and printed for them."""
+    endpoint = s3_proxy.endpoint
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                                              "AWS_DEFAULT_REGION", "AWS_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret",
+    os.environ.update(AWS_ACCESS_KEY_ID=FAKE_AWS_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_AWS_SECRET,
                       AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
     yield endpoint
-    server.stop()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
