@@ -43,7 +43,7 @@ TRANSIENT_ERRNO = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, e
                    errno.ECONNABORTED, errno.EPIPE, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH,
                    errno.ESTALE, errno.EBUSY}
 AWS_ERROR = re.compile(r"AWS Error ([A-Za-z_]+)")
-HTTP_STATUS = re.compile(r"(?:HTTP response code|status code)[: ]+(\d{3})")
+HTTP_STATUS = re.compile(r"(?:HTTP response code|HTTP status|status code)[: ]+(\d{3})")  # HEAD: no body, no code
 TRANSIENT_NAMES = {"ConnectionError", "ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError",
                    "ConnectTimeoutError", "IncompleteReadError", "ResponseStreamingError", "ProtocolError",
                    "IncompleteRead", "RemoteDisconnected"}
