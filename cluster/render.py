@@ -24,6 +24,9 @@ IMAGE = "registry.example.com/clap-at-scale:0.1.0"
 # Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally
 # AWS_REGION / AWS_ENDPOINT_URL); created out of band, see cluster/README.md.
 S3_SECRET = "clap-s3"
+# Secret with the Ray auth token under the key `auth_token` (KubeRay's convention); created out of band,
+# see cluster/README.md. KubeRay sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from it in every Ray pod.
+RAY_TOKEN_SECRET = "clap-ray-token"
 RAY_UID = 1000  # the `ray` user of the rayproject/ray images
 RAY_GID = 100  # its primary group (`users`)
 APP = "clap-at-scale"
@@ -93,7 +96,12 @@ def ray_pod(container: dict, memory_gi: int, gpus: int = 0) -> dict:
     if gpus:
         # GPU node pools are usually tainted so that CPU pods stay off them.
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    return {"spec": spec}
+    return {"metadata": pod_labels(), "spec": spec}
+
+
+def pod_labels() -> dict:
+    """The label the head's NetworkPolicy admits: every pod of the project carries it."""
+    return {"labels": {"app.kubernetes.io/name": APP}}
 
 
 # ---------------------------------------------------------------- groups
@@ -152,6 +160,9 @@ def gpu_workers(min_replicas: int, max_replicas: int, gpus: int, cpu: int, memor
 def cluster_spec(head: dict, workers: list[dict]) -> dict:
     return {
         "rayVersion": RAY_VERSION,
+        # Token authentication (Ray >= 2.52): the dashboard, job API, GCS and client port all require the
+        # token of RAY_TOKEN_SECRET; a pod that reaches the head without it is refused.
+        "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET},
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {
             "upscalingMode": "Default",
@@ -195,6 +206,7 @@ def raycluster() -> dict:
 def submitter_pod() -> dict:
     """The K8s Job pod that runs `ray job submit`; KubeRay fills in its command."""
     return {
+        "metadata": pod_labels(),
         "spec": {
             "restartPolicy": "Never",
             "securityContext": pod_security(),
@@ -203,11 +215,40 @@ def submitter_pod() -> dict:
                     "name": "ray-job-submitter",
                     "image": IMAGE,
                     "imagePullPolicy": "IfNotPresent",
+                    # `ray job submit` reads the token from the environment, as a user's shell would.
+                    "env": ray_token_env(),
                     "resources": resources(cpu=1, memory_gi=1),
                     "securityContext": container_security(),
                 }
             ],
         }
+    }
+
+
+def ray_token_env() -> list[dict]:
+    return [
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": RAY_TOKEN_SECRET, "key": "auth_token"}}},
+    ]
+
+
+def network_policy() -> dict:
+    """Only this project's pods (same namespace, pod_labels()) reach the Ray pods, on any port: besides the
+    head's GCS (6379), dashboard/job API (8265), client (10001) and metrics (8080), Ray nodes talk to each
+    other's raylets, object managers and workers on dynamic ports. Everything else in the cluster is dropped
+    before the token is even checked (`kubectl port-forward` goes through the kubelet, see README)."""
+    def project_pods() -> dict:  # a fresh dict each time: PyYAML would write a shared one as an &anchor
+        return {"matchLabels": {"app.kubernetes.io/name": APP}}
+
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata("clap-ray", "network-policy"),
+        "spec": {
+            "podSelector": project_pods(),
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": project_pods()}]}],
+        },
     }
 
 
@@ -301,6 +342,7 @@ MANIFESTS = {
     "rayjob-pretrain.yaml": rayjob_pretrain,
     "rayjob-embed.yaml": rayjob_embed,
     "rayjob-tune-probe.yaml": rayjob_tune_probe,
+    "networkpolicy.yaml": network_policy,
 }
 
 # ---------------------------------------------------------------- YAML output

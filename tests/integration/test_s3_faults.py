@@ -137,10 +137,11 @@ def test_pipeline_under_random_faults_equals_fault_free_run(ray_local, s3_faults
 
     def faulty(phase: str, fn):
         s3_faults.configure(rate=FAULT_RATE, seed=SEED + len(report))
+        start = time.monotonic()
         try:
             return fn()
         finally:
-            report[phase] = dict(s3_faults.stats)
+            report[phase] = {**s3_faults.stats, "seconds": round(time.monotonic() - start)}
             s3_faults.configure()
 
     clean = preprocess(f"{corpus}/manifest.jsonl", f"{root}/clean", cfg)
@@ -178,9 +179,6 @@ def test_pipeline_under_random_faults_equals_fault_free_run(ray_local, s3_faults
 
     survived = {phase: sum(v for k, v in s.items() if k in ("500", "503", "reset_before", "reset_mid", "delay"))
                 for phase, s in report.items()}
-    print(f"\nS3 faults at {FAULT_RATE:.0%} (seed {SEED}): " + ", ".join(
-        f"{phase} {survived[phase]} of {s['requests']} requests ({', '.join(f'{k} {v}' for k, v in sorted(s.items()) if k != 'requests')})"
-        for phase, s in report.items()) + "; all survived, rows lost 0")
     assert all(n > 0 for n in survived.values()), report
 
     # No credential in anything the jobs wrote (every object of the bucket, local reports) or printed.
@@ -188,9 +186,15 @@ def test_pipeline_under_random_faults_equals_fault_free_run(ray_local, s3_faults
     written = {uri: storage.read_bytes(uri) for uri in storage.list_files(root)}
     written.update({str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "corpus" not in p.parts})
     assert any("tfevents" in k for k in written) and any(k.endswith(".pt") for k in written)
+    ray_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"  # every worker's output
+    written.update({str(p): p.read_bytes() for p in ray_logs.rglob("*") if p.is_file()})
     printed = capfd.readouterr()
     for secret in secrets:
         assert not [k for k, data in written.items() if secret in data]
         assert secret.decode() not in printed.out + printed.err
     with capfd.disabled():
-        print(f"\nleak check: {len(written)} files written and all output: no credential found")
+        print(f"\nS3 faults at {FAULT_RATE:.0%} (seed {SEED}), all survived, rows lost 0: " + "; ".join(
+            f"{phase} {survived[phase]} of {s['requests']} requests "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(s.items()) if k not in ('requests', 'seconds'))}, {s['seconds']} s)"
+            for phase, s in report.items()))
+        print(f"leak check: {len(written)} files written + everything printed: no credential found")

@@ -54,7 +54,8 @@ def load_docs(path: Path) -> list[dict]:
 
 
 def all_docs() -> list[tuple[str, dict]]:
-    return [(path.name, doc) for path in MANIFEST_PATHS for doc in load_docs(path)]
+    """The KubeRay documents (RayCluster, RayJob); networkpolicy.yaml is checked on its own."""
+    return [(path.name, doc) for path in MANIFEST_PATHS for doc in load_docs(path) if doc["kind"] in CRD_FILES]
 
 
 def doc_params(docs: list[tuple[str, dict]]) -> list:
@@ -161,7 +162,8 @@ def test_manifests_exist_and_parse():
 @pytest.mark.parametrize("path", MANIFEST_PATHS, ids=lambda p: p.name)
 def test_manifest_matches_kuberay_crd(path):
     for doc in load_docs(path):
-        assert schema_errors(doc) == []
+        if doc["kind"] in CRD_FILES:  # the NetworkPolicy is core Kubernetes: test_network_policy_* check it
+            assert schema_errors(doc) == []
 
 
 def _rename(mapping: dict, old: str, new: str) -> None:
@@ -318,7 +320,7 @@ def test_rayjobs_cover_every_subcommand():
 
 def test_image_matches_ray_version():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
-    base = re.search(r"^FROM\s+rayproject/ray:(\d+\.\d+\.\d+)-py311", dockerfile, re.MULTILINE)
+    base = re.search(r"^ARG BASE_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-py311", dockerfile, re.MULTILINE)
     assert base, "Dockerfile must build on an official rayproject/ray py311 image"
     assert re.search(r"^USER\s+1000\b", dockerfile, re.MULTILINE), "image must run as uid 1000"
     for name, doc in all_docs():
@@ -333,3 +335,62 @@ def test_committed_yaml_matches_render():
     assert set(rendered) == {p.name for p in CLUSTER.glob("*.yaml")}, "unrendered YAML in cluster/"
     stale = [name for name, text in rendered.items() if (CLUSTER / name).read_text() != text]
     assert not stale, f"run `python cluster/render.py`; stale: {stale}"
+
+
+# ---------------------------------------------------------------- authentication, network, image (issue 13)
+
+TOKEN_SECRET = "clap-ray-token"
+
+
+@pytest.mark.parametrize("name,doc", doc_params(all_docs()))
+def test_ray_token_authentication_on(name, doc):
+    assert cluster_spec(doc)["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET}
+    submitter = doc["spec"].get("submitterPodTemplate")
+    if submitter:  # `ray job submit` in the submitter pod needs the token too, from the Secret
+        env = {e["name"]: e for e in submitter["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": TOKEN_SECRET, "key": "auth_token"}
+        assert "value" not in env["RAY_AUTH_TOKEN"]
+
+
+def test_network_policy_admits_only_the_projects_pods():
+    (policy,) = load_docs(CLUSTER / "networkpolicy.yaml")
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    spec = policy["spec"]
+    selector = spec["podSelector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": selector}}]  # no namespaceSelector / ipBlock
+    for name, doc in all_docs():  # the policy covers every Ray pod (head included), and admits the submitter
+        for where, pod_template in [("head", cluster_spec(doc)["headGroupSpec"]["template"])] + [
+                (g["groupName"], g["template"]) for g in cluster_spec(doc).get("workerGroupSpecs", [])] + (
+                [("submitter", doc["spec"]["submitterPodTemplate"])] if doc["kind"] == "RayJob" else []):
+            labels = pod_template.get("metadata", {}).get("labels", {})
+            assert selector.items() <= labels.items(), f"{name}:{where} is outside the NetworkPolicy"
+
+
+def test_image_installs_exactly_the_lock_file():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.MULTILINE), "base image is a build argument"
+    assert "sha256:" not in dockerfile.replace("sha256:<digest>", ""), "never a digest that was not read"
+    installs = re.findall(r"^RUN pip install .*$", dockerfile, re.MULTILINE)
+    assert installs and all("--no-deps" in line for line in installs), installs
+    assert "-r requirements.lock" in installs[0]
+    lock = {}
+    for line in (CLUSTER / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and " " not in version, line
+            lock[name] = version
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(dep)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in lock and req.specifier.contains(lock[name]), f"{dep}: lock has {lock.get(name)}"
+    spec = importlib.util.spec_from_file_location("cluster_lock", CLUSTER / "lock.py")
+    locker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(locker)
+    assert locker.render() == (CLUSTER / "requirements.lock").read_text(), "run `python cluster/lock.py`"
