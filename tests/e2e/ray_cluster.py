@@ -1,5 +1,8 @@
 """A real two-node Ray cluster on this machine (head + one worker node), for `ray job submit` tests.
 
+Token authentication is on when `env` says so (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN): the nodes, the
+`ray` CLI and the HTTP clients here all use the token from that environment, as a user's shell would.
+
 Both nodes bind to 127.0.0.1 on free ports and run `ray start --block` in their own process groups;
 stopping sends SIGTERM to exactly those groups (what `ray start --block` turns into stopping the
 processes it started), then SIGKILL after a grace period. Never `ray stop`: it would end every Ray
@@ -38,6 +41,12 @@ class LocalRayCluster:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    @property
+    def auth_headers(self) -> dict:
+        """What a client sends with token authentication on (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN in env)."""
+        token = self.env.get("RAY_AUTH_TOKEN") if self.env.get("RAY_AUTH_MODE") == "token" else None
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     def start(self, timeout_s: float = 120) -> "LocalRayCluster":
         # Ray's socket paths must stay short: a fresh folder directly under /tmp.
         self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
@@ -49,6 +58,39 @@ class LocalRayCluster:
         self._spawn([f"--address=127.0.0.1:{self.gcs_port}"], worker_ports=21000)
         self._wait_for_nodes(2, timeout_s)
         return self
+
+    def kill_worker_node(self) -> None:
+        """SIGKILL the last worker node's whole process group (raylet, its workers): a node that disappears."""
+        proc = self.procs.pop()
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def add_worker_node(self, timeout_s: float = 120) -> None:
+        """A fresh worker node (a replacement for a lost one)."""
+        self._spawn([f"--address=127.0.0.1:{self.gcs_port}"], worker_ports=22000 + 1000 * (len(self.procs) % 5))
+        self._wait_for_nodes(2, timeout_s)
+
+    def submit_async(self, entrypoint: list[str], working_dir: str | Path) -> str:
+        """`ray job submit --no-wait`: the submission id."""
+        cmd = [RAY, "job", "submit", "--no-wait", f"--address={self.dashboard_url}", f"--working-dir={working_dir}",
+               "--runtime-env-json", '{"excludes": [".venv", "*.egg-info", "demo_output"]}', "--", *entrypoint]
+        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300)
+        match = re.search(r"raysubmit_\w+", ANSI.sub("", done.stdout + done.stderr))
+        if not match:
+            raise RuntimeError(f"`ray job submit` printed no submission id: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+        return match.group(0)
+
+    def wait_job(self, submission_id: str, timeout_s: float = 900) -> "JobResult":
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url, headers=self.auth_headers)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = str(client.get_job_status(submission_id).value)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return JobResult(submission_id, status, client.get_job_logs(submission_id))
+            time.sleep(2)
+        raise TimeoutError(f"job {submission_id} still running after {timeout_s} s")
 
     def _spawn(self, args: list[str], worker_ports: int) -> None:
         ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
@@ -65,8 +107,9 @@ class LocalRayCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
+            request = urllib.request.Request(f"{self.dashboard_url}/api/version", headers=self.auth_headers)
             try:
-                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
+                with urllib.request.urlopen(request, timeout=2):
                     return
             except OSError:
                 time.sleep(1)
@@ -92,19 +135,32 @@ class LocalRayCluster:
     def logs(self) -> str:
         return "\n".join(p.read_text()[-2000:] for p in sorted(Path(self.temp_dir).glob("node*.log")))
 
-    def submit(self, entrypoint: list[str], working_dir: str | Path, timeout_s: float = 600) -> "JobResult":
-        """`ray job submit` (waits for the job, streams its logs), then the job's final status."""
+    def submit(self, entrypoint: list[str], working_dir: str | Path, timeout_s: float = 600,
+               env: dict | None = None) -> "JobResult":
+        """`ray job submit` (waits for the job, streams its logs), then the job's final status.
+
+        The CLI runs with the cluster's environment (the token in RAY_AUTH_TOKEN, as a user's shell has it)
+        unless `env` says otherwise; a refused submission comes back with status "REFUSED"."""
         cmd = [RAY, "job", "submit", f"--address={self.dashboard_url}", f"--working-dir={working_dir}",
                "--runtime-env-json", '{"excludes": [".venv", "*.egg-info", "demo_output"]}', "--", *entrypoint]
-        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(cmd, env=env or self.env, capture_output=True, text=True, timeout=timeout_s)
         logs = ANSI.sub("", done.stdout + done.stderr)
         match = re.search(r"raysubmit_\w+", logs)
         if not match:
+            if done.returncode != 0:
+                return JobResult("", "REFUSED", logs)
             raise RuntimeError(f"`ray job submit` printed no submission id: {logs[-3000:]}")
         from ray.job_submission import JobSubmissionClient  # HTTP client only: no ray.init in the test process
 
-        status = JobSubmissionClient(self.dashboard_url).get_job_status(match.group(0))
-        return JobResult(match.group(0), str(status.value), logs)
+        client = JobSubmissionClient(self.dashboard_url, headers=self.auth_headers)
+        return JobResult(match.group(0), str(client.get_job_status(match.group(0)).value), logs)
+
+    def job_ids(self) -> list[str]:
+        """Submission ids of every job the cluster knows (authenticated)."""
+        from ray.job_submission import JobSubmissionClient
+
+        return [j.submission_id for j in JobSubmissionClient(self.dashboard_url, headers=self.auth_headers).list_jobs()
+                if j.submission_id]
 
     def stop(self, grace_s: float = 30) -> None:
         """SIGTERM each node's own process group (worker first), SIGKILL what is left after grace_s."""

@@ -1,4 +1,5 @@
-"""`ray job submit` against a real two-node local Ray cluster: the pipeline stages as cluster jobs.
+"""`ray job submit` against a real two-node local Ray cluster with token authentication: the pipeline
+stages as cluster jobs, and a submission without the token is refused.
 
 The cluster (a head and a worker node, started by tests/e2e/ray_cluster.py) reads and writes object
 storage on the test's S3-protocol server, as pods read S3 on Kubernetes; the credentials reach the
@@ -6,7 +7,9 @@ nodes through their environment, never through the job's runtime_env or command 
 """
 import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -19,14 +22,34 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 
+# Recognisable, fake: the leak check below greps the job logs for it.
+RAY_TOKEN = "clapfaketoken" + "5f0c2a9e7d1b4c3a8e6f0d2b9a7c5e1f3d"
+
+
 @pytest.fixture(scope="module")
-def cluster(s3_server):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+def cluster(s3_server, tmp_path_factory):
+    """Token authentication on, as Ray 2.60 and the cluster manifests have it: the token comes from the env."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_TOKEN, RAY_USAGE_STATS_ENABLED="0",
+               HOME=str(tmp_path_factory.mktemp("home")),  # no ~/.ray/auth_token of this machine's user
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     c = LocalRayCluster(env=env).start()
     yield c
     c.stop()
+
+
+def test_submission_without_the_token_is_refused(cluster):
+    before = cluster.job_ids()
+    for name, token in (("no token", None), ("wrong token", "clapwrongtoken" + "0" * 50)):
+        env = dict(cluster.env)
+        env.pop("RAY_AUTH_TOKEN")
+        if token:
+            env["RAY_AUTH_TOKEN"] = token
+        job = cluster.submit(["python", "-c", "print('SHOULD NOT RUN')"], REPO, timeout_s=120, env=env)
+        assert job.status == "REFUSED", f"{name}: {job.logs[-2000:]}"
+        assert "SHOULD NOT RUN" not in job.logs
+        assert re.search(r"401|403|[Uu]nauthori[sz]ed|[Ff]orbidden|token", job.logs), f"{name}: {job.logs[-2000:]}"
+    assert cluster.job_ids() == before  # nothing was accepted
 
 
 def test_cluster_has_two_nodes(cluster):
@@ -43,11 +66,30 @@ def test_pipeline_stages_as_submitted_jobs(cluster, s3_bucket, tmp_path):
         s3.upload_file(str(path), s3_bucket, f"raw/{path.name}")
     root = f"s3://{s3_bucket}"
 
-    job = cluster.submit(["clap", "preprocess", "--input", f"{root}/raw/manifest.jsonl", "--output",
-                          f"{root}/shards", "output.expected_clip_seconds=1.0"], REPO)
+    preprocess = ["clap", "preprocess", "--input", f"{root}/raw/manifest.jsonl", "output.expected_clip_seconds=1.0",
+                  "output.rows_per_unit=4", "ray.concurrency=4"]
+    job = cluster.submit([*preprocess, "--output", f"{root}/shards"], REPO)
     assert job.status == "SUCCEEDED", job.logs[-3000:]
     shard_manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key="shards/manifest.json")["Body"].read())
     assert shard_manifest["rows_out"] == 64 and shard_manifest["rejects"]["rows"] == 0
+
+    # A worker node disappears mid-job (its process group killed once the first units are committed):
+    # the job finishes on the head node, and the output equals the undisturbed run's.
+    lost = cluster.submit_async([*preprocess, "--output", f"{root}/shards-node-lost"], REPO)
+    deadline = time.monotonic() + 300
+    while not s3.list_objects_v2(Bucket=s3_bucket, Prefix="shards-node-lost/_done/").get("KeyCount"):
+        assert time.monotonic() < deadline, "no unit committed in 300 s"
+        time.sleep(0.5)
+    cluster.kill_worker_node()
+    job = cluster.wait_job(lost)
+    assert job.status == "SUCCEEDED", job.logs[-3000:]
+    survived = json.loads(s3.get_object(Bucket=s3_bucket, Key="shards-node-lost/manifest.json")["Body"].read())
+    assert survived["shards"] == shard_manifest["shards"] and survived["rows_out"] == 64  # rows lost: 0
+    for shard in shard_manifest["shards"]:
+        a = s3.get_object(Bucket=s3_bucket, Key=f"shards/{shard['path']}")["Body"].read()
+        b = s3.get_object(Bucket=s3_bucket, Key=f"shards-node-lost/{shard['path']}")["Body"].read()
+        assert a == b, shard["path"]
+    cluster.add_worker_node()  # the replacement node, for the stages below
 
     job = cluster.submit(["clap", "pretrain", "--data", f"{root}/shards", "--output", f"{root}/runs/job",
                           "--model", "tiny", "train.steps=4", "train.batch_size=8", "train.checkpoint_every=4",
@@ -63,6 +105,17 @@ def test_pipeline_stages_as_submitted_jobs(cluster, s3_bucket, tmp_path):
                           "--split", "test", "--output", f"{root}/embeddings"], REPO)
     assert job.status == "SUCCEEDED", job.logs[-3000:]
     assert '"rows": 8' in job.logs and '"rejects": 0' in job.logs
+
+    # No credential (the fake AWS keys of tests/conftest.py, the Ray token) in anything printed or written.
+    secrets = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"], RAY_TOKEN]
+    objects = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    written = {k: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in objects}
+    written.update({str(p): p.read_bytes() for p in Path(cluster.temp_dir).rglob("*")
+                    if p.is_file() and "runtime_resources" not in p.parts})  # every node and job log
+    for secret in secrets:
+        assert secret not in job.logs
+        leaked = [k for k, data in written.items() if secret.encode() in data]
+        assert not leaked, f"a credential appears in {leaked[:5]}"
 
 
 def test_probe_sweep_as_a_submitted_job(cluster, s3_bucket, tmp_path):
