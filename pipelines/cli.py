@@ -15,6 +15,7 @@ import importlib
 import sys
 
 from clap_core.config import ConfigError
+from clap_core.io_faults import StorageAccessError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("pipelines.models_cmd", "list registered model architectures or show one"),
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # a user mistake in a config or override: say which key, no traceback
         print(f"clap {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except StorageAccessError as e:  # bucket missing, credentials or permissions: the URI, no traceback
+        print(f"clap {args.command}: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -140,6 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_preprocess_config(args.config, args.overrides)
+    for uri in (args.input, args.output):
+        storage.check_access(storage.absolute(uri))  # before starting Ray: a refusal costs seconds, not a cluster
     started = not ray.is_initialized()
     if started:
         ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)

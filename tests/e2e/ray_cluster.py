@@ -51,12 +51,16 @@ class LocalRayCluster:
         # Ray's socket paths must stay short: a fresh folder directly under /tmp.
         self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
         self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self._spawn(["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
-                     f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}"], worker_ports=20000)
-        self._wait_for_dashboard(timeout_s)
-        self._spawn([f"--address=127.0.0.1:{self.gcs_port}"], worker_ports=21000)
-        self._wait_for_nodes(2, timeout_s)
+        try:
+            self._spawn(["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                         f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
+                         f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}"], worker_ports=20000)
+            self._wait_for_dashboard(timeout_s)
+            self._spawn([f"--address=127.0.0.1:{self.gcs_port}"], worker_ports=21000)
+            self._wait_for_nodes(2, timeout_s)
+        except BaseException:
+            self.stop(grace_s=5)  # a node that did come up must not outlive the failed start
+            raise
         return self
 
     def kill_worker_node(self) -> None:

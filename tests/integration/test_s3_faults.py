@@ -74,7 +74,7 @@ def test_three_503s_on_one_clip_leave_the_unit_uncommitted_then_identical(s3_fau
         assert Path(out, shard["path"]).read_bytes() == Path(tmp_path, "clean", shard["path"]).read_bytes()
 
 
-def test_refusals_fail_fast_naming_the_uri(s3_faults, s3_bucket, tmp_path, few_retries):
+def test_refusals_fail_fast_naming_the_uri(s3_faults, s3_bucket, tmp_path, few_retries, capsys):
     from pipelines.preprocess import preprocess
 
     manifest = write_corpus(tmp_path / "corpus", 2, seed=1, seconds=(0.5, 0.6))
@@ -91,6 +91,14 @@ def test_refusals_fail_fast_naming_the_uri(s3_faults, s3_bucket, tmp_path, few_r
             preprocess(str(manifest), out, cfg)
         assert out in str(err.value) and message in str(err.value), name
         assert time.monotonic() - start < 10, f"{name}: took {time.monotonic() - start:.1f} s"
+
+    # the command line says it in one line, without a traceback
+    s3_faults.configure()
+    from pipelines.cli import main
+
+    assert main(["preprocess", "--input", str(manifest), "--output", "s3://clap-no-such-bucket/out"]) == 3
+    err = capsys.readouterr().err
+    assert "clap preprocess: s3://clap-no-such-bucket/out" in err and "Traceback" not in err
 
     # a write refused or failing midway never becomes visible to readers
     big = os.urandom(12_000_000)  # two parts of a multipart upload
