@@ -34,9 +34,8 @@ class Trap:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from pipelines.pretrain import DEFAULT_CONFIG, init_engine
-
+def group():
+    """A one-process gloo group (what DeepSpeed needs), for the module."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -45,29 +44,55 @@ def engine():
     started = not dist.is_initialized()
     if started:
         dist.init_process_group("gloo", rank=0, world_size=1)
-    cfg = load_pretrain_config(str(DEFAULT_CONFIG), ["deepspeed.zero_stage=1", "train.batch_size=2"])
-    torch.manual_seed(0)
-    yield init_engine(ClapModel(resolve_model_config("tiny", cfg.model)), cfg, use_gpu=False)
+    yield
     if started:
         dist.destroy_process_group()
 
 
+def make_engine(zero_stage: int):
+    from pipelines.pretrain import DEFAULT_CONFIG, init_engine
+
+    cfg = load_pretrain_config(str(DEFAULT_CONFIG), [f"deepspeed.zero_stage={zero_stage}", "train.batch_size=2"])
+    torch.manual_seed(0)
+    return init_engine(ClapModel(resolve_model_config("tiny", cfg.model)), cfg, use_gpu=False)
+
+
+@pytest.fixture(scope="module")
+def engine(group):
+    return make_engine(1)
+
+
 def params(engine) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    """Full weights (ZeRO-3 gathers its partitions)."""
+    from pipelines.pretrain import consolidated_state_dict
+
+    return consolidated_state_dict(engine)
 
 
-def test_checkpoint_round_trip_without_unpickling_code(engine, tmp_path):
+def zero_weights(engine) -> None:
+    import deepspeed
+
+    weights = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(weights, modifier_rank=0, enabled=engine.zero_optimization_stage() == 3):
+        with torch.no_grad():
+            for p in weights:
+                p.zero_()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])  # ZeRO-3 partitions the model states: other files, same allow-list
+def test_checkpoint_round_trip_without_unpickling_code(group, zero_stage, tmp_path):
+    engine = make_engine(zero_stage)
     engine.save_checkpoint(str(tmp_path), tag=TAG)
     saved = params(engine)
-    with torch.no_grad():
-        for p in engine.module.parameters():
-            p.zero_()
+    zero_weights(engine)
+    assert not torch.equal(params(engine)["audio_projection.linear1.weight"], saved["audio_projection.linear1.weight"])
     assert load_deepspeed_checkpoint(engine, str(tmp_path), TAG)
     restored = params(engine)
     assert saved.keys() == restored.keys()
     assert all(torch.equal(saved[k], restored[k]) for k in saved)
-    assert sorted(p.name for p in (tmp_path / TAG).iterdir()) == [
-        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    files = sorted(p.name for p in (tmp_path / TAG).iterdir())
+    assert files == (["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"] if zero_stage < 3
+                     else ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
 
 
 @pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
