@@ -80,7 +80,10 @@ class S3FaultProxy:
         return self
 
     def stop(self) -> None:
-        self._threads[1].cancel() if len(self._threads) > 1 else None
+        """Idempotent: the lifetime timer and the owner may both call it."""
+        for thread in self._threads:
+            if isinstance(thread, threading.Timer):
+                thread.cancel()
         self.server.shutdown()
         self.server.server_close()
 
