@@ -106,7 +106,7 @@ def test_refusals_fail_fast_naming_the_uri(s3_faults, s3_bucket, tmp_path, few_r
         with pytest.raises(StorageAccessError) as err:
             preprocess(str(manifest), out, cfg)
         assert out in str(err.value) and message in str(err.value), name
-        assert time.monotonic() - start < 10, f"{name}: took {time.monotonic() - start:.1f} s"
+        assert time.monotonic() - start < 30, f"{name}: took {time.monotonic() - start:.1f} s"
 
     # the command line says it in one line, without a traceback
     s3_faults.configure()
