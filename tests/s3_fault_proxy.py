@@ -43,6 +43,17 @@ HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
                "expect"}  # 100-continue is answered here; the body is sent on whole
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (a killed node, a reset we injected) is normal here, not a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 class S3FaultProxy:
     def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, lifetime_s: float = 3600, **settings):
         target = urlsplit(upstream)
@@ -50,8 +61,7 @@ class S3FaultProxy:
         self.lifetime_s = lifetime_s
         self.lock = threading.Lock()
         self.configure(rate=rate, seed=seed, **settings)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._threads: list[threading.Thread] = []
 
