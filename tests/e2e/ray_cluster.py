@@ -186,6 +186,12 @@ class JobResult:
     status: str  # SUCCEEDED / FAILED / STOPPED, from the job submission API
     logs: str  # what `ray job submit` streamed: the job's own output included
 
+    @property
+    def tail(self) -> str:
+        """The end of the logs without Ray Data's progress lines (what an assertion message should show)."""
+        lines = [line for line in self.logs.splitlines() if "row/s]" not in line and line.strip()]
+        return "\n".join(lines)[-4000:]
+
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
