@@ -63,11 +63,13 @@ class LocalRayCluster:
             raise
         return self
 
-    def kill_worker_node(self) -> None:
-        """SIGKILL the last worker node's whole process group (raylet, its workers): a node that disappears."""
+    def kill_worker_node(self, timeout_s: float = 180) -> None:
+        """SIGKILL the last worker node's whole process group (raylet, its workers): a node that disappears.
+        Returns once the head has declared it dead (its health checks failed)."""
         proc = self.procs.pop()
         _signal_group(proc, signal.SIGKILL)
         proc.wait(timeout=30)
+        self._wait_for_nodes(len(self.procs), timeout_s, exact=True)
 
     def add_worker_node(self, timeout_s: float = 120) -> None:
         """A fresh worker node (a replacement for a lost one)."""
@@ -119,14 +121,14 @@ class LocalRayCluster:
                 time.sleep(1)
         raise TimeoutError(f"Ray dashboard did not come up in {timeout_s} s: {self.logs()}")
 
-    def _wait_for_nodes(self, count: int, timeout_s: float) -> None:
+    def _wait_for_nodes(self, count: int, timeout_s: float, exact: bool = False) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
             out = subprocess.run([RAY, "status", f"--address=127.0.0.1:{self.gcs_port}"], env=self.env,
                                  capture_output=True, text=True, timeout=60).stdout
-            active = out.split("Active:")[-1].split("Pending:")[0]
-            if active.count("node_") >= count:
+            active = out.split("Active:")[-1].split("Pending:")[0].count("node_")
+            if active == count or (active > count and not exact):
                 return
             time.sleep(2)
         raise TimeoutError(f"{count} Ray nodes did not register in {timeout_s} s: {self.logs()}")
