@@ -83,3 +83,21 @@ def test_export_refuses_what_transformers_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match="unfused model with a htk mel front end.*slaney"):
         export_transformers(tiny_htsat_roberta(fusion=False, mel_scale="htk"), tmp_path / "htk")
     assert not (tmp_path / "tiny").exists() and not (tmp_path / "htk").exists()
+
+
+def test_clap_export_cli_writes_a_folder_transformers_loads_and_refuses_cleanly(tmp_path, capsys):
+    from pipelines.cli import main
+
+    tiny_htsat_roberta().save_pretrained(tmp_path / "ckpt")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "transformers",
+                 "--output", str(tmp_path / "hf")]) == 0
+    assert HFClapModel.from_pretrained(tmp_path / "hf").config.projection_dim == 24
+    # an occupied folder is never written into; an unrepresentable model is refused with the reason
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "transformers",
+                 "--output", str(tmp_path / "hf")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    torch.manual_seed(0)
+    ClapModel(get_model_config("tiny")).save_pretrained(tmp_path / "tiny")
+    assert main(["export", "--checkpoint", str(tmp_path / "tiny"), "--format", "transformers",
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "audio encoder 'conv'" in capsys.readouterr().err and not (tmp_path / "out").exists()
