@@ -78,7 +78,7 @@ def frontend_from_feature_extractor(fe: dict) -> dict:
 
 
 def read_feature_extractor_settings(path: str | Path) -> dict | None:
-    """The folder's ClapFeatureExtractor settings: preprocessor_config.json, or transformers 5's processor_config.json."""
+    """The folder's ClapFeatureExtractor settings: preprocessor_config.json or processor_config.json (v5)."""
     path = Path(path)
     if (path / FEATURE_EXTRACTOR_FILE).is_file():
         return json.loads((path / FEATURE_EXTRACTOR_FILE).read_text())
