@@ -119,13 +119,13 @@ def import_laion_clap(path: str | Path, max_length: int = 77) -> ClapModel:
 # --- export: our model -> a transformers ClapModel folder (the inverse of the import above) ---
 
 
-def transformers_export_problems(config: ClapModelConfig) -> list[str]:
+def transformers_export_problems(model: ClapModel) -> list[str]:
     """Why transformers' ClapModel + ClapFeatureExtractor cannot represent this model (empty: it can)."""
-    problems = []
+    problems, config = [], model.config
     enc, text, audio = config.audio_encoder, config.text_encoder, config.audio
     if enc.type != "htsat":
         problems.append(f"audio encoder '{enc.type}': transformers' ClapModel has only HTS-AT")
-    model_type = (text.hf_config or {}).get("model_type")
+    model_type = model.text_encoder.backbone.config.model_type
     if model_type != "roberta":
         problems.append(f"text backbone '{model_type}': transformers' ClapTextModel is RoBERTa only")
     if text.pooling != "pooler":
@@ -187,7 +187,7 @@ def transformers_state_dict(model: ClapModel) -> dict[str, torch.Tensor]:
 
 def export_transformers(model: ClapModel, output: str | Path) -> Path:
     """Write `model` as a transformers ClapModel folder: config.json, weights, tokenizer, preprocessor config."""
-    problems = transformers_export_problems(model.config)
+    problems = transformers_export_problems(model)
     if problems:
         raise ValueError("cannot export this model to the transformers ClapModel format: " + "; ".join(problems))
     output = Path(output)
