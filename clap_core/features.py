@@ -17,12 +17,14 @@ import torchaudio
 class LogMel(nn.Module):
     """(B, N) waveforms -> (B, T, F) log-mel in dB, T = N // hop + 1."""
 
-    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int, f_min: float, f_max: float):
+    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int, f_min: float, f_max: float,
+                 mel_scale: str = "htk"):
         super().__init__()
+        # "slaney" is librosa's default filterbank (Slaney scale, area-normalised), "htk" torchaudio's.
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=n_fft, win_length=n_fft, hop_length=hop_length,
             f_min=f_min, f_max=f_max, n_mels=n_mels, power=2.0, center=True, pad_mode="reflect",
-            norm=None,
+            norm="slaney" if mel_scale == "slaney" else None, mel_scale=mel_scale,
         )
         self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=None)
         for module in self.modules():  # window and filterbank follow from the config: keep them out of checkpoints
@@ -89,14 +91,14 @@ class AudioFrontend(nn.Module):
 
     def __init__(self, sample_rate: int = 48_000, n_fft: int = 1024, hop_length: int = 480, n_mels: int = 64,
                  f_min: float = 50.0, f_max: float = 14_000.0, clip_seconds: float = 10.0,
-                 pad_mode: str = "repeatpad", fusion: bool = False):
+                 pad_mode: str = "repeatpad", fusion: bool = False, mel_scale: str = "htk"):
         super().__init__()
         self.sample_rate = sample_rate
         self.clip_samples = int(round(clip_seconds * sample_rate))
         self.frames = self.clip_samples // hop_length + 1
         self.pad_mode = pad_mode
         self.fusion = fusion
-        self.logmel = LogMel(sample_rate, n_fft, hop_length, n_mels, f_min, f_max)
+        self.logmel = LogMel(sample_rate, n_fft, hop_length, n_mels, f_min, f_max, mel_scale)
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,9 +4,17 @@ Embeddings are deterministic: the model runs in eval mode, long clips are never 
 A clip longer than the model's window is embedded by feature fusion when the model has it (HTS-AT
 fused), otherwise as the renormalised mean of the embeddings of consecutive windows ("window_mean"),
 or by its centre window ("center_crop").
+
+precision="auto" (the default) runs the encoders under bf16 autocast where the device has native bf16
+(AVX-512 BF16 / AMX CPUs, Ampere+ GPUs) and in fp32 elsewhere; the log-mel front end always stays fp32.
+On this project's CPU that is ~1.8x faster with a cosine >= 0.9999 to fp32 on decoded clips (README,
+"Exact or fast inference"). precision="fp32" forces the exact path.
 """
 from __future__ import annotations
 
+import contextlib
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence, Union
 
 import numpy as np
@@ -21,6 +29,38 @@ if TYPE_CHECKING:
 
 AudioInput = Union[str, "np.ndarray", torch.Tensor]
 LongAudio = Literal["auto", "window_mean", "center_crop"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@lru_cache(maxsize=None)
+def _cpu_has_native_bf16() -> bool:
+    try:  # AVX-512 without the BF16 extension emulates bf16 and is slower than fp32
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively, so autocast is a speed-up, on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_has_native_bf16()
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(model: "ClapModel", precision: Precision):
+    """The context the encoders run in: bf16 autocast, or nothing (exact fp32)."""
+    if resolve_precision(precision, model.device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
 
 
 def load_waveform(item: AudioInput, sample_rate: int | None) -> np.ndarray:
@@ -64,7 +104,7 @@ def pad_batch(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def embed_waveforms(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int = 16,
-                    long_audio: LongAudio = "auto") -> np.ndarray:
+                    long_audio: LongAudio = "auto", precision: Precision = "auto") -> np.ndarray:
     """48 kHz mono waves -> (N, D) unit embeddings, deterministically."""
     was_training = model.training
     model.eval()
@@ -72,9 +112,10 @@ def embed_waveforms(model: "ClapModel", waves: Sequence[np.ndarray], batch_size:
         mode = long_audio
         if mode == "auto":
             mode = "fusion" if model.config.audio.fusion else "window_mean"
-        if mode == "window_mean":
-            return _embed_window_mean(model, waves, batch_size)
-        return _embed_direct(model, waves, batch_size)  # fusion or centre crop happen in the front end
+        with autocast(model, precision):
+            if mode == "window_mean":
+                return _embed_window_mean(model, waves, batch_size)
+            return _embed_direct(model, waves, batch_size)  # fusion or centre crop happen in the front end
     finally:
         model.train(was_training)
 
@@ -83,7 +124,8 @@ def _embed_direct(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: i
     out = []
     for chunk in batched(list(waves), batch_size):
         padded, lengths = pad_batch(chunk)
-        out.append(model.encode_audio(padded, lengths=lengths).float().cpu())
+        emb = model.encode_audio(padded, lengths=lengths, normalize=False)  # (B, D), bf16 under autocast
+        out.append(F.normalize(emb.float(), dim=-1).cpu())  # normalised in fp32 either way
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.embed_dim), np.float32)
 
 
@@ -98,10 +140,10 @@ def _embed_window_mean(model: "ClapModel", waves: Sequence[np.ndarray], batch_si
 
 
 def embed_audio(model: "ClapModel", audio: AudioInput | Iterable[AudioInput], sample_rate: int | None = None,
-                batch_size: int = 16, long_audio: LongAudio = "auto") -> np.ndarray:
+                batch_size: int = 16, long_audio: LongAudio = "auto", precision: Precision = "auto") -> np.ndarray:
     """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings."""
     items = [audio] if _is_single_audio(audio) else list(audio)
-    return embed_waveforms(model, [load_waveform(x, sample_rate) for x in items], batch_size, long_audio)
+    return embed_waveforms(model, [load_waveform(x, sample_rate) for x in items], batch_size, long_audio, precision)
 
 
 def _is_single_audio(audio) -> bool:
@@ -111,13 +153,16 @@ def _is_single_audio(audio) -> bool:
 
 
 @torch.no_grad()
-def embed_text(model: "ClapModel", texts: str | Sequence[str], batch_size: int = 64) -> np.ndarray:
+def embed_text(model: "ClapModel", texts: str | Sequence[str], batch_size: int = 64,
+               precision: Precision = "auto") -> np.ndarray:
     """Captions -> (N, D) unit embeddings."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     was_training = model.training
     model.eval()
     try:
-        out = [model.encode_text(**model.tokenize(chunk)).float().cpu() for chunk in batched(texts, batch_size)]
+        with autocast(model, precision):
+            out = [F.normalize(model.encode_text(**model.tokenize(chunk), normalize=False).float(), dim=-1).cpu()
+                   for chunk in batched(texts, batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.embed_dim), np.float32)

@@ -187,13 +187,17 @@ class ClapModel(nn.Module):
     # --- inference API (deterministic; see clap_core.inference) ---
 
     def embed_audio(self, audio, sample_rate: int | None = None, batch_size: int = 16,
-                    long_audio: inference.LongAudio = "auto") -> np.ndarray:
-        """Paths or arrays -> (N, embed_dim) unit embeddings; decodes, resamples and batches by itself."""
-        return inference.embed_audio(self, audio, sample_rate, batch_size, long_audio)
+                    long_audio: inference.LongAudio = "auto", precision: inference.Precision = "auto") -> np.ndarray:
+        """Paths or arrays -> (N, embed_dim) unit embeddings; decodes, resamples and batches by itself.
 
-    def embed_text(self, texts: str | Sequence[str], batch_size: int = 64) -> np.ndarray:
+        precision "auto": bf16 autocast where the device has native bf16, else fp32; "fp32": exact.
+        """
+        return inference.embed_audio(self, audio, sample_rate, batch_size, long_audio, precision)
+
+    def embed_text(self, texts: str | Sequence[str], batch_size: int = 64,
+                   precision: inference.Precision = "auto") -> np.ndarray:
         """Captions -> (N, embed_dim) unit embeddings."""
-        return inference.embed_text(self, texts, batch_size)
+        return inference.embed_text(self, texts, batch_size, precision)
 
     def zero_shot(self, audio, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                   sample_rate: int | None = None) -> np.ndarray:

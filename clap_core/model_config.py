@@ -27,6 +27,7 @@ class AudioFrontendConfig:
     clip_seconds: float = 10.0  # fixed model input length: longer clips are cropped, shorter padded
     pad_mode: Literal["repeatpad", "zero"] = "repeatpad"  # LAION repeats short clips, then zero-pads
     fusion: bool = False  # LAION feature fusion for long clips (global view + 3 local chunks); HTS-AT only
+    mel_scale: Literal["htk", "slaney"] = "htk"  # htk (torchaudio; LAION fused) or slaney (librosa; LAION unfused)
 
 
 # --- audio encoders: one dataclass per `type`, its fields are the encoder's constructor kwargs ---

@@ -3,7 +3,7 @@
     clap models                       # registered architectures
     clap preprocess --input M --output OUT [--config FILE] [key=value ...]
     clap pretrain --data SHARDS --output RUN --model tiny [--config FILE] [key=value ...]
-    clap evaluate / embed / search / tune-probe / demo
+    clap evaluate / embed / export / search / tune-probe / demo
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`; modules
 are imported only when their subcommand runs, so `clap models` starts fast and without Ray.
@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pipelines.pretrain", "contrastive pretraining (Ray Train + DeepSpeed)"),
     "evaluate": ("pipelines.evaluate", "retrieval and zero-shot evaluation of a checkpoint"),
     "embed": ("pipelines.embed", "batch audio/text embedding to Parquet (Ray Data)"),
+    "export": ("pipelines.export_cmd", "a checkpoint as a transformers ClapModel folder or ONNX graphs"),
     "search": ("pipelines.search", "top-k clips for a text or audio query"),
     "tune-probe": ("pipelines.tune_probe", "MELD emotion probe sweep (Ray Tune)"),
     "demo": ("pipelines.demo", "the whole pipeline on a small generated corpus"),

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="clips per model call")
     parser.add_argument("--concurrency", type=int, default=None, help="embedding actors (default: 1 per GPU, else 2)")
     parser.add_argument("--no-text", action="store_true", help="skip caption embeddings")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 autocast where the hardware has native bf16 (cosine >= 0.999 to fp32), "
+                             "else fp32; fp32: exact")
 
 
 # --- stage 1: decode (plain batch function on CPU tasks) ---
@@ -89,7 +92,7 @@ def write_rejects(output: str, rejects: list[dict]) -> None:
 
 
 class EmbedBatch:
-    def __init__(self, checkpoint: str, batch_size: int, text: bool):
+    def __init__(self, checkpoint: str, batch_size: int, text: bool, precision: str = "auto"):
         import torch
 
         from clap_core.model import ClapModel
@@ -97,16 +100,18 @@ class EmbedBatch:
         self.model = ClapModel.from_pretrained(local_copy(checkpoint))
         if torch.cuda.is_available():
             self.model = self.model.cuda()
-        self.batch_size, self.text = batch_size, text
+        self.batch_size, self.text, self.precision = batch_size, text, precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from clap_core.inference import embed_text, embed_waveforms
 
         waves = list(batch.pop("wave"))
         batch["duration_s"] = np.array([len(w) / TARGET_SR for w in waves])
-        batch["audio_embedding"] = embed_waveforms(self.model, waves, self.batch_size)  # (B, D)
+        batch["audio_embedding"] = embed_waveforms(self.model, waves, self.batch_size,
+                                                   precision=self.precision)  # (B, D)
         if self.text and "caption" in batch:
-            batch["text_embedding"] = embed_text(self.model, [str(c or "") for c in batch["caption"]])
+            captions = [str(c or "") for c in batch["caption"]]
+            batch["text_embedding"] = embed_text(self.model, captions, precision=self.precision)
         batch["id"] = batch["id"].astype(str)
         return batch
 
@@ -148,7 +153,7 @@ def clear_outputs(output: str) -> None:
 
 
 def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
-                  concurrency: int | None = None, text: bool = True) -> dict:
+                  concurrency: int | None = None, text: bool = True, precision: str = "auto") -> dict:
     """Run the embedding job (Ray must be reachable: local or the submitted-to cluster); returns a summary."""
     import ray
 
@@ -163,7 +168,8 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     ds = read_input(ray, input_uri, split)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output}, batch_size=batch_size)
     actors = concurrency or (gpus if gpus else 2)
-    ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text), batch_size=batch_size,
+    ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision),
+                        batch_size=batch_size,
                         concurrency=actors, num_gpus=1 if gpus else 0)
     fs, path = storage.resolve_fs(output)
     ds.write_parquet(path, filesystem=fs)
@@ -190,6 +196,6 @@ def summarize(output: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     summary = embed_dataset(args.checkpoint, args.input, args.output, split=args.split, batch_size=args.batch_size,
-                            concurrency=args.concurrency, text=not args.no_text)
+                            concurrency=args.concurrency, text=not args.no_text, precision=args.precision)
     print(json.dumps(summary))
     return 0
