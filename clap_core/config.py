@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A config key is unknown, missing or has the wrong type; the message names the dotted key."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the path and the problem in one line."""
+
+
 # ---------------------------------------------------------------------------------------------
 # dict -> dataclass
 

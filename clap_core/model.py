@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 from transformers import PreTrainedTokenizerBase
 
 from clap_core import inference
-from clap_core.config import from_dict, to_dict
+from clap_core.config import CheckpointError, from_dict, to_dict
 from clap_core.encoders.cnn14 import Cnn14
 from clap_core.encoders.conv import TinyConvEncoder
 from clap_core.encoders.htsat import HTSATEncoder
@@ -231,16 +231,59 @@ class ClapModel(nn.Module):
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "ClapModel":
         """Load a folder written by save_pretrained, or a transformers LAION-CLAP folder (imported)."""
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            if (path / "config.json").is_file():
-                from clap_core.laion import import_laion_clap
-                return import_laion_clap(path)
-            raise FileNotFoundError(f"{path} holds no {CONFIG_FILE}: not a ClapModel checkpoint folder")
-        config = from_dict(ClapModelConfig, yaml.safe_load((path / CONFIG_FILE).read_text()))
-        tokenizer = build_tokenizer(str(path / TOKENIZER_DIR), config.text_encoder.max_length)
+        if not (path / CONFIG_FILE).is_file() and (path / "config.json").is_file():
+            from clap_core.laion import import_laion_clap
+            return import_laion_clap(path)
+        config = check_checkpoint(path)
+        try:  # a local folder only (checked above): never read as a hub id
+            tokenizer = build_tokenizer(str((path / TOKENIZER_DIR).resolve()), config.text_encoder.max_length)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path / TOKENIZER_DIR}: the tokenizer does not load ({one_line(e)})") from None
         model = cls(config, tokenizer=tokenizer)
-        load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(map_location))
+        try:
+            load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(map_location))
+        except RuntimeError as e:  # shapes or names that do not match config.yaml
+            raise CheckpointError(f"{path / WEIGHTS_FILE}: the weights do not match {CONFIG_FILE} "
+                                  f"({one_line(e)})") from None
         return model.eval()
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_checkpoint(path: str | Path) -> ClapModelConfig:
+    """Check a save_pretrained folder without building the model; returns its config. Raises CheckpointError
+    naming the path and the problem: no folder, no or broken config.yaml, no tokenizer/, no or truncated
+    model.safetensors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (a checkpoint is the folder save_pretrained wrote)")
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path}: holds no {CONFIG_FILE} (nor a transformers config.json): not a "
+                              "checkpoint folder")
+    try:
+        config = from_dict(ClapModelConfig, yaml.safe_load((path / CONFIG_FILE).read_text()))
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: not a valid model config ({one_line(e)})") from None
+    if not (path / TOKENIZER_DIR).is_dir():
+        raise CheckpointError(f"{path / TOKENIZER_DIR}: missing (save_pretrained writes the tokenizer there)")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())
+            for name in names[-1:]:  # the last tensor ends at the end of the file: truncation shows here
+                f.get_slice(name)
+    except Exception as e:  # SafetensorError, OSError: header too large, incomplete, not safetensors
+        raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({one_line(e)})") from None
+    return config
 
 
 _HF_META_KEYS = {"architectures", "transformers_version", "torch_dtype", "dtype", "return_dict",

@@ -44,18 +44,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clap_core import storage
-from clap_core.audio_io import AudioDecodeError, decode_audio, encode_flac
+from clap_core.audio_io import AudioStream, encode_flac, stream_audio
 from clap_core.augment import augment_clip, build_caption_merger, pair_speech_with_env, stable_seed
 from clap_core.config import to_dict
 from clap_core.io_faults import is_data_error
 from clap_core.manifest import audio_source, row_id
 from clap_core.preprocess_config import PreprocessConfig
+from clap_core.rejects import failure_reason, printable, reject
 from clap_core.shards import REJECT_SCHEMA, SHARD_SCHEMA
 
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # splits become folder names
 FLAC_RATIO = 0.6  # typical FLAC size / PCM size, to size units from shard_mb
 MANIFEST_FORMAT = "clap-shards/1"
 DONE_DIR, REJECTS_DIR = "_done", "_rejects"
+SEGMENT_STAGE = "segment"  # rejects of one dropped segment of a long clip, not of an input row
 
 
 def text_ok(text: str) -> bool:
@@ -65,18 +67,6 @@ def text_ok(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def printable(text) -> str:
-    """A string safe to store in a reject row: undecodable bytes shown as \\xNN."""
-    if text is None:
-        return ""
-    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def reject(row: dict, stage: str, reason: str, detail: str = "") -> dict:
-    return {"id": printable(row.get("id")), "source_path": printable(row.get("source_path")), "stage": stage,
-            "reason": reason, "detail": printable(detail)}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -195,39 +185,89 @@ def build_merger(cfg: PreprocessConfig):
     return build_caption_merger("template", template=c.template)
 
 
-def load_wave(source: dict, cfg: PreprocessConfig) -> np.ndarray:
-    """Fetch and decode a row's audio (local path, s3:// object, or a byte range of a tar)."""
-    data = audio_source(source)
+def open_row_audio(source: dict, cfg: PreprocessConfig) -> AudioStream:
+    """Open a row's audio (local path, s3:// object, or a byte range of a tar) as a bounded-block stream.
+
+    Decoding stops at audio.max_seconds when long clips are rejected, else at audio.max_source_seconds:
+    a header that declares more is rejected before any sample is decoded."""
     a = cfg.audio
-    wave, _ = decode_audio(data, mono=a.mono, target_sr=a.target_sr, max_channels=a.max_channels)
-    return wave
+    limit = a.max_seconds if a.long_clip == "reject" else a.max_source_seconds
+    return stream_audio(audio_source(source), mono=a.mono, target_sr=a.target_sr, max_channels=a.max_channels,
+                        max_seconds=limit)
 
 
-def validate_wave(wave: np.ndarray, cfg: PreprocessConfig) -> tuple[str, str] | None:
-    """(reason, detail) when the decoded clip must not be used, else None."""
+def load_wave(source: dict, cfg: PreprocessConfig, max_samples: int | None = None) -> np.ndarray:
+    """The decoded (C, N) audio of a row, or only its first max_samples (decoding stops there)."""
+    parts, held = [], 0
+    for block in open_row_audio(source, cfg).blocks:
+        parts.append(block)
+        held += block.shape[1]
+        if max_samples is not None and held >= max_samples:
+            break
+    wave = np.concatenate(parts, axis=1)
+    return wave if max_samples is None else wave[:, :max_samples]
+
+
+def peak_db(wave: np.ndarray) -> float:
+    peak = float(np.abs(wave).max())
+    return 20 * math.log10(peak) if peak > 0 else -math.inf
+
+
+def validate_wave(wave: np.ndarray, cfg: PreprocessConfig, whole_clip: bool = True) -> tuple[str, str] | None:
+    """(reason, detail) when a decoded clip (or one segment of it) must not be used, else None."""
     a = cfg.audio
     seconds = wave.shape[1] / a.target_sr
-    peak = float(np.abs(wave).max())
-    peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
-    if a.silence == "reject" and peak_db < a.silence_threshold_db:
-        return "silent", f"peak {peak_db:.1f} dBFS < {a.silence_threshold_db} dBFS"
-    if seconds < a.min_seconds:
+    level = peak_db(wave)
+    if a.silence == "reject" and level < a.silence_threshold_db:
+        return "silent", f"peak {level:.1f} dBFS < {a.silence_threshold_db} dBFS"
+    if whole_clip and seconds < a.min_seconds:
         return "too_short", f"{seconds:.3f} s < min_seconds {a.min_seconds}"
-    if seconds > a.max_seconds and a.long_clip == "reject":
+    if whole_clip and seconds > a.max_seconds and a.long_clip == "reject":
         return "too_long", f"{seconds:.3f} s > max_seconds {a.max_seconds}"
     return None
 
 
-def segments(wave: np.ndarray, cfg: PreprocessConfig) -> list[tuple[int, int, np.ndarray]]:
-    """[(segment index, start sample, (C, n))]: the whole clip, or ceil(N / max) equal segments (no
-    short tail to drop: each is between max_seconds / 2 and max_seconds long)."""
+def fit_full_scale(wave: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, dict]:
+    """Float sources can peak above 1.0, which FLAC storage would clip: scale the clip down to a peak of 1.0
+    and record it (audio.over_full_scale=normalize), or reject it (=reject). Returns (wave, provenance)."""
+    peak = float(np.abs(wave).max())
+    if peak <= 1.0:
+        return wave, {}
+    if cfg.audio.over_full_scale == "reject":
+        raise OverFullScale(f"peak {peak:.3f} > 1.0 (full scale): storing it would clip")
+    return (wave / peak).astype(np.float32), {"normalized": {"source_peak": round(peak, 6), "gain": round(1 / peak, 6)}}
+
+
+class OverFullScale(Exception):
+    """A clip peaking above full scale with audio.over_full_scale=reject."""
+
+
+def stream_segments(blocks, max_n: int):
+    """Cut a block stream into segments as it decodes: (index, start sample, (C, n), whole clip?).
+
+    A clip of at most max_n samples is one segment (the whole clip). A longer one gets max_n-sample
+    segments while more than 2 * max_n samples are held, and its rest (between max_n and 2 * max_n)
+    is cut in two equal halves, so no segment is shorter than max_n / 2. At most 2 * max_n samples
+    plus one block are held: memory is flat in the clip's length."""
+    held, index, start = [], 0, 0
+    size = 0
+    for block in blocks:
+        held.append(block)
+        size += block.shape[1]
+        if size > 2 * max_n:
+            wave = np.concatenate(held, axis=1)
+            while wave.shape[1] > 2 * max_n:
+                yield index, start, wave[:, :max_n].copy(), False
+                wave, start, index = wave[:, max_n:], start + max_n, index + 1
+            held, size = [wave], wave.shape[1]
+    wave = np.concatenate(held, axis=1)
     n = wave.shape[1]
-    max_n = int(cfg.audio.max_seconds * cfg.audio.target_sr)
     if n <= max_n:
-        return [(0, 0, wave)]
-    count = -(-n // max_n)
-    bounds = [round(i * n / count) for i in range(count + 1)]
-    return [(i, bounds[i], wave[:, bounds[i]:bounds[i + 1]]) for i in range(count)]
+        yield index, start, wave, index == 0
+        return
+    half = (n + 1) // 2
+    yield index, start, wave[:, :half], False
+    yield index + 1, start + half, wave[:, half:], False
 
 
 def output_row(row: dict, row_id: str, wave: np.ndarray, captions: list[str], augment: dict, cfg: PreprocessConfig) -> dict:
@@ -248,10 +288,13 @@ class EnvCache:
     def get(self, env: dict) -> tuple[np.ndarray | None, str | None]:
         """(first max_seconds of the env wave, None) or (None, reason it cannot be used)."""
         if env["id"] not in self.waves:
+            max_n = int(self.cfg.audio.max_seconds * self.cfg.audio.target_sr)
             try:
-                wave = load_wave(env, self.cfg)
-                problem = validate_wave(wave, self.cfg)
-                self.waves[env["id"]] = (None, problem[0]) if problem else (segments(wave, self.cfg)[0][2], None)
+                wave = load_wave(env, self.cfg, max_samples=max_n)  # decoding stops after max_seconds
+                problem = validate_wave(wave, self.cfg, whole_clip=False)
+                if problem is None:
+                    wave, _ = fit_full_scale(wave, self.cfg)
+                self.waves[env["id"]] = (None, problem[0]) if problem else (wave, None)
             except Exception as e:  # a broken partner costs the mix, never the speech clip...
                 if not is_data_error(e):
                     raise  # ...but an unreadable one (storage fault) must not change the output: retry the unit
@@ -278,38 +321,73 @@ def augmented_rows(row: dict, seg_id: str, wave: np.ndarray, base: dict, cfg: Pr
     return out
 
 
-def process_row(row: dict, cfg: PreprocessConfig, merger=None, env_cache: EnvCache | None = None) -> tuple[list[dict], list[dict]]:
-    """One planned row -> (output rows, []) or ([], [one reject]). Never raises on bad input."""
+def stream_row(row: dict, cfg: PreprocessConfig, emit, merger=None, env_cache: EnvCache | None = None) -> list[dict]:
+    """Process one planned row, handing each segment's output rows (the segment and its augmented copies)
+    to `emit` as soon as they exist, so a long clip is never held whole; returns the row's rejects.
+
+    Never raises on bad input. A row that emits nothing returns exactly one reject (the row's). A long
+    clip that emitted segments returns one reject per dropped segment, stage "segment", id "<id>#seg<k>":
+    silent_segment, over_full_scale, augment_failed, or the decode reason of a damaged tail (whose id
+    is the first segment not emitted)."""
     if row.get("planned_reject"):
         p = row["planned_reject"]
-        return [], [reject(row, p["stage"], p["reason"], p["detail"])]
+        return [reject(row, p["stage"], p["reason"], p["detail"])]
     merger = merger or build_merger(cfg)
     env_cache = env_cache or EnvCache(cfg)
+    sr = cfg.audio.target_sr
+    emitted, dropped, next_index = 0, [], 0
     try:
-        wave = load_wave(row, cfg)
-    except Exception as e:  # a decoder crash on hostile bytes must not take the job down...
+        stream = open_row_audio(row, cfg)
+        for index, start, seg, whole in stream_segments(stream.blocks, int(cfg.audio.max_seconds * sr)):
+            next_index = index + 1
+            seg_id = row["id"] if whole else f"{row['id']}#seg{index}"
+            seg_row = {**row, "id": seg_id}
+            problem = validate_wave(seg, cfg, whole_clip=whole)
+            if problem:
+                if whole:
+                    return [reject(row, "validate", *problem)]
+                dropped.append(reject(seg_row, SEGMENT_STAGE, f"{problem[0]}_segment", problem[1]))
+                continue
+            try:
+                seg, level = fit_full_scale(seg, cfg)
+            except OverFullScale as e:
+                if whole:
+                    return [reject(row, "validate", "over_full_scale", str(e))]
+                dropped.append(reject(seg_row, SEGMENT_STAGE, "over_full_scale", str(e)))
+                continue
+            base = {**({} if whole else {"segment": {"index": index, "start_s": start / sr}}), **level}
+            try:  # a segment goes out with all its copies or not at all
+                rows = [output_row(row, seg_id, seg, row["captions"], base, cfg)]
+                rows += augmented_rows(row, seg_id, seg, base, cfg, merger, env_cache)
+            except Exception as e:
+                if not is_data_error(e):
+                    raise  # a storage fault (env partner read): the unit stays uncommitted and is retried
+                if whole:
+                    return [reject(row, "augment", "augment_failed", f"{type(e).__name__}: {e}")]
+                dropped.append(reject(seg_row, SEGMENT_STAGE, "augment_failed", f"{type(e).__name__}: {e}"))
+                continue
+            emit(rows)
+            emitted += 1
+    except Exception as e:  # decode errors, MemoryError or a decoder crash on hostile bytes: never the job...
         if not is_data_error(e):
             raise  # ...but a storage failure is no verdict on the clip: the unit stays uncommitted, retried
-        if isinstance(e, AudioDecodeError):
-            return [], [reject(row, "decode", e.reason, e.message)]
-        return [], [reject(row, "decode", "decode_error", f"{type(e).__name__}: {e}")]
-    problem = validate_wave(wave, cfg)
-    if problem:
-        return [], [reject(row, "validate", *problem)]
-    parts = segments(wave, cfg)
-    out = []
-    try:
-        for index, start, seg in parts:
-            seg_id = row["id"] if len(parts) == 1 else f"{row['id']}#seg{index}"
-            base = {} if len(parts) == 1 else {"segment": {"index": index, "count": len(parts),
-                                                           "start_s": start / cfg.audio.target_sr}}
-            out.append(output_row(row, seg_id, seg, row["captions"], base, cfg))
-            out += augmented_rows(row, seg_id, seg, base, cfg, merger, env_cache)
-    except Exception as e:  # the row goes wholly to rejects: never half a row's copies
-        if not is_data_error(e):
-            raise
-        return [], [reject(row, "augment", "augment_failed", f"{type(e).__name__}: {e}")]
-    return out, []
+        stage, reason, detail = failure_reason(e)
+        if not emitted:
+            return [reject(row, stage, reason, detail)]
+        tail = {**row, "id": f"{row['id']}#seg{next_index}"}
+        return dropped + [reject(tail, SEGMENT_STAGE, reason, f"the rest of the clip is lost: {detail}")]
+    if not emitted:
+        reasons = sorted({d["reason"] for d in dropped})
+        reason = "silent" if reasons == ["silent_segment"] else "no_usable_segment"
+        return [reject(row, "validate", reason, f"all {len(dropped)} segments dropped ({', '.join(reasons)})")]
+    return dropped
+
+
+def process_row(row: dict, cfg: PreprocessConfig, merger=None, env_cache: EnvCache | None = None) -> tuple[list[dict], list[dict]]:
+    """One planned row -> (its output rows, its rejects); see stream_row (this one holds the rows: tests)."""
+    out: list[dict] = []
+    rejects = stream_row(row, cfg, out.extend, merger, env_cache)
+    return out, rejects
 
 
 # -------------------------------------------------------------------------------------------------
@@ -365,23 +443,32 @@ def process_unit(unit: dict, cfg: PreprocessConfig, out_uri: str, merger=None) -
     writer = ShardWriter(paths["shard_prefix"], out_uri, cfg)
     rejects, sources_out, seconds_in = [], 0, 0.0
     for row in unit["rows"]:
-        rows_out, row_rejects = process_row(row, cfg, merger, env_cache)
-        writer.add(rows_out)
-        rejects += row_rejects
-        sources_out += bool(rows_out)
-        seconds_in += sum(r["duration_s"] for r in rows_out if "#aug" not in r["id"])
+        emitted = {"rows": 0, "seconds": 0.0}
+
+        def emit(rows: list[dict]) -> None:  # rows leave for the shard buffer as each segment is made
+            writer.add(rows)
+            emitted["rows"] += len(rows)
+            emitted["seconds"] += rows[0]["duration_s"]  # the segment itself; its copies are not input time
+
+        rejects += stream_row(row, cfg, emit, merger, env_cache)
+        sources_out += emitted["rows"] > 0
+        seconds_in += emitted["seconds"]
     writer.flush()
     if rejects:
         storage.put_atomic(paths["rejects"], table_bytes(rejects, REJECT_SCHEMA, 10_000))
     reasons: dict[str, int] = {}
+    segment_reasons: dict[str, int] = {}  # dropped segments of long clips (their row has output)
     for r in rejects:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        counts = segment_reasons if r["stage"] == SEGMENT_STAGE else reasons
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
     marker = {"unit": unit["key"], "hash": unit["hash"], "split": unit["split"], "rows_in": len(unit["rows"]),
               "sources_out": sources_out, "rows_out": sum(s["rows"] for s in writer.shards),
               "seconds_in": seconds_in, "seconds_out": sum(s["seconds"] for s in writer.shards),
               "cpu_seconds": time.process_time() - cpu_start,  # this process's CPU time: benchmarks, cost
               "shards": writer.shards, "rejects": {"path": paths["rejects"][len(out_uri.rstrip("/")) + 1:]
-                                                   if rejects else None, "rows": len(rejects), "by_reason": reasons}}
+                                                   if rejects else None, "rows": sum(reasons.values()), "by_reason": reasons,
+                                                   "segments": sum(segment_reasons.values()),
+                                                   "segments_by_reason": segment_reasons}}
     storage.put_atomic(paths["marker"], json.dumps(marker, sort_keys=True).encode())
     return marker
 
@@ -429,6 +516,7 @@ def build_manifest(plan: Plan, cfg: PreprocessConfig, markers: dict[str, dict], 
     ordered = [markers[u["key"]] for u in plan.units]
     splits: dict[str, dict] = {}
     reasons: dict[str, int] = {}
+    segment_reasons: dict[str, int] = {}
     for m in ordered:
         for s in m["shards"]:
             entry = splits.setdefault(s["split"], {"rows": 0, "hours": 0.0, "shards": 0})
@@ -437,6 +525,8 @@ def build_manifest(plan: Plan, cfg: PreprocessConfig, markers: dict[str, dict], 
             entry["shards"] += 1
         for reason, count in m["rejects"]["by_reason"].items():
             reasons[reason] = reasons.get(reason, 0) + count
+        for reason, count in m["rejects"].get("segments_by_reason", {}).items():
+            segment_reasons[reason] = segment_reasons.get(reason, 0) + count
     return {
         "format": MANIFEST_FORMAT, "input": input_uri, "job_hash": plan.job_hash,
         "rows_in": plan.rows_in, "sources_out": sum(m["sources_out"] for m in ordered),
@@ -446,6 +536,7 @@ def build_manifest(plan: Plan, cfg: PreprocessConfig, markers: dict[str, dict], 
         "splits": dict(sorted(splits.items())),
         "shards": [{k: s[k] for k in ("path", "split", "rows", "bytes", "seconds")} for m in ordered for s in m["shards"]],
         "rejects": {"rows": sum(m["rejects"]["rows"] for m in ordered), "by_reason": dict(sorted(reasons.items())),
+                    "segments": sum(segment_reasons.values()), "segments_by_reason": dict(sorted(segment_reasons.items())),
                     "files": [m["rejects"]["path"] for m in ordered if m["rejects"]["path"]]},
         "units": len(ordered), "config": to_dict(cfg), "config_hash": content_hash(job_config(cfg)),
     }

@@ -33,7 +33,10 @@ class AudioConfig:
     max_seconds: float = 30.0  # longer clips: see long_clip
     long_clip: Literal["split", "reject"] = "split"  # split: equal segments <= max_seconds, ids "<id>#seg<k>"
     silence: Literal["reject", "keep"] = "reject"  # a clip whose peak is below silence_threshold_db
-    silence_threshold_db: float = -60.0  # peak level in dBFS under which a clip counts as silent
+    silence_threshold_db: float = -60.0  # peak level in dBFS under which a clip (or a segment) counts as silent
+    max_source_seconds: float = 14_400.0  # long_clip=split: longer sources (declared or decoded) are too_long
+    over_full_scale: Literal["normalize", "reject"] = "normalize"  # float audio peaking > 1.0: scaled to 1.0
+    # (recorded in `augment` as "normalized") or rejected (over_full_scale) instead of silently clipped
 
 
 @dataclass
@@ -82,6 +85,7 @@ class PreprocessConfig:
             (self.audio.long_clip == "reject" or self.audio.max_seconds >= 2 * self.audio.min_seconds,
              "audio.long_clip=split needs audio.max_seconds >= 2 * audio.min_seconds"),
             (self.audio.max_channels >= 1, "audio.max_channels must be >= 1"),
+            (self.audio.max_source_seconds >= self.audio.max_seconds, "need audio.max_source_seconds >= audio.max_seconds"),
             (self.output.shard_mb > 0, "output.shard_mb must be > 0"),
             (self.output.rows_per_unit >= 0, "output.rows_per_unit must be >= 0"),
             (self.captions.merger == "template" or self.captions.model, "captions.merger=seq2seq needs captions.model"),

@@ -12,55 +12,71 @@ from dataclasses import dataclass
 from typing import Iterator
 
 
-from clap_core.audio_io import TARGET_SR, AudioDecodeError, decode_audio
+from clap_core.audio_io import TARGET_SR, decode_audio
 from clap_core import storage
 from clap_core.io_faults import retry_transient
 from clap_core.evaluation import EvalItem
 from clap_core.manifest import audio_source, read_manifest, row_id
+from clap_core.rejects import failure_reject, reject
 from clap_core.shards import is_shard_folder, iter_shard_rows
 
 
 
+MAX_CLIP_SECONDS = 1800.0  # evaluate / embed: a longer clip (declared or decoded) is too_long; decoded audio is
+# held for the model, so this bounds a worker's memory (~0.35 GB at 48 kHz float32)
+
+
 @dataclass
 class Rejected:
+    """One clip that cannot be used; the fields of clap_core.rejects (REJECT_SCHEMA)."""
     id: str
     source_path: str
     reason: str
     detail: str
+    stage: str = "decode"
 
 
-def shard_row_to_item(row: dict) -> EvalItem:
-    wave, _ = decode_audio(row["audio"], mono=True, target_sr=TARGET_SR)  # (1, N); bad bytes -> AudioDecodeError
+def shard_row_to_item(row: dict, max_seconds: float | None = MAX_CLIP_SECONDS) -> EvalItem:
+    wave, _ = decode_audio(row["audio"], mono=True, target_sr=TARGET_SR, max_seconds=max_seconds)  # (1, N)
     captions = list(row.get("captions") or [row["caption"]])
     return EvalItem(id=row["id"], wave=wave[0], captions=captions, label=row.get("label"))
 
 
-def manifest_row_to_item(row: dict) -> EvalItem:
-    if row.get("error"):
-        raise AudioDecodeError(*row["error"])
-    wave, _ = decode_audio(audio_source(row), mono=True, target_sr=TARGET_SR)
+def manifest_row_to_item(row: dict, max_seconds: float | None = MAX_CLIP_SECONDS) -> EvalItem:
+    wave, _ = decode_audio(audio_source(row), mono=True, target_sr=TARGET_SR, max_seconds=max_seconds)
     captions = [c for c in row.get("captions") or [] if c]
     return EvalItem(id=row_id(row), wave=wave[0], captions=captions, label=row.get("label") or None)
 
 
-def iter_eval_items(data: str, split: str | None = None) -> Iterator[tuple[EvalItem | None, Rejected | None]]:
-    """(item, None) for every usable clip, (None, Rejected) for every clip that cannot be decoded."""
+def iter_eval_items(data: str, split: str | None = None,
+                    max_seconds: float | None = MAX_CLIP_SECONDS) -> Iterator[tuple[EvalItem | None, Rejected | None]]:
+    """(item, None) for every usable clip, (None, Rejected) for every clip that cannot be used: a row the
+    manifest reader rejected, an id seen before (duplicate_id: evaluated once), or any failure to read or
+    decode the file (clap_core.rejects.failure_reject: one bad file is one reject, never the job)."""
+    seen: set[str] = set()
     if is_shard_folder(data):
-        for row in iter_shard_rows(data, split):
-            yield _convert(row, shard_row_to_item, row.get("source_path", ""))
-        return
-    for row in read_manifest(data):
-        if split and row.get("split") and row["split"] != split:
-            continue
-        yield _convert(row, manifest_row_to_item, row.get("source_path", ""))
+        rows = ((row, row["id"], shard_row_to_item) for row in iter_shard_rows(data, split))
+    else:
+        rows = ((row, row_id(row), manifest_row_to_item) for row in read_manifest(data)
+                if not (split and row.get("split") and row["split"] != split))
+    for row, clip_id, convert in rows:
+        record = {"id": clip_id, "source_path": row.get("source_path", "")}
+        if row.get("error"):
+            yield None, Rejected(**reject(record, "read_manifest", *row["error"]))
+        elif clip_id in seen:
+            yield None, Rejected(**reject(record, "read_manifest", "duplicate_id",
+                                          f"id {clip_id!r} appeared earlier in the input: evaluated once"))
+        else:
+            seen.add(clip_id)
+            yield _convert(row, convert, record, max_seconds)
 
 
-def _convert(row: dict, convert, source: str) -> tuple[EvalItem | None, Rejected | None]:
+def _convert(row: dict, convert, record: dict, max_seconds) -> tuple[EvalItem | None, Rejected | None]:
     try:  # a storage fault is retried, never a reject (clap_core.io_faults)
-        item = retry_transient(lambda: convert(row), what=str(row.get("audio_uri") or row.get("id", "")))
-    except AudioDecodeError as e:  # NaN/inf, empty and undecodable audio all land here
-        return None, Rejected(str(row.get("id", "")), str(source), e.reason, e.message)
-    return item, None
+        what = str(row.get("audio_uri") or row.get("id", ""))
+        return retry_transient(lambda: convert(row, max_seconds), what=what), None
+    except Exception as e:  # decode errors, MemoryError, a bad file: one reject, never the job
+        return None, Rejected(**failure_reject(record, e))  # storage faults are raised again
 
 
 def local_copy(uri: str, cache_root: str | None = None) -> str:

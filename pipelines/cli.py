@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from clap_core.config import ConfigError
+from clap_core.config import CheckpointError, ConfigError
 from clap_core.io_faults import StorageAccessError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -67,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     except StorageAccessError as e:  # bucket missing, credentials or permissions: the URI, no traceback
         print(f"clap {args.command}: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:  # a checkpoint folder that cannot load: its path and the problem, one line
+        print(f"clap {args.command}: checkpoint error: {checkpoint_message(e)}", file=sys.stderr)
+        return 2
+
+
+def checkpoint_message(error: CheckpointError) -> str:
+    """The CheckpointError's own line, also when Ray wrapped it (an embedding actor raised it)."""
+    cause = error
+    while getattr(cause, "cause", None) is not None and isinstance(cause.cause, CheckpointError):
+        cause = cause.cause
+    lines = [x for x in str(cause).splitlines() if x.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clap_core.audio_io import AudioDecodeError, TARGET_SR, decode_audio
+from clap_core.audio_io import TARGET_SR, decode_audio
 from clap_core.io_faults import retry_transient
 from clap_core.manifest import audio_source, read_manifest, row_id
 from clap_core.shards import REJECT_SCHEMA
 from clap_core import storage
 from clap_core.shards import is_shard_folder, shard_files
-from clap_core.sources import local_copy
+from clap_core.rejects import failure_reject, reject
+from clap_core.sources import MAX_CLIP_SECONDS, local_copy
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
 
@@ -51,13 +52,15 @@ def decode_batch(batch: dict[str, np.ndarray], output: str) -> dict[str, np.ndar
     keep, waves, rejects = [], [], []
     for i in range(len(batch["id"])):
         row = {k: v[i] for k, v in batch.items()}
-        try:  # a storage fault is retried and never a reject (clap_core.io_faults); bad data is rejected
+        record = {"id": str(row["id"]), "source_path": str(row.get("source_path") or "")}
+        if row.get("error_reason"):  # the manifest reader already knew this row is unusable
+            rejects.append(reject(record, "read_manifest", str(row["error_reason"]), str(row["error_detail"])))
+            continue
+        try:
             waves.append(retry_transient(lambda: decode_row(row), what=str(row.get("audio_uri") or row["id"])))
             keep.append(i)
-        except AudioDecodeError as e:
-            source = row.get("source_path") or ""
-            rejects.append({"id": str(row["id"]), "source_path": str(source), "stage": "decode",
-                            "reason": e.reason, "detail": e.message})
+        except Exception as e:  # decode errors, MemoryError, an I/O error on one file: one reject, never the job
+            rejects.append(failure_reject(record, e))
     if rejects:
         write_rejects(output, rejects)
     out = {k: v[keep] for k, v in batch.items() if k != "audio"}
@@ -66,9 +69,7 @@ def decode_batch(batch: dict[str, np.ndarray], output: str) -> dict[str, np.ndar
 
 
 def decode_row(row: dict) -> np.ndarray:
-    """(N,) float32 at 48 kHz from shard FLAC bytes or a manifest audio path."""
-    if row.get("error_reason"):  # the manifest reader already knew this row is unusable
-        raise AudioDecodeError(str(row["error_reason"]), str(row["error_detail"]))
+    """(N,) float32 at 48 kHz from shard FLAC bytes or a manifest audio path (at most MAX_CLIP_SECONDS)."""
     if row.get("audio") is not None:
         source = row["audio"]
     else:
@@ -76,13 +77,13 @@ def decode_row(row: dict) -> np.ndarray:
         source = audio_source({"audio_uri": str(row["audio_uri"]),
                                "byte_offset": int(row["byte_offset"]) if ranged else None,
                                "byte_size": int(row["byte_size"]) if ranged else None})
-    wave, _ = decode_audio(source, mono=True, target_sr=TARGET_SR)
+    wave, _ = decode_audio(source, mono=True, target_sr=TARGET_SR, max_seconds=MAX_CLIP_SECONDS)
     return wave[0]  # decode_audio has rejected NaN/inf and empty audio
 
 
 def write_rejects(output: str, rejects: list[dict]) -> None:
     """One file per batch, named by its ids: a retried task overwrites its own file instead of adding one."""
-    key = hashlib.sha256("\n".join(r["id"] for r in rejects).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join(f"{r['id']}\t{r['stage']}\t{r['reason']}" for r in rejects).encode()).hexdigest()[:16]
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), sink)
     storage.put_atomic(storage.join(output, "_rejects", f"part-{key}.parquet"), sink.getvalue().to_pybytes())
@@ -119,15 +120,33 @@ class EmbedBatch:
 # --- the job ---
 
 
-def read_input(ray, input_uri: str, split: str | None):
-    """A Ray Dataset of rows with id, audio bytes (shards) or where to read them (manifest), and metadata."""
+def read_input(ray, input_uri: str, split: str | None, output: str):
+    """A Ray Dataset of rows with id, audio bytes (shards) or where to read them (manifest), and metadata.
+    A manifest id seen before is embedded once; its later rows go to OUTPUT/_rejects/ as duplicate_id."""
     if is_shard_folder(input_uri):
         fs, _ = storage.resolve_fs(input_uri)
         columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
         paths = [storage.resolve_fs(u)[1] for u in shard_files(input_uri, split)]
         return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
     rows = [r for r in read_manifest(input_uri) if not split or r.get("split") in (None, "", split)]
-    return ray.data.from_items([manifest_item(r) for r in rows])
+    items, duplicates = unique_items([manifest_item(r) for r in rows])
+    if duplicates:
+        write_rejects(output, duplicates)
+    return ray.data.from_items(items)
+
+
+def unique_items(items: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(items with unique ids, a duplicate_id reject record for every later row of an id seen before)."""
+    seen: set[str] = set()
+    unique, duplicates = [], []
+    for item in items:
+        if item["id"] in seen:
+            duplicates.append(reject(item, "read_manifest", "duplicate_id",
+                                     f"id {item['id']!r} appeared earlier in the input: embedded once"))
+            continue
+        seen.add(item["id"])
+        unique.append(item)
+    return unique, duplicates
 
 
 def manifest_item(row: dict) -> dict:
@@ -160,12 +179,16 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     checkpoint, input_uri, output = (storage.absolute(u) for u in (checkpoint, input_uri, output))
     for uri in (checkpoint, input_uri, output):
         storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
+    if not storage.is_s3(checkpoint):
+        from clap_core.model import check_checkpoint
+
+        check_checkpoint(checkpoint)  # a broken folder fails here in one line, not in every actor
 
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     clear_outputs(output)
-    ds = read_input(ray, input_uri, split)
+    ds = read_input(ray, input_uri, split, output)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output}, batch_size=batch_size)
     actors = concurrency or (gpus if gpus else 2)
     ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision),

@@ -41,12 +41,14 @@ from clap_core.loss import ClipLoss, SigLipLoss
 from clap_core.metrics import retrieval_metrics
 from clap_core.model import ClapModel
 from clap_core.model_config import ClapModelConfig
-from clap_core.train.batching import PairBatchTransform, decode_waves, trim_padding
+from clap_core.train.batching import PairBatchTransform, count_reject_rows, decode_rows, trim_padding
 from clap_core.train.config import PretrainConfig, load_pretrain_config, resolve_model_config
 from clap_core.train.gradcache import grad_cache_step, plain_step
 from clap_core.train.optim import build_optimizer, warmup_cosine
 from clap_core.train.safe_load import load_deepspeed_checkpoint
 from clap_core.plots import plot_curves
+
+REJECTS_DIR = "_rejects"  # RUN/_rejects/: reject records of training rows that do not decode (shard, id)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain.yaml"
 DS_TAG = "deepspeed"  # DeepSpeed checkpoint tag inside each Ray Train checkpoint folder
@@ -161,7 +163,8 @@ class ValidSet:
                              zip(batch["captions"], batch["caption"])])
         audio, captions = audio[:limit], captions[:limit]
         transform = PairBatchTransform.for_model(model_cfg, training=False)
-        self.waves, self.lengths = decode_waves(audio, transform.clip_samples, None)  # (N, S), (N,)
+        self.waves, self.lengths, failures = decode_rows(audio, transform.clip_samples, None)  # (N, S), (N,)
+        captions = [c for i, c in enumerate(captions) if i not in failures]  # bad validation rows are left out
         self.texts = [c for caps in captions for c in caps]  # (Nt,)
         self.text_to_audio = np.array([i for i, caps in enumerate(captions) for _ in caps])  # (Nt,)
         self.tokens = transform.tokenize(self.texts)
@@ -367,12 +370,13 @@ def train_fn_per_worker(config: dict) -> None:
     loss_fn = build_loss(model_cfg, cfg, rank, world)
 
     if not export_only and state["step"] < cfg.train.steps:
-        train_loop(engine, loss_fn, cfg, state, logger, valid, rank, world, device, run_uri)
+        train_loop(engine, loss_fn, cfg, state, logger, valid, rank, world, device, run_uri,
+                   config.get("train_rows", 0))
     finish(engine, model_cfg, cfg, state, logger, valid, rank, world, device, run_uri)
 
 
 def train_loop(engine, loss_fn, cfg: PretrainConfig, state: dict, logger: RunLogger, valid: ValidSet | None,
-               rank: int, world: int, device: torch.device, run_uri: str) -> None:
+               rank: int, world: int, device: torch.device, run_uri: str, train_rows: int = 0) -> None:
     train = cfg.train
     batches = train_batches(ray.train.get_dataset_shard("train"), cfg, device)
     engine.train()
@@ -393,6 +397,7 @@ def train_loop(engine, loss_fn, cfg: PretrainConfig, state: dict, logger: RunLog
         last = step == train.steps
         metrics: dict[str, Any] = {}
         if step % train.log_every == 0 or last:
+            check_bad_rows(cfg, run_uri, train_rows)
             metrics = log_interval(engine, window, cfg, step, logger, device, world)
             window = {"loss": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
         if valid is not None and ((train.eval_every and step % train.eval_every == 0) or last):
@@ -406,6 +411,21 @@ def train_loop(engine, loss_fn, cfg: PretrainConfig, state: dict, logger: RunLog
         elif metrics:
             ray.train.report({"step": step, **metrics})
         tick = time.perf_counter()  # checkpoint and eval time is not step time
+
+
+def check_bad_rows(cfg: PretrainConfig, run_uri: str, train_rows: int) -> None:
+    """Undecodable training rows are skipped and recorded in RUN/_rejects/ (shard and id); past
+    data.max_bad_row_fraction of the training rows (at least one row is allowed) the run fails."""
+    allowed = max(1, int(cfg.data.max_bad_row_fraction * train_rows))
+    bad = count_reject_rows(storage.join(run_uri, REJECTS_DIR))
+    if bad > allowed:
+        raise BadRowsError(f"{bad} of {train_rows} training rows do not decode (more than "
+                           f"data.max_bad_row_fraction={cfg.data.max_bad_row_fraction}); shard and id of each are in "
+                           f"{storage.join(run_uri, REJECTS_DIR)}")
+
+
+class BadRowsError(ValueError):
+    """Too many training rows do not decode: the data is broken, not the run."""
 
 
 def log_interval(engine, window: dict, cfg: PretrainConfig, step: int, logger: RunLogger,
@@ -465,16 +485,19 @@ def engine_probe(engine, valid: ValidSet, device: torch.device) -> dict[str, np.
 # driver
 
 
-def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfig) -> dict[str, ray.data.Dataset]:
+def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfig,
+                   rejects_uri: str | None = None) -> dict[str, ray.data.Dataset]:
+    """Train (decoded, tokenized; undecodable rows go to rejects_uri with shard and id) and valid datasets."""
     fs, _ = resolve_fs(data_uri)
     train_files = shard_files(data_uri, cfg.data.train_split)  # manifest.json's list: never crash debris
     if not train_files:
         raise FileNotFoundError(f"no training shards at {data_uri.rstrip('/')}/{cfg.data.train_split}")
     transform = PairBatchTransform.for_model(model_cfg, training=True, clip_seconds=cfg.data.max_clip_seconds)
+    transform.rejects_uri = rejects_uri
     compute = ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks) if cfg.data.decode_tasks else None
     passes = max(1, math.ceil(cfg.data.min_epoch_rows / max(count_rows(data_uri, cfg.data.train_split), 1)))
-    train = (ray.data.read_parquet(_paths(train_files) * passes, filesystem=fs)
-             .select_columns(["audio", "caption", "captions"])
+    train = (ray.data.read_parquet(_paths(train_files) * passes, filesystem=fs, include_paths=True)
+             .select_columns(["id", "path", "audio", "caption", "captions"])
              .randomize_block_order()
              .map_batches(transform, batch_size=cfg.data.decode_batch_size, batch_format="numpy", compute=compute))
     datasets = {"train": train}
@@ -513,12 +536,13 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
         dump_yaml(model_cfg, Path(tmp) / "model_config.yaml")
         for name in ("pretrain_config.yaml", "model_config.yaml"):
             upload(Path(tmp) / name, fs, f"{run_path}/{name}")
-    datasets = build_datasets(data, cfg, model_cfg)
+    datasets = build_datasets(data, cfg, model_cfg, rejects_uri=storage.join(output, REJECTS_DIR))
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"pretrain": to_dict(cfg), "model": to_dict(model_cfg), "run_uri": output,
-                           "export_only": export_only, "has_valid": "valid" in datasets},
+                           "export_only": export_only, "has_valid": "valid" in datasets,
+                           "train_rows": count_rows(data, cfg.data.train_split)},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=scaling.resources_per_worker or None),
         run_config=run_config(output, cfg),

@@ -18,7 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from clap_core.audio_io import decode_flac
+from clap_core import storage
+from clap_core.audio_io import decode_audio
+from clap_core.rejects import failure_reject
 from clap_core.model_config import ClapModelConfig
 
 
@@ -33,15 +35,33 @@ def crop_or_pad(wave: np.ndarray, length: int, rng: np.random.Generator | None) 
     return out, n
 
 
+SHARD_CLIP_MAX_SECONDS = 600.0  # a shard row decoding past this is rejected (too_long): bounds a task's memory
+
+
+def decode_rows(audio: Sequence[bytes], length: int,
+                rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, dict[int, BaseException]]:
+    """FLAC bytes -> (B', length) float32 mono waves and (B',) int64 real lengths of the rows that decode,
+    and {row index: exception} for those that do not (B' = B - len(failures)). Never raises on bad bytes."""
+    waves, lengths, failures = [], [], {}
+    for i, data in enumerate(audio):
+        try:  # streamed, bounded decode: a lying header or a huge row cannot take the task's memory
+            wave, _ = decode_audio(data, mono=True, target_sr=None, max_seconds=SHARD_CLIP_MAX_SECONDS)  # (1, N)
+        except Exception as e:  # a bad row is skipped and reported by the caller, never retried
+            failures[i] = e
+            continue
+        wave, n = crop_or_pad(wave[0], length, rng)
+        waves.append(wave)
+        lengths.append(n)
+    return (np.stack(waves) if waves else np.zeros((0, length), np.float32),
+            np.array(lengths, dtype=np.int64), failures)
+
+
 def decode_waves(audio: Sequence[bytes], length: int,
                  rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """FLAC bytes -> (B, length) float32 mono waves and (B,) int64 real lengths."""
-    waves = np.zeros((len(audio), length), dtype=np.float32)
-    lengths = np.zeros(len(audio), dtype=np.int64)
-    for i, data in enumerate(audio):
-        wave, _ = decode_flac(data)  # (C, N) at the shard rate (48 kHz)
-        mono = wave.mean(axis=0) if wave.shape[0] > 1 else wave[0]
-        waves[i], lengths[i] = crop_or_pad(mono, length, rng)
+    """FLAC bytes -> (B, length) float32 mono waves and (B,) int64 real lengths; raises on the first bad row."""
+    waves, lengths, failures = decode_rows(audio, length, rng)
+    if failures:
+        raise next(iter(failures.values()))
     return waves, lengths
 
 
@@ -61,7 +81,8 @@ class PairBatchTransform:
     """Callable dict[str, np.ndarray] -> dict[str, np.ndarray] for `Dataset.map_batches(batch_format="numpy")`."""
 
     def __init__(self, clip_samples: int, tokenizer: str, max_length: int, training: bool = True,
-                 seed: int | None = None):
+                 seed: int | None = None, rejects_uri: str | None = None):
+        self.rejects_uri = rejects_uri  # folder for the reject records of rows that do not decode
         self.clip_samples = clip_samples
         self.tokenizer_name = tokenizer
         self.max_length = max_length
@@ -103,16 +124,68 @@ class PairBatchTransform:
                 "attention_mask": tokens["attention_mask"].astype(np.int64)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch of the rows that decode; the others are written to rejects_uri (see report_failures)."""
         rng = self.rng()
-        waves, lengths = decode_waves(batch["audio"], self.clip_samples, rng)
+        waves, lengths, failures = decode_rows(batch["audio"], self.clip_samples, rng)
+        if failures:
+            self.report_failures(batch, failures)
+        keep = [i for i in range(len(batch["audio"])) if i not in failures]
         captions = batch.get("captions", batch.get("caption"))
         if "captions" not in batch:
             captions = [[c] for c in captions]
-        texts = pick_captions(captions, batch.get("caption"), rng)
+        fallback = batch.get("caption")
+        texts = pick_captions([captions[i] for i in keep], None if fallback is None else [fallback[i] for i in keep],
+                              rng)
+        if not keep:
+            empty = np.zeros((0, self.max_length), np.int64)
+            return {"waves": waves, "lengths": lengths, "input_ids": empty, "attention_mask": empty}
         return {"waves": waves, "lengths": lengths, **self.tokenize(texts)}
+
+    def report_failures(self, batch: dict[str, np.ndarray], failures: dict[int, BaseException]) -> None:
+        """One reject record per bad row (id, and "<shard path>" as source_path), in one Parquet file named by
+        its rows: a row read again in a later pass rewrites the same file, so files count distinct bad rows."""
+        records = []
+        for i, exc in failures.items():
+            row = {"id": str(batch["id"][i]) if "id" in batch else f"row-{i}",
+                   "source_path": str(batch["path"][i]) if "path" in batch else ""}
+            records.append(failure_reject(row, exc))
+        import warnings
+        for r in records:
+            warnings.warn(f"skipped an undecodable training row: shard {r['source_path']} id {r['id']}: "
+                          f"{r['reason']}: {r['detail'][:200]}")
+        if self.rejects_uri:
+            write_reject_file(self.rejects_uri, records)
 
 
 def trim_padding(input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
     """Drop the all-padding tail columns of a (B, L) token batch (numpy or torch): shorter attention, same result."""
     width = max(int(attention_mask.sum(1).max()), 1)
     return input_ids[:, :width], attention_mask[:, :width]
+
+
+def write_reject_file(folder: str, records: list[dict]) -> None:
+    """Records (clap_core.rejects) as one Parquet file in `folder`, named by their ids and sources."""
+    import hashlib
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clap_core.shards import REJECT_SCHEMA
+
+    key = hashlib.sha256("\n".join(f"{r['source_path']}\t{r['id']}" for r in records).encode()).hexdigest()[:16]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records, schema=REJECT_SCHEMA), buf)
+    storage.put_atomic(storage.join(folder, f"part-{key}.parquet"), buf.getvalue())
+
+
+def count_reject_rows(folder: str) -> int:
+    """Rows in the reject files of a folder (0 when there is none), read from the Parquet footers."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for uri in storage.list_files(folder):
+        if uri.endswith(".parquet") and storage.TEMP_PREFIX not in uri.rsplit("/", 1)[-1]:
+            fs, path = storage.resolve_fs(uri)
+            total += pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+    return total

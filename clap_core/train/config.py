@@ -65,6 +65,8 @@ class DataSection:
     max_valid_clips: int = 1024  # evaluate on at most this many validation clips
     decode_batch_size: int = 64  # rows per Ray Data decode/tokenize task
     decode_tasks: int | None = None  # most decode/tokenize tasks at once (None: as many as free CPUs allow)
+    max_bad_row_fraction: float = 0.001  # undecodable training rows are skipped and listed in RUN/_rejects/;
+    # the run fails once more than this share of the training rows (and more than one row) is bad
     min_epoch_rows: int = 8192  # a small corpus is read several times per Ray Data epoch (fresh crops and
     # captions each pass), so the few seconds an epoch boundary costs are not paid every few steps
 
