@@ -53,4 +53,5 @@ def test_evaluate_zero_shot_and_retrieval(setup):
 def test_evaluate_names_the_problem_for_a_missing_checkpoint(setup):
     done = clap("evaluate", "--checkpoint", str(setup / "nope"), "--data", str(setup / "shards"),
                 "--task", "retrieval", "--output", str(setup / "x"))
-    assert done.returncode != 0 and "not a ClapModel checkpoint folder" in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"clap evaluate: checkpoint error: {setup / 'nope'}: no such checkpoint folder"
