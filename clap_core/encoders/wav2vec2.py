@@ -1,0 +1,108 @@
+"""wav2vec 2.0 (Baevski et al. 2020) as a CLAP audio tower, through transformers' `Wav2Vec2Model`.
+
+    tower = Wav2Vec2Encoder(sample_rate=48_000, hf_config={"hidden_size": 64, ...})   # offline, random init
+    tower = Wav2Vec2Encoder(sample_rate=48_000, pretrained="models/wav2vec2-base")    # a local pretrained folder
+    feats = tower(waves, lengths)     # (B, N) at 48 kHz, (B,) real samples -> (B, hidden_size)
+
+The front end does what `Wav2Vec2FeatureExtractor` does, in torch on the model's device: resample to
+16 kHz, then (when the extractor's `do_normalize` says so) zero-mean unit-variance per clip over its real
+samples, padding set to 0. Whether the attention mask is passed follows the extractor too
+(`return_attention_mask`, true for the layer-norm checkpoints such as wav2vec2-large-lv60 and XLS-R):
+group-norm checkpoints (wav2vec2-base) were trained on unmasked zero padding, so they get the fixed window
+(their GroupNorm sees the padding, so cropping would make a clip's embedding depend on its batch), while
+masked checkpoints get the batch cropped to its longest clip: short clips cost what they are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+from clap_core.encoders.speech import (LayerMix, MaskedPooling, Resampler, architecture_config, check_inputs,
+                                       length_mask)
+
+BACKBONE_RATE = 16_000  # wav2vec 2.0 and its fine-tunes are trained on 16 kHz audio
+
+
+def build_wav2vec2(pretrained: str | None, hf_config: dict[str, Any]) -> Wav2Vec2Model:
+    """Wav2Vec2Model from a local folder / hub name, or built offline (random init) from config kwargs."""
+    if pretrained:
+        return Wav2Vec2Model.from_pretrained(pretrained)
+    kwargs = dict(hf_config)
+    model_type = kwargs.pop("model_type", "wav2vec2")
+    if model_type != "wav2vec2":
+        raise ValueError(f"audio_encoder.hf_config.model_type must be 'wav2vec2', got '{model_type}'")
+    return Wav2Vec2Model(Wav2Vec2Config(**kwargs))
+
+
+def extractor_settings(pretrained: str | None, backbone: Wav2Vec2Model) -> tuple[bool, bool]:
+    """(do_normalize, return_attention_mask) from the folder's preprocessor_config.json, else the usual defaults."""
+    if pretrained and (Path(pretrained) / "preprocessor_config.json").is_file():
+        fe = Wav2Vec2FeatureExtractor.from_pretrained(pretrained)
+        return bool(fe.do_normalize), bool(fe.return_attention_mask)
+    return True, backbone.config.feat_extract_norm == "layer"
+
+
+def zero_mean_unit_var(waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B, N): each clip normalised over its real samples, padding zeroed (Wav2Vec2FeatureExtractor)."""
+    mask = length_mask(lengths, waves.shape[1]).to(waves.dtype)  # (B, N)
+    n = lengths.to(waves.dtype)[:, None]  # (B, 1)
+    mean = (waves * mask).sum(1, keepdim=True) / n
+    var = (((waves - mean) * mask) ** 2).sum(1, keepdim=True) / n  # population variance, as numpy's var
+    return (waves - mean) / torch.sqrt(var + 1e-7) * mask
+
+
+class Wav2Vec2Encoder(nn.Module):
+    """Waveforms (B, N) at `sample_rate` + real lengths (B,) -> pooled features (B, hidden_size)."""
+
+    takes_waveform = True  # ClapModel gives this tower the fixed-window waveforms, not log-mel
+
+    def __init__(self, sample_rate: int = 48_000, pretrained: str | None = None,
+                 hf_config: dict[str, Any] | None = None, do_normalize: bool | None = None,
+                 attention_mask: bool | None = None, pooling: str = "mean", layers: str = "last",
+                 freeze_feature_encoder: bool = True, gradient_checkpointing: bool = False,
+                 layerdrop: float | None = None):
+        super().__init__()
+        self.backbone = build_wav2vec2(pretrained, hf_config or {})
+        default_norm, default_mask = extractor_settings(pretrained, self.backbone)
+        self.do_normalize = default_norm if do_normalize is None else do_normalize
+        self.uses_attention_mask = default_mask if attention_mask is None else attention_mask
+        if layerdrop is not None:
+            self.backbone.config.layerdrop = layerdrop  # read by the encoder at every training step
+        if freeze_feature_encoder:
+            self.backbone.freeze_feature_encoder()
+        if gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.resampler = Resampler(sample_rate, BACKBONE_RATE)
+        num_states = self.backbone.config.num_hidden_layers + 1  # the transformer's input + every layer
+        self.mix = LayerMix(num_states, layers)
+        self.pool = MaskedPooling(self.backbone.config.hidden_size, pooling)
+        self.out_dim = self.backbone.config.hidden_size
+
+    def resolved_config(self) -> dict[str, Any]:
+        """Config fields that rebuild this tower offline (save_pretrained inlines them; weights come separately)."""
+        return {"pretrained": None, "hf_config": {"model_type": "wav2vec2", **architecture_config(self.backbone.config)},
+                "do_normalize": self.do_normalize, "attention_mask": self.uses_attention_mask,
+                "layerdrop": self.backbone.config.layerdrop}
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        lengths = check_inputs(waves, lengths)
+        waves, lengths = self.resampler(waves, lengths)  # (B, N16), (B,)
+        if self.uses_attention_mask:  # padding is masked everywhere: drop what no clip needs
+            waves = waves[:, :int(lengths.max())]
+        states, mask = self.hidden_states(waves, lengths, all_layers=self.mix.mode == "weighted")
+        return self.pool(self.mix(states), mask)  # (B, H)
+
+    def hidden_states(self, waves: torch.Tensor, lengths: torch.Tensor,
+                      all_layers: bool = True) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
+        """16 kHz waves (B, N) + lengths (B,) -> hidden states (each (B, T, H)) and the real-frame mask (B, T)."""
+        sample_mask = length_mask(lengths, waves.shape[1])  # (B, N)
+        values = zero_mean_unit_var(waves, lengths) if self.do_normalize else waves * sample_mask
+        out = self.backbone(values, attention_mask=sample_mask.long() if self.uses_attention_mask else None,
+                            output_hidden_states=all_layers)
+        states = out.hidden_states if all_layers else (out.last_hidden_state,)
+        frames = self.backbone._get_feat_extract_output_lengths(lengths)  # (B,)
+        return states, length_mask(frames, states[-1].shape[1])
