@@ -75,7 +75,7 @@ class Wav2Vec2Encoder(nn.Module):
         if freeze_feature_encoder:
             self.backbone.freeze_feature_encoder()
         if gradient_checkpointing:
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.resampler = Resampler(sample_rate, BACKBONE_RATE)
         num_states = self.backbone.config.num_hidden_layers + 1  # the transformer's input + every layer
         self.mix = LayerMix(num_states, layers)
