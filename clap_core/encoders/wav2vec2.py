@@ -59,6 +59,7 @@ class Wav2Vec2Encoder(nn.Module):
     """Waveforms (B, N) at `sample_rate` + real lengths (B,) -> pooled features (B, hidden_size)."""
 
     takes_waveform = True  # ClapModel gives this tower the fixed-window waveforms, not log-mel
+    backbone_name = "backbone"  # the submodule holding transformers' pretrained weights (lr_pretrained applies)
 
     def __init__(self, sample_rate: int = 48_000, pretrained: str | None = None,
                  hf_config: dict[str, Any] | None = None, do_normalize: bool | None = None,
@@ -98,11 +99,36 @@ class Wav2Vec2Encoder(nn.Module):
 
     def hidden_states(self, waves: torch.Tensor, lengths: torch.Tensor,
                       all_layers: bool = True) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
-        """16 kHz waves (B, N) + lengths (B,) -> hidden states (each (B, T, H)) and the real-frame mask (B, T)."""
+        """16 kHz waves (B, N) + lengths (B,) -> hidden states (each (B, T, H)) and the real-frame mask (B, T).
+
+        All layers: transformers' `hidden_states` (the first layer's input, then every layer's output),
+        recorded with hooks so that a layer skipped by LayerDrop passes its input on and the weighted sum
+        always sees num_hidden_layers + 1 states. Otherwise: `last_hidden_state` alone (after the final
+        norm in the stable-layer-norm variant).
+        """
         sample_mask = length_mask(lengths, waves.shape[1])  # (B, N)
         values = zero_mean_unit_var(waves, lengths) if self.do_normalize else waves * sample_mask
-        out = self.backbone(values, attention_mask=sample_mask.long() if self.uses_attention_mask else None,
-                            output_hidden_states=all_layers)
-        states = out.hidden_states if all_layers else (out.last_hidden_state,)
+        mask_arg = sample_mask.long() if self.uses_attention_mask else None
+        if not all_layers:
+            states = (self.backbone(values, attention_mask=mask_arg).last_hidden_state,)
+        else:
+            layers = self.backbone.encoder.layers
+            seen: dict[int, torch.Tensor] = {}
+            hooks = [self.backbone.encoder.dropout.register_forward_hook(_recorder(seen, -1))]  # the layers' input
+            hooks += [layer.register_forward_hook(_recorder(seen, i)) for i, layer in enumerate(layers)]
+            try:
+                self.backbone(values, attention_mask=mask_arg)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            states = [seen[-1]]
+            for i in range(len(layers)):
+                states.append(seen.get(i, states[-1]))
         frames = self.backbone._get_feat_extract_output_lengths(lengths)  # (B,)
         return states, length_mask(frames, states[-1].shape[1])
+
+
+def _recorder(seen: dict, index: int):
+    def hook(module, args, output):
+        seen[index] = output[0] if isinstance(output, tuple) else output
+    return hook

@@ -75,6 +75,7 @@ class WhisperAudioEncoder(nn.Module):
     """Waveforms (B, N) at `sample_rate` + real lengths (B,) -> pooled features (B, d_model)."""
 
     takes_waveform = True  # ClapModel gives this tower the fixed-window waveforms, not log-mel
+    backbone_name = "encoder"  # the submodule holding transformers' pretrained weights (lr_pretrained applies)
 
     def __init__(self, sample_rate: int = 48_000, pretrained: str | None = None,
                  hf_config: dict[str, Any] | None = None, pooling: str = "mean", layers: str = "last",

@@ -182,8 +182,11 @@ def test_layerdrop_one_skips_every_layer_in_training_only():
     assert torch.equal(states[1], states[0])  # dropped layers pass their input on
     states, _ = tower.eval().hidden_states(mel)
     assert not torch.equal(states[1], states[0])
-    w2v = Wav2Vec2Encoder(sample_rate=16_000, hf_config=W2V, layerdrop=0.3)
-    assert w2v.backbone.config.layerdrop == 0.3 and w2v.resolved_config()["layerdrop"] == 0.3
+    w2v = Wav2Vec2Encoder(sample_rate=16_000, hf_config=W2V, layerdrop=1.0, layers="weighted").train()
+    assert w2v.backbone.config.layerdrop == 1.0 and w2v.resolved_config()["layerdrop"] == 1.0
+    states, _ = w2v.hidden_states(waves, lengths)
+    assert len(states) == 3 and torch.equal(states[1], states[0])  # skipped layers keep the weighted sum whole
+    assert w2v(waves, lengths).shape == (1, 32)
 
 
 @pytest.mark.parametrize("name", ["tiny-wav2vec2", "tiny-whisper"])
