@@ -90,12 +90,21 @@ class Wav2Vec2Encoder(nn.Module):
                 "layerdrop": self.backbone.config.layerdrop}
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        states, mask = self._states(waves, lengths, all_layers=self.mix.mode == "weighted")
+        return self.pool(self.mix(states), mask)  # (B, H)
+
+    def layer_features(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Every hidden layer pooled on its own: (B, num_hidden_layers + 1, H), for layer-wise probes."""
+        states, mask = self._states(waves, lengths, all_layers=True)
+        return torch.stack([self.pool(s, mask) for s in states], dim=1)
+
+    def _states(self, waves: torch.Tensor, lengths: torch.Tensor | None,
+                all_layers: bool) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
         lengths = check_inputs(waves, lengths)
         waves, lengths = self.resampler(waves, lengths)  # (B, N16), (B,)
         if self.uses_attention_mask:  # padding is masked everywhere: drop what no clip needs
             waves = waves[:, :int(lengths.max())]
-        states, mask = self.hidden_states(waves, lengths, all_layers=self.mix.mode == "weighted")
-        return self.pool(self.mix(states), mask)  # (B, H)
+        return self.hidden_states(waves, lengths, all_layers)
 
     def hidden_states(self, waves: torch.Tensor, lengths: torch.Tensor,
                       all_layers: bool = True) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
