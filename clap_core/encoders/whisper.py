@@ -61,6 +61,44 @@ class WhisperLogMel(nn.Module):
         self.register_buffer("filters", torch.from_numpy(filters).float().T.contiguous(), persistent=False)
         self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
 
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=waves.device.type, enabled=False):  # log10 of bf16 power loses bins
+            waves = waves.float() * length_mask(lengths, waves.shape[1])  # the extractor pads with zeros
+            stft = torch.stft(waves, N_FFT, HOP, window=self.window, return_complex=True)  # (B, F, N // 160 + 1)
+            power = stft[..., :-1].abs() ** 2  # the extractor drops the last frame
+            log_spec = torch.clamp(self.filters @ power, min=1e-10).log10()  # (B, n_mels, T)
+            floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0
+            return (torch.maximum(log_spec, floor) + 4.0) / 4.0
+
+
+class WhisperAudioEncoder(nn.Module):
+    """Waveforms (B, N) at `sample_rate` + real lengths (B,) -> pooled features (B, d_model)."""
+
+    takes_waveform = True  # ClapModel gives this tower the fixed-window waveforms, not log-mel
+    backbone_name = "encoder"  # the submodule holding transformers' pretrained weights (lr_pretrained applies)
+
+    def __init__(self, sample_rate: int = 48_000, pretrained: str | None = None,
+                 hf_config: dict[str, Any] | None = None, pooling: str = "mean", layers: str = "last",
+                 mask_padding: bool = True, gradient_checkpointing: bool = False, layerdrop: float | None = None):
+        super().__init__()
+        self.encoder = build_whisper_encoder(pretrained, hf_config or {})
+        config = self.encoder.config
+        if layerdrop is not None:
+            config.encoder_layerdrop = layerdrop
+        self.layerdrop = config.encoder_layerdrop
+        self.mask_padding = mask_padding
+        self.gradient_checkpointing = gradient_checkpointing
+        self.resampler = Resampler(sample_rate, BACKBONE_RATE)
+        self.logmel = WhisperLogMel(config.num_mel_bins)
+        self.mix = LayerMix(config.encoder_layers + 1, layers)  # the first layer's input + every layer
+        self.pool = MaskedPooling(config.d_model, pooling)
+        self.out_dim = config.d_model
+
+    def resolved_config(self) -> dict[str, Any]:
+        """Config fields that rebuild this tower offline (save_pretrained inlines them; weights come separately)."""
+        return {"pretrained": None, "hf_config": {"model_type": "whisper", **architecture_config(self.encoder.config)},
+                "layerdrop": self.layerdrop}
+
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         states, mask = self._states(waves, lengths, all_layers=self.mix.mode == "weighted")
         return self.pool(self.mix(states), mask)  # (B, d_model)

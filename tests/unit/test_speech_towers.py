@@ -215,3 +215,23 @@ def test_registry_lists_the_speech_towers_with_a_purpose():
         assert name in list_models()
         assert get_model_config(name).audio_encoder.type == kind
         assert describe_model(name).endswith(".") and "speech" in describe_model(name)
+
+
+@pytest.mark.parametrize("name", ["tiny-wav2vec2", "tiny-whisper"])
+def test_layer_features_pool_every_layer_and_the_weighted_sum_is_their_mix(name):
+    from clap_core.inference import embed_audio_layers
+
+    torch.manual_seed(0)
+    model = ClapModel(get_model_config(name)).eval()
+    _, waves, lengths = speech_16k([30_000, 12_000])
+    with torch.no_grad():
+        model.audio_encoder.mix.weights.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        fixed, valid = model.frontend.fixed_waveforms(waves, lengths)
+        per_layer = model.audio_encoder.layer_features(fixed, valid)  # (2, 3, 32)
+        pooled = model.audio_encoder(fixed, valid)
+    assert per_layer.shape == (2, 3, 32)
+    # mean pooling is linear: pooling the weighted sum = the weighted sum of the pooled layers
+    expected = torch.einsum("l,blh->bh", torch.tensor([0.5, -1.0, 2.0]).softmax(0), per_layer)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=0)
+    clips = [waves[0, :30_000].numpy(), waves[1, :12_000].numpy()]
+    np.testing.assert_allclose(embed_audio_layers(model, clips), per_layer.numpy(), atol=1e-5)
