@@ -46,6 +46,12 @@ class Resampler(nn.Module):
         return out, new_lengths.clamp(max=out.shape[1])
 
 
+def zero3_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions this module's parameters: then every rank must run every layer
+    (gathering a layer is a collective), so LayerDrop is off, as transformers does under ZeRO-3."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     """(B,) valid lengths -> (B, size) bool mask, True on real positions."""
     return torch.arange(size, device=lengths.device)[None] < lengths[:, None]

@@ -22,7 +22,7 @@ import torch.nn as nn
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from clap_core.encoders.speech import (LayerMix, MaskedPooling, Resampler, architecture_config, check_inputs,
-                                       length_mask)
+                                       length_mask, zero3_partitioned)
 
 BACKBONE_RATE = 16_000  # wav2vec 2.0 and its fine-tunes are trained on 16 kHz audio
 
@@ -118,6 +118,8 @@ class Wav2Vec2Encoder(nn.Module):
         sample_mask = length_mask(lengths, waves.shape[1])  # (B, N)
         values = zero_mean_unit_var(waves, lengths) if self.do_normalize else waves * sample_mask
         mask_arg = sample_mask.long() if self.uses_attention_mask else None
+        if self.training and zero3_partitioned(self.backbone):  # transformers only knows through HF's DS config
+            self.backbone.config.layerdrop = 0.0
         if not all_layers:
             states = (self.backbone(values, attention_mask=mask_arg).last_hidden_state,)
         else:

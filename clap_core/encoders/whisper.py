@@ -32,7 +32,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from clap_core.encoders.speech import (LayerMix, MaskedPooling, Resampler, architecture_config, check_inputs,
-                                       length_mask)
+                                       length_mask, zero3_partitioned)
 
 BACKBONE_RATE = 16_000  # Whisper's log-mel is computed at 16 kHz
 N_FFT, HOP = 400, 160  # 25 ms window, 10 ms hop: 100 mel frames per second
@@ -134,7 +134,7 @@ class WhisperAudioEncoder(nn.Module):
                              f"({enc.config.max_source_positions / 50:g} s): lower audio.clip_seconds")
         x = F.gelu(enc.conv1(mel))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)  # (B, T', d)
-        x = x + enc.embed_positions.weight[:x.shape[1]]
+        x = x + enc.embed_positions(torch.arange(x.shape[1], device=x.device))  # a module call: ZeRO-3 gathers it
         x = F.dropout(x, p=enc.dropout, training=self.training)
         frames = torch.full((mel.shape[0],), x.shape[1], device=mel.device) if mel_frames is None \
             else torch.div(mel_frames + 1, 2, rounding_mode="floor")  # conv2: stride 2
@@ -142,8 +142,9 @@ class WhisperAudioEncoder(nn.Module):
         attn = create_bidirectional_mask(config=enc.config, inputs_embeds=x, attention_mask=mask) \
             if not bool(mask.all()) else None
         states = [x]
+        drop = self.training and self.layerdrop > 0.0 and not zero3_partitioned(enc)
         for layer in enc.layers:
-            if self.training and self.layerdrop > 0.0 and float(torch.rand([])) < self.layerdrop:
+            if drop and float(torch.rand([])) < self.layerdrop:
                 states.append(x)  # a dropped layer passes its input on (LayerDrop)
                 continue
             if self.gradient_checkpointing and self.training:

@@ -210,7 +210,13 @@ def test_pretrained_wav2vec2_folder_sets_the_front_end_from_its_feature_extracto
     assert tower.do_normalize is False and tower.uses_attention_mask is True
 
 
-def test_registry_lists_the_speech_towers_with_a_purpose():
+def test_registry_lists_the_speech_towers_with_a_purpose(capsys):
+    from pipelines.cli import main
+
+    assert main(["models"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "audio=wav2vec2" in lines["wav2vec2-roberta"] and "emotion" in lines["wav2vec2-roberta"]
+    assert "audio=whisper" in lines["whisper-roberta"] and "multilingual" in lines["xlsr-xlmr"]
     for name, kind in (("wav2vec2-roberta", "wav2vec2"), ("whisper-roberta", "whisper"), ("xlsr-xlmr", "wav2vec2")):
         assert name in list_models()
         assert get_model_config(name).audio_encoder.type == kind
