@@ -12,6 +12,7 @@ import json
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchaudio
 
@@ -50,6 +51,19 @@ def zero3_partitioned(module: nn.Module) -> bool:
     """Whether DeepSpeed ZeRO-3 partitions this module's parameters: then every rank must run every layer
     (gathering a layer is a collective), so LayerDrop is off, as transformers does under ZeRO-3."""
     return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def layer_drop_mask(num_layers: int, p: float, device: torch.device) -> list[bool]:
+    """Which layers LayerDrop skips this step, the same on every rank.
+
+    Drawn from the global RNG (so a gradient-cache replay, which restores it, redraws the same) on rank 0 and
+    broadcast: ranks that skipped different layers would reduce different gradients and hang DDP / ZeRO.
+    """
+    drop = (torch.rand(num_layers) < p).to(torch.uint8)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        drop = drop.to(device)
+        dist.broadcast(drop, src=0)
+    return [bool(d) for d in drop.tolist()]
 
 
 def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from clap_core.encoders.speech import (LayerMix, MaskedPooling, Resampler, architecture_config, check_inputs,
-                                       length_mask, zero3_partitioned)
+                                       layer_drop_mask, length_mask, zero3_partitioned)
 
 BACKBONE_RATE = 16_000  # wav2vec 2.0 and its fine-tunes are trained on 16 kHz audio
 
@@ -71,8 +71,9 @@ class Wav2Vec2Encoder(nn.Module):
         default_norm, default_mask = extractor_settings(pretrained, self.backbone)
         self.do_normalize = default_norm if do_normalize is None else do_normalize
         self.uses_attention_mask = default_mask if attention_mask is None else attention_mask
-        if layerdrop is not None:
-            self.backbone.config.layerdrop = layerdrop  # read by the encoder at every training step
+        # LayerDrop is ours (layer_drop_mask: the same layers on every rank); transformers' own draw is per rank
+        self.layerdrop = self.backbone.config.layerdrop if layerdrop is None else layerdrop
+        self.backbone.config.layerdrop = 0.0
         if freeze_feature_encoder:
             self.backbone.freeze_feature_encoder()
         if gradient_checkpointing:
@@ -87,7 +88,7 @@ class Wav2Vec2Encoder(nn.Module):
         """Config fields that rebuild this tower offline (save_pretrained inlines them; weights come separately)."""
         return {"pretrained": None, "hf_config": {"model_type": "wav2vec2", **architecture_config(self.backbone.config)},
                 "do_normalize": self.do_normalize, "attention_mask": self.uses_attention_mask,
-                "layerdrop": self.backbone.config.layerdrop}
+                "layerdrop": self.layerdrop}
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         states, mask = self._states(waves, lengths, all_layers=self.mix.mode == "weighted")
@@ -118,17 +119,15 @@ class Wav2Vec2Encoder(nn.Module):
         sample_mask = length_mask(lengths, waves.shape[1])  # (B, N)
         values = zero_mean_unit_var(waves, lengths) if self.do_normalize else waves * sample_mask
         mask_arg = sample_mask.long() if self.uses_attention_mask else None
-        if self.training and zero3_partitioned(self.backbone):  # transformers only knows through HF's DS config
-            self.backbone.config.layerdrop = 0.0
         if not all_layers:
-            states = (self.backbone(values, attention_mask=mask_arg).last_hidden_state,)
+            states = (self._run_backbone(values, mask_arg).last_hidden_state,)
         else:
             layers = self.backbone.encoder.layers
             seen: dict[int, torch.Tensor] = {}
             hooks = [self.backbone.encoder.dropout.register_forward_hook(_recorder(seen, -1))]  # the layers' input
             hooks += [layer.register_forward_hook(_recorder(seen, i)) for i, layer in enumerate(layers)]
             try:
-                self.backbone(values, attention_mask=mask_arg)
+                self._run_backbone(values, mask_arg)
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -137,6 +136,19 @@ class Wav2Vec2Encoder(nn.Module):
                 states.append(seen.get(i, states[-1]))
         frames = self.backbone._get_feat_extract_output_lengths(lengths)  # (B,)
         return states, length_mask(frames, states[-1].shape[1])
+
+    def _run_backbone(self, values: torch.Tensor, mask_arg: torch.Tensor | None):
+        """The backbone, its encoder holding only the layers LayerDrop keeps this step (none dropped in eval)."""
+        encoder = self.backbone.encoder
+        if not (self.training and self.layerdrop > 0.0) or zero3_partitioned(self.backbone):
+            return self.backbone(values, attention_mask=mask_arg)
+        layers = encoder.layers
+        drop = layer_drop_mask(len(layers), self.layerdrop, values.device)
+        encoder.layers = nn.ModuleList([layer for layer, skip in zip(layers, drop) if not skip])
+        try:
+            return self.backbone(values, attention_mask=mask_arg)
+        finally:
+            encoder.layers = layers
 
 
 def _recorder(seen: dict, index: int):

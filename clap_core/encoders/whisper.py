@@ -32,7 +32,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from clap_core.encoders.speech import (LayerMix, MaskedPooling, Resampler, architecture_config, check_inputs,
-                                       length_mask, zero3_partitioned)
+                                       layer_drop_mask, length_mask, zero3_partitioned)
 
 BACKBONE_RATE = 16_000  # Whisper's log-mel is computed at 16 kHz
 N_FFT, HOP = 400, 160  # 25 ms window, 10 ms hop: 100 mel frames per second
@@ -142,9 +142,11 @@ class WhisperAudioEncoder(nn.Module):
         attn = create_bidirectional_mask(config=enc.config, inputs_embeds=x, attention_mask=mask) \
             if not bool(mask.all()) else None
         states = [x]
-        drop = self.training and self.layerdrop > 0.0 and not zero3_partitioned(enc)
-        for layer in enc.layers:
-            if drop and float(torch.rand([])) < self.layerdrop:
+        drop = [False] * len(enc.layers)
+        if self.training and self.layerdrop > 0.0 and not zero3_partitioned(enc):
+            drop = layer_drop_mask(len(enc.layers), self.layerdrop, x.device)
+        for layer, skip in zip(enc.layers, drop):
+            if skip:
                 states.append(x)  # a dropped layer passes its input on (LayerDrop)
                 continue
             if self.gradient_checkpointing and self.training:

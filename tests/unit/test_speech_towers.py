@@ -183,7 +183,8 @@ def test_layerdrop_one_skips_every_layer_in_training_only():
     states, _ = tower.eval().hidden_states(mel)
     assert not torch.equal(states[1], states[0])
     w2v = Wav2Vec2Encoder(sample_rate=16_000, hf_config=W2V, layerdrop=1.0, layers="weighted").train()
-    assert w2v.backbone.config.layerdrop == 1.0 and w2v.resolved_config()["layerdrop"] == 1.0
+    assert w2v.layerdrop == 1.0 and w2v.resolved_config()["layerdrop"] == 1.0
+    assert w2v.backbone.config.layerdrop == 0.0  # transformers' per-rank draw is replaced by layer_drop_mask
     states, _ = w2v.hidden_states(waves, lengths)
     assert len(states) == 3 and torch.equal(states[1], states[0])  # skipped layers keep the weighted sum whole
     assert w2v(waves, lengths).shape == (1, 32)
@@ -241,3 +242,24 @@ def test_layer_features_pool_every_layer_and_the_weighted_sum_is_their_mix(name)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=0)
     clips = [waves[0, :30_000].numpy(), waves[1, :12_000].numpy()]
     np.testing.assert_allclose(embed_audio_layers(model, clips), per_layer.numpy(), atol=1e-5)
+
+
+def _draw_on_rank(rank, store_path, out_path):
+    import torch.distributed as dist
+
+    from clap_core.encoders.speech import layer_drop_mask
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # ranks' RNGs differ, as in pretraining (seed + 1000 * rank)
+    draws = [layer_drop_mask(12, 0.5, torch.device("cpu")) for _ in range(5)]
+    dist.destroy_process_group()
+    torch.save(draws, f"{out_path}.{rank}")
+
+
+def test_layer_drop_skips_the_same_layers_on_every_rank(tmp_path):
+    """Different per-rank RNGs, one decision: ranks reducing different gradients would hang DDP / ZeRO."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_draw_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "draws")), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"draws.{r}") for r in (0, 1))
+    assert rank0 == rank1 and len({tuple(d) for d in rank0}) > 1  # shared, and still random step to step
