@@ -244,22 +244,12 @@ def test_layer_features_pool_every_layer_and_the_weighted_sum_is_their_mix(name)
     np.testing.assert_allclose(embed_audio_layers(model, clips), per_layer.numpy(), atol=1e-5)
 
 
-def _draw_on_rank(rank, store_path, out_path):
-    import torch.distributed as dist
-
-    from clap_core.encoders.speech import layer_drop_mask
-
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
-    torch.manual_seed(rank)  # ranks' RNGs differ, as in pretraining (seed + 1000 * rank)
-    draws = [layer_drop_mask(12, 0.5, torch.device("cpu")) for _ in range(5)]
-    dist.destroy_process_group()
-    torch.save(draws, f"{out_path}.{rank}")
-
-
 def test_layer_drop_skips_the_same_layers_on_every_rank(tmp_path):
     """Different per-rank RNGs, one decision: ranks reducing different gradients would hang DDP / ZeRO."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_draw_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "draws")), nprocs=2)
+    from tests.unit.rank_draws import draw_on_rank  # a light module: each spawned rank imports only it
+
+    mp.spawn(draw_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "draws")), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"draws.{r}") for r in (0, 1))
     assert rank0 == rank1 and len({tuple(d) for d in rank0}) > 1  # shared, and still random step to step
