@@ -19,7 +19,6 @@ frames, as the original model does.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
