@@ -213,6 +213,20 @@ def test_pretrained_wav2vec2_folder_sets_the_front_end_from_its_feature_extracto
     assert tower.do_normalize is False and tower.uses_attention_mask is True
 
 
+def test_pretrained_whisper_folder_loads_the_encoder_weights(tmp_path):
+    from transformers import WhisperConfig, WhisperModel
+
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in WHISPER.items() if k != "model_type"}
+    full = WhisperModel(WhisperConfig(**cfg, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32,
+                                      max_target_positions=16))
+    full.save_pretrained(tmp_path)
+    tower = WhisperAudioEncoder(pretrained=str(tmp_path))
+    for name, value in full.encoder.state_dict().items():
+        assert torch.equal(tower.encoder.state_dict()[name], value), name
+    assert tower.resolved_config()["pretrained"] is None
+
+
 def test_registry_lists_the_speech_towers_with_a_purpose(capsys):
     from pipelines.cli import main
 
