@@ -169,7 +169,7 @@ def test_freeze_feature_encoder_and_gradient_checkpointing():
             torch.manual_seed(0)
             tower = cls(sample_rate=16_000, hf_config=cfg, gradient_checkpointing=ckpt).train()
             if cls is Wav2Vec2Encoder:
-                assert tower.backbone.is_gradient_checkpointing == ckpt
+                assert tower.backbone.is_activation_checkpointing == ckpt
             tower(waves, lengths).square().sum().backward()
             grads.append(torch.cat([p.grad.flatten() for p in tower.parameters() if p.grad is not None]))
         torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
