@@ -269,3 +269,12 @@ def test_layer_drop_skips_the_same_layers_on_every_rank(tmp_path):
     mp.spawn(draw_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "draws")), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"draws.{r}") for r in (0, 1))
     assert rank0 == rank1 and len({tuple(d) for d in rank0}) > 1  # shared, and still random step to step
+
+
+def test_onnx_export_refuses_a_speech_tower_with_the_reason(tmp_path):
+    from clap_core.onnx_export import export_onnx
+
+    model = ClapModel(get_model_config("tiny-whisper"))
+    with pytest.raises(ValueError, match="speech tower to ONNX"):
+        export_onnx(model, tmp_path / "onnx", audio_input="waveform")
+    assert not (tmp_path / "onnx").exists()  # refused before anything is written
