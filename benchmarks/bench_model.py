@@ -2,10 +2,11 @@
 
     python benchmarks/bench_model.py            # tiny + htsat-tiny-roberta at batch 1, 2, 4; loss at 256..4096
     python benchmarks/bench_model.py --quick    # smaller sweep
+    python benchmarks/bench_model.py --models htsat-tiny-roberta wav2vec2-roberta whisper-roberta --no-loss
 
 Each measurement runs in a fresh process, so the peak resident memory (ru_maxrss) it reports is its
 own; memory is given as the rise over the same process just before the step (model built, inputs
-ready). Times are the median of a few steps after a warm-up. The loss section compares, for a global
+ready). Models are built offline at their registry size (random init: pretrained names are dropped). Times are the median of a few steps after a warm-up. The loss section compares, for a global
 batch B over W=8 workers, the logits one rank holds with a full (B x B) loss vs local-loss (B/W x B).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 import time
 
 OFFLINE_TEXT = ["text_encoder.pretrained=null", "text_encoder.tokenizer=bytes"]
+OFFLINE_AUDIO = ["audio_encoder.pretrained=null"]  # speech towers: build wav2vec2 / Whisper from hf_config
 
 
 def rss_mb() -> float:
@@ -31,7 +33,10 @@ def model_step(name: str, batch: int, steps: int, queue: mp.Queue) -> None:
     from clap_core.model_config import get_model_config
 
     torch.manual_seed(0)
-    model = ClapModel(get_model_config(name, OFFLINE_TEXT if name != "tiny" else [])).train()
+    cfg = get_model_config(name)
+    overrides = [] if cfg.text_encoder.pretrained is None else list(OFFLINE_TEXT)
+    overrides += OFFLINE_AUDIO if getattr(cfg.audio_encoder, "pretrained", None) else []
+    model = ClapModel(get_model_config(name, overrides)).train()
     waves = torch.randn(batch, model.frontend.clip_samples) * 0.1
     tokens = model.tokenize([f"caption number {i} of a sound" for i in range(batch)])
     loss_fn = ClipLoss()
@@ -78,16 +83,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 1-2 and smaller loss sizes")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["tiny", "htsat-tiny-roberta"], help="registry names")
+    parser.add_argument("--no-loss", action="store_true", help="skip the loss-memory section")
     args = parser.parse_args()
     batches = (1, 2) if args.quick else (1, 2, 4)
     print("| model | batch | fwd+bwd ms/sample | peak extra MB | ms/sample vs batch 1 |")
     print("|---|---|---|---|---|")
-    for name in ("tiny", "htsat-tiny-roberta"):
+    for name in args.models:
         base = None
         for batch in batches:
             per_sample, mem = measure(model_step, name, batch, args.steps)
             base = base or per_sample
             print(f"| {name} | {batch} | {per_sample * 1e3:.1f} | {mem:.0f} | {per_sample / base:.2f} |", flush=True)
+    if args.no_loss:
+        return
     sizes = (256, 1024) if args.quick else (256, 1024, 4096)
     print("\n| global batch | workers | full-loss MB | local-loss MB | local / full |")
     print("|---|---|---|---|---|")

@@ -111,6 +111,20 @@ class AudioFrontend(nn.Module):
             return self.logmel(fixed)[:, None], is_longer  # (B, 1, T, F)
         return torch.stack([self._fused(c, generator) for c in clips]), is_longer  # (B, 4, T, F)
 
+    def fixed_waveforms(self, waves: torch.Tensor, lengths: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) + lengths -> the window waveforms (B, clip_samples) and their real samples (B,), for speech towers.
+
+        Cropping is the log-mel path's (random in training, centre in eval). With pad_mode 'zero' the padding
+        is reported so the tower can mask it; 'repeatpad' fills the window, so every sample counts as real.
+        """
+        lengths = self._lengths(waves, lengths)
+        fixed = torch.stack([fit_length(waves[i, :int(n)], self.clip_samples, self.pad_mode, self.training, generator)
+                             for i, n in enumerate(lengths)])  # (B, clip_samples)
+        valid = lengths.clamp(max=self.clip_samples) if self.pad_mode == "zero" \
+            else torch.full_like(lengths, self.clip_samples)
+        return fixed, valid.to(waves.device)
+
     def _fused(self, clip: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if clip.shape[0] > self.clip_samples:
             return fusion_views(self.logmel(clip[None])[0], self.frames, self.training, generator)

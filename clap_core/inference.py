@@ -139,6 +139,35 @@ def _embed_window_mean(model: "ClapModel", waves: Sequence[np.ndarray], batch_si
     return F.normalize(torch.from_numpy(sums), dim=-1).numpy()
 
 
+@torch.no_grad()
+def embed_audio_layers(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
+    """48 kHz mono waves -> (N, L, H): a speech tower's every hidden layer pooled over the clip, before the
+    projection (what layer-wise probes such as SUPERB's weighted sum train on). Long clips: mean over windows."""
+    tower = model.audio_encoder
+    if not hasattr(tower, "layer_features"):
+        raise ValueError(f"the {model.config.audio_encoder.type} audio encoder has no per-layer features: "
+                         "only speech towers (wav2vec2, whisper) do")
+    if not len(waves):
+        raise ValueError("embed_audio_layers needs at least one waveform")
+    was_training = model.training
+    model.eval()
+    try:
+        pieces = [windows(w, model.frontend.clip_samples) for w in waves]
+        flat = [w for p in pieces for w in p]
+        out = []
+        for chunk in batched(flat, batch_size):
+            padded, lengths = pad_batch(chunk)
+            fixed, valid = model.frontend.fixed_waveforms(padded.to(model.device), lengths)
+            out.append(tower.layer_features(fixed, valid).float().cpu())  # (b, L, H)
+    finally:
+        model.train(was_training)
+    feats = torch.cat(out).numpy()
+    owner = np.repeat(np.arange(len(waves)), [len(p) for p in pieces])  # window -> clip index
+    sums = np.zeros((len(waves),) + feats.shape[1:], np.float32)
+    np.add.at(sums, owner, feats)
+    return sums / np.bincount(owner, minlength=len(waves)).astype(np.float32)[:, None, None]
+
+
 def embed_audio(model: "ClapModel", audio: AudioInput | Iterable[AudioInput], sample_rate: int | None = None,
                 batch_size: int = 16, long_audio: LongAudio = "auto", precision: Precision = "auto") -> np.ndarray:
     """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings."""

@@ -10,7 +10,6 @@ Checkpoints are folders: `config.yaml` + `model.safetensors` + `tokenizer/` (no 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,22 +28,32 @@ from clap_core.encoders.cnn14 import Cnn14
 from clap_core.encoders.conv import TinyConvEncoder
 from clap_core.encoders.htsat import HTSATEncoder
 from clap_core.encoders.perceiver import PerceiverAudioEncoder
+from clap_core.encoders.speech import architecture_config
 from clap_core.encoders.text import TextEncoder, build_text_backbone, build_tokenizer
+from clap_core.encoders.wav2vec2 import Wav2Vec2Encoder
+from clap_core.encoders.whisper import WhisperAudioEncoder
 from clap_core.features import AudioFrontend
 from clap_core.loss import LogitScale, SigmoidLogitScale
 from clap_core.metrics import DEFAULT_TEMPLATES
 from clap_core.model_config import ClapModelConfig, ProjectionConfig
 
 AUDIO_ENCODERS: dict[str, type[nn.Module]] = {"conv": TinyConvEncoder, "cnn14": Cnn14,
-                                              "perceiver": PerceiverAudioEncoder, "htsat": HTSATEncoder}
+                                              "perceiver": PerceiverAudioEncoder, "htsat": HTSATEncoder,
+                                              "wav2vec2": Wav2Vec2Encoder, "whisper": WhisperAudioEncoder}
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.yaml", "model.safetensors", "tokenizer"
 
 
-def build_audio_encoder(encoder_cfg: Any, n_mels: int) -> nn.Module:
-    """Config dataclass -> flat constructor kwargs of the registered encoder class."""
+def build_audio_encoder(encoder_cfg: Any, audio_cfg: Any) -> nn.Module:
+    """Config dataclass -> flat constructor kwargs of the registered encoder class.
+
+    Log-mel encoders get the front end's mel bins; waveform (speech) towers get its sample rate.
+    """
     kwargs = dataclasses.asdict(encoder_cfg)
-    return AUDIO_ENCODERS[kwargs.pop("type")](n_mels=n_mels, **kwargs)
+    cls = AUDIO_ENCODERS[kwargs.pop("type")]
+    if getattr(cls, "takes_waveform", False):
+        return cls(sample_rate=audio_cfg.sample_rate, **kwargs)
+    return cls(n_mels=audio_cfg.n_mels, **kwargs)
 
 
 def build_projection(in_dim: int, out_dim: int, cfg: ProjectionConfig) -> nn.Module:
@@ -64,7 +73,7 @@ class ClapModel(nn.Module):
         text_cfg = config.text_encoder
         self.tokenizer = tokenizer or build_tokenizer(text_cfg.tokenizer, text_cfg.max_length)
         self.frontend = AudioFrontend(**dataclasses.asdict(config.audio))
-        self.audio_encoder = build_audio_encoder(config.audio_encoder, config.audio.n_mels)
+        self.audio_encoder = build_audio_encoder(config.audio_encoder, config.audio)
         backbone = build_text_backbone(text_cfg.pretrained, text_cfg.hf_config, self.tokenizer)
         self.text_encoder = TextEncoder(backbone, text_cfg.pooling)
         self.audio_projection = build_projection(self.audio_encoder.out_dim, config.embed_dim, config.audio_projection)
@@ -133,6 +142,10 @@ class ClapModel(nn.Module):
         (deterministic); train mode crops at random.
         """
         waves = self._check_waveforms(waveforms, sample_rate)
+        if getattr(self.audio_encoder, "takes_waveform", False):  # speech towers compute their own features
+            fixed, valid = self.frontend.fixed_waveforms(waves, lengths, generator)  # (B, clip_samples), (B,)
+            emb = self.audio_projection(self.audio_encoder(fixed, valid))  # (B, D)
+            return F.normalize(emb, dim=-1) if normalize else emb
         mel, is_longer = self.frontend(waves, lengths, generator)  # (B, C, T, F), (B, 1)
         return self.encode_mel(mel, is_longer, normalize)
 
@@ -220,11 +233,12 @@ class ClapModel(nn.Module):
         return path
 
     def _self_contained_config(self) -> dict:
-        """The config with the text backbone's full transformers config inlined, so loading needs no hub."""
+        """The config with the text (and speech) backbones' full transformers configs inlined: loading needs no hub."""
         cfg = to_dict(self.config)
-        backbone_cfg = json.loads(self.text_encoder.backbone.config.to_json_string(use_diff=False))
-        keep = {k: v for k, v in backbone_cfg.items() if not k.startswith("_") and k not in _HF_META_KEYS}
+        keep = architecture_config(self.text_encoder.backbone.config)
         cfg["text_encoder"].update(pretrained=None, tokenizer=TOKENIZER_DIR, hf_config=keep)
+        if hasattr(self.audio_encoder, "resolved_config"):  # a transformers audio backbone: inline it too
+            cfg["audio_encoder"].update(self.audio_encoder.resolved_config())
         return cfg
 
     @classmethod
@@ -284,8 +298,3 @@ def check_checkpoint(path: str | Path) -> ClapModelConfig:
     except Exception as e:  # SafetensorError, OSError: header too large, incomplete, not safetensors
         raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({one_line(e)})") from None
     return config
-
-
-_HF_META_KEYS = {"architectures", "transformers_version", "torch_dtype", "dtype", "return_dict",
-                 "output_hidden_states", "output_attentions", "use_cache", "is_decoder", "add_cross_attention",
-                 "tie_word_embeddings", "chunk_size_feed_forward", "problem_type", "id2label", "label2id"}

@@ -82,12 +82,46 @@ class HTSATConfig:
 
 
 @dataclass
+class Wav2Vec2EncoderConfig:
+    """wav2vec 2.0 on the raw waveform, resampled to 16 kHz inside the model (clap_core/encoders/wav2vec2.py)."""
+
+    type: Literal["wav2vec2"] = "wav2vec2"  # transformers' Wav2Vec2Model (also XLS-R, HuBERT-style checkpoints of it)
+    pretrained: str | None = None  # local folder or hub name for Wav2Vec2Model.from_pretrained; None: from hf_config
+    hf_config: dict[str, Any] = field(default_factory=dict)  # Wav2Vec2Config kwargs (offline, random init)
+    do_normalize: bool | None = None  # zero-mean unit-var per clip; None: as the folder's feature extractor says
+    attention_mask: bool | None = None  # pass the padding mask; None: as the extractor says (layer-norm models)
+    pooling: Literal["mean", "attention"] = "mean"  # over real frames: mean, or one learned attention query
+    layers: Literal["last", "weighted"] = "last"  # pool the last layer, or a learned softmax-weighted sum of all
+    freeze_feature_encoder: bool = True  # keep the convolutional feature encoder fixed (the usual fine-tuning)
+    gradient_checkpointing: bool = False  # recompute transformer layers in backward: memory for compute
+    layerdrop: float | None = None  # probability of skipping a layer in training; None: the backbone's value
+
+
+@dataclass
+class WhisperEncoderConfig:
+    """Whisper's encoder on its own log-mel, computed at 16 kHz inside the model (clap_core/encoders/whisper.py)."""
+
+    type: Literal["whisper"] = "whisper"  # transformers' WhisperEncoder (the decoder is not used)
+    pretrained: str | None = None  # local folder or hub name of a WhisperModel; None: from hf_config
+    hf_config: dict[str, Any] = field(default_factory=dict)  # WhisperConfig kwargs (offline, random init)
+    pooling: Literal["mean", "attention"] = "mean"  # over real frames: mean, or one learned attention query
+    layers: Literal["last", "weighted"] = "last"  # pool the last layer, or a learned softmax-weighted sum of all
+    mask_padding: bool = True  # crop the batch to its longest clip and mask padding frames in self-attention
+    gradient_checkpointing: bool = False  # recompute encoder layers in backward: memory for compute
+    layerdrop: float | None = None  # probability of skipping a layer in training; None: the backbone's value
+
+
+SPEECH_ENCODERS = ("wav2vec2", "whisper")  # towers that take waveforms and resample to 16 kHz themselves
+
+
+@dataclass
 class AudioEncoderConfig:
     """Picks its concrete dataclass from `type` (see `__variants__`)."""
 
     type: str = "conv"
-    __variants__ = {"type": {"conv": ConvEncoderConfig, "cnn14": Cnn14Config,
-                             "perceiver": PerceiverConfig, "htsat": HTSATConfig}}
+    __variants__ = {"type": {"conv": ConvEncoderConfig, "cnn14": Cnn14Config, "perceiver": PerceiverConfig,
+                             "htsat": HTSATConfig, "wav2vec2": Wav2Vec2EncoderConfig,
+                             "whisper": WhisperEncoderConfig}}
 
 
 @dataclass
@@ -133,6 +167,18 @@ class ClapModelConfig:
 
 def list_models() -> list[str]:
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+
+
+def describe_model(name: str) -> str:
+    """What a registered architecture is for: the first sentence of its YAML's leading comment."""
+    words = []
+    for line in (MODEL_CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("# ").strip())
+        if words[-1].endswith("."):
+            break
+    return " ".join(words)
 
 
 def get_model_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ClapModelConfig:

@@ -88,6 +88,10 @@ def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput 
     """Write audio.onnx, text.onnx and onnx_export.json (input layout, window, embedding size) into `output`."""
     if audio_input not in ("mel", "waveform"):
         raise ValueError(f"audio_input must be 'mel' or 'waveform', got {audio_input!r}")
+    if getattr(model.audio_encoder, "takes_waveform", False):
+        raise ValueError(f"cannot export the {model.config.audio_encoder.type} speech tower to ONNX: it computes its "
+                         "own 16 kHz features from waveforms with per-clip lengths (resampling, masks), which "
+                         "neither audio input of this export represents; use the checkpoint with clap embed")
     if model.config.audio.fusion:
         raise ValueError("cannot export a fused HTS-AT to ONNX: its fusion branch picks clips by is_longer, a "
                          "data-dependent index torch.export cannot trace; export the unfused variant")

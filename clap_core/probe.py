@@ -6,7 +6,9 @@
     baseline = majority_baseline(data["train"].labels, data["test"].labels, EMOTIONS)
 
 The probe is an MLP over the L2-normalised audio and text embeddings concatenated (2d -> 512 -> 128 -> K
-with dropout by default), or over one modality alone. Cross-entropy, optionally weighted by inverse class
+with dropout by default), or over one modality alone. With a speech tower (wav2vec 2.0, Whisper), the audio
+side can instead be the tower's own pooled layers (`audio_features`): its last layer, or a softmax-weighted
+sum of all layers learned with the probe (SUPERB's protocol). Cross-entropy, optionally weighted by inverse class
 frequency (MELD's test split is 48% neutral), AdamW, early stopping on validation weighted F1: the weights
 of the best validation epoch are the probe's result. Training is deterministic given `seed`, and
 `ProbeTrainer.state_dict()` holds everything needed to continue an interrupted run exactly.
@@ -37,6 +39,8 @@ MAX_EPOCHS = 20  # the sweep's upper bound on epochs, as in the CLARA MELD exper
 @dataclass
 class ProbeConfig:
     mode: Literal["concat", "audio", "text"] = "concat"  # concat: [audio; text] (2d inputs); or one modality (d)
+    audio_features: Literal["embedding", "last", "weighted"] = "embedding"  # CLAP embedding, or a speech
+    # tower's pooled last layer, or a learned weighted sum of all its layers (needs `clap embed` audio_layers)
     hidden: tuple[int, ...] = (512, 128)  # hidden layer widths; () is a linear probe
     dropout: float = 0.2  # after every hidden layer
     lr: float = 1e-3  # AdamW learning rate
@@ -66,6 +70,8 @@ class SearchSpace:
     batch_size: list[int] = field(default_factory=lambda: [32, 64, 128])  # choices
     class_weights: list[bool] = field(default_factory=lambda: [False, True])  # choices
     epochs: tuple[int, int] = (8, 20)  # integer range, both ends included, at most 20
+    audio_features: list[str] = field(default_factory=lambda: ["embedding", "last", "weighted"])  # choices, only
+    # swept when the checkpoint has a speech tower (else probe.audio_features is used)
 
     def __post_init__(self):
         for key in ("lr", "weight_decay", "dropout", "epochs"):
@@ -76,6 +82,9 @@ class SearchSpace:
             raise ConfigError("config keys 'search.lr' and 'search.weight_decay' are log-uniform: bounds must be > 0")
         if not (1 <= self.epochs[0] and self.epochs[1] <= MAX_EPOCHS):
             raise ConfigError(f"config key 'search.epochs' must lie in [1, {MAX_EPOCHS}], got {list(self.epochs)}")
+        if not set(self.audio_features) <= {"embedding", "last", "weighted"} or not self.audio_features:
+            raise ConfigError("config key 'search.audio_features' takes choices among embedding, last, weighted; "
+                              f"got {list(self.audio_features)}")
         if not (self.hidden and self.batch_size and self.class_weights):
             raise ConfigError("config keys 'search.hidden', 'search.batch_size', 'search.class_weights' need a choice")
 
@@ -138,6 +147,7 @@ class ProbeData:
     audio: np.ndarray  # (N, D) float32
     text: np.ndarray  # (N, D) float32
     labels: np.ndarray  # (N,) int64 class indices
+    audio_layers: Optional[np.ndarray] = None  # (N, L, H) float32: a speech tower's pooled layers, when embedded
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -150,10 +160,12 @@ def load_embeddings(uri: str, classes: tuple[str, ...]) -> dict[str, ProbeData]:
 
     fs, _ = storage.resolve_fs(uri)
     files = [f for f in storage.list_files(uri) if f.endswith(".parquet") and "/_rejects/" not in f]
-    columns = ["id", "label", "split", "audio_embedding", "text_embedding"]
-    tables = [pq.read_table(fs.open_input_file(storage.resolve_fs(f)[1]), columns=columns) for f in files]
-    if not tables:
+    if not files:
         raise FileNotFoundError(f"no embedding Parquet files under {uri}")
+    columns = ["id", "label", "split", "audio_embedding", "text_embedding"]
+    if "audio_layers" in pq.read_schema(fs.open_input_file(storage.resolve_fs(files[0])[1])).names:
+        columns += ["audio_layers", "audio_layer_count"]
+    tables = [pq.read_table(fs.open_input_file(storage.resolve_fs(f)[1]), columns=columns) for f in files]
     table = pa.concat_tables(tables).sort_by("id")  # file order depends on the embedding job's scheduling
     index = {name: i for i, name in enumerate(classes)}
     unknown = set(table.column("label").to_pylist()) - set(index)
@@ -165,18 +177,45 @@ def load_embeddings(uri: str, classes: tuple[str, ...]) -> dict[str, ProbeData]:
         out[split] = ProbeData(ids=part.column("id").to_pylist(),
                                audio=np.asarray(part.column("audio_embedding").to_pylist(), dtype=np.float32),
                                text=np.asarray(part.column("text_embedding").to_pylist(), dtype=np.float32),
-                               labels=np.array([index[x] for x in part.column("label").to_pylist()], dtype=np.int64))
+                               labels=np.array([index[x] for x in part.column("label").to_pylist()], dtype=np.int64),
+                               audio_layers=_layers(part) if "audio_layers" in columns else None)
     return out
+
+
+def _layers(part) -> np.ndarray:
+    """Flattened (N, L * H) `audio_layers` -> (N, L, H)."""
+    flat = np.asarray(part.column("audio_layers").to_pylist(), dtype=np.float32)
+    count = int(part.column("audio_layer_count")[0].as_py())
+    return flat.reshape(len(flat), count, -1)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def features(data: ProbeData, mode: str) -> torch.Tensor:
-    """(N, 2D) for concat, (N, D) for one modality; each modality L2-normalised so neither dominates."""
-    parts = {"audio": [data.audio], "text": [data.text], "concat": [data.audio, data.text]}[mode]
-    return torch.from_numpy(np.concatenate([normalize(p) for p in parts], axis=1).astype(np.float32))
+def features(data: ProbeData, mode: str, audio_features: str = "embedding") -> torch.Tensor:
+    """(N, 2D) for concat, (N, D) for one modality; each modality L2-normalised so neither dominates.
+
+    audio_features 'last' uses the speech tower's pooled last layer (N, H) as the audio part; 'weighted'
+    puts all its layers first, flattened (N, L * H), for the probe's learned layer weights (`layer_layout`).
+    """
+    audio = [normalize(data.audio)]
+    if audio_features != "embedding":
+        if data.audio_layers is None:
+            raise ConfigError(f"audio_features='{audio_features}' needs per-layer features: embed a checkpoint "
+                              "with a speech tower (wav2vec2, whisper) with layers=True")
+        layers = data.audio_layers
+        audio = [normalize(layers[:, -1])] if audio_features == "last" else \
+            [normalize(layers[:, i]) for i in range(layers.shape[1])]
+    parts = {"audio": audio, "text": [normalize(data.text)], "concat": audio + [normalize(data.text)]}[mode]
+    return torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32))
+
+
+def layer_layout(cfg: "ProbeConfig", data: ProbeData) -> dict:
+    """ProbeMLP kwargs for the learned layer weights: {} unless the audio side is the weighted layer sum."""
+    if cfg.audio_features != "weighted" or cfg.mode == "text":
+        return {}
+    return {"mix_layers": data.audio_layers.shape[1], "layer_dim": data.audio_layers.shape[2]}
 
 
 def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -245,9 +284,16 @@ class Standardize(nn.Module):
 
 
 class ProbeMLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], num_classes: int, dropout: float):
+    """(B, in_dim) -> (B, K). With mix_layers L > 0 the first L * layer_dim inputs are L layers, mixed into one
+    layer_dim vector by learned softmax weights (zeros at start: the plain average) before the MLP."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], num_classes: int, dropout: float,
+                 mix_layers: int = 0, layer_dim: int = 0):
         super().__init__()
+        self.in_dim, self.mix_layers, self.layer_dim = in_dim, mix_layers, layer_dim
         self.standardize = Standardize(in_dim)  # identity until fit
+        self.layer_weights = nn.Parameter(torch.zeros(mix_layers)) if mix_layers else None
+        in_dim -= (mix_layers - 1) * layer_dim if mix_layers else 0
         layers: list[nn.Module] = []
         for width in hidden:
             layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout)]
@@ -256,7 +302,13 @@ class ProbeMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.standardize(x))  # (B, F) -> (B, K) logits
+        x = self.standardize(x)  # (B, F)
+        if self.mix_layers:
+            split = self.mix_layers * self.layer_dim
+            stack = x[:, :split].reshape(len(x), self.mix_layers, self.layer_dim)  # (B, L, H)
+            mixed = torch.einsum("l,blh->bh", self.layer_weights.softmax(0), stack)
+            x = torch.cat([mixed, x[:, split:]], dim=1)  # (B, H + rest)
+        return self.net(x)  # (B, K) logits
 
 
 @torch.no_grad()
@@ -272,10 +324,12 @@ class ProbeTrainer:
 
     def __init__(self, cfg: ProbeConfig, train: ProbeData, valid: ProbeData, classes: tuple[str, ...]):
         self.cfg, self.classes = cfg, classes
-        self.x_train, self.y_train = features(train, cfg.mode), torch.from_numpy(train.labels)  # (N, F), (N,)
-        self.x_valid, self.y_valid = features(valid, cfg.mode), torch.from_numpy(valid.labels)
+        self.x_train = features(train, cfg.mode, cfg.audio_features)  # (N, F)
+        self.x_valid = features(valid, cfg.mode, cfg.audio_features)
+        self.y_train, self.y_valid = torch.from_numpy(train.labels), torch.from_numpy(valid.labels)  # (N,)
         torch.manual_seed(cfg.seed)
-        self.model = ProbeMLP(self.x_train.shape[1], cfg.hidden, len(classes), cfg.dropout)
+        self.model = ProbeMLP(self.x_train.shape[1], cfg.hidden, len(classes), cfg.dropout,
+                              **layer_layout(cfg, train))
         if cfg.standardize:
             self.model.standardize.fit(self.x_train)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -347,8 +401,9 @@ def fit_probe(cfg: ProbeConfig, train: ProbeData, valid: ProbeData, classes: tup
     return trainer
 
 
-def evaluate_probe(model: nn.Module, data: ProbeData, mode: str, classes: tuple[str, ...]) -> dict:
-    pred, _ = predict(model, features(data, mode))
+def evaluate_probe(model: nn.Module, data: ProbeData, mode: str, classes: tuple[str, ...],
+                   audio_features: str = "embedding") -> dict:
+    pred, _ = predict(model, features(data, mode, audio_features))
     return classification_metrics(data.labels, pred, classes)
 
 
@@ -361,14 +416,16 @@ def save_probe(uri: str, model: ProbeMLP, cfg: ProbeConfig, classes: tuple[str, 
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     storage.put_atomic(storage.join(uri, "probe.pt"), buf.getvalue())
-    meta = {"config": dataclasses.asdict(cfg), "classes": list(classes), "in_dim": model.net[0].in_features}
+    meta = {"config": dataclasses.asdict(cfg), "classes": list(classes), "in_dim": model.in_dim,
+            "mix_layers": model.mix_layers, "layer_dim": model.layer_dim}
     storage.put_atomic(storage.join(uri, "probe.json"), json.dumps(meta, indent=2).encode())
 
 
 def load_probe(uri: str) -> tuple[ProbeMLP, ProbeConfig, tuple[str, ...]]:
     meta = json.loads(storage.read_bytes(storage.join(uri, "probe.json")))
     cfg = ProbeConfig(**{**meta["config"], "hidden": tuple(meta["config"]["hidden"])})
-    model = ProbeMLP(meta["in_dim"], cfg.hidden, len(meta["classes"]), cfg.dropout)
+    model = ProbeMLP(meta["in_dim"], cfg.hidden, len(meta["classes"]), cfg.dropout,
+                     mix_layers=meta.get("mix_layers", 0), layer_dim=meta.get("layer_dim", 0))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, "probe.pt"))), weights_only=True)
     model.load_state_dict(state)
     return model.eval(), cfg, tuple(meta["classes"])

@@ -5,7 +5,8 @@
 
 Stages: rows -> decode (CPU tasks; unreadable rows go to OUTPUT/_rejects/, never a crash) -> embed
 (an actor pool: the model is loaded once per actor, on a GPU when the cluster has one) -> Parquet of
-`id`, `audio_embedding`, `text_embedding` and the input's metadata. A run replaces the Parquet files
+`id`, `audio_embedding`, `text_embedding` and the input's metadata (with `layers=True` and a speech tower,
+also `audio_layers`: every tower layer pooled, for layer-wise probes). A run replaces the Parquet files
 already in OUTPUT, so re-running gives one row per clip, not duplicates.
 """
 from __future__ import annotations
@@ -93,7 +94,8 @@ def write_rejects(output: str, rejects: list[dict]) -> None:
 
 
 class EmbedBatch:
-    def __init__(self, checkpoint: str, batch_size: int, text: bool, precision: str = "auto"):
+    def __init__(self, checkpoint: str, batch_size: int, text: bool, precision: str = "auto",
+                 layers: bool = False):
         import torch
 
         from clap_core.model import ClapModel
@@ -102,14 +104,19 @@ class EmbedBatch:
         if torch.cuda.is_available():
             self.model = self.model.cuda()
         self.batch_size, self.text, self.precision = batch_size, text, precision
+        self.layers = layers and hasattr(self.model.audio_encoder, "layer_features")  # speech towers only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from clap_core.inference import embed_text, embed_waveforms
+        from clap_core.inference import embed_audio_layers, embed_text, embed_waveforms
 
         waves = list(batch.pop("wave"))
         batch["duration_s"] = np.array([len(w) / TARGET_SR for w in waves])
         batch["audio_embedding"] = embed_waveforms(self.model, waves, self.batch_size,
                                                    precision=self.precision)  # (B, D)
+        if self.layers:  # every tower layer pooled, flattened (B, L * H), for layer-wise probes
+            feats = embed_audio_layers(self.model, waves, self.batch_size)  # (B, L, H)
+            batch["audio_layers"] = feats.reshape(len(waves), -1)
+            batch["audio_layer_count"] = np.full(len(waves), feats.shape[1], dtype=np.int64)
         if self.text and "caption" in batch:
             captions = [str(c or "") for c in batch["caption"]]
             batch["text_embedding"] = embed_text(self.model, captions, precision=self.precision)
@@ -172,7 +179,8 @@ def clear_outputs(output: str) -> None:
 
 
 def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
-                  concurrency: int | None = None, text: bool = True, precision: str = "auto") -> dict:
+                  concurrency: int | None = None, text: bool = True, precision: str = "auto",
+                  layers: bool = False) -> dict:
     """Run the embedding job (Ray must be reachable: local or the submitted-to cluster); returns a summary."""
     import ray
 
@@ -191,7 +199,7 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     ds = read_input(ray, input_uri, split, output)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output}, batch_size=batch_size)
     actors = concurrency or (gpus if gpus else 2)
-    ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision),
+    ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision, layers),
                         batch_size=batch_size,
                         concurrency=actors, num_gpus=1 if gpus else 0)
     fs, path = storage.resolve_fs(output)
@@ -200,8 +208,9 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
 
 
 def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: int = 16,
-                   concurrency: int | None = None, text: bool = True) -> dict:
-    return embed_dataset(checkpoint, manifest, output, batch_size=batch_size, concurrency=concurrency, text=text)
+                   concurrency: int | None = None, text: bool = True, layers: bool = False) -> dict:
+    return embed_dataset(checkpoint, manifest, output, batch_size=batch_size, concurrency=concurrency, text=text,
+                         layers=layers)
 
 
 def summarize(output: str) -> dict:

@@ -9,7 +9,9 @@ Steps, each skipped when a previous run of the same command already did it:
      embeddings; undecodable clips and unusable CSV lines in OUTPUT/embeddings/_rejects/). The cache is keyed by
      the manifest and the checkpoint (OUTPUT/embed_cache.json), so trials and later runs only read it.
   2. Ray Tune: Optuna (TPE) proposes lr, weight decay, dropout, hidden sizes, batch size, class weighting and
-     epochs; ASHA stops weak trials early; each trial trains with early stopping on dev weighted F1, reports and
+     epochs, and, when the checkpoint has a speech tower (wav2vec2, whisper), the audio features: the CLAP
+     embedding, the tower's last layer or a learned weighted sum of its layers (`clap embed` then also writes
+     every pooled tower layer); ASHA stops weak trials early; each trial trains with early stopping on dev weighted F1, reports and
      checkpoints every epoch, and writes TensorBoard events in its trial folder OUTPUT/<tune.name>/<trial>/.
      An interrupted sweep (Ctrl-C, a lost driver) is restored with `Tuner.restore` by running the command again.
   3. The best trial's probe -> OUTPUT/best/ (probe.pt, probe.json, config.json), evaluated once on the test split
@@ -40,9 +42,11 @@ from ray.tune.search.optuna import OptunaSearch
 from clap_core import storage
 from clap_core.config import ConfigError, from_dict, load_config, to_dict
 from clap_core.meld import EMOTIONS, read_meld, write_manifest
+from clap_core.model_config import SPEECH_ENCODERS
 from clap_core.plots import confusion_png
 from clap_core.probe import (ProbeConfig, ProbeMLP, ProbeSweepConfig, ProbeTrainer, evaluate_probe,
-                             features, hidden_key, load_embeddings, majority_baseline, save_probe, with_params)
+                             features, hidden_key, layer_layout, load_embeddings, majority_baseline, save_probe,
+                             with_params)
 from clap_core.shards import REJECT_SCHEMA
 from pipelines.job_configs import default_config_path
 
@@ -79,8 +83,9 @@ def tune_probe(meld: str, checkpoint: str, output: str, cfg: ProbeSweepConfig, c
         context = ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
         if context.dashboard_url:
             print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr)
-    embeddings = embed_cache(rows, csv_rejects, checkpoint, output, cfg)
-    results, cfg = run_sweep(output, embeddings["uri"], cfg, callbacks)  # a resumed sweep keeps its own config
+    layers = has_speech_tower(checkpoint)
+    embeddings = embed_cache(rows, csv_rejects, checkpoint, output, cfg, layers)
+    results, cfg = run_sweep(output, embeddings["uri"], cfg, callbacks, layers)  # a resumed sweep keeps its own config
     done = sum(1 for r in results if finished(r))
     if done < cfg.tune.num_samples:
         print(f"sweep interrupted after {done}/{cfg.tune.num_samples} trials; run the same command again to resume",
@@ -103,19 +108,25 @@ def finished(result) -> bool:
 # 1. the embedding cache
 
 
+def has_speech_tower(checkpoint: str) -> bool:
+    """Whether the checkpoint's audio encoder is a speech tower, whose layers the sweep can choose among."""
+    config = yaml.safe_load(storage.read_bytes(storage.join(checkpoint, "config.yaml"))) or {}
+    return (config.get("audio_encoder") or {}).get("type") in SPEECH_ENCODERS
+
+
 def embed_cache(rows: list[dict], csv_rejects: list[dict], checkpoint: str, output: str,
-                cfg: ProbeSweepConfig) -> dict:
+                cfg: ProbeSweepConfig, layers: bool = False) -> dict:
     """{"uri", "summary"} of OUTPUT/embeddings/, computed with `clap embed` unless this manifest+checkpoint is cached."""
     from pipelines.embed import embed_manifest
 
     manifest_uri, uri = storage.join(output, "manifest.jsonl"), storage.join(output, "embeddings")
     marker = storage.join(output, "embed_cache.json")
-    key = cache_key(rows, checkpoint)
+    key = cache_key(rows, checkpoint) + ("-layers" if layers else "")
     if storage.exists(marker) and json.loads(storage.read_bytes(marker))["key"] == key:
         return json.loads(storage.read_bytes(marker))
     write_manifest(rows, manifest_uri)
     summary = embed_manifest(checkpoint, manifest_uri, uri, batch_size=cfg.embed.batch_size,
-                             concurrency=cfg.embed.concurrency, text=True)
+                             concurrency=cfg.embed.concurrency, text=True, layers=layers)
     if csv_rejects:  # after the job: it clears the folder's Parquet files when it starts
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(csv_rejects, schema=REJECT_SCHEMA), buf)
@@ -175,15 +186,16 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"  # short: it names the run in TensorBoard
 
 
-def param_space(cfg: ProbeSweepConfig) -> dict:
+def param_space(cfg: ProbeSweepConfig, layers: bool = False) -> dict:
     s = cfg.search
-    return {"lr": tune.loguniform(*s.lr), "weight_decay": tune.loguniform(*s.weight_decay),
+    choices = {"audio_features": tune.choice(list(s.audio_features))} if layers else {}
+    return {**choices, "lr": tune.loguniform(*s.lr), "weight_decay": tune.loguniform(*s.weight_decay),
             "dropout": tune.uniform(*s.dropout), "hidden": tune.choice([hidden_key(h) for h in s.hidden]),
             "batch_size": tune.choice(list(s.batch_size)), "class_weights": tune.choice(list(s.class_weights)),
             "epochs": tune.randint(s.epochs[0], s.epochs[1] + 1)}
 
 
-def starting_point(cfg: ProbeSweepConfig) -> list[dict]:
+def starting_point(cfg: ProbeSweepConfig, layers: bool = False) -> list[dict]:
     """The probe config's own values as the first trial (CLARA's setting) when they lie inside the search space."""
     p, s = cfg.probe, cfg.search
     point = {"lr": p.lr, "weight_decay": p.weight_decay, "dropout": p.dropout, "hidden": hidden_key(p.hidden),
@@ -192,13 +204,16 @@ def starting_point(cfg: ProbeSweepConfig) -> list[dict]:
               and s.dropout[0] <= p.dropout <= s.dropout[1] and list(p.hidden) in [list(h) for h in s.hidden]
               and p.batch_size in s.batch_size and p.class_weights in s.class_weights
               and s.epochs[0] <= p.epochs <= s.epochs[1])
+    if layers:
+        point["audio_features"] = p.audio_features
+        inside = inside and p.audio_features in s.audio_features
     return [point] if inside else []
 
 
-def build_tuner(trainable, output: str, cfg: ProbeSweepConfig, callbacks: tuple) -> Tuner:
+def build_tuner(trainable, output: str, cfg: ProbeSweepConfig, callbacks: tuple, layers: bool = False) -> Tuner:
     fs, path = storage.resolve_fs(output)
     t = cfg.tune
-    searcher = OptunaSearch(points_to_evaluate=starting_point(cfg) or None, seed=t.seed)
+    searcher = OptunaSearch(points_to_evaluate=starting_point(cfg, layers) or None, seed=t.seed)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.search.epochs[1],
                               grace_period=min(t.grace_period, cfg.search.epochs[1]),
                               reduction_factor=t.reduction_factor)
@@ -209,11 +224,11 @@ def build_tuner(trainable, output: str, cfg: ProbeSweepConfig, callbacks: tuple)
                            sync_config=SyncConfig(sync_artifacts=True),
                            checkpoint_config=CheckpointConfig(num_to_keep=1),
                            failure_config=FailureConfig(max_failures=1), verbose=1)
-    return Tuner(trainable, param_space=param_space(cfg), tune_config=tune_config, run_config=run_config)
+    return Tuner(trainable, param_space=param_space(cfg, layers), tune_config=tune_config, run_config=run_config)
 
 
-def run_sweep(output: str, cache: str, cfg: ProbeSweepConfig,
-              callbacks: tuple = ()) -> tuple[tune.ResultGrid, ProbeSweepConfig]:
+def run_sweep(output: str, cache: str, cfg: ProbeSweepConfig, callbacks: tuple = (),
+              layers: bool = False) -> tuple[tune.ResultGrid, ProbeSweepConfig]:
     """A new sweep, or the restored one when OUTPUT/<tune.name> holds an experiment; its results and config.
 
     A restored sweep runs with the config it started with (OUTPUT/sweep_config.yaml): its search space and
@@ -237,7 +252,7 @@ def run_sweep(output: str, cache: str, cfg: ProbeSweepConfig,
         print(f"resuming the sweep in {experiment}", file=sys.stderr)
         tuner = Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        tuner = build_tuner(trainable, output, cfg, callbacks)
+        tuner = build_tuner(trainable, output, cfg, callbacks, layers)
     return tuner.fit(), cfg
 
 
@@ -252,8 +267,9 @@ def export_best(results: tune.ResultGrid, output: str, embeddings: dict, cfg: Pr
     data = load_embeddings(embeddings["uri"], EMOTIONS)
     with best.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / "state.pt", weights_only=True)
-    model = ProbeMLP(features(data[TRAIN_SPLIT], probe_cfg.mode).shape[1], probe_cfg.hidden, len(EMOTIONS),
-                     probe_cfg.dropout)
+    in_dim = features(data[TRAIN_SPLIT], probe_cfg.mode, probe_cfg.audio_features).shape[1]
+    model = ProbeMLP(in_dim, probe_cfg.hidden, len(EMOTIONS), probe_cfg.dropout,
+                     **layer_layout(probe_cfg, data[TRAIN_SPLIT]))
     model.load_state_dict(state["best_state"])  # the best dev epoch, not the last one
     model.eval()
     best_uri = storage.join(output, "best")
@@ -261,7 +277,7 @@ def export_best(results: tune.ResultGrid, output: str, embeddings: dict, cfg: Pr
     trial = {"trial_id": best.metrics["trial_id"], "params": best.config, "val_weighted_f1": best.metrics[METRIC],
              "probe": to_dict(probe_cfg)}
     storage.put_atomic(storage.join(best_uri, "config.json"), json.dumps(trial, indent=2).encode())
-    test = {"probe": evaluate_probe(model, data[TEST_SPLIT], probe_cfg.mode, EMOTIONS),
+    test = {"probe": evaluate_probe(model, data[TEST_SPLIT], probe_cfg.mode, EMOTIONS, probe_cfg.audio_features),
             "majority_baseline": majority_baseline(data[TRAIN_SPLIT].labels, data[TEST_SPLIT].labels, EMOTIONS)}
     storage.put_atomic(storage.join(best_uri, "test_metrics.json"), json.dumps(test, indent=2).encode())
     title = f"MELD test, {probe_cfg.mode} probe (weighted F1 {test['probe']['weighted_f1']:.3f})"

@@ -23,8 +23,11 @@ NO_DECAY_PREFIXES = ("logit_scale.",)
 
 def pretrained_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Parameter-name prefixes of the encoders that start from pretrained weights."""
-    text_cfg = model.config.text_encoder
-    return ("text_encoder.",) if text_cfg.pretrained else ()
+    text_cfg, audio_cfg = model.config.text_encoder, model.config.audio_encoder
+    prefixes = ("text_encoder.",) if text_cfg.pretrained else ()
+    if getattr(audio_cfg, "pretrained", None):  # a speech tower's transformers backbone; its pooling is new
+        prefixes += (f"audio_encoder.{model.audio_encoder.backbone_name}.",)
+    return prefixes
 
 
 def no_decay_names(model: nn.Module) -> set[str]:

@@ -194,3 +194,27 @@ def test_rerun_same_command_resumes_on_s3(ray_local, corpus, s3_bucket):
     metrics = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/rerun/metrics.json")["Body"].read())
     assert metrics["step"] == 6 and metrics["resumes"] == [3]
     assert [h["step"] for h in metrics["history"]] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny-wav2vec2", ["deepspeed.zero_stage=2"]),
+    ("tiny-whisper", ["deepspeed.zero_stage=3", "train.grad_cache_chunk=4", "scaling.num_workers=1"]),
+])
+def test_speech_tower_pretrain_export_round_trip(ray_local, corpus, tmp_path, name, overrides):
+    """A few steps with each speech tower through the same job: the exported folder loads offline with
+    `from_pretrained` and embeds exactly as the engine did, including the learned layer weights."""
+    run = tmp_path / name
+    cfg = config(["train.steps=4", "train.batch_size=8", "train.checkpoint_every=2", "train.eval_every=4",
+                  "data.max_valid_clips=16", *overrides])
+    result = pretrain(str(corpus), str(run), name, cfg)
+    assert result.error is None
+
+    model = ClapModel.from_pretrained(run / "final")
+    assert model.config.audio_encoder.type == name.split("-")[1] and model.config.audio_encoder.pretrained is None
+    assert not torch.allclose(model.audio_encoder.mix.weights, torch.zeros(3))  # the layer weights trained
+    probe = np.load(run / "engine_probe.npz")
+    with torch.no_grad():
+        audio = model.encode_audio(torch.from_numpy(probe["waves"]), lengths=torch.from_numpy(probe["lengths"]))
+    np.testing.assert_allclose(audio.numpy(), probe["audio_embeds"], atol=1e-5)
+    metrics = metrics_of(run)
+    assert metrics["step"] == 4 and "t2a/R@1" in metrics["final_eval"]

@@ -131,3 +131,27 @@ def test_interrupted_sweep_resumes_on_s3(ray_local, checkpoint, tmp_path, s3_buc
         assert [r["epoch"] for r in results] == list(range(1, len(results) + 1)), trial
         assert data.startswith(before.get(trial, b"")), trial
     assert any(after[t] != before[t] for t in before)  # at least one trial was cut mid-way and finished later
+
+
+def test_speech_tower_sweep_chooses_among_its_layers(ray_local, tmp_path, capsys):
+    """A tiny wav2vec 2.0 checkpoint: `clap embed` also writes every pooled tower layer, the sweep varies the
+    audio features (CLAP embedding, last layer, weighted layers) and the exported probe reproduces its test."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    ClapModel(get_model_config("tiny-wav2vec2")).save_pretrained(ckpt)
+    write_meld(tmp_path / "corpus", "reorganised", {"train": 6, "dev": 4, "test": 4}, corrupt=False, seed=2)
+    out = tmp_path / "sweep"
+    args = command(tmp_path / "corpus", str(ckpt), str(out), "tune.num_samples=3", "search.epochs=[2,4]",
+                   "probe.epochs=3", "probe.audio_features=weighted")
+    assert cli.main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data = load_embeddings(str(out / "embeddings"), EMOTIONS)
+    assert data["train"].audio_layers.shape[1:] == (3, 32)  # input + 2 layers of the tiny tower, 32 wide
+    best = json.loads((out / "best" / "config.json").read_text())
+    assert best["params"]["audio_features"] in ("embedding", "last", "weighted")
+    assert summary["best"]["params"] == best["params"]
+    model, cfg, classes = load_probe(str(out / "best"))
+    assert cfg.audio_features == best["params"]["audio_features"]
+    assert (model.layer_weights is not None) == (cfg.audio_features == "weighted")
+    test_metrics = json.loads((out / "best" / "test_metrics.json").read_text())
+    assert evaluate_probe(model, data["test"], cfg.mode, classes, cfg.audio_features) == test_metrics["probe"]

@@ -1,4 +1,5 @@
 """The MELD probe: metrics against scikit-learn, training with early stopping, exact resume, export, config."""
+import dataclasses
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -138,3 +139,33 @@ def test_sweep_config_checks_keys_and_epoch_bound():
     cfg = with_params(ProbeConfig(), {"hidden": "256x64", "lr": 0.01, "class_weights": True})
     assert cfg.hidden == (256, 64) and cfg.lr == 0.01 and cfg.class_weights
     assert with_params(ProbeConfig(), {"hidden": "linear"}).hidden == ()
+
+
+def test_weighted_layer_probe_learns_which_layer_holds_the_label(tmp_path):
+    """Only layer 1 of 3 carries the class: the learned layer weights move to it, and save/load keeps them."""
+    from clap_core.probe import layer_layout
+
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        labels = rng.integers(0, len(CLASSES), n)
+        layers = rng.normal(0, 1, (n, 3, 8)).astype(np.float32)
+        layers[:, 1, :len(CLASSES)] += 3.0 * np.eye(len(CLASSES))[labels]
+        noise = rng.normal(0, 1, (n, 16)).astype(np.float32)
+        return ProbeData(ids=[str(i) for i in range(n)], audio=noise, text=noise, labels=labels, audio_layers=layers)
+
+    train, valid = data(300), data(100)
+    cfg = ProbeConfig(mode="audio", audio_features="weighted", hidden=(16,), epochs=10, lr=1e-2)
+    assert layer_layout(cfg, train) == {"mix_layers": 3, "layer_dim": 8}
+    trainer = fit_probe(cfg, train, valid, CLASSES)
+    model = trainer.best_model()
+    assert int(model.layer_weights.argmax()) == 1
+    assert evaluate_probe(model, valid, "audio", CLASSES, "weighted")["weighted_f1"] > 0.8
+    assert evaluate_probe(fit_probe(dataclasses.replace(cfg, audio_features="embedding"), train, valid, CLASSES)
+                          .best_model(), valid, "audio", CLASSES)["weighted_f1"] < 0.6  # the embedding is noise here
+    save_probe(str(tmp_path / "p"), model, cfg, CLASSES)
+    loaded, loaded_cfg, _ = load_probe(str(tmp_path / "p"))
+    x = features(valid, "audio", "weighted")
+    torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(ConfigError, match="per-layer features"):
+        features(dataclasses.replace(valid, audio_layers=None), "audio", "last")
