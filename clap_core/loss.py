@@ -52,6 +52,9 @@ class SigmoidLogitScale(nn.Module):
     """Learnable SigLIP scale and bias; the paper initialises them to 10 and -10.
 
     The negative bias starts the model near the prior that almost every pair is a negative.
+    Both parameters have shape (1,), not (): ZeRO 2/3 flatten and partition every parameter and
+    crash on 0-dim ones ("self.dim() cannot be 0 to view Float as Byte"). forward() returns 0-d
+    tensors, and checkpoints written with the old 0-dim parameters still load.
     """
 
     def __init__(self, init_scale: float = 10.0, init_bias: float = -10.0, max_scale: float = 100.0):
@@ -59,15 +62,22 @@ class SigmoidLogitScale(nn.Module):
         if init_scale <= 0 or max_scale <= 0:
             raise ValueError("init_scale and max_scale must be positive")
         self.max_log_scale = math.log(max_scale)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
-        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(init_scale)))  # (1,)
+        self.bias = nn.Parameter(torch.full((1,), float(init_bias)))  # (1,)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.clamp(self.log_scale, max=self.max_log_scale).exp(), self.bias
+        return torch.clamp(self.log_scale, max=self.max_log_scale).exp()[0], self.bias[0]
 
     @torch.no_grad()
     def clamp_(self) -> None:
         self.log_scale.clamp_(max=self.max_log_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("log_scale", "bias"):  # 0-dim tensors of checkpoints saved before the (1,) shape
+            key = prefix + name
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _all_gather_with_grad(features: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ class ClapModel(nn.Module):
     def _build_logit_scale(config: ClapModelConfig) -> nn.Module:
         t = config.temperature
         if config.loss == "siglip":
-            scale = SigmoidLogitScale(init_scale=1.0 / t.init)
+            scale = SigmoidLogitScale(init_scale=1.0 / t.init, max_scale=t.max_scale)
         else:
             scale = LogitScale(init_temperature=t.init, max_scale=t.max_scale, per_modality=t.per_modality)
         return scale.requires_grad_(t.learnable)

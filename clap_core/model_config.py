@@ -143,8 +143,8 @@ class ProjectionConfig:
 @dataclass
 class TemperatureConfig:
     init: float = 0.07  # initial temperature (logit scale = 1 / init, CLIP-style)
-    max_scale: float = 100.0  # logit scale is clamped to this
-    per_modality: bool = False  # one learnable temperature per modality (CLARA)
+    max_scale: float = 100.0  # logit scale is clamped to this (infonce and siglip)
+    per_modality: bool = False  # one learnable temperature per modality (CLARA); infonce only
     learnable: bool = True  # freeze the temperature at `init` when false
 
 
@@ -163,6 +163,10 @@ class ClapModelConfig:
     def __post_init__(self) -> None:
         if self.audio.fusion and not getattr(self.audio_encoder, "enable_fusion", False):
             raise ConfigError("audio.fusion=true needs an htsat audio_encoder with enable_fusion=true")
+        if self.loss == "siglip" and self.temperature.per_modality:
+            # the sigmoid loss scores each pair once (no audio->text / text->audio directions to separate)
+            raise ConfigError("temperature.per_modality=true applies to loss=infonce only: siglip learns one "
+                              "scale and a bias (temperature.init and temperature.max_scale apply)")
 
 
 def list_models() -> list[str]:

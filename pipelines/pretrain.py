@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,26 @@ FAULT_MARKER = ".fault_injected"
 PROBE_CLIPS = 4  # validation pairs whose engine embeddings are saved to check the export
 
 log = logging.getLogger("clap.pretrain")
+
+
+class SetupError(RuntimeError):
+    """A worker failed while building its model, engine or loss: the same config fails the same way on every
+    try, so the run stops at once instead of being restarted scaling.max_failures times (see FailFastPolicy)."""
+
+
+def fail_fast_policy(failure_config):
+    """Ray Train's default failure policy, except that a SetupError on any worker is raised at once."""
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    class FailFastPolicy(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            if isinstance(training_failed_error, WorkerGroupError) and any(
+                    isinstance(e, SetupError) for e in training_failed_error.worker_failures.values()):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return FailFastPolicy(failure_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +269,10 @@ class RunLogger:
     def interval(self, entry: dict, total: int) -> None:
         self.history.append(entry)
         if self.enabled:
-            print(f"step {entry['step']}/{total}  loss {entry['loss']:.4f}  temperature {entry['temperature']:.4f}  "
+            temps = f"temperature {entry['temperature']:.4f}"
+            if "temperature_text" in entry:
+                temps = f"temperature a2t {entry['temperature']:.4f} t2a {entry['temperature_text']:.4f}"
+            print(f"step {entry['step']}/{total}  loss {entry['loss']:.4f}  {temps}  "
                   f"lr {entry['lr']:.2e}  {entry['samples_per_s']:.1f} samples/s  "
                   f"data-wait {entry['data_wait_share']:.0%}", flush=True)
 
@@ -345,8 +369,13 @@ def all_mean(values: list[float], device: torch.device, world: int) -> list[floa
 
 
 @torch.no_grad()
-def temperature(model: ClapModel) -> float:
-    return float(1.0 / model.logit_scales()[0].float())
+def temperatures(model: ClapModel) -> dict[str, float]:
+    """{'temperature': audio->text} plus 'temperature_text' when the text->audio one is learned separately."""
+    scale_audio, scale_text = model.logit_scales()
+    out = {"temperature": float(1.0 / scale_audio.float())}
+    if model.config.temperature.per_modality:
+        out["temperature_text"] = float(1.0 / scale_text.float())
+    return out
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -359,7 +388,12 @@ def train_fn_per_worker(config: dict) -> None:
     use_gpu = device.type == "cuda"
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engine = init_engine(ClapModel(model_cfg).to(device), cfg, use_gpu)
+    try:  # deterministic setup: no I/O here, so an error is a verdict on the config (not retried)
+        engine = init_engine(ClapModel(model_cfg).to(device), cfg, use_gpu)
+        loss_fn = build_loss(model_cfg, cfg, rank, world)
+    except Exception as e:
+        raise SetupError(f"rank {rank} could not build the model/DeepSpeed engine/loss: "
+                         f"{type(e).__name__}: {e}") from e
     torch.manual_seed(cfg.train.seed + 1000 * rank)  # different dropout/crops per rank
     state = restore(engine)
     if export_only and not state["resumes"]:
@@ -367,7 +401,6 @@ def train_fn_per_worker(config: dict) -> None:
     logger = RunLogger(run_uri, state, enabled=rank == 0)
     valid_shard = ray.train.get_dataset_shard("valid") if config.get("has_valid") else None
     valid = ValidSet(valid_shard, model_cfg, cfg.data.max_valid_clips) if valid_shard is not None else None
-    loss_fn = build_loss(model_cfg, cfg, rank, world)
 
     if not export_only and state["step"] < cfg.train.steps:
         train_loop(engine, loss_fn, cfg, state, logger, valid, rank, world, device, run_uri,
@@ -431,7 +464,7 @@ class BadRowsError(ValueError):
 def log_interval(engine, window: dict, cfg: PretrainConfig, step: int, logger: RunLogger,
                  device: torch.device, world: int) -> dict:
     loss, wait, seconds = all_mean([window["loss"] / window["steps"], window["wait"], window["time"]], device, world)
-    entry = {"step": step, "loss": loss, "temperature": temperature(engine.module), "lr": engine.get_lr()[0],
+    entry = {"step": step, "loss": loss, **temperatures(engine.module), "lr": engine.get_lr()[0],
              "samples_per_s": window["steps"] * cfg.train.batch_size * world / max(seconds, 1e-9),
              "data_wait_share": wait / max(seconds, 1e-9)}
     logger.scalars(step, {f"train/{k}": v for k, v in entry.items() if k != "step"})
@@ -549,7 +582,14 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    import ray.train.v2.api.data_parallel_trainer as trainer_module  # Ray Train's only hook for the policy
+
+    default_policy = trainer_module.create_failure_policy
+    trainer_module.create_failure_policy = fail_fast_policy
+    try:
+        return trainer.fit()
+    finally:
+        trainer_module.create_failure_policy = default_policy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -564,7 +604,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_pretrain_config(args.config, args.overrides)
-    result = pretrain(args.data, args.output, args.model, cfg, export_only=args.export_only)
+    try:
+        result = pretrain(args.data, args.output, args.model, cfg, export_only=args.export_only)
+    except ray.train.TrainingFailedError as e:
+        setup = [err for err in getattr(e, "worker_failures", {}).values() if isinstance(err, SetupError)]
+        if not setup:
+            raise
+        print(f"clap pretrain: {setup[0]} (a setup error: not retried)", file=sys.stderr)
+        return 1
     metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith(("step", "val/t2a", "train/loss"))}
     print(json.dumps({"output": args.output, **metrics}))
     return 0
