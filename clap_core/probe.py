@@ -154,19 +154,13 @@ class ProbeData:
 
 
 def load_embeddings(uri: str, classes: tuple[str, ...]) -> dict[str, ProbeData]:
-    """split -> ProbeData from the Parquet files of `clap embed` (local or s3://); rejects are not read."""
+    """split -> ProbeData from a `clap embed` output (clap_core.embeddings; local or s3://)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    fs, _ = storage.resolve_fs(uri)
-    files = [f for f in storage.list_files(uri) if f.endswith(".parquet") and "/_rejects/" not in f]
-    if not files:
-        raise FileNotFoundError(f"no embedding Parquet files under {uri}")
-    columns = ["id", "label", "split", "audio_embedding", "text_embedding"]
-    if "audio_layers" in pq.read_schema(fs.open_input_file(storage.resolve_fs(files[0])[1])).names:
-        columns += ["audio_layers", "audio_layer_count"]
-    tables = [pq.read_table(fs.open_input_file(storage.resolve_fs(f)[1]), columns=columns) for f in files]
-    table = pa.concat_tables(tables).sort_by("id")  # file order depends on the embedding job's scheduling
+    from clap_core import embeddings
+
+    table = embeddings.read_table(uri)  # sorted by id: file order depends on the embedding job's scheduling
+    layered = "audio_layers" in table.column_names
     index = {name: i for i, name in enumerate(classes)}
     unknown = set(table.column("label").to_pylist()) - set(index)
     if unknown:
@@ -175,10 +169,10 @@ def load_embeddings(uri: str, classes: tuple[str, ...]) -> dict[str, ProbeData]:
     for split in sorted(set(table.column("split").to_pylist())):
         part = table.filter(pa.compute.equal(table.column("split"), split))
         out[split] = ProbeData(ids=part.column("id").to_pylist(),
-                               audio=np.asarray(part.column("audio_embedding").to_pylist(), dtype=np.float32),
-                               text=np.asarray(part.column("text_embedding").to_pylist(), dtype=np.float32),
+                               audio=embeddings.embedding_matrix(part, "audio_embedding"),
+                               text=embeddings.embedding_matrix(part, "text_embedding"),
                                labels=np.array([index[x] for x in part.column("label").to_pylist()], dtype=np.int64),
-                               audio_layers=_layers(part) if "audio_layers" in columns else None)
+                               audio_layers=_layers(part) if layered else None)
     return out
 
 

@@ -6,15 +6,16 @@
 Stages: rows -> decode (CPU tasks; unreadable rows go to OUTPUT/_rejects/, never a crash) -> embed
 (an actor pool: the model is loaded once per actor, on a GPU when the cluster has one) -> Parquet of
 `id`, `audio_embedding`, `text_embedding` and the input's metadata (with `layers=True` and a speech tower,
-also `audio_layers`: every tower layer pooled, for layer-wise probes). A run replaces the Parquet files
-already in OUTPUT, so re-running gives one row per clip, not duplicates.
+also `audio_layers`: every tower layer pooled, for layer-wise probes), in the format of clap_core.embeddings
+(OUTPUT/embeddings.json lists the files and the checkpoint's identity). OUTPUT must be empty or an earlier
+output of the same job: nothing else is ever deleted, and a finished job is not re-run (written once).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-from collections import Counter
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ from clap_core.audio_io import TARGET_SR, decode_audio
 from clap_core.io_faults import retry_transient
 from clap_core.manifest import audio_source, read_manifest, row_id
 from clap_core.shards import REJECT_SCHEMA
-from clap_core import storage
+from clap_core import embeddings, storage
 from clap_core.shards import is_shard_folder, shard_files
 from clap_core.rejects import failure_reject, reject
 from clap_core.sources import MAX_CLIP_SECONDS, local_copy
@@ -87,7 +88,7 @@ def write_rejects(output: str, rejects: list[dict]) -> None:
     key = hashlib.sha256("\n".join(f"{r['id']}\t{r['stage']}\t{r['reason']}" for r in rejects).encode()).hexdigest()[:16]
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), sink)
-    storage.put_atomic(storage.join(output, "_rejects", f"part-{key}.parquet"), sink.getvalue().to_pybytes())
+    storage.put_atomic(embeddings.rejects_uri(output, f"part-{key}.parquet"), sink.getvalue().to_pybytes())
 
 
 # --- stage 2: embed (callable class on an actor pool: the model loads once per actor) ---
@@ -171,11 +172,18 @@ def _text(value) -> str:
     return "" if value is None else str(value)
 
 
-def clear_outputs(output: str) -> None:
-    """Remove the Parquet files and rejects of an earlier run of the same job."""
-    for uri in storage.list_files(output):
-        if uri.endswith(".parquet"):
-            storage.delete(uri)
+def actor_count(concurrency: int | None, gpus: int, cpus: float) -> int:
+    """Embedding actors: as asked, else one per GPU, else 2 CPU actors that leave a CPU for listing, reading and
+    decoding (on a 2-CPU Ray, 2 actors would take both CPUs and the job would wait forever)."""
+    if concurrency:
+        return concurrency
+    if gpus:
+        return gpus
+    actors = max(1, min(2, int(cpus) - 1))
+    if actors < 2:
+        print(f"clap embed: Ray has {cpus:g} CPUs: {actors} embedding actor, 1 CPU left for reading and decoding "
+              "(--concurrency to choose)", file=sys.stderr, flush=True)
+    return actors
 
 
 def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
@@ -191,20 +199,24 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
         from clap_core.model import check_checkpoint
 
         check_checkpoint(checkpoint)  # a broken folder fails here in one line, not in every actor
+    identity = embeddings.checkpoint_identity(local_copy(checkpoint))
+    job = embeddings.job_hash(identity, input_uri, split, text, precision, layers)
+    done = embeddings.claim_output(output, job, {"uri": checkpoint, "identity": identity})
+    if done is not None:  # this very job already finished here: its output stands, written once
+        return embeddings.summary(done)
 
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    clear_outputs(output)
     ds = read_input(ray, input_uri, split, output)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output}, batch_size=batch_size)
-    actors = concurrency or (gpus if gpus else 2)
+    actors = actor_count(concurrency, gpus, ray.cluster_resources().get("CPU", 0))
     ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision, layers),
                         batch_size=batch_size,
                         concurrency=actors, num_gpus=1 if gpus else 0)
-    fs, path = storage.resolve_fs(output)
+    fs, path = storage.resolve_fs(embeddings.data_path(output))
     ds.write_parquet(path, filesystem=fs)
-    return summarize(output)
+    return embeddings.summary(embeddings.commit(output))
 
 
 def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: int = 16,
@@ -213,21 +225,13 @@ def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: i
                          layers=layers)
 
 
-def summarize(output: str) -> dict:
-    """Counts read back from what was written: rows, rejects and their reasons."""
-    files = [f for f in storage.list_files(output) if f.endswith(".parquet")]
-    rejects = [f for f in files if "/_rejects/" in f]
-    rows = sum(pq.ParquetFile(pa.BufferReader(storage.read_bytes(f))).metadata.num_rows
-               for f in files if f not in rejects)
-    reasons = Counter()
-    for f in rejects:
-        reasons.update(pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=["reason"])
-                       .column("reason").to_pylist())
-    return {"rows": rows, "rejects": sum(reasons.values()), "reject_reasons": dict(reasons)}
-
-
 def run(args: argparse.Namespace) -> int:
-    summary = embed_dataset(args.checkpoint, args.input, args.output, split=args.split, batch_size=args.batch_size,
-                            concurrency=args.concurrency, text=not args.no_text, precision=args.precision)
+    try:
+        summary = embed_dataset(args.checkpoint, args.input, args.output, split=args.split,
+                                batch_size=args.batch_size, concurrency=args.concurrency, text=not args.no_text,
+                                precision=args.precision)
+    except embeddings.OutputConflictError as e:
+        print(f"clap embed: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary))
     return 0

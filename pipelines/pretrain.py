@@ -546,6 +546,23 @@ def _paths(uris: list[str]) -> list[str]:
     return [resolve_fs(u)[1] for u in uris]
 
 
+INGEST_CPUS = 1.0  # kept free for the Ray Data tasks that read, decode and feed the workers
+
+
+def worker_resources_for(scaling, cluster_cpus: float) -> dict | None:
+    """The workers' resources: as configured, except that CPU workers on a small Ray share what is left after
+    INGEST_CPUS (2 workers x 1 CPU on 2 CPUs would starve the data pipeline and hang the run)."""
+    if scaling.resources_per_worker or scaling.use_gpu:
+        return scaling.resources_per_worker or None
+    if cluster_cpus >= scaling.num_workers + INGEST_CPUS or cluster_cpus <= INGEST_CPUS:
+        return None  # Ray Train's default: 1 CPU each
+    share = round((cluster_cpus - INGEST_CPUS) / scaling.num_workers, 3)
+    print(f"clap pretrain: Ray has {cluster_cpus:g} CPUs: each of the {scaling.num_workers} workers gets {share:g} "
+          f"CPU so that {INGEST_CPUS:g} stays free for data ingest (set scaling.resources_per_worker to choose)",
+          file=sys.stderr, flush=True)
+    return {"CPU": share}
+
+
 def run_config(output: str, cfg: PretrainConfig) -> RunConfig:
     """A stable run name (the output's last path component) so the same command finds its checkpoints."""
     fs, path = resolve_fs(output)
@@ -571,13 +588,14 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
             upload(Path(tmp) / name, fs, f"{run_path}/{name}")
     datasets = build_datasets(data, cfg, model_cfg, rejects_uri=storage.join(output, REJECTS_DIR))
     scaling = cfg.scaling
+    worker_resources = worker_resources_for(scaling, ray.cluster_resources().get("CPU", 0))
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"pretrain": to_dict(cfg), "model": to_dict(model_cfg), "run_uri": output,
                            "export_only": export_only, "has_valid": "valid" in datasets,
                            "train_rows": count_rows(data, cfg.data.train_split)},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=scaling.resources_per_worker or None),
+                                     resources_per_worker=worker_resources),
         run_config=run_config(output, cfg),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

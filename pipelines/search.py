@@ -3,17 +3,18 @@
     clap search "a dog barking in the rain" --index embeddings/ --checkpoint runs/a/final -k 10
     clap search --audio query.wav --index s3://bucket/emb --checkpoint runs/a/final
 
-The index is the Parquet output of `clap embed` (local or s3://). Scores are cosine similarities.
+The index is the output of `clap embed` (local or s3://, format in clap_core.embeddings); it must have been
+built by --checkpoint (its identity is recorded there). Scores are cosine similarities.
 """
 from __future__ import annotations
 
 import argparse
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+import sys
 
-from clap_core import storage
+import numpy as np
+
+from clap_core import embeddings
 from clap_core.sources import local_copy
 
 
@@ -26,20 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_index(index: str) -> dict[str, np.ndarray]:
-    """id, caption, source path and the (N, D) audio embeddings of every row in the index."""
-    files = [f for f in storage.list_files(index) if f.endswith(".parquet") and "/_rejects/" not in f]
-    if not files:
-        raise FileNotFoundError(f"no embedding Parquet files under {index}")
-    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(f))) for f in files]
-    rows = {"id": [], "caption": [], "source": [], "emb": []}
-    for t in tables:
-        cols = set(t.column_names)
-        rows["id"] += t.column("id").to_pylist()
-        rows["caption"] += t.column("caption").to_pylist() if "caption" in cols else [""] * t.num_rows
-        rows["source"] += t.column("source_path").to_pylist() if "source_path" in cols else [""] * t.num_rows
-        rows["emb"] += t.column("audio_embedding").to_pylist()
-    return {"id": np.array(rows["id"]), "caption": np.array(rows["caption"], dtype=object),
-            "source": np.array(rows["source"], dtype=object), "emb": np.asarray(rows["emb"], dtype=np.float32)}
+    """id, caption, source path and the (N, D) audio embeddings of every row of a `clap embed` output."""
+    table = embeddings.read_table(index)
+    cols = set(table.column_names)
+    blank = [""] * table.num_rows
+    return {"id": np.array(table.column("id").to_pylist()),
+            "caption": np.array(table.column("caption").to_pylist() if "caption" in cols else blank, dtype=object),
+            "source": np.array(table.column("source_path").to_pylist() if "source_path" in cols else blank,
+                               dtype=object),
+            "emb": embeddings.embedding_matrix(table, "audio_embedding")}
 
 
 def search(model, index: dict[str, np.ndarray], query: str, k: int = 10, audio: bool = False) -> list[dict]:
@@ -54,7 +50,13 @@ def search(model, index: dict[str, np.ndarray], query: str, k: int = 10, audio: 
 def run(args: argparse.Namespace) -> int:
     from clap_core.model import ClapModel
 
-    model = ClapModel.from_pretrained(local_copy(args.checkpoint))
+    folder = local_copy(args.checkpoint)
+    try:  # an index searched with another checkpoint's query embeddings returns confident nonsense
+        embeddings.check_checkpoint(args.index, embeddings.checkpoint_identity(folder), args.checkpoint)
+    except (embeddings.CheckpointMismatchError, FileNotFoundError) as e:
+        print(f"clap search: {e}", file=sys.stderr)
+        return 2
+    model = ClapModel.from_pretrained(folder)
     results = search(model, load_index(args.index), args.query, args.k, args.audio)
     print(f"{'rank':>4}  {'score':>6}  {'id':<24} caption")
     for r in results:

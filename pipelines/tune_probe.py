@@ -39,7 +39,7 @@ from ray.tune import CheckpointConfig, FailureConfig, RunConfig, SyncConfig, Tun
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from clap_core import storage
+from clap_core import embeddings, storage
 from clap_core.config import ConfigError, from_dict, load_config, to_dict
 from clap_core.meld import EMOTIONS, read_meld, write_manifest
 from clap_core.model_config import SPEECH_ENCODERS
@@ -125,9 +125,11 @@ def embed_cache(rows: list[dict], csv_rejects: list[dict], checkpoint: str, outp
     if storage.exists(marker) and json.loads(storage.read_bytes(marker))["key"] == key:
         return json.loads(storage.read_bytes(marker))
     write_manifest(rows, manifest_uri)
+    embeddings.remove_output(uri)  # this job's own earlier embeddings of another manifest or checkpoint
+    storage.delete(storage.join(uri, "_rejects", "read_meld.parquet"))
     summary = embed_manifest(checkpoint, manifest_uri, uri, batch_size=cfg.embed.batch_size,
                              concurrency=cfg.embed.concurrency, text=True, layers=layers)
-    if csv_rejects:  # after the job: it clears the folder's Parquet files when it starts
+    if csv_rejects:  # after the job: the embedding output must be empty or its own when it starts
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(csv_rejects, schema=REJECT_SCHEMA), buf)
         storage.put_atomic(storage.join(uri, "_rejects", "read_meld.parquet"), buf.getvalue())

@@ -32,7 +32,7 @@ def test_manifest_rows_are_embedded_or_rejected(ray_local, tmp_path):
     summary = embed_manifest(str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"), str(tmp_path / "emb"), batch_size=2)
     assert summary["rows"] == 3 and summary["rejects"] == 2
     assert summary["reject_reasons"] == {"missing_file": 1, "undecodable": 1}
-    table = [r for f in (tmp_path / "emb").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    table = [r for f in (tmp_path / "emb" / "data").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
     model = ClapModel.from_pretrained(tmp_path / "ckpt")
     by_id = {r["id"]: r for r in table}
     expected = model.embed_audio(str(tmp_path / "audio" / "1.wav"))[0]

@@ -1,13 +1,17 @@
 """`clap embed` (Ray Data actor pool) and `clap search` on shards written in the test."""
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
 
+from clap_core.embeddings import OutputConflictError
 from clap_core.model import ClapModel
 from clap_core.model_config import get_model_config
 from clap_core.sources import shard_row_to_item
+from pipelines import cli
 from pipelines.embed import embed_dataset
 from pipelines.search import load_index, search
 from tests.shard_fixtures import write_shards
@@ -67,7 +71,38 @@ def test_search_finds_the_query_clip_first(embedded, checkpoint, tmp_path):
     assert text_hits[0]["id"] == index["id"][int(np.argmax(scores))]
 
 
-def test_rerun_replaces_the_previous_output(embedded, checkpoint):
+def test_rerun_of_a_finished_job_keeps_its_output(embedded, checkpoint):
     root, _, _ = embedded
+    manifest = json.loads((root / "emb" / "embeddings.json").read_text())
+    files = {p: p.stat().st_mtime_ns for p in (root / "emb").rglob("*.parquet")}
     again = embed_dataset(str(checkpoint), str(root / "shards"), str(root / "emb"), batch_size=8, concurrency=1)
     assert again["rows"] == 6 and len(read_rows(root / "emb")) == 6
+    assert {p: p.stat().st_mtime_ns for p in (root / "emb").rglob("*.parquet")} == files  # written exactly once
+    assert manifest["state"] == "complete" and sum(f["rows"] for f in manifest["files"]) == 6
+    assert {root / "emb" / f["path"] for f in manifest["files"]} == {
+        p for p in files if "_rejects" not in p.parts}
+
+
+def test_embed_refuses_a_folder_it_did_not_write(embedded, checkpoint, tmp_path):
+    root, _, _ = embedded
+    before = sorted((root / "shards").rglob("*"))
+    with pytest.raises(OutputConflictError, match="not a `clap embed` output.*nothing was deleted"):
+        embed_dataset(str(checkpoint), str(root / "shards"), str(root / "shards"), concurrency=1)
+    assert sorted((root / "shards").rglob("*")) == before  # the corpus is intact
+    other = tmp_path / "other_ckpt"
+    torch.manual_seed(1)
+    ClapModel(get_model_config("tiny")).save_pretrained(other)
+    with pytest.raises(OutputConflictError, match="another embedding job"):
+        embed_dataset(str(other), str(root / "shards"), str(root / "emb"), concurrency=1)
+
+
+def test_search_refuses_another_checkpoint(embedded, checkpoint, tmp_path, capsys):
+    root, _, _ = embedded
+    other = tmp_path / "other_ckpt"
+    torch.manual_seed(1)
+    ClapModel(get_model_config("tiny")).save_pretrained(other)
+    assert cli.main(["search", "a buzz", "--index", str(root / "emb"), "--checkpoint", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "was embedded by checkpoint" in err and str(checkpoint) in err
+    assert cli.main(["search", "a buzz", "--index", str(root / "emb"), "--checkpoint", str(checkpoint), "-k", "2"]) == 0
+    assert "rank" in capsys.readouterr().out

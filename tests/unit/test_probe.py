@@ -112,12 +112,21 @@ def test_save_and_load_probe_predict_the_same(tmp_path):
 
 
 def test_load_embeddings_reads_splits_and_skips_rejects(tmp_path):
+    from clap_core import embeddings
+
     rows = [{"id": f"{s}/{i}", "label": EMOTIONS[i % 7], "split": s, "audio_embedding": [float(i), 1.0],
              "text_embedding": [1.0, float(i)], "caption": "x"} for s in ("train", "dev") for i in range(7)]
-    pq.write_table(pa.Table.from_pylist(rows[:9]), tmp_path / "a.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[9:]), tmp_path / "b.parquet")
+    assert embeddings.claim_output(str(tmp_path), "job", {"uri": "ckpt", "identity": "abc"}) is None
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:9]), tmp_path / "data" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[9:]), tmp_path / "data" / "b.parquet")
     (tmp_path / "_rejects").mkdir()
     pq.write_table(pa.Table.from_pylist([{"id": "bad", "reason": "undecodable"}]), tmp_path / "_rejects" / "r.parquet")
+    with pytest.raises(FileNotFoundError, match="not finished"):
+        load_embeddings(str(tmp_path), EMOTIONS)
+    assert embeddings.summary(embeddings.commit(str(tmp_path))) == {
+        "rows": 14, "rejects": 1, "reject_reasons": {"undecodable": 1}}
+    pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "data" / "stray.parquet")  # not in the manifest
     data = load_embeddings(str(tmp_path), EMOTIONS)
     assert sorted(data) == ["dev", "train"] and len(data["train"]) == 7
     assert data["dev"].audio.shape == (7, 2) and data["dev"].audio.dtype == np.float32

@@ -1,0 +1,185 @@
+"""The output format of `clap embed`: written and read by this module only.
+
+    OUTPUT/embeddings.json       the manifest: job hash, checkpoint identity, state, the data files and row counts
+    OUTPUT/data/*.parquet        id, audio_embedding (D,), text_embedding (D,) (unless --no-text), duration_s and
+                                 the input's metadata (caption, label, split, source_path, language, kind)
+    OUTPUT/_rejects/*.parquet    rows that could not be embedded (shards.REJECT_SCHEMA)
+
+Readers (`clap search`, the probe, the summaries) read only the files the manifest lists, and only once the
+job has committed it (state "complete"). A job claims OUTPUT by writing the manifest in state "running"
+before it writes anything else, so every file under data/ and _rejects/ is one of its own: a re-run of the
+same job (same job hash) may remove them; a folder holding anything else is refused, never cleared.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clap_core import storage
+
+MANIFEST = "embeddings.json"
+DATA_DIR = "data"
+REJECTS_DIR = "_rejects"
+FORMAT = "clap-embeddings/1"
+
+
+class OutputConflictError(ValueError):
+    """OUTPUT holds something this job did not write (another job's output, a corpus, other files)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """An index is used with another checkpoint than the one that embedded it."""
+
+
+def checkpoint_identity(folder: str | Path) -> str:
+    """sha256 of every file of a local checkpoint folder (weights, config, tokenizer), by relative path."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def input_identity(input_uri: str) -> str:
+    """What the input holds: a shard folder's manifest.json or a manifest file's bytes (else names and sizes)."""
+    digest = hashlib.sha256()
+    shard_manifest = storage.join(input_uri, "manifest.json")
+    if storage.exists(shard_manifest):
+        digest.update(storage.read_bytes(shard_manifest))
+    elif storage.is_dir(input_uri):
+        for uri in storage.list_files(input_uri):
+            digest.update(f"{uri[len(input_uri):]}:{storage.file_size(uri)}\n".encode())
+    else:
+        digest.update(storage.read_bytes(input_uri))
+    return digest.hexdigest()[:32]
+
+
+def job_hash(checkpoint_id: str, input_uri: str, split: str | None, text: bool, precision: str = "auto",
+             layers: bool = False) -> str:
+    """Equal for two runs that must write the same rows (batch size and actor count change nothing)."""
+    key = {"format": FORMAT, "checkpoint": checkpoint_id, "input": input_identity(input_uri), "split": split,
+           "text": text, "precision": precision, "layers": layers}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_manifest(output: str) -> dict | None:
+    uri = storage.join(output, MANIFEST)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def claim_output(output: str, job: str, checkpoint: dict) -> dict | None:
+    """Make OUTPUT this job's: the committed manifest when this job already finished there (nothing to do),
+    else None after removing the debris of an unfinished run of this same job. Refuses anything else."""
+    manifest = read_manifest(output)
+    files = storage.list_files(output)
+    if manifest is None and files:
+        raise OutputConflictError(f"{output} is not empty and is not a `clap embed` output ({len(files)} files, "
+                                  f"e.g. {files[0]}); nothing was deleted: choose an empty or new --output")
+    if manifest is not None and manifest.get("job_hash") != job:
+        raise OutputConflictError(f"{output} holds the output of another embedding job (job hash "
+                                  f"{manifest.get('job_hash')} != {job}: another checkpoint, input, split or "
+                                  f"--no-text); nothing was deleted: choose a new --output")
+    if manifest is not None and manifest.get("state") == "complete":
+        return manifest
+    for uri in _own_files(output):  # an unfinished run of this job: everything there is its own
+        storage.delete(uri)
+    storage.put_atomic(storage.join(output, MANIFEST), json.dumps(
+        {"format": FORMAT, "state": "running", "job_hash": job, "checkpoint": checkpoint}, indent=1).encode())
+    return None
+
+
+def _own_files(output: str) -> list[str]:
+    return storage.list_files(storage.join(output, DATA_DIR)) + storage.list_files(storage.join(output, REJECTS_DIR))
+
+
+def data_path(output: str) -> str:
+    return storage.join(output, DATA_DIR)
+
+
+def rejects_uri(output: str, name: str) -> str:
+    return storage.join(output, REJECTS_DIR, name)
+
+
+def commit(output: str) -> dict:
+    """List what the job wrote (row counts from the Parquet footers) in the manifest, state "complete"."""
+    manifest = read_manifest(output)
+    if manifest is None:
+        raise FileNotFoundError(f"{output} has no {MANIFEST}: claim_output was not called")
+    rel = len(output.rstrip("/")) + 1
+    data = [{"path": f[rel:], "rows": _num_rows(f)} for f in storage.list_files(data_path(output))
+            if f.endswith(".parquet")]
+    rejects = [f for f in storage.list_files(storage.join(output, REJECTS_DIR)) if f.endswith(".parquet")]
+    reasons = Counter()
+    for f in rejects:
+        reasons.update(pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=["reason"])
+                       .column("reason").to_pylist())
+    manifest.update(state="complete", files=data, rows=sum(d["rows"] for d in data),
+                    rejects={"files": [f[rel:] for f in rejects], "rows": sum(reasons.values()),
+                             "reasons": dict(reasons)})
+    storage.put_atomic(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def remove_output(output: str) -> None:
+    """Delete an embedding output that the caller owns (files its manifest lists, its own folders, the manifest)."""
+    if read_manifest(output) is None:
+        return
+    for uri in _own_files(output):
+        storage.delete(uri)
+    storage.delete(storage.join(output, MANIFEST))
+
+
+def summary(manifest: dict) -> dict:
+    """{'rows', 'rejects', 'reject_reasons'}: the counts a job prints."""
+    return {"rows": manifest["rows"], "rejects": manifest["rejects"]["rows"],
+            "reject_reasons": manifest["rejects"]["reasons"]}
+
+
+def _num_rows(uri: str) -> int:
+    fs, path = storage.resolve_fs(uri)
+    return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+
+
+def committed_manifest(output: str) -> dict:
+    manifest = read_manifest(output)
+    if manifest is None:
+        raise FileNotFoundError(f"{output} holds no {MANIFEST}: not a `clap embed` output")
+    if manifest.get("state") != "complete":
+        raise FileNotFoundError(f"{output}: the embedding job has not finished (state {manifest.get('state')!r})")
+    return manifest
+
+
+def read_table(output: str, columns: list[str] | None = None) -> pa.Table:
+    """Every embedded row of a finished output, sorted by id (file order depends on the job's scheduling)."""
+    manifest = committed_manifest(output)
+    tables = []
+    for entry in manifest["files"]:
+        fs, path = storage.resolve_fs(storage.join(output, entry["path"]))
+        tables.append(pq.read_table(fs.open_input_file(path), columns=columns))
+    if not tables:
+        raise FileNotFoundError(f"{output}: the embedding output holds no rows")
+    return pa.concat_tables(tables).sort_by("id")
+
+
+def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
+    """(N, D) float32 from a list<float> column."""
+    return np.asarray(table.column(column).to_pylist(), dtype=np.float32)
+
+
+def check_checkpoint(output: str, checkpoint_id: str, checkpoint_name: str) -> None:
+    """Refuse to use an index with another checkpoint than the one that built it (different embedding spaces)."""
+    built_by = committed_manifest(output).get("checkpoint", {})
+    if built_by.get("identity") != checkpoint_id:
+        raise CheckpointMismatchError(
+            f"{output} was embedded by checkpoint {built_by.get('uri')} (identity {built_by.get('identity')}), "
+            f"not by {checkpoint_name} (identity {checkpoint_id}): their embedding spaces differ. Pass the "
+            "checkpoint that built the index, or re-run `clap embed` with this one into a new --output")
