@@ -293,12 +293,12 @@ def rayjob_preprocess() -> dict:
 
 def rayjob_pretrain() -> dict:
     # Fixed size: DeepSpeed wants every rank up front, so min == max.  The
-    # pretrain config's worker count must equal replicas x GPUs per pod (8).
+    # entrypoint's worker count must equal replicas x GPUs per pod (8), one GPU each.
     gpus = gpu_workers(min_replicas=2, max_replicas=2, gpus=4, cpu=32, memory_gi=192)
     return rayjob(
         "pretrain",
         "--data s3://clap-data/shards/v1 --output s3://clap-data/runs/clap-base --model htsat-tiny-roberta"
-        " --config pipelines/configs/pretrain.yaml",
+        " --config pipelines/configs/pretrain.yaml scaling.use_gpu=true scaling.num_workers=8",
         cluster_spec(head_group(), [gpus]),
         deadline_h=72,
         backoff=2,
@@ -313,7 +313,7 @@ def rayjob_embed() -> dict:
     ]
     return rayjob(
         "embed",
-        "--checkpoint s3://clap-data/runs/clap-base/checkpoint --input s3://clap-data/shards/v1"
+        "--checkpoint s3://clap-data/runs/clap-base/final --input s3://clap-data/shards/v1"
         " --output s3://clap-data/embeddings/clap-base",
         cluster_spec(head_group(), workers),
         deadline_h=12,
@@ -328,7 +328,7 @@ def rayjob_tune_probe() -> dict:
     ]
     return rayjob(
         "tune-probe",
-        "--meld s3://clap-data/meld --checkpoint s3://clap-data/runs/clap-base/checkpoint"
+        "--meld s3://clap-data/meld --checkpoint s3://clap-data/runs/clap-base/final"
         " --output s3://clap-data/probes/meld --config pipelines/configs/tune_probe.yaml",
         cluster_spec(head_group(cpu=2, memory_gi=8), workers),
         deadline_h=6,

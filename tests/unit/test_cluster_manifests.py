@@ -394,3 +394,40 @@ def test_image_installs_exactly_the_lock_file():
     locker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(locker)
     assert locker.render() == (CLUSTER / "requirements.lock").read_text(), "run `python cluster/lock.py`"
+
+
+# ---------------------------------------------------------------- entrypoints through the real CLI
+
+
+def parsed_entrypoint(doc: dict):
+    """The RayJob's entrypoint through the real `clap` parser: (argparse namespace, loaded job config or None)."""
+    from pipelines import cli
+
+    argv = shlex.split(doc["spec"]["entrypoint"])[1:]
+    parser, module = cli.build_parser(argv)
+    args = parser.parse_args(argv)
+    config = None
+    if getattr(args, "config", None):
+        from clap_core.config import load_config
+        from pipelines.job_configs import JOB_CONFIGS
+
+        stem = Path(args.config).stem
+        config = load_config(JOB_CONFIGS[stem], REPO / args.config, getattr(args, "overrides", []))
+    return args, config
+
+
+def test_rayjob_entrypoints_parse_use_their_gpus_and_chain():
+    jobs = {subcommand(doc): (doc, *parsed_entrypoint(doc)) for _, doc in rayjobs()}
+    doc, pre, _ = jobs["preprocess"]
+    doc, train, cfg = jobs["pretrain"]
+    gpu_group = worker_groups(doc)["gpu-workers"]
+    gpus_per_pod = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpu_group["minReplicas"] == gpu_group["maxReplicas"]
+    assert cfg.scaling.use_gpu, "the pretraining RayJob must train on its GPU group"
+    assert cfg.scaling.num_workers == gpu_group["maxReplicas"] * gpus_per_pod  # one rank per GPU
+    assert train.data == pre.output  # trains on what preprocessing writes
+    final = train.output.rstrip("/") + "/final"  # what pretraining exports (pipelines/pretrain.py)
+    _, embed, _ = jobs["embed"]
+    assert embed.checkpoint == final and embed.input == pre.output
+    _, probe, probe_cfg = jobs["tune-probe"]
+    assert probe.checkpoint == final and probe_cfg is not None
