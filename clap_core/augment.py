@@ -33,6 +33,7 @@ from clap_core.audio_io import TARGET_SR, decode_audio
 @dataclass
 class AugmentConfig:
     copies: int = 0  # augmented copies per source clip, in addition to the original
+    splits: tuple[str, ...] = ("train",)  # splits that get the copies; the others (valid, test) keep the clean clip
     seed: int = 0  # global seed; a copy's randomness depends only on (seed, clip_id, copy_index)
     # reverb
     reverb_prob: float = 0.5  # probability of convolving with a room impulse response

@@ -100,7 +100,7 @@ def check_row(row: dict, cfg: PreprocessConfig) -> tuple[dict, tuple[str, str] |
 def env_partners(rows: list[dict], cfg: PreprocessConfig) -> dict[str, dict[int, dict]]:
     """speech id -> {copy index -> env row}: each augmented copy of a speech clip gets its own env clip."""
     aug = cfg.augment
-    speech = [r for r in rows if r["kind"] == "speech"]
+    speech = [r for r in rows if r["kind"] == "speech" and r["split"] in aug.splits]  # only they get copies
     env = {r["id"]: r for r in rows if r["kind"] == "env"}
     if not (aug.copies and aug.mix_prob > 0 and speech and env):
         return {}
@@ -175,6 +175,14 @@ def plan_units(rows: list[dict], cfg: PreprocessConfig) -> Plan:
 
 # -------------------------------------------------------------------------------------------------
 # one row (workers)
+
+
+def merger_provenance(cfg: PreprocessConfig) -> dict:
+    """Which caption merger wrote a mixed copy's captions (recorded in its `augment` JSON)."""
+    c = cfg.captions
+    if c.merger == "seq2seq":
+        return {"name": "seq2seq", "model": c.model, "prompt": c.prompt}
+    return {"name": "template", "template": c.template}
 
 
 def build_merger(cfg: PreprocessConfig):
@@ -304,17 +312,20 @@ class EnvCache:
 
 def augmented_rows(row: dict, seg_id: str, wave: np.ndarray, base: dict, cfg: PreprocessConfig, merger,
                    env_cache: EnvCache) -> list[dict]:
-    """The cfg.augment.copies augmented copies of one clip or segment."""
+    """The cfg.augment.copies augmented copies of one clip or segment (none outside cfg.augment.splits:
+    an evaluation split holds each clip once, so its retrieval metrics are not capped by near-duplicates)."""
     out = []
-    for k in range(1, cfg.augment.copies + 1):
+    copies = cfg.augment.copies if row["split"] in cfg.augment.splits else 0
+    for k in range(1, copies + 1):
         partner = row["env_partners"].get(str(k))
         env_wave, skipped = env_cache.get(partner) if partner else (None, None)
         copy, applied = augment_clip(wave, seg_id, k, cfg.augment, env=env_wave,
                                      env_id=partner["id"] if partner else None)
-        record = {**base, **applied}
+        record = {**base, "copy": k, **applied}  # "copy" marks an augmented copy even when no effect fired
         captions = row["captions"]
         if "env_mix" in applied:
             captions = [merger(c, partner["caption"]) for c in captions]
+            record["env_mix"] = {**applied["env_mix"], "caption_merger": merger_provenance(cfg)}
         elif skipped:
             record["env_mix_skipped"] = {"env_id": partner["id"], "reason": skipped}
         out.append(output_row(row, f"{seg_id}#aug{k}", copy, captions, record, cfg))

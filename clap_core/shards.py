@@ -21,6 +21,7 @@ run that were not committed can never be read:
 from __future__ import annotations
 
 import json
+import re
 from typing import Iterator
 
 import pyarrow as pa
@@ -93,6 +94,12 @@ def count_rows(uri: str, split: str) -> int:
         fs, path = storage.resolve_fs(shard)
         total += pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
     return total
+
+
+def is_augmented_copy(row: dict) -> bool:
+    """An augmented copy (its `augment` record has "copy"; older shards: an id ending in #aug<k>), not a source clip."""
+    record = json.loads(row.get("augment") or "{}")
+    return "copy" in record or re.search(r"#aug\d+$", str(row.get("id", ""))) is not None
 
 
 def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -18,7 +18,7 @@ from clap_core.io_faults import retry_transient
 from clap_core.evaluation import EvalItem
 from clap_core.manifest import audio_source, read_manifest, row_id
 from clap_core.rejects import failure_reject, reject
-from clap_core.shards import is_shard_folder, iter_shard_rows
+from clap_core.shards import is_augmented_copy, is_shard_folder, iter_shard_rows
 
 
 
@@ -48,14 +48,18 @@ def manifest_row_to_item(row: dict, max_seconds: float | None = MAX_CLIP_SECONDS
     return EvalItem(id=row_id(row), wave=wave[0], captions=captions, label=row.get("label") or None)
 
 
-def iter_eval_items(data: str, split: str | None = None,
-                    max_seconds: float | None = MAX_CLIP_SECONDS) -> Iterator[tuple[EvalItem | None, Rejected | None]]:
+def iter_eval_items(data: str, split: str | None = None, max_seconds: float | None = MAX_CLIP_SECONDS,
+                    augmented: bool = False) -> Iterator[tuple[EvalItem | None, Rejected | None]]:
     """(item, None) for every usable clip, (None, Rejected) for every clip that cannot be used: a row the
     manifest reader rejected, an id seen before (duplicate_id: evaluated once), or any failure to read or
-    decode the file (clap_core.rejects.failure_reject: one bad file is one reject, never the job)."""
+    decode the file (clap_core.rejects.failure_reject: one bad file is one reject, never the job).
+
+    Shards: augmented copies are skipped unless `augmented`: a clip and its near-duplicates would compete
+    for the same caption and cap R@1 (one row per source clip or segment)."""
     seen: set[str] = set()
     if is_shard_folder(data):
-        rows = ((row, row["id"], shard_row_to_item) for row in iter_shard_rows(data, split))
+        rows = ((row, row["id"], shard_row_to_item) for row in iter_shard_rows(data, split)
+                if augmented or not is_augmented_copy(row))
     else:
         rows = ((row, row_id(row), manifest_row_to_item) for row in read_manifest(data)
                 if not (split and row.get("split") and row["split"] != split))

@@ -33,16 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", action="append", dest="templates",
                         help=f"prompt template with {{label}}; repeatable (default: {DEFAULT_TEMPLATES[0]!r})")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--include-augmented", action="store_true",
+                        help="shards: also evaluate augmented copies (default: one row per source clip)")
 
 
 def evaluate(checkpoint: str, data: str, task: str, output: str, split: str | None = None,
-             labels: list[str] | None = None, templates: list[str] | None = None, batch_size: int = 16) -> dict:
+             labels: list[str] | None = None, templates: list[str] | None = None, batch_size: int = 16,
+             include_augmented: bool = False) -> dict:
     """Run one evaluation and write its reports; returns the metrics."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     model = ClapModel.from_pretrained(local_copy(checkpoint))
     rejects: list[Rejected] = []
-    items = _usable(iter_eval_items(data, split), rejects)
+    items = _usable(iter_eval_items(data, split, augmented=include_augmented), rejects)
     embedded = embed_items(model, tqdm(items, desc="embedding clips", unit="clip"), batch_size)
     if task == "retrieval":
         metrics = evaluate_retrieval(model, embedded)
@@ -69,7 +72,7 @@ def _usable(pairs, rejects: list[Rejected]):
 def run(args: argparse.Namespace) -> int:
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
     metrics = evaluate(args.checkpoint, args.data, args.task, args.output, args.split, labels, args.templates,
-                       args.batch_size)
+                       args.batch_size, args.include_augmented)
     keys = ["accuracy", "t2a/R@1", "t2a/R@10", "a2t/R@1", "a2t/R@10", "t2a/mAP@10", "num_audio", "num_rejects"]
     print(" ".join(f"{k}={metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
                    for k in keys if k in metrics))

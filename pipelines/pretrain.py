@@ -35,7 +35,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from clap_core.config import config_hash, dump_yaml, from_dict, to_dict
-from clap_core.shards import count_rows, shard_files
+from clap_core.shards import count_rows, is_augmented_copy, shard_files
 from clap_core import storage
 from clap_core.storage import resolve_fs
 from clap_core.loss import ClipLoss, SigLipLoss
@@ -179,9 +179,12 @@ class ValidSet:
     def __init__(self, shard, model_cfg: ClapModelConfig, limit: int):
         audio, captions = [], []
         for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-            audio.extend(batch["audio"])
-            captions.extend([list(c) if c is not None and len(c) else [m] for c, m in
-                             zip(batch["captions"], batch["caption"])])
+            for i in range(len(batch["audio"])):  # one row per source clip: augmented copies would cap R@1
+                if is_augmented_copy({"id": batch["id"][i], "augment": batch["augment"][i]}):
+                    continue
+                audio.append(batch["audio"][i])
+                c = batch["captions"][i]
+                captions.append(list(c) if c is not None and len(c) else [batch["caption"][i]])
         audio, captions = audio[:limit], captions[:limit]
         transform = PairBatchTransform.for_model(model_cfg, training=False)
         self.waves, self.lengths, failures = decode_rows(audio, transform.clip_samples, None)  # (N, S), (N,)
@@ -537,7 +540,7 @@ def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfi
     valid_files = shard_files(data_uri, cfg.data.valid_split) if cfg.data.valid_split else []
     if valid_files:
         datasets["valid"] = (ray.data.read_parquet(_paths(valid_files), filesystem=fs)
-                             .select_columns(["audio", "caption", "captions"]))
+                             .select_columns(["id", "audio", "caption", "captions", "augment"]))
     return datasets
 
 

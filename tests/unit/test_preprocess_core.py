@@ -83,9 +83,41 @@ def test_speech_copies_mix_env_partner_and_merge_captions(tmp_path):
     cfg = load_preprocess_config(None, ["augment.copies=1", "augment.mix_lambda_range=[0.3,0.3]"])
     out, _ = process_row(planned(rows, "augment.copies=1")[0], cfg)
     record = json.loads(out[1]["augment"])
-    assert record["env_mix"] == {"env_id": "e", "lambda": pytest.approx(0.3)}
+    assert record["env_mix"] == {"env_id": "e", "lambda": pytest.approx(0.3), "caption_merger": {
+        "name": "template", "template": "a person saying {speech}, with {env} in the background"}}
     assert out[1]["caption"] == "a person saying a man speaks, with rain on a roof in the background"
     assert out[0]["caption"] == "A man speaks." and out[1]["num_samples"] == out[0]["num_samples"]
+
+
+def test_augment_provenance_names_the_caption_merger(tmp_path):
+    speech = write_clip(tmp_path / "s.wav", 1.0, spec=ClipSpec(kind="speech"))
+    env = write_clip(tmp_path / "e.wav", 0.7, spec=ClipSpec(kind="env", seed=5))
+    rows = [new_row(0, "s.wav", speech, ["A man speaks."], id="s", kind="speech"),
+            new_row(1, "e.wav", env, ["Rain"], id="e", kind="env")]
+    overrides = ["augment.copies=1", "captions.template='{speech} over {env}'"]
+    out, _ = process_row(planned(rows, *overrides)[0], load_preprocess_config(None, overrides))
+    record = json.loads(out[1]["augment"])
+    assert record["copy"] == 1
+    assert record["env_mix"]["caption_merger"] == {"name": "template", "template": "{speech} over {env}"}
+    assert out[1]["caption"] == "a man speaks over rain"
+
+
+@pytest.mark.parametrize("split,splits,expected", [("train", None, 3), ("valid", None, 1), ("test", None, 1),
+                                                    ("valid", "[train, valid]", 3)])
+def test_evaluation_splits_keep_the_clean_clip_only(tmp_path, split, splits, expected):
+    overrides = ["augment.copies=2"] + ([f"augment.splits={splits}"] if splits else [])
+    uri = write_clip(tmp_path / "clip.wav", 1.0)
+    row = planned([new_row(0, "clip.wav", uri, ["a tone"], id="c", split=split)], *overrides)[0]
+    rows, _ = process_row(row, load_preprocess_config(None, overrides))
+    assert len(rows) == expected and rows[0]["id"] == "c" and rows[0]["augment"] == "{}"
+
+
+def test_env_partners_are_planned_only_for_augmented_splits(tmp_path):
+    speech = write_clip(tmp_path / "s.wav", 1.0, spec=ClipSpec(kind="speech"))
+    env = write_clip(tmp_path / "e.wav", 0.7, spec=ClipSpec(kind="env", seed=5))
+    rows = [new_row(0, "s.wav", speech, ["A man speaks."], id="s", kind="speech", split="test"),
+            new_row(1, "e.wav", env, ["Rain"], id="e", kind="env", split="test")]
+    assert all(not r["env_partners"] for r in planned(rows, "augment.copies=2"))
 
 
 def test_planning_rejects_and_is_independent_of_input_order():
@@ -137,3 +169,21 @@ def test_units_commit_atomically_and_resume_cleans_debris(tmp_path):
                                                                                    "audio.silence=keep"]))
     with pytest.raises(ValueError, match="different job"):
         check_markers(other, read_markers(out), out)
+
+
+def test_evaluation_on_shards_reads_one_row_per_source_clip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clap_core.sources import iter_eval_items
+    from tests.shard_fixtures import shard_row, tone
+
+    wave = tone(440.0, 0.5)
+    rows = [shard_row("a", wave, "a tone", "tone", "test"),
+            {**shard_row("a#aug1", wave, "a tone", "tone", "test"), "augment": json.dumps({"copy": 1})},
+            {**shard_row("a#aug2", wave, "a tone", "tone", "test"), "augment": "{}"},  # older shards: the id tells
+            {**shard_row("b#seg0", wave, "b tone", "tone", "test"), "augment": json.dumps({"segment": {"index": 0}})}]
+    (tmp_path / "test").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), tmp_path / "test" / "part-0.parquet")
+    assert [item.id for item, _ in iter_eval_items(str(tmp_path), "test")] == ["a", "b#seg0"]
+    assert len(list(iter_eval_items(str(tmp_path), "test", augmented=True))) == 4
