@@ -102,12 +102,13 @@ def settled_markers(done_uri: str, quiet_s: float = 3.0, limit_s: float = 60.0) 
 
 
 def test_interrupted_then_resumed_equals_clean_run(ray_local, s3_bucket, corpus):
-    cfg = config("augment.copies=1")
+    every_split = "augment.splits=[train, valid, test]"  # a copy of every clip: 2 rows per source
+    cfg = config("augment.copies=1", every_split)
     clean, resumed = f"s3://{s3_bucket}/clean", f"s3://{s3_bucket}/resumed"
     preprocess(str(corpus), clean, cfg)
 
     with pytest.raises(SimulatedCrash):
-        preprocess(str(corpus), resumed, config("augment.copies=1", "debug.crash_after_units=2"))
+        preprocess(str(corpus), resumed, config("augment.copies=1", every_split, "debug.crash_after_units=2"))
     assert not storage.exists(f"{resumed}/manifest.json")
     done = settled_markers(f"{resumed}/_done")
     assert 2 <= len(done)
