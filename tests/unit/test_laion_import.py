@@ -1,7 +1,8 @@
 """LAION-CLAP import: our embeddings equal transformers' get_audio_features / get_text_features."""
 import pytest
 import torch
-from transformers import ClapAudioConfig, ClapConfig, ClapModel as HFClapModel, ClapTextConfig
+import numpy as np
+from transformers import ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel as HFClapModel, ClapTextConfig
 
 from clap_core.encoders.text import byte_level_tokenizer
 from clap_core.model import ClapModel
@@ -24,12 +25,45 @@ def tiny_hf_clap(fusion: bool) -> HFClapModel:
     return model.eval()
 
 
+WINDOW = 63 * 480  # samples of the tiny HTS-AT's 64-frame input (0.63 s at 48 kHz)
+
+
+def tiny_feature_extractor(fusion: bool) -> ClapFeatureExtractor:
+    """As LAION ships them: fusion -> HTK filters; rand_trunc (unfused) -> Slaney filters. Non-default f_min."""
+    return ClapFeatureExtractor(feature_size=64, max_length_s=WINDOW / 48_000, frequency_min=0 if not fusion else 50,
+                                frequency_max=14_000, truncation="fusion" if fusion else "rand_trunc",
+                                padding="repeatpad")
+
+
 @pytest.fixture(params=[False, True], ids=["unfused", "fused"])
 def laion_folder(request, tmp_path):
     hf = tiny_hf_clap(request.param)
     hf.save_pretrained(tmp_path)
     byte_level_tokenizer(77).save_pretrained(tmp_path)
+    tiny_feature_extractor(request.param).save_pretrained(tmp_path)
     return tmp_path, hf, request.param
+
+
+def test_laion_import_matches_transformers_from_the_waveform(laion_folder):
+    """Waveform -> ClapFeatureExtractor -> get_audio_features equals our encode_audio on the same waveform."""
+    path, hf, fused = laion_folder
+    ours = ClapModel.from_pretrained(path)
+    rng = np.random.default_rng(2)
+    t = np.arange(WINDOW + 1000) / 48_000
+    # a clip 2 frames over the window (its 3 fusion chunks are then fixed, not drawn) and a short one (padded)
+    long = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+    short = (0.2 * np.sin(2 * np.pi * 3000 * t[:20_000]) + 0.05 * rng.standard_normal(20_000)).astype(np.float32)
+    clips = [long, short] if fused else [long[:WINDOW], short]  # rand_trunc would crop long clips at random
+    extractor = ClapFeatureExtractor.from_pretrained(path)
+    features = extractor(clips, sampling_rate=48_000, max_length=WINDOW, return_tensors="pt")
+    waves = torch.zeros(2, len(clips[0]))
+    waves[0], waves[1, :len(clips[1])] = torch.from_numpy(clips[0]), torch.from_numpy(clips[1])
+    with torch.no_grad():
+        ref = hf.get_audio_features(input_features=features["input_features"].float(),
+                                    is_longer=features["is_longer"]).pooler_output
+        got = ours.encode_audio(waves, lengths=torch.tensor([len(c) for c in clips]))
+    assert ours.config.audio.mel_scale == ("htk" if fused else "slaney")
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
 
 
 def test_laion_import_matches_transformers(laion_folder):
