@@ -20,7 +20,8 @@ from transformers import ClapModel as HFClapModel
 
 from clap_core.config import from_dict, to_dict
 from clap_core.model import ClapModel
-from clap_core.model_config import ClapModelConfig, get_model_config
+from clap_core.config import load_config
+from clap_core.model_config import MODEL_CONFIG_DIR, ClapModelConfig
 
 _AUDIO_FIELDS = ("spec_size", "patch_size", "patch_embeds_hidden_size", "window_size", "mlp_ratio",
                  "hidden_dropout_prob", "drop_path_rate", "enable_fusion", "fusion_type")
@@ -39,7 +40,7 @@ def laion_model_config(hf_config, max_length: int = 77, feature_extractor: dict 
     `feature_extractor` (the folder's preprocessor_config.json) sets the front end when given.
     """
     audio, text = hf_config.audio_config, hf_config.text_config
-    cfg = to_dict(get_model_config("htsat-tiny-roberta"))
+    cfg = to_dict(load_config(ClapModelConfig, MODEL_CONFIG_DIR / "htsat-tiny-roberta.yaml"))  # never offline_variant
     cfg["embed_dim"] = hf_config.projection_dim
     # HTS-AT takes at most spec_size * (spec_size // n_mels) frames: 10 s for LAION's 256 x 64 setup.
     max_frames = audio.spec_size * (audio.spec_size // audio.num_mel_bins)

@@ -4,9 +4,16 @@
     list_models()  # ['clara-perceiver', 'cnn14-bert', 'htsat-tiny-roberta', 'tiny']
 
 Each `clap_core/configs/models/<name>.yaml` is one architecture. A path to a YAML file works too.
+
+Offline mode (`clap --offline ...` or CLAP_OFFLINE=1): a text encoder named by hub id is built from its
+`hf_config` with random weights (text_encoder.pretrained=null) and the built-in byte tokenizer
+(text_encoder.tokenizer=bytes), its vocabulary sized to that tokenizer (260 rows, not XLM-R's 250k), so every
+named model builds without network. Local folders (pretrained or tokenizer) are kept as they are.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -169,6 +176,29 @@ class ClapModelConfig:
                               "scale and a bias (temperature.init and temperature.max_scale apply)")
 
 
+OFFLINE_ENV = "CLAP_OFFLINE"  # "1": build named models without the hub (see offline_variant)
+
+
+def offline_mode() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def offline_variant(cfg: ClapModelConfig) -> ClapModelConfig:
+    """The same architecture buildable without the hub: hub weights and tokenizers -> random init + bytes."""
+    from clap_core.encoders.text import BUILTIN_TOKENIZERS, byte_level_tokenizer
+
+    text = cfg.text_encoder
+    pretrained = text.pretrained if text.pretrained and Path(text.pretrained).is_dir() else None
+    tokenizer = text.tokenizer
+    hf_config = dict(text.hf_config)
+    if tokenizer not in BUILTIN_TOKENIZERS and not Path(tokenizer).is_dir():
+        tokenizer = "bytes"
+        if pretrained is None:  # an embedding row per token of the byte tokenizer, no more
+            hf_config["vocab_size"] = len(byte_level_tokenizer(text.max_length))
+    text = dataclasses.replace(text, pretrained=pretrained, tokenizer=tokenizer, hf_config=hf_config)
+    return dataclasses.replace(cfg, text_encoder=text)
+
+
 def list_models() -> list[str]:
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
 
@@ -192,4 +222,5 @@ def get_model_config(name_or_path: str | Path, overrides: list[str] | None = Non
         path = MODEL_CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown model '{name_or_path}'; registered models: {', '.join(list_models())}")
-    return load_config(ClapModelConfig, path, overrides)
+    cfg = load_config(ClapModelConfig, path, overrides)
+    return offline_variant(cfg) if offline_mode() else cfg

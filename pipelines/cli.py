@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from clap_core.config import CheckpointError, ConfigError
@@ -35,8 +36,18 @@ def available_subcommands() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in SUBCOMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
 
 
+def go_offline() -> None:
+    """No hub access: named models get random text weights + the byte tokenizer (clap_core.model_config)."""
+    from clap_core.model_config import OFFLINE_ENV
+
+    os.environ[OFFLINE_ENV] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
-    parser = argparse.ArgumentParser(prog="clap", description="Contrastive language-audio pretraining at scale.")
+    parser = argparse.ArgumentParser(prog="clap", description="Contrastive language-audio pretraining at scale.",
+                                     epilog=f"{OFFLINE_FLAG} (any position, or CLAP_OFFLINE=1): build named models "
+                                            "without the hub (random text weights, byte tokenizer sized vocab)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subcommands = available_subcommands()
     for name, (_, help_text) in subcommands.items():
@@ -52,8 +63,14 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
     return parser, module
 
 
+OFFLINE_FLAG = "--offline"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if OFFLINE_FLAG in argv:  # any position: `clap --offline pretrain ...` or `clap pretrain ... --offline`
+        argv.remove(OFFLINE_FLAG)
+        go_offline()
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
     if module is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clap_core.config import ConfigError, from_dict, load_config, read_yaml
-from clap_core.model_config import MODEL_CONFIG_DIR, ClapModelConfig, list_models
+from clap_core.model_config import MODEL_CONFIG_DIR, ClapModelConfig, list_models, offline_mode, offline_variant
 
 
 @dataclass
@@ -101,7 +101,8 @@ def resolve_model_config(name_or_path: str, overrides: dict[str, Any]) -> ClapMo
         path = MODEL_CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown model '{name_or_path}'; registered models: {', '.join(list_models())}")
-    return from_dict(ClapModelConfig, _deep_merge(read_yaml(path), overrides), prefix="model")
+    cfg = from_dict(ClapModelConfig, _deep_merge(read_yaml(path), overrides), prefix="model")
+    return offline_variant(cfg) if offline_mode() else cfg
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipelines.cli import SUBCOMMANDS, available_subcommands, main
@@ -38,3 +39,20 @@ def test_unknown_config_key_exits_2_naming_the_key():
 def test_no_subcommand_prints_help(capsys):
     assert main([]) == 0
     assert "COMMAND" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["clara-perceiver", "cnn14-bert", "htsat-tiny-roberta"])
+def test_offline_switch_builds_named_models_without_the_hub(name, monkeypatch, capsys):
+    import yaml
+
+    from clap_core.model import ClapModel
+    from clap_core.model_config import OFFLINE_ENV, get_model_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+    assert get_model_config(name).text_encoder.pretrained is not None  # online: hub weights
+    assert main(["models", name, "--offline"]) == 0  # the flag in any position
+    shown = yaml.safe_load(capsys.readouterr().out)["text_encoder"]
+    assert shown["pretrained"] is None and shown["tokenizer"] == "bytes" and shown["hf_config"]["vocab_size"] == 260
+    model = ClapModel(get_model_config(name))  # now offline by env (set by the flag)
+    assert model.text_encoder.backbone.get_input_embeddings().weight.shape[0] == len(model.tokenizer) == 260
