@@ -99,12 +99,18 @@ def as_text(value) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def split_from_name(name: str) -> str | None:
-    """'clotho_captions_evaluation.csv' -> 'test', 'val.csv' -> 'valid'."""
+def split_word(name: str) -> str | None:
+    """The split word as the file names it: 'clotho_captions_development.csv' -> 'development'."""
     for word in re.split(r"[^a-z]+", PurePosixPath(name).stem.lower()):
         if word in SPLIT_ALIASES:
-            return SPLIT_ALIASES[word]
+            return word
     return None
+
+
+def split_from_name(name: str) -> str | None:
+    """'clotho_captions_evaluation.csv' -> 'test', 'val.csv' -> 'valid'."""
+    word = split_word(name)
+    return SPLIT_ALIASES[word] if word else None
 
 
 def extra_captions(record: dict) -> list[str]:
@@ -234,11 +240,13 @@ def error_row(index: int, record: dict, error: tuple[str, str]) -> dict:
 
 
 def audio_dir_candidates(uri: str, split: str | None, audio_dir: str | None) -> list[str]:
+    """Folders beside the CSV that may hold its audio: the split as the file names it (Clotho's official
+    layout: clotho_captions_development.csv beside development/), the normalised split, the CSV's stem, audio/."""
     if audio_dir:
         return [audio_dir]
     base = storage.parent(uri)
-    names = [split, PurePosixPath(uri).stem, "audio", ""] if split else ["audio", ""]
-    return [storage.join(base, n) if n else base for n in names]
+    names = [split_word(uri), split, PurePosixPath(uri).stem, "audio", ""] if split else ["audio", ""]
+    return [storage.join(base, n) if n else base for n in dict.fromkeys(names)]
 
 
 def find_audio(dirs: list[str], stems: list[str], suffixes: tuple[str, ...]) -> str:

@@ -76,6 +76,19 @@ def test_clotho_csv_five_captions(tmp_path):
     assert Path(rows[0]["audio_uri"]).is_file()
 
 
+@pytest.mark.parametrize("csv_name,folder,split", [("clotho_captions_development.csv", "development", "train"),
+                                                   ("clotho_captions_evaluation.csv", "evaluation", "test"),
+                                                   ("clotho_captions_validation.csv", "validation", "valid")])
+def test_clotho_official_layout_finds_the_split_folder(tmp_path, csv_name, folder, split):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "rain.wav").write_bytes(wav_bytes())
+    header = "file_name,caption_1,caption_2,caption_3,caption_4,caption_5"
+    (tmp_path / csv_name).write_text(f"{header}\nrain.wav,rain falls,drops,water,a storm,rain\n")
+    rows = read_manifest(str(tmp_path / csv_name))  # no audio_dir
+    assert rows[0]["error"] is None and rows[0]["split"] == split
+    assert Path(rows[0]["audio_uri"]) == tmp_path / folder / "rain.wav"
+
+
 def test_sidecar_folder_txt_json_and_missing(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.wav").write_bytes(wav_bytes())
