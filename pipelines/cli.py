@@ -17,6 +17,7 @@ import sys
 
 from clap_core.config import CheckpointError, ConfigError
 from clap_core.io_faults import StorageAccessError
+from pipelines.console import VERBOSE_ENV, VERBOSE_FLAG
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("pipelines.models_cmd", "list registered model architectures or show one"),
@@ -47,7 +48,9 @@ def go_offline() -> None:
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
     parser = argparse.ArgumentParser(prog="clap", description="Contrastive language-audio pretraining at scale.",
                                      epilog=f"{OFFLINE_FLAG} (any position, or CLAP_OFFLINE=1): build named models "
-                                            "without the hub (random text weights, byte tokenizer sized vocab)")
+                                            "without the hub (random text weights, byte tokenizer sized vocab). "
+                                            f"{VERBOSE_FLAG} (any position, or CLAP_VERBOSE=1): show Ray's and "
+                                            "helper servers' logs and every progress bar")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subcommands = available_subcommands()
     for name, (_, help_text) in subcommands.items():
@@ -71,8 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     if OFFLINE_FLAG in argv:  # any position: `clap --offline pretrain ...` or `clap pretrain ... --offline`
         argv.remove(OFFLINE_FLAG)
         go_offline()
+    if VERBOSE_FLAG in argv:  # Ray's and helper servers' logs on the console (pipelines.console)
+        argv.remove(VERBOSE_FLAG)
+        os.environ[VERBOSE_ENV] = "1"
     parser, module = build_parser(argv)
-    args = parser.parse_args(argv)
+    if module is None:
+        args = parser.parse_args(argv)
+    else:  # key=value overrides may come before, between or after the flags
+        command = next(a for a in argv if not a.startswith("-"))
+        rest = list(argv)
+        rest.remove(command)
+        args = parser._subparsers._group_actions[0].choices[command].parse_intermixed_args(rest)
+        args.command = command
     if module is None:
         parser.print_help()
         return 2 if argv else 0

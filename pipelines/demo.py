@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from clap_core.config import load_config
+from pipelines.console import init_ray, log_to_file, verbose
 
 DEMO_BUCKET = "clap-demo"
 
@@ -83,9 +84,12 @@ def demo(output: Path, storage_kind: str, clips: int, steps: int, trials: int) -
     remote = f"s3://{DEMO_BUCKET}" if storage_kind == "s3" else str(output.resolve())
     shards, embeddings = f"{remote}/shards", f"{remote}/embeddings"
     stages = Stages()
-    ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False)
-    # one progress bar per dataset; the per-operator bars of every train worker would flood the console
-    ray.data.DataContext.get_current().enable_operator_progress_bars = False
+    # The console shows the stages and their results; the workers' output (progress bars of every train
+    # worker, "actor is dead" on shutdown) stays in Ray's session logs unless --verbose.
+    init_ray(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False, log_to_driver=verbose())
+    if not verbose():
+        print(f"Ray worker logs: {ray._private.worker._global_node.get_logs_dir_path()}; "  # noqa: SLF001
+              f"S3 server log: {output / 'demo.log'} (--verbose shows them)", flush=True)
     try:
         stages.run("corpus", lambda: _corpus(write_corpus, output / "corpus", clips))
         stages.run("preprocess", lambda: _preprocess(output / "corpus" / "manifest.jsonl", shards))
@@ -168,6 +172,7 @@ def _probe(output: Path, checkpoint: str, trials: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    log_to_file(Path(args.output) / "demo.log")  # the local S3 server's request lines
     with (local_s3_server() if args.storage == "s3" else _nothing()):
         summary = demo(Path(args.output), args.storage, args.clips, args.steps, args.trials)
     print("\n" + summary)

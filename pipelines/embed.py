@@ -29,6 +29,7 @@ from clap_core import embeddings, storage
 from clap_core.shards import is_shard_folder, shard_files
 from clap_core.rejects import failure_reject, reject
 from clap_core.sources import MAX_CLIP_SECONDS, local_copy
+from pipelines.console import init_ray
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
 
@@ -205,8 +206,7 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     if done is not None:  # this very job already finished here: its output stands, written once
         return embeddings.summary(done)
 
-    if not ray.is_initialized():
-        ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
+    init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     ds = read_input(ray, input_uri, split, output)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output}, batch_size=batch_size)

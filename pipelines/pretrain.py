@@ -48,6 +48,7 @@ from clap_core.train.gradcache import grad_cache_step, plain_step
 from clap_core.train.optim import build_optimizer, warmup_cosine
 from clap_core.train.safe_load import load_deepspeed_checkpoint
 from clap_core.plots import plot_curves
+from pipelines.console import init_ray
 
 REJECTS_DIR = "_rejects"  # RUN/_rejects/: reject records of training rows that do not decode (shard, id)
 
@@ -275,22 +276,29 @@ class RunLogger:
             temps = f"temperature {entry['temperature']:.4f}"
             if "temperature_text" in entry:
                 temps = f"temperature a2t {entry['temperature']:.4f} t2a {entry['temperature_text']:.4f}"
-            print(f"step {entry['step']}/{total}  loss {entry['loss']:.4f}  {temps}  "
-                  f"lr {entry['lr']:.2e}  {entry['samples_per_s']:.1f} samples/s  "
-                  f"data-wait {entry['data_wait_share']:.0%}", flush=True)
+            console_line(f"step {entry['step']}/{total}  loss {entry['loss']:.4f}  {temps}  "
+                         f"lr {entry['lr']:.2e}  {entry['samples_per_s']:.1f} samples/s  "
+                         f"data-wait {entry['data_wait_share']:.0%}")
 
     def evaluation(self, step: int, metrics: dict) -> None:
         self.evals.append({"step": step, **{k.removeprefix("val/"): v for k, v in metrics.items()}})
         self.scalars(step, metrics)
         if self.enabled:
             shown = "  ".join(f"{k} {metrics[f'val/{k}']:.3f}" for k in ("t2a/R@1", "t2a/R@5", "a2t/R@1", "t2a/mAP@10"))
-            print(f"step {step}  validation  {shown}", flush=True)
+            console_line(f"step {step}  validation  {shown}")
 
     def sync(self) -> None:
         if self.writer is not None:
             self.writer.flush()
             if not self.local:
                 upload(self.tb_dir, self.fs, f"{self.run_path}/tensorboard")
+
+
+def console_line(text: str) -> None:
+    """One line on the worker's stdout, which Ray forwards to the driver once. (Ray Train patches print() in
+    workers to log *and* echo each line, which printed every step line twice.)"""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def maybe_inject_fault(cfg: PretrainConfig, step: int, rank: int, world: int, run_uri: str) -> None:
@@ -498,7 +506,7 @@ def finish(engine, model_cfg: ClapModelConfig, cfg: PretrainConfig, state: dict,
             if Path(tmp, name).exists():
                 upload(Path(tmp, name), fs, f"{run_path}/{name}")
     logger.sync()
-    print(f"exported {run_uri.rstrip('/')}/final (step {state['step']})", flush=True)
+    console_line(f"exported {run_uri.rstrip('/')}/final (step {state['step']})")
 
 
 @torch.no_grad()
@@ -581,8 +589,7 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
     for uri in (data, output):
         storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
     model_cfg = resolve_model_config(model, cfg.model)
-    if not ray.is_initialized():
-        ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
+    init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     fs, run_path = resolve_fs(output)
     with tempfile.TemporaryDirectory() as tmp:
         dump_yaml(cfg, Path(tmp) / "pretrain_config.yaml")
