@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent("""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     data, run, emb = sys.argv[1:4]
     rc = cli.main(["pretrain", "--data", data, "--output", run, "--model", "tiny", "train.steps=2",
-                   "train.batch_size=4", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2"])
+                   "train.batch_size=4", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2",
+                   "data.min_epoch_rows=64"])  # scaling and the other data settings: as shipped
     if rc == 0:
         rc = cli.main(["embed", "--checkpoint", run + "/final", "--input", data, "--split", "valid", "--output", emb])
     ray.shutdown()
