@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from clap_core import storage
 from clap_core.augment import pair_speech_with_env, stable_seed
-from clap_core.manifest import jsonl_block_rows, read_manifest, resolve_input, webdataset_rows
+from clap_core.manifest import decode_text, jsonl_block_rows, read_manifest, resolve_input, webdataset_rows
 from clap_core.preprocess import check_row, printable
 from clap_core.preprocess_config import PreprocessConfig
 
@@ -110,6 +110,12 @@ def read_chunk(chunk: dict, first_index: int, cfg: PreprocessConfig) -> list[dic
 
 
 def count_chunk(chunk: dict, cfg: PreprocessConfig) -> int:
+    """Rows of a chunk; JSONL lines are counted without parsing them (same rule as jsonl_block_rows)."""
+    if chunk["kind"] == "jsonl":
+        data = line_block(chunk["uri"], chunk["start"], chunk["end"], chunk["size"])
+        enc = cfg.input.encoding
+        text = decode_text(data, enc) if chunk["start"] == 0 else data.decode(enc, errors="surrogateescape")
+        return sum(1 for line in text.splitlines() if line.strip())
     return len(read_chunk(chunk, 0, cfg))
 
 
