@@ -4,7 +4,8 @@
     clap embed --checkpoint s3://bucket/runs/a/final --input s3://bucket/shards --split test --output s3://bucket/emb
 
 Stages: rows -> decode (CPU tasks; unreadable rows go to OUTPUT/_rejects/, never a crash) -> embed
-(an actor pool: the model is loaded once per actor, on a GPU when the cluster has one) -> Parquet of
+(an autoscaling actor pool of --min-workers..--max-workers: the model is loaded once per actor, on a
+GPU with --gpus, or when the cluster has one) -> Parquet of
 `id`, `audio_embedding`, `text_embedding` and the input's metadata (with `layers=True` and a speech tower,
 also `audio_layers`: every tower layer pooled, for layer-wise probes). A run replaces the Parquet files
 already in OUTPUT, so re-running gives one row per clip, not duplicates.
@@ -38,7 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder (local or s3://)")
     parser.add_argument("--split", default=None, help="only rows of this split")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per model call")
-    parser.add_argument("--concurrency", type=int, default=None, help="embedding actors (default: 1 per GPU, else 2)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="fixed number of embedding actors (default: the --min-workers..--max-workers range)")
+    parser.add_argument("--min-workers", type=int, default=1, help="embedding actors always kept (default 1)")
+    parser.add_argument("--max-workers", type=int, default=None,
+                        help="embedding actors the pool may grow to; the autoscaler adds nodes for them "
+                             "(default: 1 per GPU of the cluster now, else 2)")
+    parser.add_argument("--gpus", type=float, default=None,
+                        help="GPUs per embedding actor; > 0 asks for GPU actors even before a GPU node exists "
+                             "(autoscaling clusters). Default: 1 when the cluster has GPUs now, else CPU only")
     parser.add_argument("--no-text", action="store_true", help="skip caption embeddings")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast where the hardware has native bf16 (cosine >= 0.999 to fp32), "
@@ -178,9 +187,22 @@ def clear_outputs(output: str) -> None:
             storage.delete(uri)
 
 
+def actor_pool(cluster_gpus: int, gpus: float | None, concurrency: int | None, min_workers: int,
+               max_workers: int | None) -> tuple[float, int | tuple[int, int]]:
+    """(GPUs per actor, Ray Data concurrency: a fixed size or a (min, max) range). An explicit --gpus
+    holds even when the cluster has no GPU yet: the pending GPU actors make the autoscaler add one."""
+    gpus_per_actor = (1.0 if cluster_gpus else 0.0) if gpus is None else gpus
+    if concurrency:
+        return gpus_per_actor, concurrency
+    high = max_workers or (max(1, int(cluster_gpus / gpus_per_actor)) if gpus_per_actor and cluster_gpus else 2)
+    low = min(min_workers, high)
+    return gpus_per_actor, (low, high) if high > low else high
+
+
 def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
                   concurrency: int | None = None, text: bool = True, precision: str = "auto",
-                  layers: bool = False) -> dict:
+                  layers: bool = False, min_workers: int = 1, max_workers: int | None = None,
+                  gpus: float | None = None) -> dict:
     """Run the embedding job (Ray must be reachable: local or the submitted-to cluster); returns a summary."""
     import ray
 
@@ -194,14 +216,13 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
 
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus_per_actor, pool = actor_pool(int(ray.cluster_resources().get("GPU", 0)), gpus, concurrency, min_workers,
+                                      max_workers)
     clear_outputs(output)
     ds = read_input(ray, input_uri, split, output)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output}, batch_size=batch_size)
-    actors = concurrency or (gpus if gpus else 2)
     ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision, layers),
-                        batch_size=batch_size,
-                        concurrency=actors, num_gpus=1 if gpus else 0)
+                        batch_size=batch_size, concurrency=pool, num_gpus=gpus_per_actor)
     fs, path = storage.resolve_fs(output)
     ds.write_parquet(path, filesystem=fs)
     return summarize(output)
@@ -228,6 +249,7 @@ def summarize(output: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     summary = embed_dataset(args.checkpoint, args.input, args.output, split=args.split, batch_size=args.batch_size,
-                            concurrency=args.concurrency, text=not args.no_text, precision=args.precision)
+                            concurrency=args.concurrency, text=not args.no_text, precision=args.precision,
+                            min_workers=args.min_workers, max_workers=args.max_workers, gpus=args.gpus)
     print(json.dumps(summary))
     return 0
