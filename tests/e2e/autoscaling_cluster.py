@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import free_port
@@ -31,12 +31,6 @@ from tests.conftest import free_port
 RAY = str(Path(sys.executable).parent / "ray")
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the provider's fixed head id
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
-NODES_SCRIPT = """
-import json, sys
-from ray._raylet import GcsClient
-nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)
-print(json.dumps([{"alive": n.state == 0, "cpus": n.resources_total.get("CPU", 0)} for n in nodes.values()]))
-"""
 
 
 @dataclass
@@ -48,7 +42,7 @@ class AutoscalingRayCluster:
     proc: subprocess.Popen | None = None
     temp_dir: str = ""
     port: int = 0
-    log: list = field(default_factory=list)
+    _gcs: object = None
 
     @property
     def address(self) -> str:
@@ -96,21 +90,24 @@ class AutoscalingRayCluster:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"`ray start` exited with {self.proc.returncode}: {self.logs()}")
-            try:
-                if self.nodes():
-                    return self
-            except (RuntimeError, subprocess.TimeoutExpired):
-                pass
+            if (Path(self.temp_dir) / "session_latest").exists():
+                try:
+                    if self.nodes():
+                        return self
+                except Exception:  # the GCS is not up yet  # noqa: BLE001
+                    self._gcs = None
             time.sleep(1)
         raise TimeoutError(f"the autoscaling head did not come up in {timeout_s} s: {self.logs()}")
 
     def nodes(self) -> list[dict]:
-        """Every node the GCS knows: {"alive", "cpus"} (a subprocess: the test process keeps its own Ray)."""
-        done = subprocess.run([sys.executable, "-c", NODES_SCRIPT, self.address], env=self.env,
-                              capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr[-2000:])
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        """Every node the GCS knows: {"alive", "cpus"}. A plain GCS client: the test process keeps its own
+        Ray (ray_local) and never joins this cluster."""
+        from ray._raylet import GcsClient
+
+        if self._gcs is None:
+            self._gcs = GcsClient(address=self.address)
+        infos = self._gcs.get_all_node_info(timeout=10).values()
+        return [{"alive": n.state == 0, "cpus": n.resources_total.get("CPU", 0)} for n in infos]
 
     def worker_nodes(self) -> int:
         return sum(1 for n in self.nodes() if n["alive"] and n["cpus"] > 0)
