@@ -123,7 +123,7 @@ def main() -> None:
 
     from clap_core.synth import write_scale_manifest
 
-    with tempfile.TemporaryDirectory(prefix="bench_scale_", dir=REPO) as work:
+    with tempfile.TemporaryDirectory(prefix="bench_scale_") as work:  # outside the checkout: git never sees it
         t = time.perf_counter()
         manifest = str(write_scale_manifest(Path(work) / "in", args.rows, duplicate_every=1000))
         print(f"{args.rows:,}-row manifest ({os.path.getsize(manifest) / 1e6:.0f} MB) written in "
@@ -135,7 +135,7 @@ def main() -> None:
               "| resume finished (s) | in-memory planner (s) | in-memory planner peak (MB) |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(f"| {args.rows:,} | {job['units']:,} | {job['plan_s']:.1f} | {job['driver_peak_mb']:.0f} "
-              f"| {job['first_unit_s'] or float('nan'):.1f} | {job['total_s']:.1f} | {job['store_peak_mb']:.0f} "
+              f"| {job['first_unit_s'] or float('nan'):.1f} | {job['total_s']:.1f} | {job['store_peak_mb']:.1f} "
               f"| {job['resume_s']:.2f} | {base['plan_s'] if base else float('nan'):.1f} "
               f"| {base['driver_peak_mb'] if base else float('nan'):.0f} |")
 

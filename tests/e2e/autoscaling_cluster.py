@@ -8,7 +8,7 @@ manifests use) starts fake worker nodes as processes of this group when tasks or
 CPUs, and removes them after `idle_timeout_s`. Stopping sends SIGTERM, then SIGKILL, to that group
 only, and kills any process still naming this cluster's temp folder (the worker nodes' raylets).
 
-    cluster = AutoscalingRayCluster(env, worker_cpus=1, max_workers=3).start()
+    cluster = AutoscalingRayCluster(env, worker_cpus=1, max_workers=3, gpu_workers=1).start()
     env = {**os.environ, "RAY_ADDRESS": cluster.address}   # `clap ...` subprocesses join it
     cluster.worker_nodes()                                  # alive worker nodes now
     cluster.stop()
@@ -39,6 +39,7 @@ class AutoscalingRayCluster:
     worker_cpus: int = 1
     max_workers: int = 3
     idle_timeout_s: float = 10.0
+    gpu_workers: int = 0  # a second worker type of 1 CPU + 1 (fake) GPU with min 0 and this max
     proc: subprocess.Popen | None = None
     temp_dir: str = ""
     port: int = 0
@@ -51,7 +52,7 @@ class AutoscalingRayCluster:
     def config(self) -> dict:
         """The autoscaler config: a 0-CPU head and one worker type with min 0, max `max_workers`."""
         return {
-            "cluster_name": "fake_multinode", "max_workers": self.max_workers,
+            "cluster_name": "fake_multinode", "max_workers": self.max_workers + self.gpu_workers,
             # "external" + the fake provider's class: the "fake_multinode" type would read provider
             # defaults from an example.yaml that the Ray wheel does not ship.
             "provider": {"type": "external", "module": PROVIDER, "use_node_id_as_ip": True, "disable_node_updaters": True,
@@ -61,6 +62,9 @@ class AutoscalingRayCluster:
                 "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
                 "cpu_worker": {"resources": {"CPU": self.worker_cpus, "object_store_memory": 200_000_000},
                                "node_config": {}, "min_workers": 0, "max_workers": self.max_workers},
+                **({"gpu_worker": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 200_000_000},
+                                   "node_config": {}, "min_workers": 0, "max_workers": self.gpu_workers}}
+                   if self.gpu_workers else {}),
             },
             "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
             "idle_timeout_minutes": self.idle_timeout_s / 60, "docker": {},
@@ -107,10 +111,12 @@ class AutoscalingRayCluster:
         if self._gcs is None:
             self._gcs = GcsClient(address=self.address)
         infos = self._gcs.get_all_node_info(timeout=10).values()
-        return [{"alive": n.state == 0, "cpus": n.resources_total.get("CPU", 0)} for n in infos]
+        return [{"alive": n.state == 0, "cpus": n.resources_total.get("CPU", 0),
+                 "gpus": n.resources_total.get("GPU", 0)} for n in infos]
 
-    def worker_nodes(self) -> int:
-        return sum(1 for n in self.nodes() if n["alive"] and n["cpus"] > 0)
+    def worker_nodes(self, gpu: bool = False) -> int:
+        """Alive worker nodes (the head has 0 CPUs); with gpu=True only those with a GPU."""
+        return sum(1 for n in self.nodes() if n["alive"] and n["cpus"] > 0 and (n["gpus"] > 0 or not gpu))
 
     def logs(self) -> str:
         path = Path(self.temp_dir) / "head.log"
