@@ -16,7 +16,8 @@ Exactly once, resumable (local folders and s3://):
 2. A unit writes `<split>/part-<n>-<k>.parquet` (k rolls over at output.shard_mb) and
    `_rejects/part-<split>-<n>.parquet` with atomic commits (local: temp file + rename; S3: one PUT),
    then `_done/<split>-<n>.json` (its files, counts, hashes). The marker is the unit's commit point.
-3. A re-run plans again, refuses an output whose markers carry other unit hashes (config or input
+3. A re-run of the same input and config reads the committed plan back (pipelines/preprocess_plan.py),
+   otherwise plans again; it refuses an output whose markers carry other unit hashes (config or input
    changed), skips units with a marker, deletes temp files and the files of units without a marker
    (a crash between a shard and its marker), and processes the rest; a redone unit produces the same
    file names and bytes because processing is deterministic (seeded per clip and copy, our own FLAC
