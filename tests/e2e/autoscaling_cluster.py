@@ -74,7 +74,19 @@ class AutoscalingRayCluster:
             "file_mounts": {}, "file_mounts_sync_continuously": False,
         }
 
-    def start(self, timeout_s: float = 120) -> "AutoscalingRayCluster":
+    def start(self, timeout_s: float = 120, attempts: int = 2) -> "AutoscalingRayCluster":
+        """Start the head; on a loaded machine Ray's fixed 30 s raylet registration wait can expire, so a
+        head that exits during start-up is stopped and started once more."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout_s)
+            except RuntimeError:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+        return self
+
+    def _start(self, timeout_s: float) -> "AutoscalingRayCluster":
         self.temp_dir = tempfile.mkdtemp(prefix="ra", dir="/tmp")  # Ray's socket paths must stay short
         self.port = free_port()
         config = Path(self.temp_dir) / "autoscaler.json"
@@ -83,7 +95,7 @@ class AutoscalingRayCluster:
                "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
         cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-               "--num-cpus=0", "--include-dashboard=false", f"--autoscaling-config={config}",
+               "--num-cpus=0", "--include-dashboard=false", f"--dashboard-port={free_port()}", f"--autoscaling-config={config}",
                f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={free_port()}",
                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                f"--dashboard-agent-listen-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
@@ -125,6 +137,7 @@ class AutoscalingRayCluster:
     def stop(self, grace_s: float = 20) -> None:
         """SIGTERM the head's process group, SIGKILL it after grace_s, then any process of this cluster
         (its temp folder is in their command lines) that left the group."""
+        self._gcs = None
         if self.proc is not None:
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:
