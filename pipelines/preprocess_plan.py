@@ -21,6 +21,7 @@ import ray
 
 from clap_core import plan as staged
 from clap_core import storage
+from clap_core.io_faults import retry_transient
 from clap_core.preprocess import Plan, content_hash, job_config, rows_per_unit
 from clap_core.preprocess_config import PreprocessConfig
 
@@ -34,7 +35,9 @@ def run_tasks(fn, items: list[dict], cfg: PreprocessConfig) -> list[dict]:
     rows = [{"i": i, "item": json.dumps(item)} for i, item in enumerate(items)]
 
     def task(row: dict) -> dict:
-        return {"i": row["i"], "result": json.dumps(fn(json.loads(row["item"])))}
+        item = json.loads(row["item"])
+        # a transient storage error is retried, never a verdict on the input (clap_core.io_faults)
+        return {"i": row["i"], "result": json.dumps(retry_transient(lambda: fn(item), what="planning task"))}
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(task, num_cpus=cfg.ray.num_cpus)
     done = sorted(ds.take_all(), key=lambda r: r["i"])
