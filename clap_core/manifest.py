@@ -167,18 +167,6 @@ def jsonl_block_rows(data: bytes, uri: str, encoding: str = "utf-8", first_index
 
 def read_jsonl(uri: str, encoding: str = "utf-8", first_index: int = 0) -> list[dict]:
     return jsonl_block_rows(storage.read_bytes(uri), uri, encoding, first_index)
-        if not line.strip():
-            continue
-        index = first_index + len(rows)
-        try:
-            record = parse_json(line)
-            if not isinstance(record, dict):
-                raise ValueError(f"expected an object, got {type(record).__name__}")
-        except ValueError as e:
-            rows.append(new_row(index, "", None, [], error=("bad_manifest_row", f"line {number}: {str(e)[:500]}")))
-            continue
-        rows.append(row_from_record(record, index, base))
-    return rows
 
 
 MAX_CAPTION_CHARS = 65_536  # a longer caption is rejected (caption_too_long); tokenizers keep ~100 words

@@ -110,13 +110,20 @@ def read_chunk(chunk: dict, first_index: int, cfg: PreprocessConfig) -> list[dic
 
 
 def count_chunk(chunk: dict, cfg: PreprocessConfig) -> int:
-    """Rows of a chunk; JSONL lines are counted without parsing them (same rule as jsonl_block_rows)."""
+    return count_lines(chunk, cfg)[0]
+
+
+def count_lines(chunk: dict, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(rows, newline bytes) of a chunk; JSONL lines are counted without parsing them, by the rule of
+    jsonl_block_rows (newline bytes only; blank lines are no rows)."""
     if chunk["kind"] == "jsonl":
         data = line_block(chunk["uri"], chunk["start"], chunk["end"], chunk["size"])
         enc = cfg.input.encoding
-        text = decode_text(data, enc) if chunk["start"] == 0 else data.decode(enc, errors="surrogateescape")
-        return sum(1 for line in text.splitlines() if line.strip())
-    return len(read_chunk(chunk, 0, cfg))
+        rows = sum(1 for i, raw in enumerate(data.split(b"\n")) if
+                   (decode_text(raw, enc) if i == 0 and chunk["start"] == 0 else
+                    raw.decode(enc, errors="surrogateescape")).strip())
+        return rows, data.count(b"\n")
+    return len(read_chunk(chunk, 0, cfg)), 0
 
 
 # -------------------------------------------------------------------------------------------------

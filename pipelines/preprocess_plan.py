@@ -60,8 +60,11 @@ def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan,
     chunks = staged.input_chunks(input_uri, cfg, cfg.ray.plan_chunk_mb)
 
     # 0. rows per chunk -> where each chunk's rows start in input order
-    counts = [r["rows"] for r in run_tasks(lambda c: {"rows": staged.count_chunk(c, cfg)}, chunks, cfg)]
+    counted = run_tasks(lambda c: dict(zip(("rows", "lines"), staged.count_lines(c, cfg))), chunks, cfg)
+    counts = [r["rows"] for r in counted]
     firsts = [sum(counts[:i]) for i in range(len(counts))]
+    for i, chunk in enumerate(chunks):  # file line number of each JSONL chunk's first line (reject details)
+        chunk["first_line"] = 1 + sum(counted[j]["lines"] for j in range(i) if chunks[j]["uri"] == chunk["uri"])
     rows_in, groups = sum(counts), staged.group_count(sum(counts), cfg)
 
     # 1. read + validate each chunk, write its rows per planning group
