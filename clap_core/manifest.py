@@ -6,7 +6,7 @@
                 "language": "en", "label": None, "split": None, "kind": None, "row_index": 0, "error": None}
 
 Supported inputs (picked by `read_manifest` from the path and the CSV header):
-    JSONL / CSV manifest  audio_path (relative to the manifest, absolute or s3://), caption, optional id,
+    JSONL / CSV manifest  (or a folder of .jsonl manifest parts, read in name order) audio_path (relative to the manifest, absolute or s3://), caption, optional id,
                           language, label, split, kind ("speech" / "env") and extra captions (`captions`
                           list in JSONL; `caption_2`, `caption_3`, ... columns in either)
     AudioCaps CSV         audiocap_id, youtube_id, start_time, caption; rows of one youtube_id are one clip
@@ -147,17 +147,19 @@ def parse_json(text: str):
         raise ValueError("JSON nested too deeply") from e
 
 
-def read_jsonl(uri: str, encoding: str = "utf-8") -> list[dict]:
-    """One row per non-empty line. Lines are split on newline bytes only: U+2028, U+0085 and friends are
-    valid inside JSON strings (str.splitlines would cut a line there)."""
+def jsonl_block_rows(data: bytes, uri: str, encoding: str = "utf-8", first_index: int = 0,
+                     first_line: int = 1) -> list[dict]:
+    """Rows of whole JSONL lines (a file, or a byte range of one cut after a newline), numbered from
+    first_index; first_line is the file line number of the block's first line (for reject details).
+    Lines are split on newline bytes only: U+2028, U+0085 and friends are valid inside JSON strings
+    (str.splitlines would cut a line there)."""
     base = storage.parent(uri)
-    data = storage.read_bytes(uri)
     rows = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    for number, raw in enumerate(data.split(b"\n"), start=first_line):
         line = decode_text(raw, encoding) if number == 1 else raw.decode(encoding, errors="surrogateescape")
         if not line.strip():
             continue
-        index = len(rows)
+        index = first_index + len(rows)
         try:
             record = parse_json(line)
             if not isinstance(record, dict):
@@ -167,6 +169,10 @@ def read_jsonl(uri: str, encoding: str = "utf-8") -> list[dict]:
             continue
         rows.append(row_from_record(record, index, base))
     return rows
+
+
+def read_jsonl(uri: str, encoding: str = "utf-8", first_index: int = 0) -> list[dict]:
+    return jsonl_block_rows(storage.read_bytes(uri), uri, encoding, first_index)
 
 
 MAX_CAPTION_CHARS = 65_536  # a longer caption is rejected (caption_too_long); tokenizers keep ~100 words
@@ -476,18 +482,40 @@ def read_webdataset(uris: list[str], encoding: str = "utf-8") -> list[dict]:
 # entry point
 
 
-def read_manifest(path: str, encoding: str = "utf-8", audio_dir: str | None = None) -> list[dict]:
-    """Rows of any supported input (see the module docstring), in input order."""
+def resolve_input(path: str) -> tuple[str, list[str]]:
+    """(kind, files) of an input: "jsonl" (a manifest, or a folder of .jsonl manifest parts read in name
+    order), "csv", "tar" (a .tar or a folder of them) or "sidecar" (a folder of audio + captions)."""
     path = str(path)
     uri = path if storage.is_s3(path) else storage.resolve_fs(path)[1]
     lower = uri.lower()
     if lower.endswith((".jsonl", ".json")):
-        return read_jsonl(uri, encoding)
+        return "jsonl", [uri]
     if lower.endswith(".csv"):
-        return read_csv(uri, encoding, audio_dir)
+        return "csv", [uri]
     if lower.endswith(".tar"):
-        return read_webdataset([uri], encoding)
+        return "tar", [uri]
     if not storage.is_dir(uri) and not storage.is_s3(uri):
         raise FileNotFoundError(f"input not found or of unknown kind: {path}")
-    tars = [f for f in storage.list_files(uri) if f.lower().endswith(".tar")]
-    return read_webdataset(tars, encoding) if tars else read_sidecar_folder(uri, encoding)
+    files = storage.list_files(uri)
+    tars = [f for f in files if f.lower().endswith(".tar")]
+    if tars:
+        return "tar", tars
+    parts = [f for f in files if f.lower().endswith(".jsonl")]
+    if parts and not any(f.lower().endswith(AUDIO_SUFFIXES) for f in files):
+        return "jsonl", parts
+    return "sidecar", [uri]
+
+
+def read_manifest(path: str, encoding: str = "utf-8", audio_dir: str | None = None) -> list[dict]:
+    """Rows of any supported input (see the module docstring), in input order."""
+    kind, files = resolve_input(path)
+    if kind == "jsonl":
+        rows = []
+        for uri in files:
+            rows += read_jsonl(uri, encoding, len(rows))
+        return rows
+    if kind == "csv":
+        return read_csv(files[0], encoding, audio_dir)
+    if kind == "tar":
+        return read_webdataset(files, encoding)
+    return read_sidecar_folder(files[0], encoding)

@@ -1,20 +1,23 @@
 """Preprocessing logic, free of Ray: plan the work, process one row, process and commit one unit.
 
-    plan = plan_units(read_manifest(path), cfg)                 # driver: deterministic work units
+    plan = plan_units(read_manifest(path), cfg)                 # in memory; the job plans in parallel tasks
     rows_out, rejects = process_row(planned_row, cfg)           # any process: pure function of its inputs
     marker = process_unit(unit, cfg, out_uri, merger)           # writes shards + rejects, then _done marker
     manifest = build_manifest(out_uri, plan, cfg, markers)      # driver: manifest.json, written last
 
 Exactly once, resumable (local folders and s3://):
-1. Planning is a pure function of the manifest and the config. Every input row gets an id (given, or
-   its path without suffix), a split, caption checks, duplicate-id check (first row wins) and, for
-   speech rows, an env partner per augmented copy. Rows go to units: per split, sorted by a stable
-   hash of (id, row index), cut every `rows_per_unit` rows. So unit -> rows never depends on timing,
-   and each unit carries a hash of its exact content.
+1. Planning is a pure function of the manifest and the config (clap_core.plan: the stages, run in
+   parallel tasks by pipelines/preprocess_plan.py, or in this process by `plan_units`). Every input
+   row gets an id (given, or its path without suffix), a split, caption checks, duplicate-id check
+   (first row in input order wins) and, for speech rows, an env partner of the same split per
+   augmented copy. Rows go to units by a stable hash of their id: per split, in (hash, row index)
+   order, cut every `rows_per_unit` rows. So unit -> rows never depends on timing, and each unit
+   carries a hash of its exact content.
 2. A unit writes `<split>/part-<n>-<k>.parquet` (k rolls over at output.shard_mb) and
    `_rejects/part-<split>-<n>.parquet` with atomic commits (local: temp file + rename; S3: one PUT),
    then `_done/<split>-<n>.json` (its files, counts, hashes). The marker is the unit's commit point.
-3. A re-run plans again, refuses an output whose markers carry other unit hashes (config or input
+3. A re-run of the same input and config reads the committed plan back (pipelines/preprocess_plan.py),
+   otherwise plans again; it refuses an output whose markers carry other unit hashes (config or input
    changed), skips units with a marker, deletes temp files and the files of units without a marker
    (a crash between a shard and its marker), and processes the rest; a redone unit produces the same
    file names and bytes because processing is deterministic (seeded per clip and copy, our own FLAC
@@ -45,7 +48,7 @@ import pyarrow.parquet as pq
 
 from clap_core import storage
 from clap_core.audio_io import AudioStream, encode_flac, stream_audio
-from clap_core.augment import augment_clip, build_caption_merger, pair_speech_with_env, stable_seed
+from clap_core.augment import augment_clip, build_caption_merger
 from clap_core.config import to_dict
 from clap_core.io_faults import is_data_error
 from clap_core.manifest import audio_source, row_id
@@ -97,24 +100,6 @@ def check_row(row: dict, cfg: PreprocessConfig) -> tuple[dict, tuple[str, str] |
     return row, None
 
 
-def env_partners(rows: list[dict], cfg: PreprocessConfig) -> dict[str, dict[int, dict]]:
-    """speech id -> {copy index -> env row}: each augmented copy of a speech clip gets its own env clip."""
-    aug = cfg.augment
-    speech = [r for r in rows if r["kind"] == "speech" and r["split"] in aug.splits]  # only they get copies
-    env = {r["id"]: r for r in rows if r["kind"] == "env"}
-    if not (aug.copies and aug.mix_prob > 0 and speech and env):
-        return {}
-    keys = [f"{r['id']}#aug{k}" for r in speech for k in range(1, aug.copies + 1)]
-    partners: dict[str, dict[int, dict]] = {}
-    for key, env_id in pair_speech_with_env(keys, list(env), aug.seed):
-        speech_id, k = key.rsplit("#aug", 1)
-        e = env[env_id]
-        partners.setdefault(speech_id, {})[int(k)] = {
-            "id": env_id, "audio_uri": e["audio_uri"], "byte_offset": e["byte_offset"], "byte_size": e["byte_size"],
-            "source_path": e["source_path"], "caption": e["caption"]}
-    return partners
-
-
 def rows_per_unit(cfg: PreprocessConfig) -> int:
     """Input rows per unit so that one unit fills about one shard of output.shard_mb."""
     if cfg.output.rows_per_unit:
@@ -135,42 +120,35 @@ def content_hash(obj) -> str:
 
 @dataclass
 class Plan:
-    units: list[dict]  # {"key", "split", "index", "hash", "rows": [planned row, ...]}
+    units: list[dict]  # {"key", "split", "index", "hash", "rows": [planned row, ...] or "pieces": [uri, ...]}
     rows_in: int
     planned_rejects: int
     job_hash: str
 
 
 def plan_units(rows: list[dict], cfg: PreprocessConfig) -> Plan:
-    """Validate rows, detect duplicates, pair speech with env, and cut deterministic units."""
-    planned, seen, accepted = [], set(), []
-    for raw in rows:
-        row, problem = check_row(raw, cfg)
-        if problem is None and row["id"] in seen:
-            problem = ("duplicate_id", f"id {printable(row['id'])!r} appeared earlier in the input")
-        if problem is None:
-            seen.add(row["id"])
-            accepted.append(row)
-        row["planned_reject"] = None if problem is None else {"stage": "read_manifest", "reason": problem[0],
-                                                              "detail": problem[1]}
-        planned.append(row)
-    partners = env_partners(accepted, cfg)
-    for row in planned:
-        row["env_partners"] = {str(k): v for k, v in partners.get(row["id"], {}).items()} if not row["planned_reject"] else {}
-        row.pop("error", None)
+    """The plan of an input held in memory: the same stages as the distributed planner
+    (pipelines/preprocess_plan.py) run in this process, so both give the same units and hashes."""
+    from clap_core import plan as staged
+
+    routed, counts = staged.route_rows(rows, staged.group_count(len(rows), cfg), cfg)
     size = rows_per_unit(cfg)
-    units = []
-    for split in sorted({r["split"] for r in planned}):
-        members = [r for r in planned if r["split"] == split]
-        members.sort(key=lambda r: (stable_seed(printable(r["id"]), r["row_index"]), r["row_index"]))
-        for n, start in enumerate(range(0, len(members), size)):
-            chunk = members[start:start + size]
+    units_per_split, offsets = staged.split_layout(counts, size)
+    pieces: dict[tuple[str, int], list[list[dict]]] = {}
+    for g in sorted(routed):
+        for key, piece in staged.resolve_group(routed[g], offsets[g], size, cfg).items():
+            pieces.setdefault(key, []).append([r for _, _, r in piece])
+    job, units = job_config(cfg), []
+    for split, n_units in units_per_split.items():
+        for n in range(n_units):
+            parts = pieces.get((split, n), [])
             key = f"{split}-{n:05d}"
-            units.append({"key": key, "split": split, "index": n, "rows": chunk,
-                          "hash": content_hash([job_config(cfg), key, chunk])})
-    job_hash = content_hash([job_config(cfg), [u["hash"] for u in units]])
-    n_rejects = sum(r["planned_reject"] is not None for r in planned)
-    return Plan(units=units, rows_in=len(rows), planned_rejects=n_rejects, job_hash=job_hash)
+            hashes = [staged.piece_hash([staged.row_json(r) for r in part]) for part in parts]
+            units.append({"key": key, "split": split, "index": n, "rows": [r for part in parts for r in part],
+                          "hash": staged.unit_hash(job, key, hashes)})
+    n_rejects = sum(r["planned_reject"] is not None for u in units for r in u["rows"])
+    return Plan(units=units, rows_in=len(rows), planned_rejects=n_rejects,
+                job_hash=content_hash([job, [u["hash"] for u in units]]))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class InputConfig:
     encoding: str = "utf-8"  # text encoding of manifests and sidecars; undecodable captions are rejected
     audio_dir: str | None = None  # AudioCaps/Clotho: folder of the audio files (default: next to the CSV)
     default_split: str = "train"  # split of rows that name none
+    plan_group_rows: int = 200_000  # rows per planning group: env-mix partners come from the same split in a group
 
 
 @dataclass
@@ -58,8 +59,11 @@ class OutputConfig:
 
 @dataclass
 class RayConfig:
-    concurrency: int = 0  # unit workers (actors) at once; 0: cluster CPUs / num_cpus
-    num_cpus: float = 1.0  # CPUs reserved per worker
+    concurrency: int = 0  # fixed number of unit actors; 0: the autoscaling range min_workers..max_workers
+    min_workers: int = 1  # unit actors always kept (Ray Data ActorPoolStrategy min_size)
+    max_workers: int = 0  # unit actors the pool may grow to; 0: one per unit (the autoscaler adds nodes)
+    num_cpus: float = 1.0  # CPUs reserved per worker (and per planning task)
+    plan_chunk_mb: float = 16.0  # JSONL manifests are read and validated in byte ranges of this size
 
 
 @dataclass
@@ -88,6 +92,11 @@ class PreprocessConfig:
             (self.audio.max_source_seconds >= self.audio.max_seconds, "need audio.max_source_seconds >= audio.max_seconds"),
             (self.output.shard_mb > 0, "output.shard_mb must be > 0"),
             (self.output.rows_per_unit >= 0, "output.rows_per_unit must be >= 0"),
+            (self.input.plan_group_rows >= 1, "input.plan_group_rows must be >= 1"),
+            (self.ray.min_workers >= 1, "ray.min_workers must be >= 1"),
+            (self.ray.max_workers == 0 or self.ray.max_workers >= self.ray.min_workers,
+             "ray.max_workers must be 0 (one per unit) or >= ray.min_workers"),
+            (self.ray.plan_chunk_mb > 0, "ray.plan_chunk_mb must be > 0"),
             (self.captions.merger == "template" or self.captions.model, "captions.merger=seq2seq needs captions.model"),
         ]
         for ok, message in checks:

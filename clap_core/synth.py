@@ -210,6 +210,28 @@ def write_corpus(
     return manifest
 
 
+def write_scale_manifest(out_dir: str | Path, n_rows: int, n_real: int = 4, seed: int = 0,
+                         missing_every: int = 1, duplicate_every: int = 0) -> Path:
+    """A large manifest that is quick to process: n_real short real clips (speech and env), then rows
+    whose audio files do not exist (rejected missing_file), every duplicate_every-th row repeating an
+    earlier id (rejected duplicate_id). Writes out_dir/manifest.jsonl; returns its path."""
+    out_dir = Path(out_dir)
+    real = write_corpus(out_dir / "real", n_real, seed=seed, formats=("wav",), sample_rates=(16000,),
+                        channels=(1,), seconds=(0.6, 0.8))
+    lines = [json.loads(line) for line in real.read_text().splitlines()]
+    for r in lines:
+        r["audio_path"] = f"real/{r['audio_path']}"
+    with open(out_dir / "manifest.jsonl", "w", encoding="utf-8") as f:
+        for r in lines:
+            f.write(json.dumps(r) + "\n")
+        for i in range(n_rows - len(lines)):
+            clip_id = f"missing-{i:08d}" if not (duplicate_every and i and i % duplicate_every == 0) else \
+                f"missing-{i - 1:08d}"
+            f.write(json.dumps({"id": clip_id, "audio_path": f"missing/{i:08d}.wav", "caption": f"clip {i}",
+                                "split": split_of(f"missing-{i:08d}"), "kind": "env"}) + "\n")
+    return out_dir / "manifest.jsonl"
+
+
 # -----------------------------------------------------------------------------
 # rejects zoo
 

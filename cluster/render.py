@@ -165,6 +165,9 @@ def cluster_spec(head: dict, workers: list[dict]) -> dict:
         "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET},
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {
+            # Autoscaler v2: scales on pending Ray Data actors and tasks (the preprocessing and
+            # embedding pools ask for a range of workers), and drains idle nodes cleanly.
+            "version": "v2",
             "upscalingMode": "Default",
             # Scale idle workers (and their GPUs) back down after 5 minutes.
             "idleTimeoutSeconds": 300,
@@ -257,6 +260,14 @@ def runtime_env(**extra_env: str) -> str:
     return yaml.safe_dump({"env_vars": env}, sort_keys=False)
 
 
+def deletion_strategy() -> dict:
+    def rule(status: str, policy: str, ttl_s: int) -> dict:
+        return {"condition": {"jobStatus": status, "ttlSeconds": ttl_s}, "policy": policy}
+
+    return {"deletionRules": [rule("SUCCEEDED", "DeleteCluster", 600), rule("FAILED", "DeleteWorkers", 0),
+                              rule("FAILED", "DeleteCluster", 86_400)]}
+
+
 def rayjob(
     subcommand: str, args: str, spec: dict, *, deadline_h: int, backoff: int, env: dict | None = None
 ) -> dict:
@@ -268,9 +279,10 @@ def rayjob(
             "entrypoint": f"clap {subcommand} {args}",
             "runtimeEnvYAML": runtime_env(**(env or {})),
             "submissionMode": "K8sJobMode",
-            "shutdownAfterJobFinishes": True,
-            # Keep the finished cluster 10 minutes for log inspection.
-            "ttlSecondsAfterFinished": 600,
+            # Clean-up rules (KubeRay >= 1.5 deletionStrategy, replacing shutdownAfterJobFinishes and
+            # ttlSecondsAfterFinished): a finished job's cluster goes after 10 minutes (logs); a failed
+            # job frees its workers at once and keeps the head a day for debugging.
+            "deletionStrategy": deletion_strategy(),
             "activeDeadlineSeconds": deadline_h * 3600,
             # Each retry provisions a fresh cluster and reruns the entrypoint.
             "backoffLimit": backoff,
@@ -284,7 +296,10 @@ def rayjob_preprocess() -> dict:
     return rayjob(
         "preprocess",
         "--input s3://clap-data/raw/manifest.jsonl --output s3://clap-data/shards/v1"
-        " --config pipelines/configs/preprocess.yaml",
+        " --config pipelines/configs/preprocess.yaml"
+        # 4..256 unit actors of 1 CPU: the pool asks for more while units wait, the autoscaler adds
+        # cpu-workers pods (8 CPUs each, up to 32) and removes them when idle.
+        " ray.min_workers=4 ray.max_workers=256",
         cluster_spec(head_group(), [cpu_workers(max_replicas=32)]),
         deadline_h=12,
         backoff=1,
@@ -314,7 +329,9 @@ def rayjob_embed() -> dict:
     return rayjob(
         "embed",
         "--checkpoint s3://clap-data/runs/clap-base/final --input s3://clap-data/shards/v1"
-        " --output s3://clap-data/embeddings/clap-base",
+        " --output s3://clap-data/embeddings/clap-base"
+        # GPU actors from the start (the gpu-workers group starts at 0 pods and scales up for them).
+        " --gpus 1 --min-workers 1 --max-workers 8",
         cluster_spec(head_group(), workers),
         deadline_h=12,
         backoff=1,

@@ -4,7 +4,8 @@
     clap embed --checkpoint s3://bucket/runs/a/final --input s3://bucket/shards --split test --output s3://bucket/emb
 
 Stages: rows -> decode (CPU tasks; unreadable rows go to OUTPUT/_rejects/, never a crash) -> embed
-(an actor pool: the model is loaded once per actor, on a GPU when the cluster has one) -> Parquet of
+(an autoscaling actor pool of --min-workers..--max-workers: the model is loaded once per actor, on a
+GPU with --gpus, or when the cluster has one) -> Parquet of
 `id`, `audio_embedding`, `text_embedding` and the input's metadata (with `layers=True` and a speech tower,
 also `audio_layers`: every tower layer pooled, for layer-wise probes), in the format of clap_core.embeddings
 (OUTPUT/embeddings.json lists the files and the checkpoint's identity). OUTPUT must be empty or an earlier
@@ -40,7 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder (local or s3://)")
     parser.add_argument("--split", default=None, help="only rows of this split")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per model call")
-    parser.add_argument("--concurrency", type=int, default=None, help="embedding actors (default: 1 per GPU, else 2)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="fixed number of embedding actors (default: the --min-workers..--max-workers range)")
+    parser.add_argument("--min-workers", type=int, default=1, help="embedding actors always kept (default 1)")
+    parser.add_argument("--max-workers", type=int, default=None,
+                        help="embedding actors the pool may grow to; the autoscaler adds nodes for them "
+                             "(default: 1 per GPU of the cluster now, else 2)")
+    parser.add_argument("--gpus", type=float, default=None,
+                        help="GPUs per embedding actor; > 0 asks for GPU actors even before a GPU node exists "
+                             "(autoscaling clusters). Default: 1 when the cluster has GPUs now, else CPU only")
     parser.add_argument("--no-text", action="store_true", help="skip caption embeddings")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast where the hardware has native bf16 (cosine >= 0.999 to fp32), "
@@ -173,23 +182,32 @@ def _text(value) -> str:
     return "" if value is None else str(value)
 
 
-def actor_count(concurrency: int | None, gpus: int, cpus: float) -> int:
-    """Embedding actors: as asked, else one per GPU, else 2 CPU actors that leave a CPU for listing, reading and
-    decoding (on a 2-CPU Ray, 2 actors would take both CPUs and the job would wait forever)."""
+def actor_pool(cluster_gpus: int, gpus: float | None, concurrency: int | None, min_workers: int,
+               max_workers: int | None, cpus: float = 0) -> tuple[float, int | tuple[int, int]]:
+    """(GPUs per actor, Ray Data concurrency: a fixed size or a (min, max) range). An explicit --gpus
+    holds even when the cluster has no GPU yet: the pending GPU actors make the autoscaler add one. CPU
+    actors leave a CPU for listing, reading and decoding: on a 2-CPU Ray, 2 actors would take both CPUs
+    and the job would wait forever."""
+    gpus_per_actor = (1.0 if cluster_gpus else 0.0) if gpus is None else gpus
     if concurrency:
-        return concurrency
-    if gpus:
-        return gpus
-    actors = max(1, min(2, int(cpus) - 1))
-    if actors < 2:
-        print(f"clap embed: Ray has {cpus:g} CPUs: {actors} embedding actor, 1 CPU left for reading and decoding "
-              "(--concurrency to choose)", file=sys.stderr, flush=True)
-    return actors
+        return gpus_per_actor, concurrency
+    if max_workers:
+        high = max_workers
+    elif gpus_per_actor:
+        high = max(1, int(cluster_gpus / gpus_per_actor)) if cluster_gpus else 2
+    else:
+        high = max(1, min(2, int(cpus) - 1)) if cpus else 2
+        if high < 2:
+            print(f"clap embed: Ray has {cpus:g} CPUs: {high} embedding actor, 1 CPU left for reading and decoding "
+                  "(--concurrency or --max-workers to choose)", file=sys.stderr, flush=True)
+    low = min(min_workers, high)
+    return gpus_per_actor, (low, high) if high > low else high
 
 
 def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
                   concurrency: int | None = None, text: bool = True, precision: str = "auto",
-                  layers: bool = False) -> dict:
+                  layers: bool = False, min_workers: int = 1, max_workers: int | None = None,
+                  gpus: float | None = None) -> dict:
     """Run the embedding job (Ray must be reachable: local or the submitted-to cluster); returns a summary."""
     import ray
 
@@ -207,13 +225,13 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
         return embeddings.summary(done)
 
     init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus_per_actor, pool = actor_pool(int(resources.get("GPU", 0)), gpus, concurrency, min_workers, max_workers,
+                                      cpus=resources.get("CPU", 0))
     ds = read_input(ray, input_uri, split, output)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output}, batch_size=batch_size)
-    actors = actor_count(concurrency, gpus, ray.cluster_resources().get("CPU", 0))
     ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision, layers),
-                        batch_size=batch_size,
-                        concurrency=actors, num_gpus=1 if gpus else 0)
+                        batch_size=batch_size, concurrency=pool, num_gpus=gpus_per_actor)
     fs, path = storage.resolve_fs(embeddings.data_path(output))
     ds.write_parquet(path, filesystem=fs)
     return embeddings.summary(embeddings.commit(output))
@@ -229,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = embed_dataset(args.checkpoint, args.input, args.output, split=args.split,
                                 batch_size=args.batch_size, concurrency=args.concurrency, text=not args.no_text,
-                                precision=args.precision)
+                                precision=args.precision, min_workers=args.min_workers,
+                                max_workers=args.max_workers, gpus=args.gpus)
     except embeddings.OutputConflictError as e:
         print(f"clap embed: {e}", file=sys.stderr)
         return 2

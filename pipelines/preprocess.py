@@ -2,12 +2,16 @@
 
     clap preprocess --input corpus/manifest.jsonl --output s3://bucket/shards [--config FILE] [key=value ...]
 
-The driver reads the input (clap_core.manifest.read_manifest) and plans deterministic work units
-(clap_core.preprocess.plan_units: validation, duplicate ids, env-mix pairing). Ray Data streams the
-units not yet committed through an actor pool (`ray.concurrency` actors of `ray.num_cpus` CPUs);
-each actor processes a unit and commits its shards, rejects and `_done` marker itself
+Planning runs in parallel Ray Data tasks (pipelines/preprocess_plan.py: read + validate manifest
+chunks, route rows by a hash of their id, resolve duplicates and env-mix partners per group); the
+driver holds per-unit summaries only, never the rows. Ray Data streams the units not yet committed
+through an autoscaling actor pool (`ray.min_workers`..`ray.max_workers` actors of `ray.num_cpus`
+CPUs, or a fixed `ray.concurrency`): with more units than actors the pool asks for more, and on an
+autoscaling cluster Ray adds nodes for them and removes them when idle. Each actor reads its unit's
+rows from the staged plan, processes them and commits its shards, rejects and `_done` marker itself
 (clap_core.preprocess.process_unit). `manifest.json` is written last from the markers. Re-running the
-same command resumes: committed units are skipped, anything uncommitted is deleted and redone.
+same command resumes: the plan is read back from its marker, committed units are skipped, anything
+uncommitted is deleted and redone.
 Runs on a local Ray, or unchanged under `ray job submit` (ray.init() joins the cluster); on a
 multi-node cluster write to s3:// or a shared filesystem, since each unit is written by the node
 that runs it.
@@ -24,11 +28,12 @@ import ray
 from clap_core import storage
 from clap_core.config import from_dict, to_dict
 from clap_core.io_faults import retry_transient
-from clap_core.manifest import read_manifest
-from clap_core.preprocess import (Plan, build_manifest, build_merger, check_markers, clean_uncommitted, plan_units,
-                                  process_unit, read_markers)
+from clap_core.plan import load_unit_rows
+from clap_core.preprocess import (Plan, build_manifest, build_merger, check_markers, clean_uncommitted, process_unit,
+                                  read_markers)
 from clap_core.preprocess_config import PreprocessConfig, load_preprocess_config
 from pipelines.job_configs import default_config_path
+from pipelines.preprocess_plan import drop_staging, plan_job
 
 
 class SimulatedCrash(RuntimeError):
@@ -48,17 +53,26 @@ class UnitProcessor:
         self.merger = build_merger(self.cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        units = [json.loads(u) for u in batch["unit"]]
-        # a unit is redone whole after a transient storage error (its writes are deterministic and atomic)
-        markers = [retry_transient(lambda: process_unit(u, self.cfg, self.out_uri, self.merger), what=f"unit {u['key']}")
-                   for u in units]
+        markers = []
+        for text in batch["unit"]:
+            unit = json.loads(text)
+
+            def run(unit=unit):
+                unit["rows"] = load_unit_rows(unit)  # this unit's rows only, from the staged plan
+                return process_unit(unit, self.cfg, self.out_uri, self.merger)
+
+            # a unit is redone whole after a transient storage error (its writes are deterministic and atomic)
+            markers.append(retry_transient(run, what=f"unit {unit['key']}"))
         return {"marker": np.array([json.dumps(m) for m in markers], dtype=object)}
 
 
-def worker_count(cfg: PreprocessConfig, n_units: int) -> int:
+def pool_strategy(cfg: PreprocessConfig, n_units: int) -> ray.data.ActorPoolStrategy:
+    """A fixed pool (ray.concurrency) or a range: Ray Data starts min_workers actors and asks for more
+    (up to max_workers, or one per unit) while units wait, so an autoscaling cluster grows to fit."""
     if cfg.ray.concurrency:
-        return min(cfg.ray.concurrency, n_units)
-    return max(1, min(int(ray.cluster_resources().get("CPU", 1) / cfg.ray.num_cpus), n_units))
+        return ray.data.ActorPoolStrategy(size=min(cfg.ray.concurrency, n_units))
+    high = min(cfg.ray.max_workers or n_units, n_units)
+    return ray.data.ActorPoolStrategy(min_size=min(cfg.ray.min_workers, high), max_size=high)
 
 
 def run_units(units: list[dict], cfg: PreprocessConfig, out_uri: str) -> list[dict]:
@@ -66,7 +80,7 @@ def run_units(units: list[dict], cfg: PreprocessConfig, out_uri: str) -> list[di
     items = [{"unit": json.dumps(u)} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         UnitProcessor, fn_constructor_args=(to_dict(cfg), out_uri), batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=worker_count(cfg, len(units))), num_cpus=cfg.ray.num_cpus)
+        compute=pool_strategy(cfg, len(units)), num_cpus=cfg.ray.num_cpus)
     markers, rows = [], iter(ds.iter_rows())
     try:
         for row in rows:
@@ -96,10 +110,12 @@ def preprocess(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> dict:
     input_uri, out_uri = storage.absolute(input_uri), storage.absolute(out_uri)
     for uri in (input_uri, out_uri):
         storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
-    plan = plan_units(read_manifest(input_uri, cfg.input.encoding, cfg.input.audio_dir), cfg)
+    plan, staging = plan_job(input_uri, out_uri, cfg)
+    planned = time.perf_counter()
     done = finished_manifest(out_uri, plan)
     if done is not None:
-        return {**done, "run": {"units_processed": 0, "seconds": time.perf_counter() - start, "seconds_in": 0.0}}
+        return {**done, "run": {"units_processed": 0, "seconds": time.perf_counter() - start, "seconds_in": 0.0,
+                                "plan_seconds": planned - start}}
     markers = read_markers(out_uri)
     try:
         check_markers(plan, markers, out_uri)
@@ -114,8 +130,9 @@ def preprocess(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> dict:
         raise RuntimeError(f"{len(missing)} units have no marker after the run, e.g. {missing[0]}")
     manifest = build_manifest(plan, cfg, markers, input_uri)
     storage.put_atomic(storage.join(out_uri, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    drop_staging(staging)
     run_info = {"units_processed": len(new), "seconds": time.perf_counter() - start,
-                "seconds_in": sum(m["seconds_in"] for m in new)}
+                "seconds_in": sum(m["seconds_in"] for m in new), "plan_seconds": planned - start}
     return {**manifest, "run": run_info}
 
 

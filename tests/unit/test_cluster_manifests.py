@@ -195,8 +195,8 @@ def test_misspelled_field_is_rejected(manifest, typo):
 @needs_crds
 def test_misspelled_rayjob_field_is_rejected():
     doc = copy.deepcopy(doc_of("rayjob-pretrain.yaml"))
-    _rename(doc["spec"], "shutdownAfterJobFinishes", "shutdownAfterJobFinish")
-    assert any("shutdownAfterJobFinish'" in e for e in schema_errors(doc))
+    _rename(doc["spec"], "submissionMode", "submissionMod")
+    assert any("submissionMod'" in e for e in schema_errors(doc))
 
 
 @needs_crds
@@ -271,6 +271,7 @@ def test_cluster_shape(name, doc):
     assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", f"{name}: head must not run tasks"
     assert spec.get("enableInTreeAutoscaling") is True, name
     assert {"upscalingMode", "idleTimeoutSeconds", "resources"} <= set(spec.get("autoscalerOptions", {})), name
+    assert spec["autoscalerOptions"].get("version") == "v2", f"{name}: autoscaler v2"
     images = {c["image"] for _, c, _ in containers(doc)}
     assert len(images) == 1, f"{name}: one image for head, workers and submitter, got {images}"
     for group_name, group in worker_groups(doc).items():
@@ -290,6 +291,25 @@ def test_preprocessing_group_autoscales_from_zero():
         assert group["minReplicas"] == 0 and group["maxReplicas"] > group["minReplicas"], name
 
 
+def overrides(doc: dict) -> dict[str, str]:
+    return dict(a.split("=", 1) for a in shlex.split(doc["spec"]["entrypoint"]) if "=" in a and not a.startswith("-"))
+
+
+def test_preprocessing_pool_is_a_worker_range_beyond_one_node():
+    doc = doc_of("rayjob-preprocess.yaml")
+    low, high = int(overrides(doc)["ray.min_workers"]), int(overrides(doc)["ray.max_workers"])
+    group = worker_groups(doc)["cpu-workers"]
+    node_cpus = int(group["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
+    assert 1 <= low < node_cpus < high <= node_cpus * group["maxReplicas"]  # needs the autoscaler to add nodes
+
+
+def test_embed_asks_for_gpu_actors_before_a_gpu_node_exists():
+    argv = shlex.split(doc_of("rayjob-embed.yaml")["spec"]["entrypoint"])
+    assert float(argv[argv.index("--gpus") + 1]) > 0
+    gpu_group = worker_groups(doc_of("rayjob-embed.yaml"))["gpu-workers"]
+    assert gpu_group["minReplicas"] == 0 and int(argv[argv.index("--max-workers") + 1]) <= gpu_group["maxReplicas"]
+
+
 def test_gpu_group_where_needed():
     assert "gpu-workers" in worker_groups(doc_of("raycluster.yaml"))
     for name, doc in rayjobs():
@@ -306,9 +326,14 @@ def test_rayjob_lifecycle_and_entrypoint(name, doc):
     assert REQUIRED_FLAGS[argv[1]] <= set(argv), f"{name}: missing {REQUIRED_FLAGS[argv[1]] - set(argv)}"
     if "--config" in argv:
         assert re.fullmatch(r"pipelines/configs/[\w-]+\.yaml", argv[argv.index("--config") + 1]), name
-    assert spec["shutdownAfterJobFinishes"] is True, name
+    deprecated = {"shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "deletionPolicy"} & set(spec)
+    assert not deprecated, f"{name}: deprecated clean-up fields {deprecated}; use deletionStrategy.deletionRules"
+    rules = spec["deletionStrategy"]["deletionRules"]
+    assert {r["condition"]["jobStatus"] for r in rules} == {"SUCCEEDED", "FAILED"}, name
+    for status in ("SUCCEEDED", "FAILED"):  # every finished job ends with its cluster deleted
+        assert any(r["condition"]["jobStatus"] == status and r["policy"] == "DeleteCluster" for r in rules), name
     assert spec["submissionMode"] == "K8sJobMode", name
-    for field in ("ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit"):
+    for field in ("activeDeadlineSeconds", "backoffLimit"):
         assert isinstance(spec.get(field), int), f"{name}: {field}"
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict), name
     assert doc["metadata"]["name"] == f"clap-{argv[1]}" and name == f"rayjob-{argv[1]}.yaml"

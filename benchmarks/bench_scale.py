@@ -1,0 +1,144 @@
+"""Planning at scale: what the `clap preprocess` driver holds and how long it takes, for an N-row manifest.
+
+    python benchmarks/bench_scale.py --rows 100000
+    python benchmarks/bench_scale.py --rows 1000000 --no-baseline
+
+The manifest holds a few real clips and N - 4 rows whose audio files do not exist (rejected
+`missing_file` without decoding), 1 in 1000 a duplicate id: the run measures the planning and
+bookkeeping of N rows, not audio work. The job runs in a child process (the driver) on a fresh local
+Ray with `--cores` CPUs; the child reports:
+
+    planning        wall seconds of the distributed plan (count, route, resolve; plan.json written)
+    driver peak     VmHWM of the driver process alone (Ray's workers and object store not included)
+    first unit      seconds from the start until the first `_done/` marker appears
+    total           wall seconds of the whole job (planning, units, manifest.json)
+    object store    peak bytes used in the object store, sampled every 0.5 s
+    resume          a second run on the finished output, in the same driver (Ray already up)
+
+Baseline in the same run (skip with --no-baseline): the in-memory planner (`read_manifest` +
+`plan_units`, what the driver did before planning was distributed) in its own child process, for its
+wall time and VmHWM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def vm_hwm_mb() -> float:
+    """Peak resident set size of this process (VmHWM), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def job_child(manifest: str, out: str, cores: int, overrides: list[str]) -> dict:
+    """The driver: runs the job, watches for the first marker and the object store, reports itself."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    from clap_core.preprocess_config import load_preprocess_config
+    from pipelines.preprocess import preprocess
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    seen = {"first_unit": None, "store_peak": 0}
+    running = True
+
+    def watch(start: float) -> None:
+        while running:
+            if seen["first_unit"] is None and os.path.isdir(f"{out}/_done") and any(
+                    n.endswith(".json") for n in os.listdir(f"{out}/_done")):
+                seen["first_unit"] = time.perf_counter() - start
+            try:
+                used = get_memory_info_reply(state).store_stats.object_store_bytes_used
+                seen["store_peak"] = max(seen["store_peak"], int(used))
+            except Exception:  # noqa: BLE001  (a sample lost while Ray is busy is not a result)
+                pass
+            time.sleep(0.5)
+
+    cfg = load_preprocess_config(None, overrides)
+    start = time.perf_counter()
+    watcher = threading.Thread(target=watch, args=(start,), daemon=True)
+    watcher.start()
+    doc = preprocess(manifest, out, cfg)
+    total = time.perf_counter() - start
+    running = False
+    watcher.join()
+    again = preprocess(manifest, out, cfg)
+    ray.shutdown()
+    return {"plan_s": doc["run"]["plan_seconds"], "first_unit_s": seen["first_unit"], "total_s": total,
+            "driver_peak_mb": vm_hwm_mb(), "store_peak_mb": seen["store_peak"] / 1e6, "units": doc["units"],
+            "resume_s": again["run"]["seconds"], "resume_units": again["run"]["units_processed"],
+            "rows_in": doc["rows_in"], "rejects": doc["rejects"]["rows"]}
+
+
+def baseline_child(manifest: str, overrides: list[str]) -> dict:
+    """The in-memory planner on the same manifest, as the driver ran it before."""
+    from clap_core.manifest import read_manifest
+    from clap_core.preprocess import plan_units
+    from clap_core.preprocess_config import load_preprocess_config
+
+    start = time.perf_counter()
+    plan = plan_units(read_manifest(manifest), load_preprocess_config(None, overrides))
+    return {"plan_s": time.perf_counter() - start, "driver_peak_mb": vm_hwm_mb(), "units": len(plan.units)}
+
+
+def run_child(*args: str) -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
+                          cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the in-memory planner baseline")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides for the job, e.g. output.rows_per_unit=2000")
+    args = parser.parse_args()
+    if args.child:
+        kind, rest = args.child[0], args.child[1:]
+        result = (job_child(rest[0], rest[1], int(rest[2]), rest[3:]) if kind == "job"
+                  else baseline_child(rest[0], rest[1:]))
+        print(json.dumps(result))
+        return
+
+    from clap_core.synth import write_scale_manifest
+
+    with tempfile.TemporaryDirectory(prefix="bench_scale_") as work:  # outside the checkout: git never sees it
+        t = time.perf_counter()
+        manifest = str(write_scale_manifest(Path(work) / "in", args.rows, duplicate_every=1000))
+        print(f"{args.rows:,}-row manifest ({os.path.getsize(manifest) / 1e6:.0f} MB) written in "
+              f"{time.perf_counter() - t:.0f} s; {args.cores} cores; overrides {args.overrides or 'none'}")
+        job = run_child("job", manifest, f"{work}/out", str(args.cores), *args.overrides)
+        assert job["rows_in"] == args.rows and job["resume_units"] == 0, job
+        base = None if args.no_baseline else run_child("baseline", manifest, *args.overrides)
+        print("| rows | units | planning (s) | driver peak (MB) | first unit (s) | total (s) | object store peak (MB) "
+              "| resume finished (s) | in-memory planner (s) | in-memory planner peak (MB) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| {args.rows:,} | {job['units']:,} | {job['plan_s']:.1f} | {job['driver_peak_mb']:.0f} "
+              f"| {job['first_unit_s'] or float('nan'):.1f} | {job['total_s']:.1f} | {job['store_peak_mb']:.1f} "
+              f"| {job['resume_s']:.2f} | {base['plan_s'] if base else float('nan'):.1f} "
+              f"| {base['driver_peak_mb'] if base else float('nan'):.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Distributed planning for `clap preprocess`: Ray Data tasks read and route the rows, the driver holds
+only per-chunk and per-unit summaries (memory O(chunks + units), never O(rows)).
+
+    plan = plan_job(input_uri, out_uri, cfg)     # Plan whose units name their staged pieces, not rows
+
+Stages (clap_core.plan documents the hashing and the staging format):
+0. count   one task per chunk counts its rows -> global row offsets and the number of planning groups
+1. route   one task per chunk reads, validates and writes its rows per planning group (by hash of id)
+2. resolve one task per group: duplicate ids, env partners of the same split, exact unit of each row;
+           writes the group's pieces of each unit and returns their row counts and hashes
+The driver then writes OUT/_plan/<plan id>/plan.json (units, their hashes, the job hash): the commit
+point of planning. The plan id hashes the input's files (names, sizes, modification times) and the
+config, so a re-run of an unchanged job (resume, or a finished output) reads plan.json instead of the
+input. Staged rows are deleted once manifest.json is written; plan.json stays.
+"""
+from __future__ import annotations
+
+import json
+
+import ray
+
+from clap_core import plan as staged
+from clap_core import storage
+from clap_core.io_faults import retry_transient
+from clap_core.preprocess import Plan, content_hash, job_config, rows_per_unit
+from clap_core.preprocess_config import PreprocessConfig
+
+PLAN_DIR, PLAN_FORMAT = "_plan", "clap-plan/1"
+
+
+def run_tasks(fn, items: list[dict], cfg: PreprocessConfig) -> list[dict]:
+    """fn(item) -> dict over items as Ray Data tasks (one item per block); results in item order."""
+    if not items:
+        return []
+    rows = [{"i": i, "item": json.dumps(item)} for i, item in enumerate(items)]
+
+    def task(row: dict) -> dict:
+        item = json.loads(row["item"])
+        # a transient storage error is retried, never a verdict on the input (clap_core.io_faults)
+        return {"i": row["i"], "result": json.dumps(retry_transient(lambda: fn(item), what="planning task"))}
+
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(task, num_cpus=cfg.ray.num_cpus)
+    done = sorted(ds.take_all(), key=lambda r: r["i"])
+    return [json.loads(r["result"]) for r in done]
+
+
+def plan_root(out_uri: str, input_uri: str, cfg: PreprocessConfig) -> str:
+    plan_id = content_hash([input_uri, staged.input_fingerprint(input_uri), job_config(cfg)])
+    return storage.join(out_uri, PLAN_DIR, plan_id)
+
+
+def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan, str]:
+    """(plan, its staging folder): read from plan.json when this exact job was planned before."""
+    root = plan_root(out_uri, input_uri, cfg)
+    marker = storage.join(root, "plan.json")
+    if storage.exists(marker):
+        doc = json.loads(storage.read_bytes(marker))
+        return Plan(units=doc["units"], rows_in=doc["rows_in"], planned_rejects=doc["planned_rejects"],
+                    job_hash=doc["job_hash"]), root
+    chunks = staged.input_chunks(input_uri, cfg, cfg.ray.plan_chunk_mb)
+
+    # 0. rows per chunk -> where each chunk's rows start in input order
+    counted = run_tasks(lambda c: dict(zip(("rows", "lines"), staged.count_lines(c, cfg))), chunks, cfg)
+    counts = [r["rows"] for r in counted]
+    firsts = [sum(counts[:i]) for i in range(len(counts))]
+    for i, chunk in enumerate(chunks):  # file line number of each JSONL chunk's first line (reject details)
+        chunk["first_line"] = 1 + sum(counted[j]["lines"] for j in range(i) if chunks[j]["uri"] == chunk["uri"])
+    rows_in, groups = sum(counts), staged.group_count(sum(counts), cfg)
+
+    # 1. read + validate each chunk, write its rows per planning group
+    def route(item: dict) -> dict:
+        rows = staged.read_chunk(item["chunk"], item["first"], cfg)
+        by_group, by_split = staged.route_rows(rows, groups, cfg)
+        for g, part in by_group.items():
+            staged.write_staged(storage.join(root, "rows", f"c{item['c']:05d}-g{g:05d}.parquet"), part)
+        return {"counts": by_split}
+
+    items = [{"c": c, "chunk": chunk, "first": first} for c, (chunk, first) in enumerate(zip(chunks, firsts))]
+    routed = run_tasks(route, items, cfg)
+    per_group = staged.merge_counts([{int(g): n for g, n in r["counts"].items()} for r in routed])
+    size = rows_per_unit(cfg)
+    units_per_split, offsets = staged.split_layout(per_group, size)
+
+    # 2. per group: duplicates, env partners, units; pieces written per split
+    def resolve(item: dict) -> dict:
+        rows = staged.read_staged(item["files"])
+        pieces = staged.resolve_group(rows, item["offsets"], size, cfg)
+        info = {}
+        for split in sorted({s for s, _ in pieces}):
+            uri = storage.join(root, "units", split, f"g{item['g']:05d}.parquet")
+            written = staged.write_unit_file(uri, {n: p for (s, n), p in pieces.items() if s == split})
+            info[split] = {"uri": uri, "units": {str(n): v for n, v in written.items()}}
+        return info
+
+    files = {g: [storage.join(root, "rows", f"c{c:05d}-g{g:05d}.parquet") for c, r in enumerate(routed)
+                 if str(g) in r["counts"]] for g in sorted(per_group)}
+    resolved = run_tasks(resolve, [{"g": g, "files": files[g], "offsets": offsets[g]} for g in sorted(per_group)],
+                         cfg)
+    plan = assemble(resolved, units_per_split, rows_in, cfg)
+    doc = {"format": PLAN_FORMAT, "input": input_uri, "rows_in": plan.rows_in,
+           "planned_rejects": plan.planned_rejects, "job_hash": plan.job_hash, "units": plan.units}
+    storage.put_atomic(marker, json.dumps(doc).encode())
+    return plan, root
+
+
+def assemble(resolved: list[dict], units_per_split: dict[str, int], rows_in: int, cfg: PreprocessConfig) -> Plan:
+    """Units from the groups' piece summaries (in group order, which is hash order)."""
+    pieces: dict[tuple[str, int], list[tuple[str, dict]]] = {}
+    for info in resolved:
+        for split, entry in info.items():
+            for n, piece in entry["units"].items():
+                pieces.setdefault((split, int(n)), []).append((entry["uri"], piece))
+    job, units = job_config(cfg), []
+    for split, n_units in units_per_split.items():
+        for n in range(n_units):
+            parts = pieces.get((split, n), [])
+            key = f"{split}-{n:05d}"
+            units.append({"key": key, "split": split, "index": n, "pieces": [uri for uri, _ in parts],
+                          "size": sum(p["rows"] for _, p in parts),
+                          "hash": staged.unit_hash(job, key, [p["hash"] for _, p in parts])})
+    rejects = sum(p["rejects"] for parts in pieces.values() for _, p in parts)
+    return Plan(units=units, rows_in=rows_in, planned_rejects=rejects,
+                job_hash=content_hash([job, [u["hash"] for u in units]]))
+
+
+def drop_staging(root: str) -> None:
+    """Delete the staged rows of a finished job (written by this job only); plan.json stays."""
+    for uri in storage.list_files(root):
+        if not uri.endswith("/plan.json"):
+            storage.delete(uri)

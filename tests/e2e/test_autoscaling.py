@@ -1,0 +1,71 @@
+"""`clap preprocess` on Ray's local autoscaling cluster: a head with 0 CPUs and a 1-CPU worker type with
+min 0, max 3 (tests/e2e/autoscaling_cluster.py). The job must make the autoscaler add at least 2 worker
+nodes (sampled from the GCS while it runs), write exactly what a plain local Ray writes, row by row, and
+the nodes must go away after the idle timeout. (`clap embed --gpus 1` on a fake GPU node type is not in
+this test: on the shared 2-core machine the fifth fake node did not come up reliably.)"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clap_core.preprocess_config import load_preprocess_config
+from clap_core.shards import read_shards
+from clap_core.synth import write_corpus
+from pipelines.preprocess import preprocess
+from tests.e2e.autoscaling_cluster import AutoscalingRayCluster, own_processes
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+JOB = ["output.rows_per_unit=2", "augment.copies=2"]
+POOL = ["ray.min_workers=2", "ray.max_workers=3"]  # more actors than the 0-CPU cluster has at start
+# Ray Data asks Ray's autoscaler for more nodes every 10 s by default; 2 s keeps the test short.
+FAST_RAY_DATA = {"RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2", "RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2"}
+
+
+def run_sampled(cluster: AutoscalingRayCluster, args: list[str], env: dict, log_path: Path,
+                gpu: bool = False) -> list[int]:
+    """Run a `clap` command against the cluster; the worker nodes (or GPU nodes) sampled while it runs."""
+    with open(log_path, "w") as log:
+        job = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT, env={**env, **FAST_RAY_DATA, "RAY_ADDRESS": cluster.address})
+        samples, deadline = [], time.monotonic() + 300
+        while job.poll() is None and time.monotonic() < deadline:
+            samples.append(cluster.worker_nodes(gpu=gpu))
+            time.sleep(1)
+        job.kill()
+        assert job.wait() == 0, log_path.read_text()[-3000:]
+    return samples
+
+
+def rows(out: str) -> dict[str, tuple]:
+    return {r["id"]: (r["audio"], r["augment"], r["caption"], r["split"]) for r in read_shards(out).to_pylist()}
+
+
+def test_preprocess_scales_out_and_back_on_an_autoscaling_cluster(ray_local, tmp_path):
+    manifest = write_corpus(tmp_path / "corpus", 24, seed=4, formats=("wav",), seconds=(0.6, 0.8))
+    reference = str(tmp_path / "local")
+    preprocess(str(manifest), reference, load_preprocess_config(None, [*JOB, "ray.concurrency=2"]))
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    cluster = AutoscalingRayCluster(env, worker_cpus=1, max_workers=3, idle_timeout_s=10).start()
+    try:
+        assert cluster.worker_nodes() == 0
+        out = str(tmp_path / "scaled")
+        samples = run_sampled(cluster, ["preprocess", "--input", str(manifest), "--output", out, *JOB, *POOL], env,
+                              tmp_path / "preprocess.log")
+        print(f"\nworker nodes sampled during clap preprocess: {samples}")
+        assert max(samples) >= 2 and samples[0] < 2
+        assert rows(out) == rows(reference) and len(rows(out)) == 72
+
+        gone_by = time.monotonic() + 90  # idle timeout 10 s, plus the autoscaler's drain
+        while cluster.worker_nodes() and time.monotonic() < gone_by:
+            time.sleep(2)
+        assert cluster.worker_nodes() == 0
+    finally:
+        cluster.stop()
+    assert own_processes(cluster.temp_dir) == []
