@@ -19,7 +19,7 @@ from clap_core.synth import write_corpus
 from pipelines.preprocess import preprocess
 from tests.e2e.autoscaling_cluster import AutoscalingRayCluster, own_processes
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 JOB = ["output.rows_per_unit=2", "augment.copies=2"]
 POOL = ["ray.min_workers=2", "ray.max_workers=3"]  # more actors than the 0-CPU cluster has at start

@@ -18,7 +18,7 @@ import pytest
 
 from tests.shard_fixtures import write_shards
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""

@@ -41,6 +41,7 @@ def run(shards: Path, out: Path, overrides: list[str]) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_siglip_trains_under_deepspeed(ray_local, shards, tmp_path, zero_stage):
     metrics = run(shards, tmp_path / "run", [f"deepspeed.zero_stage={zero_stage}", "model.loss=siglip",
@@ -55,6 +56,7 @@ def test_siglip_trains_under_deepspeed(ray_local, shards, tmp_path, zero_stage):
     assert metrics["history"][-1]["temperature"] == pytest.approx(1 / 12.0, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_per_modality_temperatures_are_both_logged(ray_local, shards, tmp_path, capfd):
     metrics = run(shards, tmp_path / "run", ["deepspeed.zero_stage=2", "model.temperature.per_modality=true",
                                              "train.lr=0.05"])

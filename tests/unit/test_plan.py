@@ -35,7 +35,7 @@ def chunked_rows(uri: str, cfg, chunk_mb: float) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 7, 50, 333, 10**6])
+@pytest.mark.parametrize("chunk_bytes", [3, 7, 50, 333, 10**6])  # every size cuts lines mid-way
 def test_jsonl_byte_range_chunks_read_like_the_whole_file(tmp_path, chunk_bytes):
     path = tmp_path / "m.jsonl"
     path.write_text(MESSY_JSONL, encoding="utf-8")
