@@ -21,7 +21,7 @@ from tests.e2e.autoscaling_cluster import AutoscalingRayCluster, own_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-JOB = ["output.rows_per_unit=2", "augment.copies=2"]
+JOB = ["output.rows_per_unit=2", "augment.copies=2", "augment.splits=[train,valid,test]"]  # copies of every clip
 POOL = ["ray.min_workers=2", "ray.max_workers=3"]  # more actors than the 0-CPU cluster has at start
 # Ray Data asks Ray's autoscaler for more nodes every 10 s by default; 2 s keeps the test short.
 FAST_RAY_DATA = {"RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2", "RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2"}

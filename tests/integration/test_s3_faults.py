@@ -156,7 +156,8 @@ def test_pipeline_under_random_faults_equals_fault_free_run(ray_local, s3_faults
     from clap_core.train.config import load_pretrain_config
 
     corpus = upload_folder(write_corpus(tmp_path / "corpus", 24, seed=7, seconds=(0.5, 0.9)).parent, s3_bucket, "c")
-    cfg = load_preprocess_config(None, ["ray.concurrency=2", "output.rows_per_unit=4", "augment.copies=1"])
+    cfg = load_preprocess_config(None, ["ray.concurrency=2", "output.rows_per_unit=4", "augment.copies=1",
+                                        "augment.splits=[train, valid, test]"])  # one copy of every clip
     root = f"s3://{s3_bucket}"
     report = {}
 
