@@ -111,6 +111,20 @@ class MaskedPooling(nn.Module):
         return torch.einsum("bt,bth->bh", weights, frames)
 
 
+class SpeechTower(nn.Module):
+    """What every speech tower shares: pool the (mixed) hidden states over real frames. A subclass provides
+    `mix` (LayerMix), `pool` (MaskedPooling) and `_states(waves, lengths, all_layers) -> (states, mask)`."""
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        states, mask = self._states(waves, lengths, all_layers=self.mix.mode == "weighted")
+        return self.pool(self.mix(states), mask)  # (B, H)
+
+    def layer_features(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Every hidden layer pooled on its own: (B, layers + 1, H), for layer-wise probes."""
+        states, mask = self._states(waves, lengths, all_layers=True)
+        return torch.stack([self.pool(s, mask) for s in states], dim=1)
+
+
 def check_inputs(waves: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """Valid lengths (B,) on the waves' device; all samples are real when `lengths` is None."""
     if waves.ndim != 2:

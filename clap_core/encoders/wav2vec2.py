@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from clap_core.encoders.speech import (LayerMix, MaskedPooling, Resampler, architecture_config, check_inputs,
-                                       layer_drop_mask, length_mask, zero3_partitioned)
+from clap_core.encoders.speech import (LayerMix, MaskedPooling, Resampler, SpeechTower, architecture_config,
+                                       check_inputs, layer_drop_mask, length_mask, zero3_partitioned)
 
 BACKBONE_RATE = 16_000  # wav2vec 2.0 and its fine-tunes are trained on 16 kHz audio
 
@@ -55,7 +55,7 @@ def zero_mean_unit_var(waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
     return (waves - mean) / torch.sqrt(var + 1e-7) * mask
 
 
-class Wav2Vec2Encoder(nn.Module):
+class Wav2Vec2Encoder(SpeechTower):
     """Waveforms (B, N) at `sample_rate` + real lengths (B,) -> pooled features (B, hidden_size)."""
 
     takes_waveform = True  # ClapModel gives this tower the fixed-window waveforms, not log-mel
@@ -89,15 +89,6 @@ class Wav2Vec2Encoder(nn.Module):
         return {"pretrained": None, "hf_config": {"model_type": "wav2vec2", **architecture_config(self.backbone.config)},
                 "do_normalize": self.do_normalize, "attention_mask": self.uses_attention_mask,
                 "layerdrop": self.layerdrop}
-
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        states, mask = self._states(waves, lengths, all_layers=self.mix.mode == "weighted")
-        return self.pool(self.mix(states), mask)  # (B, H)
-
-    def layer_features(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Every hidden layer pooled on its own: (B, num_hidden_layers + 1, H), for layer-wise probes."""
-        states, mask = self._states(waves, lengths, all_layers=True)
-        return torch.stack([self.pool(s, mask) for s in states], dim=1)
 
     def _states(self, waves: torch.Tensor, lengths: torch.Tensor | None,
                 all_layers: bool) -> tuple[Sequence[torch.Tensor], torch.Tensor]:

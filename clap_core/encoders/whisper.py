@@ -30,8 +30,8 @@ from transformers.audio_utils import mel_filter_bank
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from clap_core.encoders.speech import (LayerMix, MaskedPooling, Resampler, architecture_config, check_inputs,
-                                       layer_drop_mask, length_mask, zero3_partitioned)
+from clap_core.encoders.speech import (LayerMix, MaskedPooling, Resampler, SpeechTower, architecture_config,
+                                       check_inputs, layer_drop_mask, length_mask, zero3_partitioned)
 
 BACKBONE_RATE = 16_000  # Whisper's log-mel is computed at 16 kHz
 N_FFT, HOP = 400, 160  # 25 ms window, 10 ms hop: 100 mel frames per second
@@ -70,7 +70,7 @@ class WhisperLogMel(nn.Module):
             return (torch.maximum(log_spec, floor) + 4.0) / 4.0
 
 
-class WhisperAudioEncoder(nn.Module):
+class WhisperAudioEncoder(SpeechTower):
     """Waveforms (B, N) at `sample_rate` + real lengths (B,) -> pooled features (B, d_model)."""
 
     takes_waveform = True  # ClapModel gives this tower the fixed-window waveforms, not log-mel
@@ -97,15 +97,6 @@ class WhisperAudioEncoder(nn.Module):
         """Config fields that rebuild this tower offline (save_pretrained inlines them; weights come separately)."""
         return {"pretrained": None, "hf_config": {"model_type": "whisper", **architecture_config(self.encoder.config)},
                 "layerdrop": self.layerdrop}
-
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        states, mask = self._states(waves, lengths, all_layers=self.mix.mode == "weighted")
-        return self.pool(self.mix(states), mask)  # (B, d_model)
-
-    def layer_features(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Every hidden layer pooled on its own: (B, encoder_layers + 1, d_model), for layer-wise probes."""
-        states, mask = self._states(waves, lengths, all_layers=True)
-        return torch.stack([self.pool(s, mask) for s in states], dim=1)
 
     def _states(self, waves: torch.Tensor, lengths: torch.Tensor | None,
                 all_layers: bool) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
