@@ -42,7 +42,6 @@ def make_wavs(folder: Path) -> list[str]:
 
 
 def our_paths(paths: list[str], runs: int) -> list[dict]:
-    import numpy as np
     import torch
 
     from clap_core.model import ClapModel

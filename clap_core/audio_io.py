@@ -23,7 +23,6 @@ import io
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import av
