@@ -31,9 +31,9 @@ def main() -> None:
     import ray
     import torch
 
-    from clap_core.model import ClapModel
-    from clap_core.model_config import get_model_config
-    from clap_core.synth import write_corpus
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
+    from clap_demo.synth import write_corpus
     from pipelines.embed import embed_manifest
 
     offline = [] if args.model == "tiny" else ["text_encoder.pretrained=null", "text_encoder.tokenizer=bytes"]

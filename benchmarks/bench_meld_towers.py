@@ -25,8 +25,8 @@ OFFLINE = {"text": ["text_encoder.pretrained=null", "text_encoder.tokenizer=byte
 def checkpoint_for(name: str, folder: Path) -> str:
     import torch
 
-    from clap_core.model import ClapModel
-    from clap_core.model_config import get_model_config
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
 
     cfg = get_model_config(name)
     overrides = (OFFLINE["text"] if cfg.text_encoder.pretrained else []) + \
@@ -45,8 +45,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from clap_core.config import load_config
-    from clap_core.probe import ProbeSweepConfig
-    from clap_core.synth_meld import write_meld
+    from clap_core.eval.probe import ProbeSweepConfig
+    from clap_demo.synth_meld import write_meld
     from pipelines.job_configs import default_config_path
     from pipelines.tune_probe import tune_probe
 
@@ -59,7 +59,7 @@ def main() -> None:
     print("|---|---:|---:|---|---:|---:|")
     for name in args.models:
         ckpt = checkpoint_for(name, out / "ckpt" / name)
-        from clap_core.model import ClapModel
+        from clap_core.model.clap import ClapModel
         n_params = sum(p.numel() for p in ClapModel.from_pretrained(ckpt).audio_encoder.parameters())
         cfg = load_config(ProbeSweepConfig, default_config_path("tune_probe"), overrides)
         start = time.perf_counter()

@@ -28,9 +28,9 @@ def rss_mb() -> float:
 def model_step(name: str, batch: int, steps: int, queue: mp.Queue) -> None:
     import torch
 
-    from clap_core.loss import ClipLoss
-    from clap_core.model import ClapModel
-    from clap_core.model_config import get_model_config
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
+    from clap_core.train.loss import ClipLoss
 
     torch.manual_seed(0)
     cfg = get_model_config(name)

@@ -44,8 +44,8 @@ def make_wavs(folder: Path) -> list[str]:
 def our_paths(paths: list[str], runs: int) -> list[dict]:
     import torch
 
-    from clap_core.model import ClapModel
-    from clap_core.model_config import get_model_config
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
     from tests.audio_fixtures import decoded_clips
 
     torch.set_num_threads(2)

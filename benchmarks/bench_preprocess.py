@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clap_core.manifest import read_manifest  # noqa: E402
-from clap_core.preprocess import build_merger, plan_units, process_unit  # noqa: E402
-from clap_core.preprocess_config import load_preprocess_config  # noqa: E402
-from clap_core.synth import write_corpus  # noqa: E402
+from clap_core.data.inputs import read_manifest  # noqa: E402
+from clap_core.preprocess.config import load_preprocess_config  # noqa: E402
+from clap_core.preprocess.unit import build_merger, plan_units, process_unit  # noqa: E402
+from clap_demo.synth import write_corpus  # noqa: E402
 
 CORPUS_HOURS = 22_000
 FORMATS = ("wav", "flac", "ogg", "mp3", "m4a", "mp4", "webm")

@@ -48,7 +48,7 @@ def job_child(manifest: str, out: str, cores: int, overrides: list[str]) -> dict
     import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-    from clap_core.preprocess_config import load_preprocess_config
+    from clap_core.preprocess.config import load_preprocess_config
     from pipelines.preprocess import preprocess
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
@@ -87,9 +87,9 @@ def job_child(manifest: str, out: str, cores: int, overrides: list[str]) -> dict
 
 def baseline_child(manifest: str, overrides: list[str]) -> dict:
     """The in-memory planner on the same manifest, as the driver ran it before."""
-    from clap_core.manifest import read_manifest
-    from clap_core.preprocess import plan_units
-    from clap_core.preprocess_config import load_preprocess_config
+    from clap_core.data.inputs import read_manifest
+    from clap_core.preprocess.config import load_preprocess_config
+    from clap_core.preprocess.unit import plan_units
 
     start = time.perf_counter()
     plan = plan_units(read_manifest(manifest), load_preprocess_config(None, overrides))
@@ -121,7 +121,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from clap_core.synth import write_scale_manifest
+    from clap_demo.synth import write_scale_manifest
 
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as work:  # outside the checkout: git never sees it
         t = time.perf_counter()

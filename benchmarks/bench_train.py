@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from clap_core.loss import ClipLoss
-from clap_core.model import ClapModel
+from clap_core.model.clap import ClapModel
 from clap_core.train.config import load_pretrain_config, resolve_model_config
 from clap_core.train.gradcache import plain_step
+from clap_core.train.loss import ClipLoss
 from clap_core.train.optim import build_optimizer, warmup_cosine
 
 
@@ -60,7 +60,7 @@ def bench_worker(config: dict) -> None:
     import ray.train
 
     from clap_core.config import from_dict
-    from clap_core.model_config import ClapModelConfig
+    from clap_core.model.config import ClapModelConfig
     from clap_core.train.config import PretrainConfig
     from pipelines.pretrain import build_loss, init_engine, train_step
 

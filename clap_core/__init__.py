@@ -11,13 +11,13 @@ __version__ = "0.1.0"
 
 # Attributes load on first use, so `import clap_core` stays cheap for config-only callers.
 _EXPORTS = {
-    "ClapModel": "clap_core.model",
-    "ClapModelConfig": "clap_core.model_config",
-    "get_model_config": "clap_core.model_config",
-    "list_models": "clap_core.model_config",
+    "ClapModel": "clap_core.model.clap",
+    "ClapModelConfig": "clap_core.model.config",
+    "get_model_config": "clap_core.model.config",
+    "list_models": "clap_core.model.config",
     "load_config": "clap_core.config",
     "ConfigError": "clap_core.config",
-    "import_laion_clap": "clap_core.laion",
+    "import_laion_clap": "clap_core.model.laion",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,7 +3,7 @@
 The RayCluster and the four RayJobs share the same head, worker, security and
 S3 wiring; generating them keeps the five files from drifting apart.  The YAML
 files are committed (so `kubectl apply -f cluster/...` works without Python) and
-tests/unit/test_cluster_manifests.py checks they equal what this script renders.
+tests/unit/pipelines/test_cluster_manifests.py checks they equal what this script renders.
 
     python cluster/render.py          # rewrite the YAML files
     python cluster/render.py --check  # exit 1 if a committed file is stale

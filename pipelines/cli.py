@@ -38,8 +38,8 @@ def available_subcommands() -> dict[str, tuple[str, str]]:
 
 
 def go_offline() -> None:
-    """No hub access: named models get random text weights + the byte tokenizer (clap_core.model_config)."""
-    from clap_core.model_config import OFFLINE_ENV
+    """No hub access: named models get random text weights + the byte tokenizer (clap_core.model.config)."""
+    from clap_core.model.config import OFFLINE_ENV
 
     os.environ[OFFLINE_ENV] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"

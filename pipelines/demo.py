@@ -78,7 +78,7 @@ class Stages:
 def demo(output: Path, storage_kind: str, clips: int, steps: int, trials: int) -> str:
     import ray
 
-    from clap_core.synth import write_corpus
+    from clap_demo.synth import write_corpus
 
     output.mkdir(parents=True, exist_ok=True)
     remote = f"s3://{DEMO_BUCKET}" if storage_kind == "s3" else str(output.resolve())
@@ -115,7 +115,7 @@ def _corpus(write_corpus, folder: Path, clips: int) -> str:
 
 
 def _preprocess(manifest: Path, shards: str) -> str:
-    from clap_core.preprocess_config import PreprocessConfig
+    from clap_core.preprocess.config import PreprocessConfig
     from pipelines.job_configs import default_config_path
     from pipelines.preprocess import preprocess, summary_line
 
@@ -156,8 +156,8 @@ def _embed(checkpoint: str, shards: str, embeddings: str) -> str:
 
 
 def _probe(output: Path, checkpoint: str, trials: int) -> str:
-    from clap_core.probe import ProbeSweepConfig
-    from clap_core.synth_meld import write_meld
+    from clap_core.eval.probe import ProbeSweepConfig
+    from clap_demo.synth_meld import write_meld
     from pipelines.job_configs import default_config_path
     from pipelines.tune_probe import tune_probe
 

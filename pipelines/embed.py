@@ -7,7 +7,7 @@ Stages: rows -> decode (CPU tasks; unreadable rows go to OUTPUT/_rejects/, never
 (an autoscaling actor pool of --min-workers..--max-workers: the model is loaded once per actor, on a
 GPU with --gpus, or when the cluster has one) -> Parquet of
 `id`, `audio_embedding`, `text_embedding` and the input's metadata (with `layers=True` and a speech tower,
-also `audio_layers`: every tower layer pooled, for layer-wise probes), in the format of clap_core.embeddings
+also `audio_layers`: every tower layer pooled, for layer-wise probes), in the format of clap_core.data.embeddings
 (OUTPUT/embeddings.json lists the files and the checkpoint's identity). OUTPUT must be empty or an earlier
 output of the same job: nothing else is ever deleted, and a finished job is not re-run (written once).
 """
@@ -22,14 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clap_core.audio_io import TARGET_SR, decode_audio
+from clap_core import storage
+from clap_core.audio.codec import TARGET_SR, decode_audio
+from clap_core.data import embeddings
+from clap_core.data.inputs import audio_source, read_manifest, row_id
+from clap_core.data.rejects import failure_reject, reject
+from clap_core.data.shards import REJECT_SCHEMA, is_shard_folder, shard_files
+from clap_core.eval.sources import MAX_CLIP_SECONDS, local_copy
 from clap_core.io_faults import retry_transient
-from clap_core.manifest import audio_source, read_manifest, row_id
-from clap_core.shards import REJECT_SCHEMA
-from clap_core import embeddings, storage
-from clap_core.shards import is_shard_folder, shard_files
-from clap_core.rejects import failure_reject, reject
-from clap_core.sources import MAX_CLIP_SECONDS, local_copy
 from pipelines.console import init_ray
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
@@ -109,7 +109,7 @@ class EmbedBatch:
                  layers: bool = False):
         import torch
 
-        from clap_core.model import ClapModel
+        from clap_core.model.clap import ClapModel
 
         self.model = ClapModel.from_pretrained(local_copy(checkpoint))
         if torch.cuda.is_available():
@@ -118,7 +118,7 @@ class EmbedBatch:
         self.layers = layers and hasattr(self.model.audio_encoder, "layer_features")  # speech towers only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from clap_core.inference import embed_audio_layers, embed_text, embed_waveforms
+        from clap_core.model.inference import embed_audio_layers, embed_text, embed_waveforms
 
         waves = list(batch.pop("wave"))
         batch["duration_s"] = np.array([len(w) / TARGET_SR for w in waves])
@@ -215,7 +215,7 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     for uri in (checkpoint, input_uri, output):
         storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
     if not storage.is_s3(checkpoint):
-        from clap_core.model import check_checkpoint
+        from clap_core.model.clap import check_checkpoint
 
         check_checkpoint(checkpoint)  # a broken folder fails here in one line, not in every actor
     identity = embeddings.checkpoint_identity(local_copy(checkpoint))

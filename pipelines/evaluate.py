@@ -15,10 +15,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clap_core.evaluation import embed_items, evaluate_retrieval, evaluate_zero_shot, write_report
-from clap_core.metrics import DEFAULT_TEMPLATES
-from clap_core.model import ClapModel
-from clap_core.sources import Rejected, iter_eval_items, local_copy
+from clap_core.eval.evaluation import embed_items, evaluate_retrieval, evaluate_zero_shot, write_report
+from clap_core.eval.metrics import DEFAULT_TEMPLATES
+from clap_core.eval.sources import Rejected, iter_eval_items, local_copy
+from clap_core.model.clap import ClapModel
 
 TASKS = ("retrieval", "zero-shot")
 

@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from clap_core.model import ClapModel
-from clap_core.sources import local_copy
+from clap_core.eval.sources import local_copy
+from clap_core.model.clap import ClapModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +33,10 @@ def export(checkpoint: str, fmt: str, output: str, audio_input: str = "mel", ops
         raise ValueError(f"{out} exists and is not empty: choose a new folder (nothing is overwritten)")
     model = ClapModel.from_pretrained(local_copy(checkpoint))
     if fmt == "transformers":
-        from clap_core.laion import export_transformers
+        from clap_core.model.laion import export_transformers
 
         return export_transformers(model, out)
-    from clap_core.onnx_export import export_onnx
+    from clap_core.model.onnx_export import export_onnx
 
     return export_onnx(model, out, audio_input=audio_input, opset=opset)
 

@@ -11,8 +11,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 _CLASSES = {
     "pretrain": "clap_core.train.config:PretrainConfig",
-    "tune_probe": "clap_core.probe:ProbeSweepConfig",
-    "preprocess": "clap_core.preprocess_config:PreprocessConfig",
+    "tune_probe": "clap_core.eval.probe:ProbeSweepConfig",
+    "preprocess": "clap_core.preprocess.config:PreprocessConfig",
 }
 
 

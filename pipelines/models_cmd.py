@@ -6,7 +6,7 @@ import argparse
 import yaml
 
 from clap_core.config import to_dict
-from clap_core.model_config import describe_model, get_model_config, list_models
+from clap_core.model.config import describe_model, get_model_config, list_models
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ through an autoscaling actor pool (`ray.min_workers`..`ray.max_workers` actors o
 CPUs, or a fixed `ray.concurrency`): with more units than actors the pool asks for more, and on an
 autoscaling cluster Ray adds nodes for them and removes them when idle. Each actor reads its unit's
 rows from the staged plan, processes them and commits its shards, rejects and `_done` marker itself
-(clap_core.preprocess.process_unit). `manifest.json` is written last from the markers. Re-running the
+(clap_core.preprocess.unit.process_unit). `manifest.json` is written last from the markers. Re-running the
 same command resumes: the plan is read back from its marker, committed units are skipped, anything
 uncommitted is deleted and redone.
 Runs on a local Ray, or unchanged under `ray job submit` (ray.init() joins the cluster); on a
@@ -28,10 +28,17 @@ import ray
 from clap_core import storage
 from clap_core.config import from_dict, to_dict
 from clap_core.io_faults import retry_transient
-from clap_core.plan import load_unit_rows
-from clap_core.preprocess import (Plan, build_manifest, build_merger, check_markers, clean_uncommitted, process_unit,
-                                  read_markers)
-from clap_core.preprocess_config import PreprocessConfig, load_preprocess_config
+from clap_core.preprocess.config import PreprocessConfig, load_preprocess_config
+from clap_core.preprocess.plan import load_unit_rows
+from clap_core.preprocess.unit import (
+    Plan,
+    build_manifest,
+    build_merger,
+    check_markers,
+    clean_uncommitted,
+    process_unit,
+    read_markers,
+)
 from pipelines.job_configs import default_config_path
 from pipelines.preprocess_plan import drop_staging, plan_job
 

@@ -3,7 +3,7 @@ only per-chunk and per-unit summaries (memory O(chunks + units), never O(rows)).
 
     plan = plan_job(input_uri, out_uri, cfg)     # Plan whose units name their staged pieces, not rows
 
-Stages (clap_core.plan documents the hashing and the staging format):
+Stages (clap_core.preprocess.plan documents the hashing and the staging format):
 0. count   one task per chunk counts its rows -> global row offsets and the number of planning groups
 1. route   one task per chunk reads, validates and writes its rows per planning group (by hash of id)
 2. resolve one task per group: duplicate ids, env partners of the same split, exact unit of each row;
@@ -19,11 +19,11 @@ import json
 
 import ray
 
-from clap_core import plan as staged
 from clap_core import storage
 from clap_core.io_faults import retry_transient
-from clap_core.preprocess import Plan, content_hash, job_config, rows_per_unit
-from clap_core.preprocess_config import PreprocessConfig
+from clap_core.preprocess import plan as staged
+from clap_core.preprocess.config import PreprocessConfig
+from clap_core.preprocess.unit import Plan, content_hash, job_config, rows_per_unit
 
 PLAN_DIR, PLAN_FORMAT = "_plan", "clap-plan/1"
 

@@ -34,20 +34,20 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from clap_core.config import config_hash, dump_yaml, from_dict, to_dict
-from clap_core.shards import count_rows, is_augmented_copy, shard_files
 from clap_core import storage
+from clap_core.config import config_hash, dump_yaml, from_dict, to_dict
+from clap_core.data.shards import count_rows, is_augmented_copy, shard_files
+from clap_core.eval.metrics import retrieval_metrics
+from clap_core.eval.plots import plot_curves
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import ClapModelConfig
 from clap_core.storage import resolve_fs
-from clap_core.loss import ClipLoss, SigLipLoss
-from clap_core.metrics import retrieval_metrics
-from clap_core.model import ClapModel
-from clap_core.model_config import ClapModelConfig
 from clap_core.train.batching import PairBatchTransform, count_reject_rows, decode_rows, trim_padding
 from clap_core.train.config import PretrainConfig, load_pretrain_config, resolve_model_config
 from clap_core.train.gradcache import grad_cache_step, plain_step
+from clap_core.train.loss import ClipLoss, SigLipLoss
 from clap_core.train.optim import build_optimizer, warmup_cosine
 from clap_core.train.safe_load import load_deepspeed_checkpoint
-from clap_core.plots import plot_curves
 from pipelines.console import init_ray
 
 REJECTS_DIR = "_rejects"  # RUN/_rejects/: reject records of training rows that do not decode (shard, id)

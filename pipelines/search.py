@@ -3,19 +3,18 @@
     clap search "a dog barking in the rain" --index embeddings/ --checkpoint runs/a/final -k 10
     clap search --audio query.wav --index s3://bucket/emb --checkpoint runs/a/final
 
-The index is the output of `clap embed` (local or s3://, format in clap_core.embeddings); it must have been
+The index is the output of `clap embed` (local or s3://, format in clap_core.data.embeddings); it must have been
 built by --checkpoint (its identity is recorded there). Scores are cosine similarities.
 """
 from __future__ import annotations
 
 import argparse
-
 import sys
 
 import numpy as np
 
-from clap_core import embeddings
-from clap_core.sources import local_copy
+from clap_core.data import embeddings
+from clap_core.eval.sources import local_copy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +47,7 @@ def search(model, index: dict[str, np.ndarray], query: str, k: int = 10, audio: 
 
 
 def run(args: argparse.Namespace) -> int:
-    from clap_core.model import ClapModel
+    from clap_core.model.clap import ClapModel
 
     folder = local_copy(args.checkpoint)
     try:  # an index searched with another checkpoint's query embeddings returns confident nonsense

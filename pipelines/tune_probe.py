@@ -39,15 +39,27 @@ from ray.tune import CheckpointConfig, FailureConfig, RunConfig, SyncConfig, Tun
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from clap_core import embeddings, storage
+from clap_core import storage
 from clap_core.config import ConfigError, from_dict, load_config, to_dict
-from clap_core.meld import EMOTIONS, read_meld, write_manifest
-from clap_core.model_config import SPEECH_ENCODERS
-from clap_core.plots import confusion_png
-from clap_core.probe import (ProbeConfig, ProbeMLP, ProbeSweepConfig, ProbeTrainer, evaluate_probe,
-                             features, hidden_key, layer_layout, load_embeddings, majority_baseline, save_probe,
-                             with_params)
-from clap_core.shards import REJECT_SCHEMA
+from clap_core.data import embeddings
+from clap_core.data.meld import EMOTIONS, read_meld, write_manifest
+from clap_core.data.shards import REJECT_SCHEMA
+from clap_core.eval.plots import confusion_png
+from clap_core.eval.probe import (
+    ProbeConfig,
+    ProbeMLP,
+    ProbeSweepConfig,
+    ProbeTrainer,
+    evaluate_probe,
+    features,
+    hidden_key,
+    layer_layout,
+    load_embeddings,
+    majority_baseline,
+    save_probe,
+    with_params,
+)
+from clap_core.model.config import SPEECH_ENCODERS
 from pipelines.job_configs import default_config_path
 
 METRIC = "best_val_weighted_f1"  # running best of the dev weighted F1: what ASHA, Optuna and the export rank by

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from clap_core.audio_io import decode_audio, encode_audio
-from clap_core.synth import ClipSpec, make_clip
+from clap_core.audio.codec import decode_audio
+from clap_demo.audio_files import encode_audio
+from clap_demo.synth import ClipSpec, make_clip
 
 SPECS = [ClipSpec(kind="speech", pitch="low", pattern="pulsed", noise="brown", seed=1),
          ClipSpec(kind="env", pitch="high", pattern="steady", noise="white", glide="rising", seed=2),

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from clap_core.audio_io import encode_audio, encode_flac
+from clap_core.audio.codec import encode_flac
+from clap_demo.audio_files import encode_audio
 
 
 def tone(seconds: float, sr: int = 16000, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:

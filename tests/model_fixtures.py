@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from clap_core.model import ClapModel
-from clap_core.model_config import get_model_config
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
 
 TINY_TEXT = ["text_encoder.pretrained=null", "text_encoder.tokenizer=bytes",
              "text_encoder.hf_config.hidden_size=32", "text_encoder.hf_config.num_hidden_layers=2",

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clap_core.audio_io import encode_flac
-from clap_core.shards import SHARD_SCHEMA
+from clap_core.audio.codec import encode_flac
+from clap_core.data.shards import SHARD_SCHEMA
 
 SR = 48_000
 TONES = {"low tone": 220.0, "high tone": 1760.0, "buzz": 90.0}

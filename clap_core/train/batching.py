@@ -19,9 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from clap_core import storage
-from clap_core.audio_io import decode_audio
-from clap_core.rejects import failure_reject
-from clap_core.model_config import ClapModelConfig
+from clap_core.audio.codec import decode_audio
+from clap_core.data.rejects import failure_reject
+from clap_core.model.config import ClapModelConfig
 
 
 def crop_or_pad(wave: np.ndarray, length: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
@@ -105,7 +105,7 @@ class PairBatchTransform:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from clap_core.encoders.text import build_tokenizer
+            from clap_core.model.encoders.text import build_tokenizer
             self._tokenizer = build_tokenizer(self.tokenizer_name, self.max_length)
         return self._tokenizer
 
@@ -164,14 +164,14 @@ def trim_padding(input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
 
 
 def write_reject_file(folder: str, records: list[dict]) -> None:
-    """Records (clap_core.rejects) as one Parquet file in `folder`, named by their ids and sources."""
+    """Records (clap_core.data.rejects) as one Parquet file in `folder`, named by their ids and sources."""
     import hashlib
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clap_core.shards import REJECT_SCHEMA
+    from clap_core.data.shards import REJECT_SCHEMA
 
     key = hashlib.sha256("\n".join(f"{r['source_path']}\t{r['id']}" for r in records).encode()).hexdigest()[:16]
     buf = io.BytesIO()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clap_core.config import ConfigError, from_dict, load_config, read_yaml
-from clap_core.model_config import MODEL_CONFIG_DIR, ClapModelConfig, list_models, offline_mode, offline_variant
+from clap_core.model.config import MODEL_CONFIG_DIR, ClapModelConfig, list_models, offline_mode, offline_variant
 
 
 @dataclass

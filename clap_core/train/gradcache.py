@@ -10,7 +10,7 @@ depend on the chunk size only:
   2. compute the loss on those embeddings and its gradient w.r.t. them (small: (B, D) each),
   3. re-run the encoders chunk by chunk with graph, replaying the RNG state so dropout and crops
      match step 1, and back-propagate the cached embedding gradients: sum(emb * grad) per chunk.
-The parameter gradients are those of the full-batch step (tests/unit/test_gradcache.py: 1e-5).
+The parameter gradients are those of the full-batch step (tests/unit/train/test_gradcache.py: 1e-5).
 
 `model` is a ClapModel or anything that calls it (a DeepSpeed engine): model(waves, input_ids,
 attention_mask, lengths) -> dict with audio_embeds, text_embeds and the logit scale(s).

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from clap_core.preprocess_config import load_preprocess_config
-from clap_core.shards import read_shards
-from clap_core.synth import write_corpus
+from clap_core.data.shards import read_shards
+from clap_core.preprocess.config import load_preprocess_config
+from clap_demo.synth import write_corpus
 from pipelines.preprocess import preprocess
 from tests.e2e.autoscaling_cluster import AutoscalingRayCluster, own_processes
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clap_core.model import ClapModel
-from clap_core.model_config import get_model_config
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
 from tests.shard_fixtures import write_shards
 
 pytestmark = pytest.mark.e2e

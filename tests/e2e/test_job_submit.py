@@ -121,9 +121,9 @@ def test_pipeline_stages_as_submitted_jobs(cluster, s3_bucket, tmp_path):
 def test_probe_sweep_as_a_submitted_job(cluster, s3_bucket, tmp_path):
     import torch
 
-    from clap_core.model import ClapModel
-    from clap_core.model_config import get_model_config
-    from clap_core.synth_meld import write_meld
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
+    from clap_demo.synth_meld import write_meld
 
     torch.manual_seed(0)
     ClapModel(get_model_config("tiny")).save_pretrained(tmp_path / "ckpt")

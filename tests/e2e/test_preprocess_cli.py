@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clap_core.shards import read_output_manifest, read_shards
-from clap_core.synth import write_corpus
+from clap_core.data.shards import read_output_manifest, read_shards
+from clap_demo.synth import write_corpus
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

@@ -41,7 +41,7 @@ def test_clap_preprocess_then_pretrain_cli(tmp_path):
     assert [h["step"] for h in metrics["history"]] == [2, 4]
     assert (run / "final" / "model.safetensors").is_file() and (run / "curves.png").is_file()
 
-    from clap_core.model import ClapModel
+    from clap_core.model.clap import ClapModel
     r1, _ = heldout_t2a_r1(ClapModel.from_pretrained(run / "final"), read_split(data, "valid"))
     assert 0.0 <= r1 <= 1.0
 

@@ -7,8 +7,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from clap_core.model import ClapModel
-from clap_core.model_config import get_model_config
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
 from pipelines.embed import embed_manifest
 from pipelines.evaluate import evaluate
 from tests.shard_fixtures import TONES, tone

@@ -7,10 +7,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from clap_core.embeddings import OutputConflictError
-from clap_core.model import ClapModel
-from clap_core.model_config import get_model_config
-from clap_core.sources import shard_row_to_item
+from clap_core.data.embeddings import OutputConflictError
+from clap_core.eval.sources import shard_row_to_item
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
 from pipelines import cli
 from pipelines.embed import embed_dataset
 from pipelines.search import load_index, search

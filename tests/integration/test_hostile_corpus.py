@@ -9,15 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clap_core.model import ClapModel
-from clap_core.model_config import get_model_config
-from clap_core.preprocess_config import load_preprocess_config
-from clap_core.shards import SHARD_SCHEMA, read_rejects, read_shards
+from clap_core.data.shards import SHARD_SCHEMA, read_rejects, read_shards
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
+from clap_core.preprocess.config import load_preprocess_config
+from clap_core.train.config import load_pretrain_config
 from pipelines.embed import embed_manifest
 from pipelines.evaluate import evaluate
 from pipelines.preprocess import preprocess
 from pipelines.pretrain import DEFAULT_CONFIG, pretrain
-from clap_core.train.config import load_pretrain_config
 from tests.hostile import lying_flac, write_hostile_corpus
 from tests.shard_fixtures import shard_row, tone
 
@@ -74,7 +74,7 @@ def test_embed_and_evaluate_account_for_every_hostile_row(ray_local, corpus, che
 
 def test_pretrain_skips_and_names_bad_rows(ray_local, tmp_path):
     """Undecodable rows (garbage bytes, a lying header) in a shard are skipped and listed with their shard
-    (the bound, data.max_bad_row_fraction, is tested in tests/unit/test_job_rejects.py)."""
+    (the bound, data.max_bad_row_fraction, is tested in tests/unit/data/test_job_rejects.py)."""
     rows = [shard_row(f"ok-{i}", tone(220.0 * (1 + i % 3), 1.0), f"tone {i % 3}", "t", "train") for i in range(8)]
     rows += [shard_row("garbage", tone(1.0, 0.1), "x", "t", "train", audio=b"not flac at all"),
              shard_row("lying", tone(1.0, 0.1), "y", "t", "train", audio=lying_flac())]

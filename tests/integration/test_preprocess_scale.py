@@ -12,11 +12,11 @@ import pytest
 
 import pipelines.preprocess_plan as plan_module
 from clap_core import storage
-from clap_core.manifest import read_manifest
-from clap_core.preprocess import plan_units, process_row
-from clap_core.preprocess_config import load_preprocess_config
-from clap_core.shards import read_rejects, read_shards
-from clap_core.synth import write_scale_manifest
+from clap_core.data.inputs import read_manifest
+from clap_core.data.shards import read_rejects, read_shards
+from clap_core.preprocess.config import load_preprocess_config
+from clap_core.preprocess.unit import plan_units, process_row
+from clap_demo.synth import write_scale_manifest
 from pipelines.preprocess import SimulatedCrash, preprocess
 from tests.integration.test_preprocess import settled_markers
 

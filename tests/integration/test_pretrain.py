@@ -17,13 +17,14 @@ import pytest
 import ray.train
 import torch
 
-from clap_core.audio_io import TARGET_SR, encode_audio
+from clap_core.audio.codec import TARGET_SR
 from clap_core.config import load_config
-from clap_core.preprocess_config import PreprocessConfig
-from clap_core.metrics import retrieval_metrics
-from clap_core.model import ClapModel
+from clap_core.eval.metrics import retrieval_metrics
+from clap_core.model.clap import ClapModel
+from clap_core.preprocess.config import PreprocessConfig
 from clap_core.train.batching import PairBatchTransform, decode_waves
 from clap_core.train.config import load_pretrain_config
+from clap_demo.audio_files import encode_audio
 from pipelines.job_configs import default_config_path
 from pipelines.preprocess import preprocess
 from pipelines.pretrain import DEFAULT_CONFIG, pretrain

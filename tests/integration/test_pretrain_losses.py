@@ -13,8 +13,8 @@ import pytest
 import ray.train
 
 from clap_core.config import ConfigError
-from clap_core.model import ClapModel
-from clap_core.model_config import get_model_config
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
 from clap_core.train.config import load_pretrain_config
 from pipelines.pretrain import DEFAULT_CONFIG, SetupError, pretrain
 from tests.shard_fixtures import write_shards

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from clap_core import storage
+from clap_core.data.inputs import read_manifest
+from clap_core.data.shards import read_rejects, read_shards
 from clap_core.io_faults import StorageAccessError, TransientIOError, retry_transient
-from clap_core.manifest import read_manifest
-from clap_core.preprocess import plan_units, process_unit, unit_paths
-from clap_core.preprocess_config import load_preprocess_config
-from clap_core.shards import read_rejects, read_shards
-from clap_core.synth import write_corpus
+from clap_core.preprocess.config import load_preprocess_config
+from clap_core.preprocess.unit import plan_units, process_unit, unit_paths
+from clap_demo.synth import write_corpus
 
 pytestmark = pytest.mark.integration
 FAULT_RATE, SEED = 0.08, 13
@@ -147,13 +147,13 @@ def embeddings_by_id(uri: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_pipeline_under_random_faults_equals_fault_free_run(ray_local, s3_faults, s3_bucket, tmp_path, capfd):
+    from clap_core.eval.sources import local_copy
+    from clap_core.model.clap import ClapModel
+    from clap_core.train.config import load_pretrain_config
     from pipelines.embed import embed_dataset
     from pipelines.evaluate import evaluate
     from pipelines.preprocess import preprocess
     from pipelines.pretrain import DEFAULT_CONFIG, pretrain
-    from clap_core.model import ClapModel
-    from clap_core.sources import local_copy
-    from clap_core.train.config import load_pretrain_config
 
     corpus = upload_folder(write_corpus(tmp_path / "corpus", 24, seed=7, seconds=(0.5, 0.9)).parent, s3_bucket, "c")
     cfg = load_preprocess_config(None, ["ray.concurrency=2", "output.rows_per_unit=4", "augment.copies=1",

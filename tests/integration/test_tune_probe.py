@@ -15,14 +15,14 @@ from ray.tune import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from clap_core import storage
-from clap_core.meld import EMOTIONS
-from clap_core.model import ClapModel
-from clap_core.model_config import get_model_config
 from clap_core.config import load_config
-from clap_core.probe import ProbeSweepConfig, evaluate_probe, load_embeddings, load_probe
+from clap_core.data.meld import EMOTIONS
+from clap_core.eval.probe import ProbeSweepConfig, evaluate_probe, load_embeddings, load_probe
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
+from clap_demo.synth_meld import write_meld
 from pipelines import cli, tune_probe
 from pipelines.job_configs import default_config_path
-from clap_core.synth_meld import write_meld
 
 pytestmark = pytest.mark.integration
 SWEEP = ["tune.num_samples=4", "tune.max_concurrent_trials=2", "tune.grace_period=2", "search.epochs=[3,8]",

@@ -1,0 +1,100 @@
+"""Audio rows from either input users have: a manifest (JSONL/CSV) or a folder of preprocessed shards.
+
+    for row in iter_rows("shards/", split="test"): ...          # shard rows, FLAC bytes in row["audio"]
+    for item, error in iter_eval_items("data/manifest.jsonl"):  # decoded EvalItems, or the reason they failed
+
+Shard folders are recognised by their `manifest.json` (written last by `clap preprocess`) or by
+`<split>/*.parquet` below them; anything else is read as a manifest file. Local paths and s3:// URIs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from clap_core import storage
+from clap_core.audio.codec import TARGET_SR, decode_audio
+from clap_core.data.inputs import audio_source, read_manifest, row_id
+from clap_core.data.rejects import failure_reject, reject
+from clap_core.data.shards import is_augmented_copy, is_shard_folder, iter_shard_rows
+from clap_core.eval.evaluation import EvalItem
+from clap_core.io_faults import retry_transient
+
+MAX_CLIP_SECONDS = 1800.0  # evaluate / embed: a longer clip (declared or decoded) is too_long; decoded audio is
+# held for the model, so this bounds a worker's memory (~0.35 GB at 48 kHz float32)
+
+
+@dataclass
+class Rejected:
+    """One clip that cannot be used; the fields of clap_core.data.rejects (REJECT_SCHEMA)."""
+    id: str
+    source_path: str
+    reason: str
+    detail: str
+    stage: str = "decode"
+
+
+def shard_row_to_item(row: dict, max_seconds: float | None = MAX_CLIP_SECONDS) -> EvalItem:
+    wave, _ = decode_audio(row["audio"], mono=True, target_sr=TARGET_SR, max_seconds=max_seconds)  # (1, N)
+    captions = list(row.get("captions") or [row["caption"]])
+    return EvalItem(id=row["id"], wave=wave[0], captions=captions, label=row.get("label"))
+
+
+def manifest_row_to_item(row: dict, max_seconds: float | None = MAX_CLIP_SECONDS) -> EvalItem:
+    wave, _ = decode_audio(audio_source(row), mono=True, target_sr=TARGET_SR, max_seconds=max_seconds)
+    captions = [c for c in row.get("captions") or [] if c]
+    return EvalItem(id=row_id(row), wave=wave[0], captions=captions, label=row.get("label") or None)
+
+
+def iter_eval_items(data: str, split: str | None = None, max_seconds: float | None = MAX_CLIP_SECONDS,
+                    augmented: bool = False) -> Iterator[tuple[EvalItem | None, Rejected | None]]:
+    """(item, None) for every usable clip, (None, Rejected) for every clip that cannot be used: a row the
+    manifest reader rejected, an id seen before (duplicate_id: evaluated once), or any failure to read or
+    decode the file (clap_core.data.rejects.failure_reject: one bad file is one reject, never the job).
+
+    Shards: augmented copies are skipped unless `augmented`: a clip and its near-duplicates would compete
+    for the same caption and cap R@1 (one row per source clip or segment)."""
+    seen: set[str] = set()
+    if is_shard_folder(data):
+        rows = ((row, row["id"], shard_row_to_item) for row in iter_shard_rows(data, split)
+                if augmented or not is_augmented_copy(row))
+    else:
+        rows = ((row, row_id(row), manifest_row_to_item) for row in read_manifest(data)
+                if not (split and row.get("split") and row["split"] != split))
+    for row, clip_id, convert in rows:
+        record = {"id": clip_id, "source_path": row.get("source_path", "")}
+        if row.get("error"):
+            yield None, Rejected(**reject(record, "read_manifest", *row["error"]))
+        elif clip_id in seen:
+            yield None, Rejected(**reject(record, "read_manifest", "duplicate_id",
+                                          f"id {clip_id!r} appeared earlier in the input: evaluated once"))
+        else:
+            seen.add(clip_id)
+            yield _convert(row, convert, record, max_seconds)
+
+
+def _convert(row: dict, convert, record: dict, max_seconds) -> tuple[EvalItem | None, Rejected | None]:
+    try:  # a storage fault is retried, never a reject (clap_core.io_faults)
+        what = str(row.get("audio_uri") or row.get("id", ""))
+        return retry_transient(lambda: convert(row, max_seconds), what=what), None
+    except Exception as e:  # decode errors, MemoryError, a bad file: one reject, never the job
+        return None, Rejected(**failure_reject(record, e))  # storage faults are raised again
+
+
+def local_copy(uri: str, cache_root: str | None = None) -> str:
+    """A local folder holding `uri`: the path itself, or an s3:// folder downloaded once into a cache."""
+    if not uri.startswith("s3://"):
+        return uri
+    import hashlib
+    import os
+    import tempfile
+
+    from pyarrow import fs
+
+    root = cache_root or os.path.join(tempfile.gettempdir(), "clap-cache")
+    target = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    if not os.path.isdir(target):
+        remote, path = storage.resolve_fs(uri)
+        partial = f"{target}.partial-{os.getpid()}"
+        fs.copy_files(path, partial, source_filesystem=remote, destination_filesystem=fs.LocalFileSystem())
+        os.replace(partial, target)  # a crash mid-download never leaves a half cache behind
+    return target

@@ -1,0 +1,300 @@
+"""ClapModel: audio encoder + text encoder, projection heads into one space, learnable temperature.
+
+    model = ClapModel(get_model_config("tiny"))
+    batch = model.tokenize(["a dog barks", "rain on a roof"])
+    out = model(waves, batch["input_ids"], batch["attention_mask"])   # waves: (B, N) at 48 kHz
+    out["logits_per_audio"]   # (B, B)
+
+Checkpoints are folders: `config.yaml` + `model.safetensors` + `tokenizer/` (no pickle anywhere).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_model, save_model
+from transformers import PreTrainedTokenizerBase
+
+from clap_core.config import CheckpointError, from_dict, to_dict
+from clap_core.eval.metrics import DEFAULT_TEMPLATES
+from clap_core.model import inference
+from clap_core.model.config import ClapModelConfig, ProjectionConfig
+from clap_core.model.encoders.cnn14 import Cnn14
+from clap_core.model.encoders.conv import TinyConvEncoder
+from clap_core.model.encoders.htsat import HTSATEncoder
+from clap_core.model.encoders.perceiver import PerceiverAudioEncoder
+from clap_core.model.encoders.speech import architecture_config
+from clap_core.model.encoders.text import TextEncoder, build_text_backbone, build_tokenizer
+from clap_core.model.encoders.wav2vec2 import Wav2Vec2Encoder
+from clap_core.model.encoders.whisper import WhisperAudioEncoder
+from clap_core.model.frontend import AudioFrontend
+from clap_core.train.loss import LogitScale, SigmoidLogitScale
+
+AUDIO_ENCODERS: dict[str, type[nn.Module]] = {"conv": TinyConvEncoder, "cnn14": Cnn14,
+                                              "perceiver": PerceiverAudioEncoder, "htsat": HTSATEncoder,
+                                              "wav2vec2": Wav2Vec2Encoder, "whisper": WhisperAudioEncoder}
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.yaml", "model.safetensors", "tokenizer"
+
+
+def build_audio_encoder(encoder_cfg: Any, audio_cfg: Any) -> nn.Module:
+    """Config dataclass -> flat constructor kwargs of the registered encoder class.
+
+    Log-mel encoders get the front end's mel bins; waveform (speech) towers get its sample rate.
+    """
+    kwargs = dataclasses.asdict(encoder_cfg)
+    cls = AUDIO_ENCODERS[kwargs.pop("type")]
+    if getattr(cls, "takes_waveform", False):
+        return cls(sample_rate=audio_cfg.sample_rate, **kwargs)
+    return cls(n_mels=audio_cfg.n_mels, **kwargs)
+
+
+def build_projection(in_dim: int, out_dim: int, cfg: ProjectionConfig) -> nn.Module:
+    if cfg.layers == 1:
+        return nn.Linear(in_dim, out_dim)
+    if cfg.layers == 2:
+        # Same layout as transformers' ClapProjectionLayer (linear1, act, linear2) so LAION weights map 1:1.
+        return nn.Sequential(OrderedDict(linear1=nn.Linear(in_dim, out_dim), act=ACTIVATIONS[cfg.activation](),
+                                         linear2=nn.Linear(out_dim, out_dim)))
+    raise ValueError(f"projection layers must be 1 or 2, got {cfg.layers}")
+
+
+class ClapModel(nn.Module):
+    def __init__(self, config: ClapModelConfig, tokenizer: PreTrainedTokenizerBase | None = None):
+        super().__init__()
+        self.config = config
+        text_cfg = config.text_encoder
+        self.tokenizer = tokenizer or build_tokenizer(text_cfg.tokenizer, text_cfg.max_length)
+        self.frontend = AudioFrontend(**dataclasses.asdict(config.audio))
+        self.audio_encoder = build_audio_encoder(config.audio_encoder, config.audio)
+        backbone = build_text_backbone(text_cfg.pretrained, text_cfg.hf_config, self.tokenizer)
+        self.text_encoder = TextEncoder(backbone, text_cfg.pooling)
+        self.audio_projection = build_projection(self.audio_encoder.out_dim, config.embed_dim, config.audio_projection)
+        self.text_projection = build_projection(self.text_encoder.out_dim, config.embed_dim, config.text_projection)
+        self.logit_scale = self._build_logit_scale(config)
+        if text_cfg.frozen:
+            self.text_encoder.requires_grad_(False)
+
+    @staticmethod
+    def _build_logit_scale(config: ClapModelConfig) -> nn.Module:
+        t = config.temperature
+        if config.loss == "siglip":
+            scale = SigmoidLogitScale(init_scale=1.0 / t.init, max_scale=t.max_scale)
+        else:
+            scale = LogitScale(init_temperature=t.init, max_scale=t.max_scale, per_modality=t.per_modality)
+        return scale.requires_grad_(t.learnable)
+
+    def train(self, mode: bool = True) -> "ClapModel":
+        super().train(mode)
+        if self.config.text_encoder.frozen:
+            self.text_encoder.eval()  # a frozen encoder keeps its dropout off too
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- text ---
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Captions -> {'input_ids', 'attention_mask'} (B, L), truncated to max_length, on the model's device."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("tokenize expects a list of strings")
+        batch = self.tokenizer(list(texts), padding=True, truncation=True,
+                               max_length=self.config.text_encoder.max_length, return_tensors="pt")
+        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        """Token ids (B, L) -> text embeddings (B, embed_dim), L2-normalised by default."""
+        self._check_token_ids(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        emb = self.text_projection(self.text_encoder(input_ids, attention_mask))  # (B, D)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        max_len = self.config.text_encoder.max_length
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > max_len:
+            raise ValueError(f"input_ids have {input_ids.shape[1]} tokens; this model takes at most {max_len} "
+                             "(tokenize() truncates captions)")
+        vocab = self.text_encoder.backbone.get_input_embeddings().num_embeddings
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}); got [{int(input_ids.min())}, {int(input_ids.max())}]")
+
+    # --- audio ---
+
+    def encode_audio(self, waveforms: torch.Tensor | np.ndarray, sample_rate: int | None = None,
+                     lengths: torch.Tensor | None = None, normalize: bool = True,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Waveforms (B, N) or (N,) at 48 kHz -> audio embeddings (B, embed_dim), L2-normalised by default.
+
+        `lengths` (B,) gives each clip's real length when the batch is padded. Eval mode crops the centre
+        (deterministic); train mode crops at random.
+        """
+        waves = self._check_waveforms(waveforms, sample_rate)
+        if getattr(self.audio_encoder, "takes_waveform", False):  # speech towers compute their own features
+            fixed, valid = self.frontend.fixed_waveforms(waves, lengths, generator)  # (B, clip_samples), (B,)
+            emb = self.audio_projection(self.audio_encoder(fixed, valid))  # (B, D)
+            return F.normalize(emb, dim=-1) if normalize else emb
+        mel, is_longer = self.frontend(waves, lengths, generator)  # (B, C, T, F), (B, 1)
+        return self.encode_mel(mel, is_longer, normalize)
+
+    def encode_mel(self, mel: torch.Tensor, is_longer: torch.Tensor | None = None,
+                   normalize: bool = True) -> torch.Tensor:
+        """Log-mel (B, C, T, F) -> audio embeddings (B, embed_dim)."""
+        if getattr(self.audio_encoder, "takes_is_longer", False):
+            feats = self.audio_encoder(mel, is_longer)
+        else:
+            feats = self.audio_encoder(mel)
+        emb = self.audio_projection(feats)  # (B, D)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def _check_waveforms(self, waveforms: torch.Tensor | np.ndarray, sample_rate: int | None) -> torch.Tensor:
+        expected = self.config.audio.sample_rate
+        if sample_rate is not None and sample_rate != expected:
+            raise ValueError(f"waveforms must be at {expected} Hz, got {sample_rate} Hz: resample first "
+                             "(clap_core.audio.codec.resample) or use embed_audio(..., sample_rate=...)")
+        waves = torch.as_tensor(waveforms)
+        if waves.ndim == 1:
+            waves = waves[None]
+        if waves.ndim != 2:
+            raise ValueError(f"waveforms must be (batch, samples) or (samples,), got shape {tuple(waves.shape)}")
+        if waves.shape[0] == 0 or waves.shape[1] == 0:
+            raise ValueError(f"empty waveform batch: shape {tuple(waves.shape)}")
+        if not torch.is_floating_point(waves):
+            raise ValueError(f"waveforms must be floating point in [-1, 1], got {waves.dtype}")
+        if not torch.isfinite(waves).all():
+            raise ValueError("waveforms contain NaN or inf samples")
+        return waves.to(self.device, torch.float32)
+
+    # --- both ---
+
+    def logit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(audio->text scale, text->audio scale); equal unless the temperature is per modality."""
+        scales = self.logit_scale()
+        return (scales[0], scales[0]) if self.config.loss == "siglip" else scales
+
+    def forward(self, waveforms: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        audio = self.encode_audio(waveforms, lengths=lengths)  # (B, D)
+        text = self.encode_text(input_ids, attention_mask)  # (B, D)
+        scale_a, scale_t = self.logit_scales()
+        out = {"audio_embeds": audio, "text_embeds": text,
+               "logits_per_audio": scale_a * audio @ text.T,  # (B, B)
+               "logits_per_text": scale_t * text @ audio.T,  # (B, B)
+               "logit_scale": scale_a, "logit_scale_text": scale_t}
+        if self.config.loss == "siglip":
+            out["logit_bias"] = self.logit_scale()[1]
+        return out
+
+    # --- inference API (deterministic; see clap_core.model.inference) ---
+
+    def embed_audio(self, audio, sample_rate: int | None = None, batch_size: int = 16,
+                    long_audio: inference.LongAudio = "auto", precision: inference.Precision = "auto") -> np.ndarray:
+        """Paths or arrays -> (N, embed_dim) unit embeddings; decodes, resamples and batches by itself.
+
+        precision "auto": bf16 autocast where the device has native bf16, else fp32; "fp32": exact.
+        """
+        return inference.embed_audio(self, audio, sample_rate, batch_size, long_audio, precision)
+
+    def embed_text(self, texts: str | Sequence[str], batch_size: int = 64,
+                   precision: inference.Precision = "auto") -> np.ndarray:
+        """Captions -> (N, embed_dim) unit embeddings."""
+        return inference.embed_text(self, texts, batch_size, precision)
+
+    def zero_shot(self, audio, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                  sample_rate: int | None = None) -> np.ndarray:
+        """Per-label probabilities (N, len(labels)) from prompt templates ("This is a sound of {label}.")."""
+        return inference.zero_shot(self, audio, labels, templates, sample_rate)
+
+    def similarity(self, audio, texts: str | Sequence[str], sample_rate: int | None = None) -> np.ndarray:
+        """Cosine similarity (N_audio, N_text)."""
+        return inference.similarity(self, audio, texts, sample_rate)
+
+    # --- checkpoints ---
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config.yaml, model.safetensors and tokenizer/ into `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(yaml.safe_dump(self._self_contained_config(), sort_keys=False))
+        save_model(self, str(path / WEIGHTS_FILE))
+        self.tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
+        return path
+
+    def _self_contained_config(self) -> dict:
+        """The config with the text (and speech) backbones' full transformers configs inlined: loading needs no hub."""
+        cfg = to_dict(self.config)
+        keep = architecture_config(self.text_encoder.backbone.config)
+        cfg["text_encoder"].update(pretrained=None, tokenizer=TOKENIZER_DIR, hf_config=keep)
+        if hasattr(self.audio_encoder, "resolved_config"):  # a transformers audio backbone: inline it too
+            cfg["audio_encoder"].update(self.audio_encoder.resolved_config())
+        return cfg
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "ClapModel":
+        """Load a folder written by save_pretrained, or a transformers LAION-CLAP folder (imported)."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file() and (path / "config.json").is_file():
+            from clap_core.model.laion import import_laion_clap
+            return import_laion_clap(path)
+        config = check_checkpoint(path)
+        try:  # a local folder only (checked above): never read as a hub id
+            tokenizer = build_tokenizer(str((path / TOKENIZER_DIR).resolve()), config.text_encoder.max_length)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path / TOKENIZER_DIR}: the tokenizer does not load ({one_line(e)})") from None
+        model = cls(config, tokenizer=tokenizer)
+        try:
+            load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(map_location))
+        except RuntimeError as e:  # shapes or names that do not match config.yaml
+            raise CheckpointError(f"{path / WEIGHTS_FILE}: the weights do not match {CONFIG_FILE} "
+                                  f"({one_line(e)})") from None
+        return model.eval()
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_checkpoint(path: str | Path) -> ClapModelConfig:
+    """Check a save_pretrained folder without building the model; returns its config. Raises CheckpointError
+    naming the path and the problem: no folder, no or broken config.yaml, no tokenizer/, no or truncated
+    model.safetensors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (a checkpoint is the folder save_pretrained wrote)")
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path}: holds no {CONFIG_FILE} (nor a transformers config.json): not a "
+                              "checkpoint folder")
+    try:
+        config = from_dict(ClapModelConfig, yaml.safe_load((path / CONFIG_FILE).read_text()))
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: not a valid model config ({one_line(e)})") from None
+    if not (path / TOKENIZER_DIR).is_dir():
+        raise CheckpointError(f"{path / TOKENIZER_DIR}: missing (save_pretrained writes the tokenizer there)")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())
+            for name in names[-1:]:  # the last tensor ends at the end of the file: truncation shows here
+                f.get_slice(name)
+    except Exception as e:  # SafetensorError, OSError: header too large, incomplete, not safetensors
+        raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({one_line(e)})") from None
+    return config

@@ -1,0 +1,220 @@
+"""Inference helpers behind ClapModel.embed_audio / embed_text / zero_shot / similarity.
+
+Embeddings are deterministic: the model runs in eval mode, long clips are never cropped at random.
+A clip longer than the model's window is embedded by feature fusion when the model has it (HTS-AT
+fused), otherwise as the renormalised mean of the embeddings of consecutive windows ("window_mean"),
+or by its centre window ("center_crop").
+
+precision="auto" (the default) runs the encoders under bf16 autocast where the device has native bf16
+(AVX-512 BF16 / AMX CPUs, Ampere+ GPUs) and in fp32 elsewhere; the log-mel front end always stays fp32.
+On this project's CPU that is ~1.8x faster with a cosine >= 0.9999 to fp32 on decoded clips (README,
+"Exact or fast inference"). precision="fp32" forces the exact path.
+"""
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clap_core.audio.codec import TARGET_SR, decode_audio, resample
+from clap_core.eval.metrics import DEFAULT_TEMPLATES, format_templates, zero_shot_classifier, zero_shot_predict
+
+if TYPE_CHECKING:
+    from clap_core.model.clap import ClapModel
+
+AudioInput = Union[str, "np.ndarray", torch.Tensor]
+LongAudio = Literal["auto", "window_mean", "center_crop"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@lru_cache(maxsize=None)
+def _cpu_has_native_bf16() -> bool:
+    try:  # AVX-512 without the BF16 extension emulates bf16 and is slower than fp32
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively, so autocast is a speed-up, on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_has_native_bf16()
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(model: "ClapModel", precision: Precision):
+    """The context the encoders run in: bf16 autocast, or nothing (exact fp32)."""
+    if resolve_precision(precision, model.device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
+
+
+def load_waveform(item: AudioInput, sample_rate: int | None) -> np.ndarray:
+    """A path (decoded, downmixed, resampled to 48 kHz) or an array at `sample_rate` -> (N,) float32."""
+    if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+        wave, _ = decode_audio(item, mono=True, target_sr=TARGET_SR)
+        return wave[0]
+    wave = np.asarray(item.detach().cpu() if isinstance(item, torch.Tensor) else item, dtype=np.float32)
+    if wave.ndim == 2:  # (C, N) -> mono
+        wave = wave.mean(axis=0)
+    if wave.ndim != 1:
+        raise ValueError(f"an audio array must be (samples,) or (channels, samples), got shape {wave.shape}")
+    if sample_rate is None:
+        raise ValueError("arrays need sample_rate=...: pass the rate they were recorded at")
+    return resample(wave[None], sample_rate, TARGET_SR)[0] if sample_rate != TARGET_SR else wave
+
+
+def windows(wave: np.ndarray, window: int) -> list[np.ndarray]:
+    """Consecutive windows covering the clip; the last one is aligned to the end so none is mostly padding."""
+    if len(wave) <= window:
+        return [wave]
+    starts = list(range(0, len(wave) - window + 1, window))
+    if starts[-1] + window < len(wave):
+        starts.append(len(wave) - window)
+    return [wave[s:s + window] for s in starts]
+
+
+def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def pad_batch(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (N_i,) -> zero-padded (B, max N) tensor and lengths (B,)."""
+    lengths = torch.tensor([len(w) for w in waves])
+    out = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        out[i, :len(w)] = torch.from_numpy(np.ascontiguousarray(w))
+    return out, lengths
+
+
+@torch.no_grad()
+def embed_waveforms(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int = 16,
+                    long_audio: LongAudio = "auto", precision: Precision = "auto") -> np.ndarray:
+    """48 kHz mono waves -> (N, D) unit embeddings, deterministically."""
+    was_training = model.training
+    model.eval()
+    try:
+        mode = long_audio
+        if mode == "auto":
+            mode = "fusion" if model.config.audio.fusion else "window_mean"
+        with autocast(model, precision):
+            if mode == "window_mean":
+                return _embed_window_mean(model, waves, batch_size)
+            return _embed_direct(model, waves, batch_size)  # fusion or centre crop happen in the front end
+    finally:
+        model.train(was_training)
+
+
+def _embed_direct(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    out = []
+    for chunk in batched(list(waves), batch_size):
+        padded, lengths = pad_batch(chunk)
+        emb = model.encode_audio(padded, lengths=lengths, normalize=False)  # (B, D), bf16 under autocast
+        out.append(F.normalize(emb.float(), dim=-1).cpu())  # normalised in fp32 either way
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.embed_dim), np.float32)
+
+
+def _embed_window_mean(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    window = model.frontend.clip_samples
+    pieces = [windows(w, window) for w in waves]
+    owner = np.repeat(np.arange(len(waves)), [len(p) for p in pieces])  # window -> clip index
+    flat = _embed_direct(model, [w for p in pieces for w in p], batch_size)  # (total windows, D)
+    sums = np.zeros((len(waves), flat.shape[1]), np.float32)
+    np.add.at(sums, owner, flat)
+    return F.normalize(torch.from_numpy(sums), dim=-1).numpy()
+
+
+@torch.no_grad()
+def embed_audio_layers(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
+    """48 kHz mono waves -> (N, L, H): a speech tower's every hidden layer pooled over the clip, before the
+    projection (what layer-wise probes such as SUPERB's weighted sum train on). Long clips: mean over windows."""
+    tower = model.audio_encoder
+    if not hasattr(tower, "layer_features"):
+        raise ValueError(f"the {model.config.audio_encoder.type} audio encoder has no per-layer features: "
+                         "only speech towers (wav2vec2, whisper) do")
+    if not len(waves):
+        raise ValueError("embed_audio_layers needs at least one waveform")
+    was_training = model.training
+    model.eval()
+    try:
+        pieces = [windows(w, model.frontend.clip_samples) for w in waves]
+        flat = [w for p in pieces for w in p]
+        out = []
+        for chunk in batched(flat, batch_size):
+            padded, lengths = pad_batch(chunk)
+            fixed, valid = model.frontend.fixed_waveforms(padded.to(model.device), lengths)
+            out.append(tower.layer_features(fixed, valid).float().cpu())  # (b, L, H)
+    finally:
+        model.train(was_training)
+    feats = torch.cat(out).numpy()
+    owner = np.repeat(np.arange(len(waves)), [len(p) for p in pieces])  # window -> clip index
+    sums = np.zeros((len(waves),) + feats.shape[1:], np.float32)
+    np.add.at(sums, owner, feats)
+    return sums / np.bincount(owner, minlength=len(waves)).astype(np.float32)[:, None, None]
+
+
+def embed_audio(model: "ClapModel", audio: AudioInput | Iterable[AudioInput], sample_rate: int | None = None,
+                batch_size: int = 16, long_audio: LongAudio = "auto", precision: Precision = "auto") -> np.ndarray:
+    """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings."""
+    items = [audio] if _is_single_audio(audio) else list(audio)
+    return embed_waveforms(model, [load_waveform(x, sample_rate) for x in items], batch_size, long_audio, precision)
+
+
+def _is_single_audio(audio) -> bool:
+    if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__"):
+        return True
+    return isinstance(audio, (np.ndarray, torch.Tensor)) and audio.ndim == 1
+
+
+@torch.no_grad()
+def embed_text(model: "ClapModel", texts: str | Sequence[str], batch_size: int = 64,
+               precision: Precision = "auto") -> np.ndarray:
+    """Captions -> (N, D) unit embeddings."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(model, precision):
+            out = [F.normalize(model.encode_text(**model.tokenize(chunk), normalize=False).float(), dim=-1).cpu()
+                   for chunk in batched(texts, batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.embed_dim), np.float32)
+
+
+def class_embeddings(model: "ClapModel", labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """(C, D) prompt-ensembled class vectors: every template filled with every label."""
+    prompts = [p for label in labels for p in format_templates(templates, label)]
+    emb = embed_text(model, prompts).reshape(len(labels), len(templates), -1)  # (C, T, D)
+    return zero_shot_classifier(emb)
+
+
+def zero_shot(model: "ClapModel", audio: AudioInput | Iterable[AudioInput], labels: Sequence[str],
+              templates: Sequence[str] = DEFAULT_TEMPLATES, sample_rate: int | None = None,
+              audio_embeds: np.ndarray | None = None) -> np.ndarray:
+    """Per-label probabilities (N, C) for each clip, using the model's learned temperature."""
+    if audio_embeds is None:
+        audio_embeds = embed_audio(model, audio, sample_rate)
+    scale = float(model.logit_scales()[0].detach())
+    return zero_shot_predict(audio_embeds, class_embeddings(model, labels, templates), logit_scale=scale)
+
+
+def similarity(model: "ClapModel", audio: AudioInput | Iterable[AudioInput], texts: str | Sequence[str],
+               sample_rate: int | None = None) -> np.ndarray:
+    """Cosine similarity (N_audio, N_text) between clips and captions."""
+    return embed_audio(model, audio, sample_rate) @ embed_text(model, texts).T

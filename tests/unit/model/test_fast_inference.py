@@ -1,0 +1,47 @@
+"""The fast inference path (bf16 autocast, the default where the device has native bf16) stays within
+cosine 0.999 of exact fp32 on decoded audio; precision="fp32" is the exact path."""
+import numpy as np
+import pytest
+import torch
+
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
+from clap_core.model.inference import native_bf16, pad_batch, resolve_precision
+from tests.audio_fixtures import decoded_clips
+from tests.model_fixtures import TINY_TEXT
+
+
+@pytest.fixture(scope="module")
+def laion_sized_audio():
+    """LAION-CLAP's full HTS-AT tiny audio tower (random init); a toy text tower keeps the build cheap."""
+    torch.manual_seed(0)
+    return ClapModel(get_model_config("htsat-tiny-roberta", TINY_TEXT)).eval()
+
+
+def test_bf16_embeddings_keep_cosine_to_fp32_on_decoded_audio(laion_sized_audio):
+    model = laion_sized_audio
+    clips = decoded_clips([10.0, 4.0, 13.0])  # full window, padded, and two windows (window_mean)
+    exact = model.embed_audio(clips, sample_rate=48_000, precision="fp32")
+    fast = model.embed_audio(clips, sample_rate=48_000, precision="bf16")
+    cosine = (exact * fast).sum(1)  # both unit-norm
+    assert cosine.min() >= 0.999, cosine
+    assert not np.array_equal(exact, fast)  # bf16 really ran
+    assert np.allclose(np.linalg.norm(fast, axis=1), 1, atol=1e-5)
+    captions = ["a low voice speaking in short syllables with brown noise", "a high pitched steady tone"]
+    text_cos = (model.embed_text(captions, precision="fp32") * model.embed_text(captions, precision="bf16")).sum(1)
+    assert text_cos.min() >= 0.999, text_cos
+
+
+def test_fp32_is_exact_and_auto_follows_the_hardware(laion_sized_audio):
+    model = laion_sized_audio
+    clips = decoded_clips([3.0, 10.0])
+    with torch.no_grad():
+        reference = model.encode_audio(*pad_batch(clips)[:1], lengths=pad_batch(clips)[1]).numpy()
+    # exact up to float rounding: window_mean renormalises the (single-window) mean
+    assert np.allclose(model.embed_audio(clips, sample_rate=48_000, precision="fp32"), reference, atol=1e-6)
+    expected = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    auto = model.embed_audio(clips, sample_rate=48_000)
+    assert np.array_equal(auto, model.embed_audio(clips, sample_rate=48_000, precision=expected))
+    with pytest.raises(ValueError, match="precision"):
+        model.embed_audio(clips, sample_rate=48_000, precision="fp16")

@@ -1,0 +1,72 @@
+"""Python inference API: deterministic embeddings, paths and arrays, long audio, zero-shot, similarity."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
+from clap_core.model.inference import windows
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ClapModel(get_model_config("tiny"))
+
+
+def tone(freq: float, seconds: float, sr: int = 48_000) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_embeddings_are_identical_across_calls_even_in_train_mode(model):
+    clips = [tone(440, 5.0), tone(880, 1.0)]  # one longer than the 2 s window
+    model.train()
+    first = model.embed_audio(clips, sample_rate=48_000)
+    second = model.embed_audio(clips, sample_rate=48_000)
+    assert model.training  # the call restores the caller's mode
+    assert np.array_equal(first, second)
+    assert first.shape == (2, 64) and np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-5)
+
+
+def test_paths_and_arrays_at_other_rates_give_the_same_embedding(model, tmp_path):
+    wave16k = tone(300, 1.5, sr=16_000)
+    sf.write(tmp_path / "a.wav", wave16k, 16_000, subtype="FLOAT")
+    from_path = model.embed_audio(str(tmp_path / "a.wav"))
+    from_array = model.embed_audio(wave16k, sample_rate=16_000)
+    assert np.allclose(from_path, from_array, atol=1e-6)
+    with pytest.raises(ValueError, match="sample_rate"):
+        model.embed_audio(wave16k)
+
+
+def test_long_audio_window_mean_equals_mean_of_window_embeddings(model):
+    clip = np.concatenate([tone(300, 2.0), tone(3000, 2.0), tone(600, 1.0)])  # 5 s -> windows at 0, 2, 3 s
+    parts = windows(clip, model.frontend.clip_samples)
+    assert [len(p) for p in parts] == [96_000] * 3
+    each = model.embed_audio(parts, sample_rate=48_000)
+    mean = each.sum(0) / np.linalg.norm(each.sum(0))
+    assert np.allclose(model.embed_audio(clip, sample_rate=48_000), mean, atol=1e-5)
+    centre = model.embed_audio(clip, sample_rate=48_000, long_audio="center_crop")
+    assert np.allclose(centre, model.embed_audio(clip[72_000:168_000], sample_rate=48_000), atol=1e-5)
+
+
+def test_text_embeddings_batch_independent(model):
+    together = model.embed_text(["a dog barks", "a much longer caption about heavy rain on a roof"])
+    alone = model.embed_text("a dog barks")
+    assert np.allclose(together[0], alone[0], atol=1e-5)
+
+
+def test_zero_shot_probabilities_and_similarity(model):
+    clips = [tone(440, 1.0), tone(2000, 1.0)]
+    probs = model.zero_shot(clips, ["low tone", "high tone", "noise"], sample_rate=48_000)
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    sim = model.similarity(clips, ["low tone", "high tone"], sample_rate=48_000)
+    expected = model.embed_audio(clips, sample_rate=48_000) @ model.embed_text(["low tone", "high tone"]).T
+    assert np.allclose(sim, expected, atol=1e-6)
+    scale = float(model.logit_scales()[0].detach())
+    cls = model.embed_text(["This is a sound of low tone.", "This is a sound of high tone.",
+                            "This is a sound of noise."])
+    logits = scale * model.embed_audio(clips, sample_rate=48_000) @ cls.T
+    ref = np.exp(logits - logits.max(1, keepdims=True))
+    assert np.allclose(probs, ref / ref.sum(1, keepdims=True), atol=1e-4)

@@ -1,0 +1,32 @@
+"""Worker pools that autoscale: preprocessing and embedding ask for a range of actors (more than the
+cluster has now), and `clap embed --gpus` asks for GPU actors before a GPU node exists."""
+from __future__ import annotations
+
+import pytest
+
+from clap_core.config import ConfigError
+from clap_core.preprocess.config import load_preprocess_config
+from pipelines.embed import actor_pool
+from pipelines.preprocess import pool_strategy
+
+
+def sizes(strategy) -> tuple[int, int]:
+    return strategy.min_size, strategy.max_size
+
+
+def test_preprocess_pool_is_a_range_up_to_one_actor_per_unit():
+    assert sizes(pool_strategy(load_preprocess_config(), 18)) == (1, 18)  # not sized from today's cluster
+    assert sizes(pool_strategy(load_preprocess_config(None, ["ray.min_workers=4", "ray.max_workers=256"]), 18)) == (4, 18)
+    assert sizes(pool_strategy(load_preprocess_config(None, ["ray.min_workers=2", "ray.max_workers=3"]), 18)) == (2, 3)
+    assert sizes(pool_strategy(load_preprocess_config(None, ["ray.concurrency=2"]), 18)) == (2, 2)
+    assert sizes(pool_strategy(load_preprocess_config(None, ["ray.min_workers=4"]), 2)) == (2, 2)  # few units
+    with pytest.raises(ConfigError, match="max_workers"):
+        load_preprocess_config(None, ["ray.min_workers=4", "ray.max_workers=2"])
+
+
+def test_embed_pool_gpu_setting():
+    assert actor_pool(0, None, None, 1, None) == (0.0, (1, 2))  # no GPU anywhere: CPU actors, as before
+    assert actor_pool(4, None, None, 1, None) == (1.0, (1, 4))  # GPUs present: one actor per GPU
+    assert actor_pool(0, 1.0, None, 1, 8) == (1.0, (1, 8))  # --gpus 1 before any GPU node: GPU actors anyway
+    assert actor_pool(0, 0.5, 3, 1, None) == (0.5, 3)  # fixed --concurrency
+    assert actor_pool(0, 0, None, 2, 2) == (0, 2)  # min == max: a fixed size

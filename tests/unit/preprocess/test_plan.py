@@ -1,0 +1,147 @@
+"""Streaming planning without Ray: JSONL byte-range chunks read exactly like the whole file, the staged
+(distributed) planner gives the same units and hashes as the in-memory one, and env-mix partners
+never cross splits (in the plan and in the written shards)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pipelines.preprocess_plan as plan_job_module
+from clap_core.data.inputs import new_row, read_manifest
+from clap_core.preprocess import plan as staged
+from clap_core.preprocess.config import load_preprocess_config
+from clap_core.preprocess.unit import plan_units, process_unit
+from clap_demo.synth import write_corpus
+
+MESSY_JSONL = ("\ufeff" + json.dumps({"id": "a", "audio_path": "a.wav", "caption": "caf\u00e9 \u2028 x"},
+                                  ensure_ascii=False) + "\r\n\n"
+               + "not json\n" + "   \n"
+               + "".join(json.dumps({"id": f"r{i}", "audio_path": f"{i}.wav", "caption": f"clip {i}"}) + "\n"
+                         for i in range(40))
+               + json.dumps({"audio_path": "", "caption": "no audio"}))  # no trailing newline
+
+
+def chunked_rows(uri: str, cfg, chunk_mb: float) -> list[dict]:
+    chunks = staged.input_chunks(uri, cfg, chunk_mb)
+    counts = [staged.count_chunk(c, cfg) for c in chunks]
+    for i, chunk in enumerate(chunks):  # as pipelines/preprocess_plan.py numbers lines
+        chunk["first_line"] = 1 + sum(staged.count_lines(c, cfg)[1] for c in chunks[:i] if c["uri"] == chunk["uri"])
+    rows = []
+    for chunk, first in zip(chunks, [sum(counts[:i]) for i in range(len(counts))]):
+        part = staged.read_chunk(chunk, first, cfg)
+        assert len(part) == staged.count_chunk(chunk, cfg)
+        rows += part
+    return rows
+
+
+@pytest.mark.parametrize("chunk_bytes", [3, 7, 50, 333, 10**6])  # every size cuts lines mid-way
+def test_jsonl_byte_range_chunks_read_like_the_whole_file(tmp_path, chunk_bytes):
+    path = tmp_path / "m.jsonl"
+    path.write_text(MESSY_JSONL, encoding="utf-8")
+    cfg = load_preprocess_config()
+    whole = read_manifest(str(path))
+    assert len(whole) == 43 and whole[1]["error"][1].startswith("line 3:")  # U+2028 stays inside its line
+    assert chunked_rows(str(path), cfg, chunk_bytes / 1e6) == whole
+
+
+def test_folder_of_manifest_parts_numbers_rows_across_parts(tmp_path):
+    for part in range(3):
+        (tmp_path / f"part-{part}.jsonl").write_text("".join(
+            json.dumps({"id": f"p{part}-{i}", "audio_path": f"{i}.wav", "caption": "c"}) + "\n" for i in range(5)))
+    rows = read_manifest(str(tmp_path))
+    assert [r["row_index"] for r in rows] == list(range(15)) and rows[5]["id"] == "p1-0"
+    assert chunked_rows(str(tmp_path), load_preprocess_config(), 30 / 1e6) == rows
+
+
+def serial_tasks(fn, items, cfg):
+    """run_tasks without Ray: the same JSON round trips, one item after another."""
+    return [json.loads(json.dumps(fn(json.loads(json.dumps(item))))) for item in items]
+
+
+def mixed_rows(n: int) -> list[dict]:
+    """Speech and env clips in two splits, with duplicate ids across splits and a bad row."""
+    rows = [new_row(i, f"{i}.wav", f"/x/{i}.wav", [f"clip {i}"], id=f"id{i % (n - 7)}",
+                    split="train" if i % 3 else "valid", kind="speech" if i % 2 else "env") for i in range(n)]
+    rows.append(new_row(n, "", None, ["x"], error=("missing_audio_path", "row has no audio_path")))
+    return rows
+
+
+def test_staged_plan_equals_in_memory_plan(tmp_path, monkeypatch):
+    rows = mixed_rows(120)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": r["id"], "audio_path": r["source_path"], "caption": r["caption"],
+                                            "split": r["split"], "kind": r["kind"]}) + "\n" for r in rows))
+    overrides = ["output.rows_per_unit=9", "input.plan_group_rows=25", "ray.plan_chunk_mb=0.0015",
+                 "augment.copies=2"]
+    cfg = load_preprocess_config(None, overrides)
+    monkeypatch.setattr(plan_job_module, "run_tasks", serial_tasks)
+    plan, root = plan_job_module.plan_job(str(manifest), str(tmp_path / "out"), cfg)
+    memory = plan_units(read_manifest(str(manifest)), cfg)
+
+    assert len(staged.input_chunks(str(manifest), cfg, cfg.ray.plan_chunk_mb)) > 3  # really chunked
+    assert staged.group_count(plan.rows_in, cfg) == 5  # and really grouped
+    assert [u["key"] for u in plan.units] == [u["key"] for u in memory.units]
+    assert [u["hash"] for u in plan.units] == [u["hash"] for u in memory.units]
+    assert plan.job_hash == memory.job_hash and plan.rows_in == memory.rows_in == 121
+    assert plan.planned_rejects == memory.planned_rejects == 8  # 7 duplicate ids + the row without audio
+    for unit, expected in zip(plan.units, memory.units):
+        assert staged.load_unit_rows(unit) == expected["rows"]
+        assert unit["size"] == len(expected["rows"])
+    sizes = {s: [len(u["rows"]) for u in memory.units if u["split"] == s] for s in ("train", "valid")}
+    assert all(n == 9 for s in sizes for n in sizes[s][:-1])  # exact unit size, the last one takes the rest
+    again, _ = plan_job_module.plan_job(str(manifest), str(tmp_path / "out"), cfg)  # read back from plan.json
+    assert again.units == json.loads(json.dumps(plan.units)) and again.job_hash == plan.job_hash
+
+
+def test_duplicates_resolved_by_input_order_in_any_group():
+    rows = mixed_rows(60)
+    cfg = load_preprocess_config(None, ["input.plan_group_rows=7"])
+    planned = {r["row_index"]: r for u in plan_units(rows, cfg).units for r in u["rows"]}
+    first_seen = {}
+    for i in range(60):
+        first_seen.setdefault(rows[i]["id"], i)
+    for i in range(60):
+        reason = (planned[i]["planned_reject"] or {}).get("reason")
+        assert reason == (None if first_seen[rows[i]["id"]] == i else "duplicate_id"), i
+
+
+def test_env_partners_come_from_the_same_split():
+    rows = mixed_rows(200)
+    for groups in ("1000", "40"):
+        cfg = load_preprocess_config(None, ["augment.copies=3", "augment.splits=[train, valid]",
+                                            f"input.plan_group_rows={groups}"])
+        planned = [r for u in plan_units(rows, cfg).units for r in u["rows"]]
+        env_split = {r["id"]: r["split"] for r in planned if r["kind"] == "env" and not r["planned_reject"]}
+        mixed = [(r["split"], p["id"]) for r in planned for p in r["env_partners"].values()]
+        assert len(mixed) > 100 and {env_split[e] for _, e in mixed} == {"train", "valid"}
+        assert all(env_split[e] == split for split, e in mixed)
+
+
+def test_every_env_id_in_a_split_names_a_clip_of_that_split(tmp_path):
+    manifest = write_corpus(tmp_path / "corpus", 24, seed=11, formats=("wav",), seconds=(0.6, 0.7))
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i, r in enumerate(lines):  # speech and env in both splits
+        r["split"], r["kind"] = ("train", "valid")[i % 2], ("speech", "speech", "env")[i % 3]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = load_preprocess_config(None, ["augment.copies=2", "augment.splits=[train, valid]", "output.rows_per_unit=6"])
+    out = str(tmp_path / "out")
+    for unit in plan_units(read_manifest(str(manifest)), cfg).units:
+        process_unit(unit, cfg, out)
+    shards = read_shards_from_folder(out)
+    split_of = {r["id"]: r["split"] for r in lines}
+    env_ids = [(r["split"], json.loads(r["augment"])["env_mix"]["env_id"]) for r in shards
+               if "env_mix" in json.loads(r["augment"])]
+    assert len(env_ids) >= 8 and {s for s, _ in env_ids} == {"train", "valid"}
+    assert all(split_of[env_id] == split for split, env_id in env_ids)
+
+
+def read_shards_from_folder(out: str) -> list[dict]:
+    """Rows of every shard a unit wrote (no manifest.json: units were run by hand)."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    return [r for f in sorted(glob.glob(f"{out}/*/part-*.parquet")) if "/_rejects/" not in f
+            for r in pq.read_table(f).to_pylist()]
+
