@@ -206,3 +206,35 @@ def clean_temp_files(uri: str) -> list[str]:
     for f in stray:
         delete(f)
     return stray
+
+
+def upload(local: str | os.PathLike, uri: str) -> None:
+    """Copy a local file or folder to `uri` (a local path or s3:// prefix); a no-op when both are the same place."""
+    local = Path(local)
+    fs, path = resolve_fs(uri)
+    if isinstance(fs, pafs.LocalFileSystem) and local.resolve() == Path(path).resolve():
+        return
+    with naming(uri):
+        fs.create_dir(path if local.is_dir() else str(Path(path).parent), recursive=True)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def local_copy(uri: str, cache_root: str | None = None) -> str:
+    """A local folder holding `uri`: the path itself, or an s3:// folder downloaded once into a cache.
+
+    The download lands in a `.partial-<pid>` folder renamed into place, so a crash mid-download never
+    leaves a half cache behind."""
+    if not is_s3(uri):
+        return uri
+    import hashlib
+    import tempfile
+
+    root = cache_root or os.path.join(tempfile.gettempdir(), "clap-cache")
+    target = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    if not os.path.isdir(target):
+        remote, path = resolve_fs(uri)
+        partial = f"{target}.partial-{os.getpid()}"
+        with naming(uri):
+            pafs.copy_files(path, partial, source_filesystem=remote, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(partial, target)
+    return target

@@ -28,8 +28,9 @@ from clap_core.data import embeddings
 from clap_core.data.inputs import audio_source, read_manifest, row_id
 from clap_core.data.rejects import failure_reject, reject
 from clap_core.data.shards import REJECT_SCHEMA, is_shard_folder, shard_files
-from clap_core.eval.sources import MAX_CLIP_SECONDS, local_copy
+from clap_core.eval.sources import MAX_CLIP_SECONDS
 from clap_core.io_faults import retry_transient
+from clap_core.storage import local_copy
 from pipelines.console import init_ray
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from clap_core.eval.evaluation import embed_items, evaluate_retrieval, evaluate_zero_shot, write_report
 from clap_core.eval.metrics import DEFAULT_TEMPLATES
-from clap_core.eval.sources import Rejected, iter_eval_items, local_copy
+from clap_core.eval.sources import Rejected, iter_eval_items
 from clap_core.model.clap import ClapModel
+from clap_core.storage import local_copy
 
 TASKS = ("retrieval", "zero-shot")
 

@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from clap_core.eval.sources import local_copy
 from clap_core.model.clap import ClapModel
+from clap_core.storage import local_copy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

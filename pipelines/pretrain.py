@@ -85,15 +85,6 @@ def fail_fast_policy(failure_config):
 # storage: local paths and s3:// behind one pyarrow filesystem (clap_core.storage.resolve_fs)
 
 
-def upload(local: str | Path, fs: pafs.FileSystem, path: str) -> None:
-    """Copy a local file or folder to `path` on fs (a no-op when fs is this machine and the path is the same)."""
-    local = Path(local)
-    if isinstance(fs, pafs.LocalFileSystem) and local.resolve() == Path(path).resolve():
-        return
-    fs.create_dir(path if local.is_dir() else str(Path(path).parent), recursive=True)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed
 
@@ -254,6 +245,7 @@ class RunLogger:
 
     def __init__(self, run_uri: str, state: dict, enabled: bool):
         self.enabled = enabled
+        self.run_uri = run_uri
         self.fs, self.run_path = resolve_fs(run_uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         # remote runs log into a local folder and upload it at checkpoints and at the end
@@ -291,7 +283,7 @@ class RunLogger:
         if self.writer is not None:
             self.writer.flush()
             if not self.local:
-                upload(self.tb_dir, self.fs, f"{self.run_path}/tensorboard")
+                storage.upload(self.tb_dir, f"{self.run_uri}/tensorboard")
 
 
 def console_line(text: str) -> None:
@@ -490,7 +482,6 @@ def finish(engine, model_cfg: ClapModelConfig, cfg: PretrainConfig, state: dict,
     probe = engine_probe(engine, valid, device) if valid is not None else None
     if rank != 0:
         return
-    fs, run_path = resolve_fs(run_uri)
     with tempfile.TemporaryDirectory() as tmp:
         export = ClapModel(model_cfg, tokenizer=engine.module.tokenizer)
         export.load_state_dict(weights)
@@ -504,7 +495,7 @@ def finish(engine, model_cfg: ClapModelConfig, cfg: PretrainConfig, state: dict,
         plot_curves(logger.history, logger.evals, Path(tmp) / "curves.png")
         for name in ("final", "engine_probe.npz", "metrics.json", "curves.png"):
             if Path(tmp, name).exists():
-                upload(Path(tmp, name), fs, f"{run_path}/{name}")
+                storage.upload(Path(tmp, name), storage.join(run_uri, name))
     logger.sync()
     console_line(f"exported {run_uri.rstrip('/')}/final (step {state['step']})")
 
@@ -590,12 +581,11 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
         storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
     model_cfg = resolve_model_config(model, cfg.model)
     init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
-    fs, run_path = resolve_fs(output)
     with tempfile.TemporaryDirectory() as tmp:
         dump_yaml(cfg, Path(tmp) / "pretrain_config.yaml")
         dump_yaml(model_cfg, Path(tmp) / "model_config.yaml")
         for name in ("pretrain_config.yaml", "model_config.yaml"):
-            upload(Path(tmp) / name, fs, f"{run_path}/{name}")
+            storage.upload(Path(tmp) / name, storage.join(output, name))
     datasets = build_datasets(data, cfg, model_cfg, rejects_uri=storage.join(output, REJECTS_DIR))
     scaling = cfg.scaling
     worker_resources = worker_resources_for(scaling, ray.cluster_resources().get("CPU", 0))

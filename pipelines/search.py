@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from clap_core.data import embeddings
-from clap_core.eval.sources import local_copy
+from clap_core.storage import local_copy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

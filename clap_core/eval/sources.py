@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from clap_core import storage
 from clap_core.audio.codec import TARGET_SR, decode_audio
 from clap_core.data.inputs import audio_source, read_manifest, row_id
 from clap_core.data.rejects import failure_reject, reject
@@ -78,23 +77,3 @@ def _convert(row: dict, convert, record: dict, max_seconds) -> tuple[EvalItem | 
         return retry_transient(lambda: convert(row, max_seconds), what=what), None
     except Exception as e:  # decode errors, MemoryError, a bad file: one reject, never the job
         return None, Rejected(**failure_reject(record, e))  # storage faults are raised again
-
-
-def local_copy(uri: str, cache_root: str | None = None) -> str:
-    """A local folder holding `uri`: the path itself, or an s3:// folder downloaded once into a cache."""
-    if not uri.startswith("s3://"):
-        return uri
-    import hashlib
-    import os
-    import tempfile
-
-    from pyarrow import fs
-
-    root = cache_root or os.path.join(tempfile.gettempdir(), "clap-cache")
-    target = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
-    if not os.path.isdir(target):
-        remote, path = storage.resolve_fs(uri)
-        partial = f"{target}.partial-{os.getpid()}"
-        fs.copy_files(path, partial, source_filesystem=remote, destination_filesystem=fs.LocalFileSystem())
-        os.replace(partial, target)  # a crash mid-download never leaves a half cache behind
-    return target

@@ -147,8 +147,8 @@ def embeddings_by_id(uri: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_pipeline_under_random_faults_equals_fault_free_run(ray_local, s3_faults, s3_bucket, tmp_path, capfd):
-    from clap_core.eval.sources import local_copy
     from clap_core.model.clap import ClapModel
+    from clap_core.storage import local_copy
     from clap_core.train.config import load_pretrain_config
     from pipelines.embed import embed_dataset
     from pipelines.evaluate import evaluate
