@@ -24,6 +24,7 @@ from audiomentations import BandStopFilter, ClippingDistortion, PitchShift, Time
 from audiomentations.core.utils import convert_frequency_to_mel, convert_mel_to_frequency
 from scipy.signal import fftconvolve
 
+from clap_core.audio.clips import loop_to_length
 from clap_core.audio.codec import TARGET_SR, decode_audio
 
 # -----------------------------------------------------------------------------
@@ -194,15 +195,9 @@ def draw_mix_lambda(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def fit_length(wave: np.ndarray, n: int) -> np.ndarray:
-    """Loop or crop (C, M) audio to (C, n)."""
-    reps = -(-n // wave.shape[1])
-    return np.tile(wave, (1, reps))[:, :n]
-
-
 def mix_speech_env(speech: np.ndarray, env: np.ndarray, lam: float) -> np.ndarray:
     """lam * speech + (1 - lam) * env, with env (1, M) looped/cropped to speech's (1, N)."""
-    return (lam * speech + (1.0 - lam) * fit_length(env, speech.shape[1])).astype(np.float32)
+    return (lam * speech + (1.0 - lam) * loop_to_length(env, speech.shape[1])).astype(np.float32)
 
 
 def pair_speech_with_env(ids_speech: list[str], ids_env: list[str], seed: int) -> list[tuple[str, str]]:

@@ -51,9 +51,12 @@ def crop_start(n: int, length: int, training: bool, generator: torch.Generator |
     return (n - length) // 2
 
 
-def fit_length(wave: torch.Tensor, length: int, pad_mode: str, training: bool,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """(N,) -> (length,) by cropping long clips or padding short ones."""
+def crop_or_pad_tensor(wave: torch.Tensor, length: int, pad_mode: str, training: bool,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N,) -> (length,) by cropping long clips or padding short ones (repeat or zeros), on the model's device.
+
+    The tensor twin of clap_core.audio.clips.crop_or_pad: it runs inside forward, crops with a torch Generator
+    and knows LAION's repeat-padding; the host-side numpy fitting lives in clips."""
     n = wave.shape[0]
     if n > length:
         start = crop_start(n, length, training, generator)
@@ -106,7 +109,7 @@ class AudioFrontend(nn.Module):
         clips = [waves[i, :int(n)] for i, n in enumerate(lengths)]
         is_longer = torch.tensor([[int(n) > self.clip_samples] for n in lengths], device=waves.device)
         if not self.fusion:
-            fixed = torch.stack([fit_length(c, self.clip_samples, self.pad_mode, self.training, generator)
+            fixed = torch.stack([crop_or_pad_tensor(c, self.clip_samples, self.pad_mode, self.training, generator)
                                  for c in clips])  # (B, clip_samples)
             return self.logmel(fixed)[:, None], is_longer  # (B, 1, T, F)
         return torch.stack([self._fused(c, generator) for c in clips]), is_longer  # (B, 4, T, F)
@@ -119,8 +122,8 @@ class AudioFrontend(nn.Module):
         is reported so the tower can mask it; 'repeatpad' fills the window, so every sample counts as real.
         """
         lengths = self._lengths(waves, lengths)
-        fixed = torch.stack([fit_length(waves[i, :int(n)], self.clip_samples, self.pad_mode, self.training, generator)
-                             for i, n in enumerate(lengths)])  # (B, clip_samples)
+        fixed = torch.stack([crop_or_pad_tensor(waves[i, :int(n)], self.clip_samples, self.pad_mode, self.training,
+                                                generator) for i, n in enumerate(lengths)])  # (B, clip_samples)
         valid = lengths.clamp(max=self.clip_samples) if self.pad_mode == "zero" \
             else torch.full_like(lengths, self.clip_samples)
         return fixed, valid.to(waves.device)
@@ -128,7 +131,8 @@ class AudioFrontend(nn.Module):
     def _fused(self, clip: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if clip.shape[0] > self.clip_samples:
             return fusion_views(self.logmel(clip[None])[0], self.frames, self.training, generator)
-        mel = self.logmel(fit_length(clip, self.clip_samples, self.pad_mode, self.training, generator)[None])[0]
+        fixed = crop_or_pad_tensor(clip, self.clip_samples, self.pad_mode, self.training, generator)  # (clip_samples,)
+        mel = self.logmel(fixed[None])[0]
         return mel.expand(4, -1, -1)  # short clip: the same view four times, as LAION does
 
     @staticmethod

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clap_core.audio.clips import split_windows
 from clap_core.audio.codec import TARGET_SR, decode_audio, resample
 from clap_core.eval.metrics import DEFAULT_TEMPLATES, format_templates, zero_shot_classifier, zero_shot_predict
 
@@ -78,16 +79,6 @@ def load_waveform(item: AudioInput, sample_rate: int | None) -> np.ndarray:
     return resample(wave[None], sample_rate, TARGET_SR)[0] if sample_rate != TARGET_SR else wave
 
 
-def windows(wave: np.ndarray, window: int) -> list[np.ndarray]:
-    """Consecutive windows covering the clip; the last one is aligned to the end so none is mostly padding."""
-    if len(wave) <= window:
-        return [wave]
-    starts = list(range(0, len(wave) - window + 1, window))
-    if starts[-1] + window < len(wave):
-        starts.append(len(wave) - window)
-    return [wave[s:s + window] for s in starts]
-
-
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -131,7 +122,7 @@ def _embed_direct(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: i
 
 def _embed_window_mean(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
     window = model.frontend.clip_samples
-    pieces = [windows(w, window) for w in waves]
+    pieces = [split_windows(w, window) for w in waves]
     owner = np.repeat(np.arange(len(waves)), [len(p) for p in pieces])  # window -> clip index
     flat = _embed_direct(model, [w for p in pieces for w in p], batch_size)  # (total windows, D)
     sums = np.zeros((len(waves), flat.shape[1]), np.float32)
@@ -152,7 +143,7 @@ def embed_audio_layers(model: "ClapModel", waves: Sequence[np.ndarray], batch_si
     was_training = model.training
     model.eval()
     try:
-        pieces = [windows(w, model.frontend.clip_samples) for w in waves]
+        pieces = [split_windows(w, model.frontend.clip_samples) for w in waves]
         flat = [w for p in pieces for w in p]
         out = []
         for chunk in batched(flat, batch_size):

@@ -7,7 +7,7 @@
 
 Both graphs have a dynamic batch axis. The audio graph takes log-mel (B, C, T, F) + is_longer (B, 1), or
 (audio_input="waveform") fixed-length 48 kHz waveforms (B, clip_samples) already cropped/padded to the
-model's window (clap_core.model.frontend.fit_length), with the STFT and mel filterbank inside the graph.
+model's window (clap_core.model.frontend.crop_or_pad_tensor), with the STFT and mel filterbank inside the graph.
 Text ids may be up to max_length long (dynamic sequence axis). This module owns the folder's format.
 """
 from __future__ import annotations
@@ -146,7 +146,7 @@ class OnnxTowers:
         waves = np.asarray(waves, np.float32)
         if waves.ndim != 2 or waves.shape[1] != self.meta["clip_samples"]:
             raise ValueError(f"waves must be (batch, {self.meta['clip_samples']}), got {waves.shape}: "
-                             "crop or pad to the model's window first (clap_core.model.frontend.fit_length)")
+                             "crop or pad to the model's window first (clap_core.model.frontend.crop_or_pad_tensor)")
         return self.audio.run(None, {"waves": waves})[0]
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

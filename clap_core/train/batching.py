@@ -19,21 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from clap_core import storage
+from clap_core.audio.clips import crop_or_pad
 from clap_core.audio.codec import decode_audio
 from clap_core.data.rejects import failure_reject
 from clap_core.model.config import ClapModelConfig
-
-
-def crop_or_pad(wave: np.ndarray, length: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
-    """(N,) -> (length,) float32 and the real length: a random window (rng) or the centre one; zero-pad short clips."""
-    n = wave.shape[0]
-    if n >= length:
-        start = int(rng.integers(0, n - length + 1)) if rng is not None else (n - length) // 2
-        return wave[start:start + length], length
-    out = np.zeros(length, dtype=np.float32)
-    out[:n] = wave
-    return out, n
-
 
 SHARD_CLIP_MAX_SECONDS = 600.0  # a shard row decoding past this is rejected (too_long): bounds a task's memory
 

@@ -4,7 +4,7 @@ import math
 import torch
 import torchaudio
 
-from clap_core.model.frontend import AudioFrontend, LogMel, fit_length, fusion_views, repeat_pad
+from clap_core.model.frontend import AudioFrontend, LogMel, crop_or_pad_tensor, fusion_views, repeat_pad
 
 
 def test_logmel_matches_torchaudio_reference_and_frame_count():
@@ -31,12 +31,12 @@ def test_repeat_pad_repeats_whole_copies_then_zero_pads():
 
 def test_crop_is_centred_in_eval_and_random_but_seeded_in_training():
     wave = torch.arange(100.0)
-    assert fit_length(wave, 10, "repeatpad", training=False).tolist() == list(range(45, 55))
+    assert crop_or_pad_tensor(wave, 10, "repeatpad", training=False).tolist() == list(range(45, 55))
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = fit_length(wave, 10, "zero", training=True, generator=g1)
-    b = fit_length(wave, 10, "zero", training=True, generator=g2)
+    a = crop_or_pad_tensor(wave, 10, "zero", training=True, generator=g1)
+    b = crop_or_pad_tensor(wave, 10, "zero", training=True, generator=g2)
     assert torch.equal(a, b) and a.tolist() == list(range(int(a[0]), int(a[0]) + 10))
-    assert fit_length(torch.ones(3), 5, "zero", training=False).tolist() == [1, 1, 1, 0, 0]
+    assert crop_or_pad_tensor(torch.ones(3), 5, "zero", training=False).tolist() == [1, 1, 1, 0, 0]
 
 
 def test_frontend_respects_lengths_and_is_deterministic_in_eval():

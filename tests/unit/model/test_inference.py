@@ -4,9 +4,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from clap_core.audio.clips import split_windows
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
-from clap_core.model.inference import windows
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_paths_and_arrays_at_other_rates_give_the_same_embedding(model, tmp_path
 
 def test_long_audio_window_mean_equals_mean_of_window_embeddings(model):
     clip = np.concatenate([tone(300, 2.0), tone(3000, 2.0), tone(600, 1.0)])  # 5 s -> windows at 0, 2, 3 s
-    parts = windows(clip, model.frontend.clip_samples)
+    parts = split_windows(clip, model.frontend.clip_samples)
     assert [len(p) for p in parts] == [96_000] * 3
     each = model.embed_audio(parts, sample_rate=48_000)
     mean = each.sum(0) / np.linalg.norm(each.sum(0))

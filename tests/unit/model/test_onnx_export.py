@@ -6,7 +6,7 @@ import torch
 
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
-from clap_core.model.frontend import fit_length
+from clap_core.model.frontend import crop_or_pad_tensor
 from clap_core.model.onnx_export import OnnxTowers, export_onnx
 from tests.audio_fixtures import decoded_clips
 from tests.model_fixtures import tiny_htsat_roberta
@@ -17,8 +17,8 @@ CAPTIONS = ["a dog", "glass breaking on a stone floor", "a low voice speaking sl
 
 def window_batch(model: ClapModel, clips: list[np.ndarray]) -> torch.Tensor:
     """Decoded clips cropped/padded to the model's window, as the waveform graph expects them: (B, clip_samples)."""
-    return torch.stack([fit_length(torch.from_numpy(c), model.frontend.clip_samples, model.frontend.pad_mode,
-                                   training=False) for c in clips])
+    return torch.stack([crop_or_pad_tensor(torch.from_numpy(c), model.frontend.clip_samples,
+                                           model.frontend.pad_mode, training=False) for c in clips])
 
 
 @pytest.mark.parametrize("arch,audio_input", [("htsat-roberta", "mel"), ("tiny", "waveform")])
