@@ -17,8 +17,9 @@ _EXPORTS = {
     "list_models": "clap_core.model.config",
     "load_config": "clap_core.config",
     "ConfigError": "clap_core.config",
-    "import_laion_clap": "clap_core.model.laion",
+    "import_laion_clap": "clap_core.model.clap",  # ClapModel.from_laion under its historical name
 }
+_ATTRIBUTES = {"import_laion_clap": "ClapModel.from_laion"}  # where an export is not a module-level name
 
 __all__ = sorted(_EXPORTS)
 
@@ -26,4 +27,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'clap_core' has no attribute '{name}'")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    value = importlib.import_module(_EXPORTS[name])
+    for part in _ATTRIBUTES.get(name, name).split("."):
+        value = getattr(value, part)
+    return value

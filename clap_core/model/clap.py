@@ -246,8 +246,7 @@ class ClapModel(nn.Module):
         """Load a folder written by save_pretrained, or a transformers LAION-CLAP folder (imported)."""
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() and (path / "config.json").is_file():
-            from clap_core.model.laion import import_laion_clap
-            return import_laion_clap(path)
+            return cls.from_laion(path)
         config = check_checkpoint(path)
         try:  # a local folder only (checked above): never read as a hub id
             tokenizer = build_tokenizer(str((path / TOKENIZER_DIR).resolve()), config.text_encoder.max_length)
@@ -259,6 +258,24 @@ class ClapModel(nn.Module):
         except RuntimeError as e:  # shapes or names that do not match config.yaml
             raise CheckpointError(f"{path / WEIGHTS_FILE}: the weights do not match {CONFIG_FILE} "
                                   f"({one_line(e)})") from None
+        return model.eval()
+
+    @classmethod
+    def from_laion(cls, path: str | Path, max_length: int = 77) -> "ClapModel":
+        """Build `htsat-tiny-roberta` from a transformers LAION-CLAP folder (clap_core.model.laion reads it);
+        returns the model in eval mode. Also `clap_core.import_laion_clap(path)`."""
+        from clap_core.model.laion import read_laion_folder  # transformers' CLAP classes load only when asked
+
+        folder = read_laion_folder(path, max_length)
+        model = cls(folder.config, tokenizer=folder.tokenizer)
+        # Only learnable tensors must match: RoBERTa's position/token-type id buffers may differ in persistence.
+        ours = model.state_dict()
+        buffers = {name for name, _ in model.named_buffers()} | {n for n in folder.state if n.endswith("_ids")}
+        missing = [n for n, _ in model.named_parameters() if n not in folder.state]
+        unexpected = [n for n in folder.state if n not in ours and n not in buffers]
+        if missing or unexpected:
+            raise ValueError(f"LAION-CLAP import mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.load_state_dict({n: t for n, t in folder.state.items() if n in ours}, strict=False)
         return model.eval()
 
 

@@ -1,8 +1,10 @@
 """The transformers `ClapModel` folder format, both ways: import LAION-CLAP releases, export ours.
 
-    model = import_laion_clap("path/to/clap-htsat-unfused")   # or ClapModel.from_pretrained(same path)
+    model = ClapModel.from_laion("path/to/clap-htsat-unfused")   # or ClapModel.from_pretrained(same path)
     export_transformers(model, "out/")   # transformers.ClapModel / ClapProcessor / pipeline load "out/"
 
+`read_laion_folder` reads a folder into our config, state dict and tokenizer; ClapModel.from_laion builds
+the model from them (`clap_core.import_laion_clap` is the same call), so this module never imports clap.py.
 The folder holds transformers' `config.json` (model_type "clap"), its weights and a RoBERTa tokenizer.
 The architecture is read from that config, so fused, unfused and smaller variants all import; the
 audio tower is transformers' own `ClapAudioModel` inside our HTS-AT wrapper, and the text tower is a
@@ -13,14 +15,17 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from transformers import AutoTokenizer, ClapConfig, ClapFeatureExtractor, ClapProcessor
+from transformers import AutoTokenizer, ClapConfig, ClapFeatureExtractor, ClapProcessor, PreTrainedTokenizerBase
 from transformers import ClapModel as HFClapModel
 
 from clap_core.config import from_dict, load_config, to_dict
-from clap_core.model.clap import ClapModel
 from clap_core.model.config import MODEL_CONFIG_DIR, ClapModelConfig
+
+if TYPE_CHECKING:  # type hints only: clap.py imports this module (ClapModel.from_laion), never the reverse
+    from clap_core.model.clap import ClapModel
 
 _AUDIO_FIELDS = ("spec_size", "patch_size", "patch_embeds_hidden_size", "window_size", "mlp_ratio",
                  "hidden_dropout_prob", "drop_path_rate", "enable_fusion", "fusion_type")
@@ -99,27 +104,25 @@ def laion_state_dict(hf_model: HFClapModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_laion_clap(path: str | Path, max_length: int = 77) -> ClapModel:
-    """Build `htsat-tiny-roberta` from a transformers LAION-CLAP folder; returns the model in eval mode."""
+class LaionFolder(NamedTuple):
+    """What a transformers LAION-CLAP folder holds, in our terms: ClapModel.from_laion builds the model from it."""
+    config: ClapModelConfig  # htsat-tiny-roberta with the folder's sizes and front end
+    state: dict[str, torch.Tensor]  # weights under our parameter names (RENAMES)
+    tokenizer: PreTrainedTokenizerBase  # the folder's RoBERTa tokenizer
+
+
+def read_laion_folder(path: str | Path, max_length: int = 77) -> LaionFolder:
+    """Read a transformers LAION-CLAP folder (config.json, weights, tokenizer, feature extractor settings)."""
     hf_model = HFClapModel.from_pretrained(str(path)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    fe = read_feature_extractor_settings(path)
-    model = ClapModel(laion_model_config(hf_model.config, max_length, fe), tokenizer=tokenizer)
-    state = laion_state_dict(hf_model)
-    # Only learnable tensors must match: RoBERTa's position/token-type id buffers may differ in persistence.
-    buffers = {name for name, _ in model.named_buffers()} | {n for n in state if n.endswith(("_ids",))}
-    missing = [n for n, _ in model.named_parameters() if n not in state]
-    unexpected = [n for n in state if n not in model.state_dict() and n not in buffers]
-    if missing or unexpected:
-        raise ValueError(f"LAION-CLAP import mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict({n: t for n, t in state.items() if n in model.state_dict()}, strict=False)
-    return model.eval()
+    config = laion_model_config(hf_model.config, max_length, read_feature_extractor_settings(path))
+    return LaionFolder(config, laion_state_dict(hf_model), tokenizer)
 
 
 # --- export: our model -> a transformers ClapModel folder (the inverse of the import above) ---
 
 
-def transformers_export_problems(model: ClapModel) -> list[str]:
+def transformers_export_problems(model: "ClapModel") -> list[str]:
     """Why transformers' ClapModel + ClapFeatureExtractor cannot represent this model (empty: it can)."""
     problems, config = [], model.config
     enc, text, audio = config.audio_encoder, config.text_encoder, config.audio
@@ -160,7 +163,7 @@ def feature_extractor_settings(config: ClapModelConfig) -> dict:
             "padding": "repeatpad" if audio.pad_mode == "repeatpad" else "pad"}
 
 
-def transformers_config(model: ClapModel) -> ClapConfig:
+def transformers_config(model: "ClapModel") -> ClapConfig:
     config = model.config
     audio = model.audio_encoder.model.config.to_dict()
     audio.update(projection_dim=config.embed_dim, projection_hidden_act=config.audio_projection.activation)
@@ -171,7 +174,7 @@ def transformers_config(model: ClapModel) -> ClapConfig:
                       logit_scale_init_value=float(model.logit_scales()[0].detach()))
 
 
-def transformers_state_dict(model: ClapModel) -> dict[str, torch.Tensor]:
+def transformers_state_dict(model: "ClapModel") -> dict[str, torch.Tensor]:
     """Our parameter names -> transformers ClapModel's (RENAMES read backwards)."""
     state = {}
     for name, tensor in model.state_dict().items():
@@ -185,7 +188,7 @@ def transformers_state_dict(model: ClapModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_transformers(model: ClapModel, output: str | Path) -> Path:
+def export_transformers(model: "ClapModel", output: str | Path) -> Path:
     """Write `model` as a transformers ClapModel folder: config.json, weights, tokenizer, preprocessor config."""
     problems = transformers_export_problems(model)
     if problems:

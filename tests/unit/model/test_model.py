@@ -126,6 +126,15 @@ def test_importing_clap_core_does_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
+def test_public_exports_resolve_and_import_laion_clap_is_from_laion():
+    import clap_core
+
+    assert clap_core.import_laion_clap == ClapModel.from_laion  # the historical name of the LAION import
+    assert all(getattr(clap_core, name) is not None for name in clap_core.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        clap_core.nope
+
+
 def test_text_encoder_and_tokenizer_load_from_a_local_pretrained_folder(tmp_path):
     from transformers import BertConfig, BertModel
 
