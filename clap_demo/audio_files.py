@@ -44,7 +44,7 @@ def encode_with_pyav(wave: np.ndarray, sr: int, container: str, codec: str, code
 
 # Format name -> encoder of (C, N) float audio at sr. mp3 and webm_vorbis take at most
 # 2 channels (libmp3lame, FFmpeg's native vorbis); opus is always coded at 48 kHz.
-AUDIO_ENCODERS = {
+FILE_FORMATS = {
     "wav": lambda w, sr: encode_with_soundfile(w, sr, "WAV", "PCM_16"),
     "flac": lambda w, sr: encode_flac(w, sr, "PCM_24"),
     "ogg": lambda w, sr: encode_with_soundfile(w, sr, "OGG", "VORBIS"),
@@ -57,6 +57,6 @@ AUDIO_ENCODERS = {
 }
 
 
-def encode_audio(wave: np.ndarray, sr: int, fmt: str) -> bytes:
-    """Encode (C, N) or (N,) float audio in one of AUDIO_ENCODERS' formats."""
-    return AUDIO_ENCODERS[fmt](as_channels_first(wave).astype(np.float32), sr)
+def encode_audio_file(wave: np.ndarray, sr: int, fmt: str) -> bytes:
+    """Encode (C, N) or (N,) float audio in one of FILE_FORMATS' formats."""
+    return FILE_FORMATS[fmt](as_channels_first(wave).astype(np.float32), sr)

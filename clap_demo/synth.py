@@ -27,7 +27,7 @@ import soundfile as sf
 from scipy.signal import lfilter
 
 from clap_core.audio.codec import TARGET_SR, encode_flac
-from clap_demo.audio_files import encode_audio
+from clap_demo.audio_files import encode_audio_file
 
 TONE_HZ = {"low": 220.0, "high": 1760.0}
 VOICE_F0_HZ = {"low": 110.0, "high": 220.0}
@@ -173,7 +173,7 @@ def spatialise(mono: np.ndarray, channels: int) -> np.ndarray:
 
 def write_audio_file(path: Path, wave: np.ndarray, sr: int, fmt: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_audio(wave, sr, fmt))
+    path.write_bytes(encode_audio_file(wave, sr, fmt))
 
 
 def write_corpus(
@@ -281,11 +281,11 @@ def write_bad_inputs(out_dir: str | Path, min_seconds: float = 0.5, max_seconds:
         "random.wav": np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint8).tobytes(),
         "truncated.flac": flac[: flac_metadata_length(flac) + 16],  # header intact, no complete frame
         "nan.wav": encode_float_wav(with_nan, 16000),
-        "silence.wav": encode_audio(np.zeros(16000, np.float32), 16000, "wav"),
-        "short.wav": encode_audio(make_clip(short_spec, 16000, min_seconds / 4), 16000, "wav"),
+        "silence.wav": encode_audio_file(np.zeros(16000, np.float32), 16000, "wav"),
+        "short.wav": encode_audio_file(make_clip(short_spec, 16000, min_seconds / 4), 16000, "wav"),
         "long.flac": encode_flac(make_clip(long_spec, 8000, max_seconds + 1.0), 8000),
-        "eight_channels.wav": encode_audio(spatialise(good[0], 8), 16000, "wav"),
-        "good_8k.wav": encode_audio(make_clip(eight_khz_spec, 8000, 1.0), 8000, "wav"),
+        "eight_channels.wav": encode_audio_file(spatialise(good[0], 8), 16000, "wav"),
+        "good_8k.wav": encode_audio_file(make_clip(eight_khz_spec, 8000, 1.0), 8000, "wav"),
         "good.flac": flac,
     }
     for name, data in files.items():

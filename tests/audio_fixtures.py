@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from clap_core.audio.codec import decode_audio
-from clap_demo.audio_files import encode_audio
+from clap_demo.audio_files import encode_audio_file
 from clap_demo.synth import ClipSpec, make_clip
 
 SPECS = [ClipSpec(kind="speech", pitch="low", pattern="pulsed", noise="brown", seed=1),
@@ -22,6 +22,6 @@ def decoded_clips(seconds: list[float], formats: tuple[str, ...] = ("mp3", "ogg"
     clips = []
     for i, length in enumerate(seconds):
         wave = make_clip(SPECS[i % len(SPECS)], sr=44_100, seconds=length)
-        data = encode_audio(wave, 44_100, formats[i % len(formats)])
+        data = encode_audio_file(wave, 44_100, formats[i % len(formats)])
         clips.append(decode_audio(data, mono=True, target_sr=48_000)[0][0])
     return clips

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from clap_core.audio.codec import encode_flac
-from clap_demo.audio_files import encode_audio
+from clap_demo.audio_files import encode_audio_file
 
 
 def tone(seconds: float, sr: int = 16000, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
@@ -77,10 +77,10 @@ def write_hostile_corpus(root: Path) -> tuple[Path, int]:
     root.mkdir(parents=True, exist_ok=True)
     audio = root / "audio"
     audio.mkdir(exist_ok=True)
-    good = encode_audio(tone(1.0), 16000, "wav")
+    good = encode_audio_file(tone(1.0), 16000, "wav")
     files = {
         "good.wav": good,
-        "good2.flac": encode_audio(tone(1.5, freq=660.0), 16000, "flac"),
+        "good2.flac": encode_audio_file(tone(1.5, freq=660.0), 16000, "flac"),
         "lying.flac": lying_flac(),
         "loud.wav": float_wav(2.0),
         "empty.wav": b"",

@@ -13,7 +13,7 @@ wav/flac/ogg/mp3; anything it cannot open goes to PyAV, which ships FFmpeg and
 covers mp4/m4a/webm/opus and friends.
 
 `encode_flac` / `decode_flac` store 48 kHz audio in Parquet shards, and
-`encode_audio` writes the other formats (used by the synthetic corpora and tests).
+`clap_demo.audio_files.encode_audio_file` writes the other formats (synthetic corpora and tests).
 """
 
 from __future__ import annotations

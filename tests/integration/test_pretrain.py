@@ -24,7 +24,7 @@ from clap_core.model.clap import ClapModel
 from clap_core.preprocess.config import PreprocessConfig
 from clap_core.train.batching import PairBatchTransform, decode_waves
 from clap_core.train.config import load_pretrain_config
-from clap_demo.audio_files import encode_audio
+from clap_demo.audio_files import encode_audio_file
 from pipelines.job_configs import default_config_path
 from pipelines.preprocess import preprocess
 from pipelines.pretrain import DEFAULT_CONFIG, pretrain
@@ -72,7 +72,7 @@ def write_corpus(root: Path, splits: dict[str, int], seed: int = 0, seconds: flo
             caps = captions_for(pitch, rhythm, background)
             fmt = FORMATS[i % len(FORMATS)] if split != "train" else FORMATS[i % 2]  # train: fast lossless codecs
             name = f"{split}-{i}.{fmt}"
-            (root / name).write_bytes(encode_audio(synth_clip(rng, pitch, rhythm, background, seconds), TARGET_SR, fmt))
+            (root / name).write_bytes(encode_audio_file(synth_clip(rng, pitch, rhythm, background, seconds), TARGET_SR, fmt))
             records.append({"id": f"{split}-{i}", "audio_path": name, "caption": caps[0], "captions": caps[1:],
                             "label": f"{pitch}-{rhythm}-{background}", "split": split, "kind": "env"})
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -10,7 +10,7 @@ import soundfile as sf
 
 from clap_core.audio import codec as aio
 from clap_core.audio.codec import TARGET_SR, AudioDecodeError
-from clap_demo.audio_files import encode_audio
+from clap_demo.audio_files import encode_audio_file
 
 TONE_HZ = 1000.0
 SECONDS = 0.5
@@ -76,7 +76,7 @@ def wav_bytes(wave: np.ndarray, sr: int, subtype: str = "PCM_16") -> bytes:
 
 @pytest.mark.parametrize("fmt,sr,channels", FORMAT_CASES)
 def test_every_format_decodes_to_48k_with_length_and_pitch_preserved(fmt, sr, channels):
-    data = encode_audio(sine(TONE_HZ, sr, SECONDS, channels), sr, fmt)
+    data = encode_audio_file(sine(TONE_HZ, sr, SECONDS, channels), sr, fmt)
     wave, out_sr = aio.decode_audio(data, mono=False)
 
     assert out_sr == TARGET_SR and wave.dtype == np.float32
@@ -91,7 +91,7 @@ def test_every_format_decodes_to_48k_with_length_and_pitch_preserved(fmt, sr, ch
 
 @pytest.mark.parametrize("fmt", ["wav", "mp3", "m4a"])
 def test_path_and_bytes_sources_decode_identically(tmp_path, fmt):
-    data = encode_audio(sine(TONE_HZ, 22050, SECONDS, 2), 22050, fmt)
+    data = encode_audio_file(sine(TONE_HZ, 22050, SECONDS, 2), 22050, fmt)
     path = tmp_path / f"clip.{fmt}"
     path.write_bytes(data)
 
@@ -173,7 +173,7 @@ def flac_header_only() -> bytes:
 BAD_BYTES = {
     "empty_file": lambda: b"",
     "undecodable": lambda: np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
-    "truncated": lambda: encode_audio(sine(TONE_HZ, 16000, 1.0), 16000, "ogg")[:30],
+    "truncated": lambda: encode_audio_file(sine(TONE_HZ, 16000, 1.0), 16000, "ogg")[:30],
     "decode_failed": flac_header_only,
     "no_samples": lambda: wav_bytes(sine(TONE_HZ, 16000, 1.0), 16000)[:44],
     "no_audio_stream": lambda: video_mp4(with_audio=False),
@@ -212,7 +212,7 @@ def test_infinite_samples_are_rejected():
 
 
 def test_too_many_channels_is_checked_before_downmix():
-    data = encode_audio(sine(TONE_HZ, 16000, SECONDS, 6), 16000, "flac")
+    data = encode_audio_file(sine(TONE_HZ, 16000, SECONDS, 6), 16000, "flac")
     with pytest.raises(AudioDecodeError) as info:
         aio.decode_audio(data, mono=True, max_channels=2)
     assert info.value.reason == "too_many_channels"
@@ -221,7 +221,7 @@ def test_too_many_channels_is_checked_before_downmix():
 
 
 def test_truncated_file_keeps_the_decodable_prefix():
-    full = encode_audio(sine(TONE_HZ, 44100, 1.0, 2), 44100, "mp3")
+    full = encode_audio_file(sine(TONE_HZ, 44100, 1.0, 2), 44100, "mp3")
     wave, _ = aio.decode_audio(full[: len(full) // 2])
     assert 0.3 * TARGET_SR < wave.shape[1] < 0.7 * TARGET_SR
 
@@ -232,7 +232,7 @@ def test_truncated_file_keeps_the_decodable_prefix():
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "ogg", "mp3", "m4a", "webm"])
 def test_probe_duration_reads_the_header(fmt):
-    data = encode_audio(sine(TONE_HZ, 22050, 1.5, 1), 22050, fmt)
+    data = encode_audio_file(sine(TONE_HZ, 22050, 1.5, 1), 22050, fmt)
     assert aio.probe_duration(data) == pytest.approx(1.5, abs=0.1)
 
 

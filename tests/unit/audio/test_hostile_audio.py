@@ -18,7 +18,7 @@ from clap_core.audio.codec import AudioDecodeError
 from clap_core.data.inputs import new_row
 from clap_core.preprocess.config import load_preprocess_config
 from clap_core.preprocess.unit import plan_units, process_row
-from clap_demo.audio_files import encode_audio
+from clap_demo.audio_files import encode_audio_file
 from tests.hostile import float_wav, lying_flac, tone, write_long_flac
 
 REPO = Path(__file__).resolve().parents[3]
@@ -171,7 +171,7 @@ def test_non_regular_paths_are_rejected_without_opening(tmp_path, kind, reason):
 def test_streamed_resampling_matches_one_shot_resampling():
     """Blocks are resampled by one stateful resampler: same length and samples as resampling the whole clip."""
     wave = tone(10.0, 16000)[None]  # 160000 frames: several decode blocks
-    streamed, _ = aio.decode_audio(encode_audio(wave, 16000, "flac"))
-    whole = aio.resample(aio.decode_audio(encode_audio(wave, 16000, "flac"), target_sr=None)[0], 16000, 48000)
+    streamed, _ = aio.decode_audio(encode_audio_file(wave, 16000, "flac"))
+    whole = aio.resample(aio.decode_audio(encode_audio_file(wave, 16000, "flac"), target_sr=None)[0], 16000, 48000)
     assert streamed.shape == whole.shape == (1, 480000)
     np.testing.assert_allclose(streamed, whole, atol=1e-4)

@@ -10,10 +10,10 @@ import tarfile
 from clap_core.data.inputs import escape_id, read_manifest, row_id, sample_key
 from clap_core.preprocess.config import load_preprocess_config
 from clap_core.preprocess.unit import plan_units, process_row
-from clap_demo.audio_files import encode_audio
+from clap_demo.audio_files import encode_audio_file
 from tests.hostile import deep_json, tar_bytes, tone
 
-WAV = encode_audio(tone(1.0), 16000, "wav")
+WAV = encode_audio_file(tone(1.0), 16000, "wav")
 
 
 def errors(rows: list[dict]) -> list:
@@ -152,7 +152,7 @@ def test_sidecar_folder_rejects_special_entries_and_never_follows_loops(tmp_path
 def test_input_ids_cannot_collide_with_segment_or_copy_ids(tmp_path):
     assert escape_id("a#seg1") == "a%23seg1" and escape_id("50%#x") == "50%25%23x"
     assert row_id({"id": "clip#aug1"}) == "clip%23aug1" and row_id({"source_path": "x#y.wav", "id": None}) == "x%23y"
-    (tmp_path / "long.wav").write_bytes(encode_audio(tone(2.5), 16000, "wav"))
+    (tmp_path / "long.wav").write_bytes(encode_audio_file(tone(2.5), 16000, "wav"))
     (tmp_path / "short.wav").write_bytes(WAV)
     lines = [{"audio_path": "long.wav", "caption": "long", "id": "c"},
              {"audio_path": "short.wav", "caption": "short", "id": "c#seg1"}]

@@ -15,12 +15,12 @@ from clap_core.audio.codec import decode_audio
 from clap_core.data.inputs import read_manifest
 from clap_core.preprocess.config import PreprocessConfig
 from clap_core.preprocess.unit import plan_units
-from clap_demo.audio_files import encode_audio
+from clap_demo.audio_files import encode_audio_file
 
 
 def wav_bytes(seconds: float = 0.5, sr: int = 16000) -> bytes:
     t = np.arange(int(seconds * sr)) / sr
-    return encode_audio((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sr, "wav")
+    return encode_audio_file((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sr, "wav")
 
 
 def test_jsonl_paths_extra_captions_and_bad_lines(tmp_path):

@@ -23,13 +23,13 @@ from clap_core.preprocess.unit import (
     read_markers,
     rows_per_unit,
 )
-from clap_demo.audio_files import encode_audio
+from clap_demo.audio_files import encode_audio_file
 from clap_demo.synth import ClipSpec, make_clip, write_corpus
 
 
 def write_clip(path, seconds: float, sr: int = 16000, spec: ClipSpec = ClipSpec(), channels: int = 1) -> str:
     wave = make_clip(spec, sr, seconds)
-    path.write_bytes(encode_audio(np.stack([wave] * channels), sr, "wav"))
+    path.write_bytes(encode_audio_file(np.stack([wave] * channels), sr, "wav"))
     return str(path)
 
 
@@ -65,7 +65,7 @@ def test_long_clip_split_into_equal_segments_or_rejected(tmp_path):
 
 def test_silence_rejected_or_kept(tmp_path):
     path = tmp_path / "quiet.wav"
-    path.write_bytes(encode_audio(np.full(16000, 1e-4, np.float32), 16000, "wav"))  # -80 dBFS
+    path.write_bytes(encode_audio_file(np.full(16000, 1e-4, np.float32), 16000, "wav"))  # -80 dBFS
     row = planned([new_row(0, "quiet.wav", str(path), ["hum"], id="q")])[0]
     assert process_row(row, load_preprocess_config())[1][0]["reason"] == "silent"
     assert len(process_row(row, load_preprocess_config(None, ["audio.silence=keep"]))[0]) == 1
