@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+# The defaults of both mergers; preprocess's `captions` config section takes them from here.
+MIX_CAPTION_TEMPLATE = "a person saying {speech}, with {env} in the background"  # {speech} and {env} are clauses
+MERGE_PROMPT = "merge captions. speech: {speech} background: {env}"  # the seq2seq model's input
+
 # -----------------------------------------------------------------------------
 # caption merging for mixes
 
@@ -26,7 +30,7 @@ def as_clause(caption: str) -> str:
 
 @dataclass
 class TemplateCaptionMerger:
-    template: str = "a person saying {speech}, with {env} in the background"  # {speech} and {env} are clauses
+    template: str = MIX_CAPTION_TEMPLATE
 
     def __call__(self, speech_caption: str, env_caption: str) -> str:
         return self.template.format(speech=as_clause(speech_caption), env=as_clause(env_caption))
@@ -39,7 +43,7 @@ class Seq2SeqCaptionMerger:
     def __init__(
         self,
         model_name_or_path: str,
-        prompt: str = "merge captions. speech: {speech} background: {env}",
+        prompt: str = MERGE_PROMPT,
         max_new_tokens: int = 48,
         device: str = "cpu",
     ):

@@ -15,6 +15,7 @@ from typing import Literal
 
 from clap_core.audio.augment import AugmentConfig
 from clap_core.config import ConfigError, load_config
+from clap_core.data.captions import MERGE_PROMPT, MIX_CAPTION_TEMPLATE
 
 
 @dataclass
@@ -43,9 +44,9 @@ class AudioConfig:
 @dataclass
 class CaptionsConfig:
     merger: Literal["template", "seq2seq"] = "template"  # how an env mix's caption is written
-    template: str = "a person saying {speech}, with {env} in the background"
+    template: str = MIX_CAPTION_TEMPLATE  # merger=template: {speech} and {env} are filled with the two captions
     model: str | None = None  # seq2seq: local path of a transformers text-to-text model
-    prompt: str = "merge captions. speech: {speech} background: {env}"  # seq2seq input
+    prompt: str = MERGE_PROMPT  # seq2seq input
 
 
 @dataclass
