@@ -9,10 +9,11 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-all test-fast bench
+.PHONY: install demo lint test test-all test-fast bench
 
 install: $(STAMP)
 
+# The dev extra includes the demo extra (moto's local S3 server) and the onnx one.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -22,8 +23,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/clap demo --output demo_output
 
-# CI's command: everything but the `slow` runs, so that a fresh 2-core machine finishes within its budget.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# CI's command: the lint, then everything but the `slow` runs, so that a fresh 2-core machine finishes within
+# its budget.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/pytest -m "not slow"
 
 # Everything, the slow scale/fault/autoscaling runs included (about twice as long as `make test`).

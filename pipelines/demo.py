@@ -3,6 +3,10 @@
     clap demo --output demo_output               # object storage on a local S3-protocol server (127.0.0.1)
     clap demo --output demo_output --storage local
 
+The local S3 server is moto's, which only the `demo` extra installs (`pip install 'clap-at-scale[demo]'`;
+`make demo` has it). Without it the default `--storage auto` keeps shards and embeddings in OUTPUT and says
+so; `--storage s3` without it stops at once with the install line.
+
 Stages: generate a mixed-format corpus (wav/flac/ogg/mp3/m4a at 16-48 kHz, mono and stereo, with
 captions that describe what is audible) -> preprocess (Ray Data) -> pretrain `tiny` (Ray Train +
 DeepSpeed, 2 workers) -> evaluate (retrieval and zero-shot) -> embed the test split -> a MELD-layout
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,15 +27,45 @@ from clap_core.config import load_config
 from pipelines.console import init_ray, log_to_file, verbose
 
 DEMO_BUCKET = "clap-demo"
+DEMO_EXTRA = "pip install 'clap-at-scale[demo]'"  # what installs the local S3 server (moto[server])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo_output", help="local folder for reports, plots and checkpoints")
-    parser.add_argument("--storage", choices=("s3", "local"), default="s3",
-                        help="shards and embeddings on a local S3-protocol server (default) or in OUTPUT")
+    parser.add_argument("--storage", choices=("auto", "s3", "local"), default="auto",
+                        help="shards and embeddings on a local S3-protocol server (s3; needs the demo extra: "
+                             f"{DEMO_EXTRA}) or in OUTPUT (local); auto (default): s3 when the extra is installed")
     parser.add_argument("--clips", type=int, default=400, help="generated clips in the corpus")
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps")
     parser.add_argument("--trials", type=int, default=6, help="probe sweep trials")
+
+
+def local_s3_available() -> bool:
+    """Whether moto's S3-protocol server (the `demo` extra: moto[server], Flask) imports."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class MissingDemoExtra(RuntimeError):
+    """--storage s3 asked for, but the local S3 server's packages are not installed."""
+
+
+def choose_storage(requested: str) -> str:
+    """The storage ("s3" or "local") for --storage auto / s3 / local; auto falls back to local, with a note on
+    stderr, when the local S3 server is not installed."""
+    if requested == "local":
+        return "local"
+    if local_s3_available():
+        return "s3"
+    if requested == "s3":
+        raise MissingDemoExtra(f"--storage s3 needs a local S3-protocol server (moto), which is not installed: "
+                               f"{DEMO_EXTRA}, or run clap demo --storage local")
+    print(f"clap demo: no local S3 server installed ({DEMO_EXTRA} adds one): shards and embeddings go to the "
+          "output folder instead (--storage local)", file=sys.stderr, flush=True)
+    return "local"
 
 
 @contextmanager
@@ -172,9 +207,14 @@ def _probe(output: Path, checkpoint: str, trials: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    try:  # before anything is written: a missing extra costs the user nothing
+        storage_kind = choose_storage(args.storage)
+    except MissingDemoExtra as e:
+        print(f"clap demo: {e}", file=sys.stderr)
+        return 2
     log_to_file(Path(args.output) / "demo.log")  # the local S3 server's request lines
-    with (local_s3_server() if args.storage == "s3" else _nothing()):
-        summary = demo(Path(args.output), args.storage, args.clips, args.steps, args.trials)
+    with (local_s3_server() if storage_kind == "s3" else _nothing()):
+        summary = demo(Path(args.output), storage_kind, args.clips, args.steps, args.trials)
     print("\n" + summary)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; summary in {Path(args.output) / 'summary.md'}")
     return 0

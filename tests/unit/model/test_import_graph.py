@@ -1,4 +1,5 @@
-"""clap_core's import graph, read from the source (AST, nothing imported): no circle, no Ray, no clap_demo.
+"""clap_core's import graph, read from the source (AST, nothing imported): no circle, no Ray, no clap_demo; and
+every third-party import of the shipped packages declared in pyproject.
 
 Both module-level and function-level `clap_core` imports count (a function-level import only defers a circle
 to call time). Imports under `if TYPE_CHECKING:` never run, so they are left out: that is how a module names
@@ -7,7 +8,13 @@ another's class in type hints without importing it.
 from __future__ import annotations
 
 import ast
+import importlib.metadata as md
+import re
+import sys
 from pathlib import Path
+
+import tomllib
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[3]
 FORBIDDEN = ("ray", "clap_demo", "pipelines")  # the library runs without Ray and never reaches into the apps
@@ -128,3 +135,22 @@ def test_the_walk_finds_function_level_and_relative_circles_and_skips_type_check
     assert circles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
     assert graph["pkg.d"] == set() and "pkg.d" in graph["pkg.e"]
     assert "ray" in external["pkg.c"]
+
+
+def test_every_third_party_import_of_the_shipped_packages_is_declared_in_pyproject():
+    """A package imported by clap_core, clap_demo or pipelines must be named in pyproject (dependencies or an
+    extra), not only arrive through another one's requirements."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    groups = [project["dependencies"], *project["optional-dependencies"].values()]
+    declared = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for group in groups for r in group}
+    distributions = md.packages_distributions()  # import name -> distribution names
+    first_party = {"clap_core", "clap_demo", "pipelines"}
+    missing = {}
+    for package in sorted(first_party):
+        _, external = import_graph(REPO / package)
+        for module, names in external.items():
+            for name in names - first_party - set(sys.stdlib_module_names) - {"__future__"}:
+                dists = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(name, [name])}
+                if not dists & declared:
+                    missing.setdefault(name, []).append(module)
+    assert missing == {}
