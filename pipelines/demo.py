@@ -123,8 +123,9 @@ def demo(output: Path, storage_kind: str, clips: int, steps: int, trials: int) -
     # worker, "actor is dead" on shutdown) stays in Ray's session logs unless --verbose.
     init_ray(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False, log_to_driver=verbose())
     if not verbose():
-        print(f"Ray worker logs: {ray._private.worker._global_node.get_logs_dir_path()}; "  # noqa: SLF001
-              f"S3 server log: {output / 'demo.log'} (--verbose shows them)", flush=True)
+        server_log = f"; S3 server log: {output / 'demo.log'}" if storage_kind == "s3" else ""
+        print(f"Ray worker logs: {ray._private.worker._global_node.get_logs_dir_path()}"  # noqa: SLF001
+              f"{server_log} (--verbose shows them)", flush=True)
     try:
         stages.run("corpus", lambda: _corpus(write_corpus, output / "corpus", clips))
         stages.run("preprocess", lambda: _preprocess(output / "corpus" / "manifest.jsonl", shards))
