@@ -44,8 +44,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6, help="probe trials per tower (the demo's budget)")
     args = parser.parse_args()
 
-    from clap_core.config import load_config
-    from clap_core.eval.probe import ProbeSweepConfig
+    from clap_core.eval.probe_config import load_probe_sweep_config
     from clap_demo.synth_meld import write_meld
     from pipelines.job_configs import default_config_path
     from pipelines.tune_probe import tune_probe
@@ -61,7 +60,7 @@ def main() -> None:
         ckpt = checkpoint_for(name, out / "ckpt" / name)
         from clap_core.model.clap import ClapModel
         n_params = sum(p.numel() for p in ClapModel.from_pretrained(ckpt).audio_encoder.parameters())
-        cfg = load_config(ProbeSweepConfig, default_config_path("tune_probe"), overrides)
+        cfg = load_probe_sweep_config(default_config_path("tune_probe"), overrides)
         start = time.perf_counter()
         summary = tune_probe(str(out / "meld"), ckpt, str(out / "sweep" / name), cfg)
         seconds = time.perf_counter() - start

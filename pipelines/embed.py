@@ -14,20 +14,17 @@ output of the same job: nothing else is ever deleted, and a finished job is not 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clap_core import storage
 from clap_core.audio.codec import TARGET_SR, decode_audio
 from clap_core.data import embeddings
 from clap_core.data.inputs import audio_source, read_manifest, row_id
-from clap_core.data.rejects import failure_reject, reject
-from clap_core.data.shards import REJECT_SCHEMA, is_shard_folder, shard_files
+from clap_core.data.rejects import Reject, failure_reject, reject, write_rejects
+from clap_core.data.shards import is_shard_folder, shard_files
 from clap_core.eval.sources import MAX_CLIP_SECONDS
 from clap_core.io_faults import retry_transient
 from clap_core.storage import local_copy
@@ -65,17 +62,15 @@ def decode_batch(batch: dict[str, np.ndarray], output: str) -> dict[str, np.ndar
     keep, waves, rejects = [], [], []
     for i in range(len(batch["id"])):
         row = {k: v[i] for k, v in batch.items()}
-        record = {"id": str(row["id"]), "source_path": str(row.get("source_path") or "")}
         if row.get("error_reason"):  # the manifest reader already knew this row is unusable
-            rejects.append(reject(record, "read_manifest", str(row["error_reason"]), str(row["error_detail"])))
+            rejects.append(reject(row, "read_manifest", str(row["error_reason"]), str(row["error_detail"])))
             continue
         try:
             waves.append(retry_transient(lambda: decode_row(row), what=str(row.get("audio_uri") or row["id"])))
             keep.append(i)
         except Exception as e:  # decode errors, MemoryError, an I/O error on one file: one reject, never the job
-            rejects.append(failure_reject(record, e))
-    if rejects:
-        write_rejects(output, rejects)
+            rejects.append(failure_reject(row, e))
+    write_batch_rejects(output, rejects)
     out = {k: v[keep] for k, v in batch.items() if k != "audio"}
     out["wave"] = np.array(waves + [None], dtype=object)[:-1]  # ragged (N_i,) arrays
     return out
@@ -94,12 +89,10 @@ def decode_row(row: dict) -> np.ndarray:
     return wave[0]  # decode_audio has rejected NaN/inf and empty audio
 
 
-def write_rejects(output: str, rejects: list[dict]) -> None:
-    """One file per batch, named by its ids: a retried task overwrites its own file instead of adding one."""
-    key = hashlib.sha256("\n".join(f"{r['id']}\t{r['stage']}\t{r['reason']}" for r in rejects).encode()).hexdigest()[:16]
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), sink)
-    storage.put_atomic(embeddings.rejects_uri(output, f"part-{key}.parquet"), sink.getvalue().to_pybytes())
+def write_batch_rejects(output: str, rejects: list[Reject]) -> None:
+    """One file per batch in OUTPUT/_rejects/, named by its rows: a retried task overwrites its own file."""
+    if rejects:
+        write_rejects(embeddings.rejects_folder(output), rejects)
 
 
 # --- stage 2: embed (callable class on an actor pool: the model loads once per actor) ---
@@ -149,12 +142,11 @@ def read_input(ray, input_uri: str, split: str | None, output: str):
         return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
     rows = [r for r in read_manifest(input_uri) if not split or r.get("split") in (None, "", split)]
     items, duplicates = unique_items([manifest_item(r) for r in rows])
-    if duplicates:
-        write_rejects(output, duplicates)
+    write_batch_rejects(output, duplicates)
     return ray.data.from_items(items)
 
 
-def unique_items(items: list[dict]) -> tuple[list[dict], list[dict]]:
+def unique_items(items: list[dict]) -> tuple[list[dict], list[Reject]]:
     """(items with unique ids, a duplicate_id reject record for every later row of an id seen before)."""
     seen: set[str] = set()
     unique, duplicates = [], []
@@ -208,8 +200,11 @@ def actor_pool(cluster_gpus: int, gpus: float | None, concurrency: int | None, m
 def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
                   concurrency: int | None = None, text: bool = True, precision: str = "auto",
                   layers: bool = False, min_workers: int = 1, max_workers: int | None = None,
-                  gpus: float | None = None) -> dict:
-    """Run the embedding job (Ray must be reachable: local or the submitted-to cluster); returns a summary."""
+                  gpus: float | None = None, input_rejects: list[Reject] = ()) -> dict:
+    """Run the embedding job (Ray must be reachable: local or the submitted-to cluster); returns a summary.
+
+    `input_rejects`: rows the caller's own reader already rejected (e.g. MELD CSV lines that are not a clip),
+    stored in OUTPUT/_rejects/ with the job's own, so the output accounts for every row of the corpus."""
     import ray
 
     checkpoint, input_uri, output = (storage.absolute(u) for u in (checkpoint, input_uri, output))
@@ -224,6 +219,8 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     done = embeddings.claim_output(output, job, {"uri": checkpoint, "identity": identity})
     if done is not None:  # this very job already finished here: its output stands, written once
         return embeddings.summary(done)
+    if input_rejects:
+        write_rejects(embeddings.rejects_folder(output), list(input_rejects), name="input.parquet")
 
     init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     resources = ray.cluster_resources()
@@ -239,9 +236,10 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
 
 
 def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: int = 16,
-                   concurrency: int | None = None, text: bool = True, layers: bool = False) -> dict:
+                   concurrency: int | None = None, text: bool = True, layers: bool = False,
+                   input_rejects: list[Reject] = ()) -> dict:
     return embed_dataset(checkpoint, manifest, output, batch_size=batch_size, concurrency=concurrency, text=text,
-                         layers=layers)
+                         layers=layers, input_rejects=input_rejects)
 
 
 def run(args: argparse.Namespace) -> int:

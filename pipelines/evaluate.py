@@ -3,25 +3,27 @@
     clap evaluate --checkpoint runs/a/final --data shards/ --split test --task retrieval --output eval/
     clap evaluate --checkpoint runs/a/final --data esc50.jsonl --task zero-shot --labels "dog,rain,siren" --output eval/
 
-Writes OUTPUT/metrics.json, OUTPUT/metrics.md and a PNG; clips that cannot be decoded are listed in
-OUTPUT/rejects.jsonl and counted, never silently skipped. Runs in one process (no Ray needed).
+Writes OUTPUT/metrics.json, OUTPUT/metrics.md and a PNG; clips that cannot be used are listed in
+OUTPUT/_rejects/evaluate.parquet (the reject records of every job, clap_core.data.rejects; rewritten by each
+run) and counted in metrics.json, never silently skipped. Runs in one process (no Ray needed).
 """
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
 
+from clap_core.data.rejects import REJECTS_DIR, Reject, write_rejects
 from clap_core.eval.evaluation import embed_items, evaluate_retrieval, evaluate_zero_shot, write_report
 from clap_core.eval.metrics import DEFAULT_TEMPLATES
-from clap_core.eval.sources import Rejected, iter_eval_items
+from clap_core.eval.sources import iter_eval_items
 from clap_core.model.clap import ClapModel
 from clap_core.storage import local_copy
 
 TASKS = ("retrieval", "zero-shot")
+REJECTS_FILE = "evaluate.parquet"  # OUTPUT/_rejects/evaluate.parquet: one file per run, rewritten by the next
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +47,7 @@ def evaluate(checkpoint: str, data: str, task: str, output: str, split: str | No
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     model = ClapModel.from_pretrained(local_copy(checkpoint))
-    rejects: list[Rejected] = []
+    rejects: list[Reject] = []
     items = _usable(iter_eval_items(data, split, augmented=include_augmented), rejects)
     embedded = embed_items(model, tqdm(items, desc="embedding clips", unit="clip"), batch_size)
     if task == "retrieval":
@@ -53,16 +55,14 @@ def evaluate(checkpoint: str, data: str, task: str, output: str, split: str | No
     else:
         metrics = evaluate_zero_shot(model, embedded, labels, templates or DEFAULT_TEMPLATES)
     metrics.update(task=task, checkpoint=checkpoint, data=data, split=split, num_rejects=len(rejects),
-                   rejects_by_reason=dict(Counter(r.reason for r in rejects)))
+                   rejects_by_reason=dict(Counter(r["reason"] for r in rejects)))
     out = Path(output)
     write_report(metrics, task, out, f"{task}: {Path(checkpoint).name} on {Path(data).name}")
-    with open(out / "rejects.jsonl", "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r.__dict__) + "\n")
+    write_rejects(str(out / REJECTS_DIR), rejects, name=REJECTS_FILE)  # also when empty: no stale file stays
     return metrics
 
 
-def _usable(pairs, rejects: list[Rejected]):
+def _usable(pairs, rejects: list[Reject]):
     for item, rejected in pairs:
         if rejected is not None:
             rejects.append(rejected)

@@ -11,7 +11,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 _CLASSES = {
     "pretrain": "clap_core.train.config:PretrainConfig",
-    "tune_probe": "clap_core.eval.probe:ProbeSweepConfig",
+    "tune_probe": "clap_core.eval.probe_config:ProbeSweepConfig",
     "preprocess": "clap_core.preprocess.config:PreprocessConfig",
 }
 

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 import yaml
@@ -40,23 +37,25 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from clap_core import storage
-from clap_core.config import ConfigError, from_dict, load_config, to_dict
+from clap_core.config import ConfigError, from_dict, to_dict
 from clap_core.data import embeddings
-from clap_core.data.meld import EMOTIONS, read_meld, write_manifest
-from clap_core.data.shards import REJECT_SCHEMA
+from clap_core.data.meld import EMOTIONS, read_meld, write_inputs
 from clap_core.eval.plots import confusion_png
 from clap_core.eval.probe import (
-    ProbeConfig,
     ProbeMLP,
-    ProbeSweepConfig,
     ProbeTrainer,
     evaluate_probe,
     features,
-    hidden_key,
     layer_layout,
     load_embeddings,
     majority_baseline,
     save_probe,
+)
+from clap_core.eval.probe_config import (
+    ProbeConfig,
+    ProbeSweepConfig,
+    hidden_key,
+    load_probe_sweep_config,
     with_params,
 )
 from clap_core.model.config import SPEECH_ENCODERS
@@ -75,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(ProbeSweepConfig, args.config, args.overrides)
+    cfg = load_probe_sweep_config(args.config, args.overrides)
     summary = tune_probe(args.meld, args.checkpoint, args.output, cfg)
     print(json.dumps(summary))  # one line, last on stdout: `clap tune-probe ... | tail -1 | jq`
     return 0 if summary["status"] == "finished" else 130
@@ -136,19 +135,11 @@ def embed_cache(rows: list[dict], csv_rejects: list[dict], checkpoint: str, outp
     key = cache_key(rows, checkpoint) + ("-layers" if layers else "")
     if storage.exists(marker) and json.loads(storage.read_bytes(marker))["key"] == key:
         return json.loads(storage.read_bytes(marker))
-    write_manifest(rows, manifest_uri)
+    write_inputs(rows, manifest_uri)
     embeddings.remove_output(uri)  # this job's own earlier embeddings of another manifest or checkpoint
-    storage.delete(storage.join(uri, "_rejects", "read_meld.parquet"))
     summary = embed_manifest(checkpoint, manifest_uri, uri, batch_size=cfg.embed.batch_size,
-                             concurrency=cfg.embed.concurrency, text=True, layers=layers)
-    if csv_rejects:  # after the job: the embedding output must be empty or its own when it starts
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(csv_rejects, schema=REJECT_SCHEMA), buf)
-        storage.put_atomic(storage.join(uri, "_rejects", "read_meld.parquet"), buf.getvalue())
-        reasons = dict(summary["reject_reasons"])
-        for r in csv_rejects:
-            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        summary = {**summary, "rejects": summary["rejects"] + len(csv_rejects), "reject_reasons": reasons}
+                             concurrency=cfg.embed.concurrency, text=True, layers=layers,
+                             input_rejects=csv_rejects)  # CSV lines that are not a clip: counted with the rest
     cache = {"key": key, "uri": uri, "checkpoint": checkpoint, "summary": summary}
     storage.put_atomic(marker, json.dumps(cache, indent=2).encode())
     print(f"embedded {summary['rows']} clips, {summary['rejects']} rejected {summary['reject_reasons']} "
@@ -253,7 +244,7 @@ def run_sweep(output: str, cache: str, cfg: ProbeSweepConfig, callbacks: tuple =
     saved = storage.join(output, "sweep_config.yaml")
     restoring = Tuner.can_restore(experiment, storage_filesystem=fs)
     if restoring:
-        original = load_config(ProbeSweepConfig, yaml.safe_load(storage.read_bytes(saved)))
+        original = load_probe_sweep_config(yaml.safe_load(storage.read_bytes(saved)))
         if to_dict(original) != to_dict(cfg):
             print(f"resuming {experiment} with the config it started with ({saved}); changes are ignored",
                   file=sys.stderr)

@@ -3,10 +3,16 @@
     OUTPUT/embeddings.json       the manifest: job hash, checkpoint identity, state, the data files and row counts
     OUTPUT/data/*.parquet        id, audio_embedding (D,), text_embedding (D,) (unless --no-text), duration_s and
                                  the input's metadata (caption, label, split, source_path, language, kind)
-    OUTPUT/_rejects/*.parquet    rows that could not be embedded (shards.REJECT_SCHEMA)
+    OUTPUT/_rejects/*.parquet    rows that could not be embedded (clap_core.data.rejects)
 
-Readers (`clap search`, the probe, the summaries) read only the files the manifest lists, and only once the
-job has committed it (state "complete"). A job claims OUTPUT by writing the manifest in state "running"
+    table = read_table("emb/")                       # every embedded row, sorted by id
+    audio = embedding_matrix(table, "audio_embedding")  # (N, D) float32
+    layers = layer_matrix(table)                     # (N, L, H) float32 pooled speech-tower layers, or None
+    rejects = read_rejects("emb/")                   # the rows that could not be embedded
+
+Readers (`clap search`, the probe, the job summaries) read through this module only: the files the manifest
+lists (never a folder listing, so no stray file is read), and only once the job has committed it (state
+"complete"). A job claims OUTPUT by writing the manifest in state "running"
 before it writes anything else, so every file under data/ and _rejects/ is one of its own: a re-run of the
 same job (same job hash) may remove them; a folder holding anything else is refused, never cleared.
 """
@@ -14,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clap_core import storage
+from clap_core.data import rejects
+from clap_core.data.rejects import REJECTS_DIR
 
 MANIFEST = "embeddings.json"
 DATA_DIR = "data"
-REJECTS_DIR = "_rejects"
 FORMAT = "clap-embeddings/1"
 
 
@@ -105,8 +111,9 @@ def data_path(output: str) -> str:
     return storage.join(output, DATA_DIR)
 
 
-def rejects_uri(output: str, name: str) -> str:
-    return storage.join(output, REJECTS_DIR, name)
+def rejects_folder(output: str) -> str:
+    """OUTPUT/_rejects/: where the job writes its reject files (clap_core.data.rejects.write_rejects)."""
+    return storage.join(output, REJECTS_DIR)
 
 
 def commit(output: str) -> dict:
@@ -117,13 +124,10 @@ def commit(output: str) -> dict:
     rel = len(output.rstrip("/")) + 1
     data = [{"path": f[rel:], "rows": _num_rows(f)} for f in storage.list_files(data_path(output))
             if f.endswith(".parquet")]
-    rejects = [f for f in storage.list_files(storage.join(output, REJECTS_DIR)) if f.endswith(".parquet")]
-    reasons = Counter()
-    for f in rejects:
-        reasons.update(pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=["reason"])
-                       .column("reason").to_pylist())
+    reject_files = rejects.reject_files(rejects_folder(output))
+    reasons = rejects.reject_reasons(reject_files)
     manifest.update(state="complete", files=data, rows=sum(d["rows"] for d in data),
-                    rejects={"files": [f[rel:] for f in rejects], "rows": sum(reasons.values()),
+                    rejects={"files": [f[rel:] for f in reject_files], "rows": sum(reasons.values()),
                              "reasons": dict(reasons)})
     storage.put_atomic(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
@@ -170,9 +174,31 @@ def read_table(output: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables).sort_by("id")
 
 
+def read_rejects(output: str) -> pa.Table:
+    """The reject rows of a finished output: the files its manifest lists."""
+    return rejects.read_rejects(output, committed_manifest(output)["rejects"]["files"])
+
+
 def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
     """(N, D) float32 from a list<float> column."""
     return np.asarray(table.column(column).to_pylist(), dtype=np.float32)
+
+
+def layer_matrix(table: pa.Table) -> np.ndarray | None:
+    """(N, L, H) float32 pooled speech-tower layers from the flattened (N, L * H) `audio_layers`, or None
+    when the output was embedded without layers."""
+    if "audio_layers" not in table.column_names:
+        return None
+    flat = embedding_matrix(table, "audio_layers")  # (N, L * H)
+    count = int(table.column("audio_layer_count")[0].as_py()) if table.num_rows else 1
+    return flat.reshape(len(flat), count, -1)
+
+
+def text_column(table: pa.Table, column: str) -> list[str]:
+    """A metadata column as strings ("" for a null or for a column the output does not have)."""
+    if column not in table.column_names:
+        return [""] * table.num_rows
+    return ["" if v is None else str(v) for v in table.column(column).to_pylist()]
 
 
 def check_checkpoint(output: str, checkpoint_id: str, checkpoint_name: str) -> None:

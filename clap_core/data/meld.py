@@ -1,8 +1,9 @@
-"""MELD (Multimodal EmotionLines Dataset) on disk -> manifest rows for `clap embed`.
+"""MELD (Multimodal EmotionLines Dataset) on disk -> input rows for `clap embed`.
 
     layout = find_layout("data/MELD.Raw")          # either release layout, see below
-    rows, bad = read_meld("data/MELD.Raw")         # one row per CSV line; bad = CSV lines that are not a clip
-    write_manifest(rows, "out/manifest.jsonl")
+    rows, bad = read_meld("data/MELD.Raw")         # one row per CSV line; bad = reject records of CSV lines
+                                                   # that are not a clip (clap_core.data.rejects)
+    write_inputs(rows, "out/manifest.jsonl")      # the input list handed to `clap embed`
 
 Two layouts are recognised:
     MELD.Raw    train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv and the clip folders train_splits/,
@@ -23,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clap_core import storage
+from clap_core.data.rejects import Reject, reject
 
 EMOTIONS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 SPLITS = ("train", "dev", "test")
 RAW_CLIP_DIRS = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}
 REQUIRED_COLUMNS = ("Utterance", "Emotion", "Dialogue_ID", "Utterance_ID")
+READ_STAGE = "read_meld"  # the reject stage of a CSV line that is not a clip
 
 
 @dataclass(frozen=True)
@@ -103,30 +106,26 @@ def read_csv_records(path: str | Path) -> list[dict]:
     return [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
 
 
-def row_from_record(record: dict, split: str, clips: Path, line: int) -> tuple[dict | None, dict | None]:
-    """(manifest row, None) or (None, reject) for one CSV record."""
+def row_from_record(record: dict, split: str, clips: Path, line: int) -> tuple[dict | None, Reject | None]:
+    """(input row, None) or (None, reject record) for one CSV record."""
     source = f"{split}_sent_emo.csv:{line}"
     emotion = record["Emotion"].lower()
     try:
         name = clip_name(record["Dialogue_ID"], record["Utterance_ID"])
     except ValueError:
-        return None, reject(f"{split}/line{line}", source, "bad_ids",
+        return None, reject({"id": f"{split}/line{line}", "source_path": source}, READ_STAGE, "bad_ids",
                             f"Dialogue_ID={record['Dialogue_ID']!r} Utterance_ID={record['Utterance_ID']!r}")
     clip_id = f"{split}/{name[:-4]}"
     if emotion not in EMOTIONS:
-        return None, reject(clip_id, source, "unknown_emotion", f"{record['Emotion']!r} not in {EMOTIONS}")
+        return None, reject({"id": clip_id, "source_path": source}, READ_STAGE, "unknown_emotion",
+                            f"{record['Emotion']!r} not in {EMOTIONS}")
     row = {"id": clip_id, "audio_path": str(clips / name), "caption": record["Utterance"], "label": emotion,
            "split": split, "speaker": record.get("Speaker", ""), "sentiment": record.get("Sentiment", "")}
     return row, None
 
 
-def reject(clip_id: str, source: str, reason: str, detail: str) -> dict:
-    """A row in the embedding job's reject schema (id, source_path, stage, reason, detail)."""
-    return {"id": clip_id, "source_path": source, "stage": "read_meld", "reason": reason, "detail": detail}
-
-
-def read_meld(root: str | Path, splits: tuple[str, ...] = SPLITS) -> tuple[list[dict], list[dict]]:
-    """(manifest rows of every split, rejected CSV lines) in CSV order."""
+def read_meld(root: str | Path, splits: tuple[str, ...] = SPLITS) -> tuple[list[dict], list[Reject]]:
+    """(input rows of every split, reject records of the CSV lines that are not a clip) in CSV order."""
     layout = find_layout(root)
     rows, rejects = [], []
     for split in splits:
@@ -138,7 +137,7 @@ def read_meld(root: str | Path, splits: tuple[str, ...] = SPLITS) -> tuple[list[
     return rows, rejects
 
 
-def write_manifest(rows: list[dict], uri: str) -> None:
-    """JSONL manifest for `embed_manifest` (absolute audio paths, UTF-8), local or s3://, written atomically."""
+def write_inputs(rows: list[dict], uri: str) -> None:
+    """The JSONL input list for `clap embed` (absolute audio paths, UTF-8), local or s3://, written atomically."""
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     storage.put_atomic(str(uri), text.encode("utf-8"))

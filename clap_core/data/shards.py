@@ -47,14 +47,6 @@ SHARD_SCHEMA = pa.schema([
     pa.field("augment", pa.string(), nullable=False),  # JSON: {} for originals, else effects and parameters
 ])
 
-REJECT_SCHEMA = pa.schema([
-    pa.field("id", pa.string()),  # input row id (may be empty when the input had none)
-    pa.field("source_path", pa.string()),
-    pa.field("stage", pa.string(), nullable=False),  # read_manifest / decode / validate / augment / write
-    pa.field("reason", pa.string(), nullable=False),  # machine-readable reason, e.g. "missing_file"
-    pa.field("detail", pa.string()),  # human-readable message
-])
-
 
 def read_output_manifest(out_uri: str) -> dict:
     """OUT/manifest.json; FileNotFoundError while the job has not finished."""
@@ -121,10 +113,3 @@ def read_shards(out_uri: str, split: str | None = None, columns: list[str] | Non
     tables = [read_parquet_file(u, columns) for u in shard_uris(out_uri, split)]
     schema = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
     return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def read_rejects(out_uri: str) -> pa.Table:
-    """Every reject row of a finished output."""
-    files = read_output_manifest(out_uri)["rejects"]["files"]
-    tables = [read_parquet_file(storage.join(out_uri, f)) for f in files]
-    return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()

@@ -1,4 +1,6 @@
-"""Evaluation metrics: audio-text retrieval (AudioCaps/Clotho protocol) and zero-shot classification.
+"""Evaluation metrics: audio-text retrieval (AudioCaps/Clotho protocol), zero-shot classification and the
+classification metrics of a probe (accuracy, weighted/macro F1), with the L2 normalisation and confusion
+matrix they share.
 
 Everything runs in numpy on CPU; torch tensors are accepted and converted.
 
@@ -29,8 +31,16 @@ def _float_array(array) -> np.ndarray:
     return array if np.issubdtype(array.dtype, np.floating) else array.astype(np.float32)
 
 
-def _l2_normalize(array: np.ndarray) -> np.ndarray:
+def l2_normalize(array: np.ndarray) -> np.ndarray:
+    """Unit vectors along the last axis (an all-zero vector stays zero)."""
     return array / np.maximum(np.linalg.norm(array, axis=-1, keepdims=True), 1e-12)
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """(K, K) int64 counts: rows are the true class, columns the predicted class."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return confusion
 
 
 def _target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -130,12 +140,12 @@ def zero_shot_classifier(class_text_emb) -> np.ndarray:
     emb = _float_array(class_text_emb)
     if emb.ndim == 2:
         emb = emb[:, None, :]  # (C, 1, D)
-    return _l2_normalize(_l2_normalize(emb).mean(axis=1))  # (C, D)
+    return l2_normalize(l2_normalize(emb).mean(axis=1))  # (C, D)
 
 
 def zero_shot_predict(audio_emb, classifier, logit_scale: float = 100.0) -> np.ndarray:
     """Class probabilities (N, C): softmax(logit_scale * normalize(audio) @ classifier.T)."""
-    logits = logit_scale * _l2_normalize(_float_array(audio_emb)) @ _float_array(classifier).T  # (N, C)
+    logits = logit_scale * l2_normalize(_float_array(audio_emb)) @ _float_array(classifier).T  # (N, C)
     logits = logits - logits.max(axis=1, keepdims=True)  # numerical stability
     exp = np.exp(logits)
     return exp / exp.sum(axis=1, keepdims=True)
@@ -156,8 +166,7 @@ def zero_shot_metrics(probs, labels, class_names: Sequence[str]) -> dict:
 
     ranks = _target_ranks(probs, labels)  # (N,)
     predicted = np.argmax(probs, axis=1)  # first maximum, consistent with the tie rule
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
+    confusion = confusion_matrix(labels, predicted, num_classes)
     support = confusion.sum(axis=1)
 
     metrics = {
@@ -170,3 +179,24 @@ def zero_shot_metrics(probs, labels, class_names: Sequence[str]) -> dict:
     if num_classes >= 5:
         metrics["top5_accuracy"] = float(np.mean(ranks <= 5))
     return metrics
+
+
+def classification_metrics(y_true, y_pred, classes: Sequence[str]) -> dict:
+    """Accuracy, weighted/macro F1 (over the classes present in y_true or y_pred, as scikit-learn), per-class F1."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    k = len(classes)
+    confusion = confusion_matrix(y_true, y_pred, k)
+    tp = np.diag(confusion).astype(np.float64)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    present = (support + predicted) > 0
+    n = max(len(y_true), 1)
+    return {"accuracy": float(tp.sum() / n),
+            "weighted_f1": float((f1 * support).sum() / n),
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "per_class_f1": {c: float(f1[i]) for i, c in enumerate(classes)},
+            "support": {c: int(support[i]) for i, c in enumerate(classes)},
+            "confusion": confusion.tolist(),
+            "num_examples": int(len(y_true))}

@@ -19,8 +19,8 @@ import copy
 import dataclasses
 import io
 import json
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,114 +28,9 @@ from torch import nn
 
 from clap_core import storage
 from clap_core.config import ConfigError
-
-MAX_EPOCHS = 20  # the sweep's upper bound on epochs, as in the CLARA MELD experiment
-
-
-# -------------------------------------------------------------------------------------------------
-# configs
-
-
-@dataclass
-class ProbeConfig:
-    mode: Literal["concat", "audio", "text"] = "concat"  # concat: [audio; text] (2d inputs); or one modality (d)
-    audio_features: Literal["embedding", "last", "weighted"] = "embedding"  # CLAP embedding, or a speech
-    # tower's pooled last layer, or a learned weighted sum of all its layers (needs `clap embed` audio_layers)
-    hidden: tuple[int, ...] = (512, 128)  # hidden layer widths; () is a linear probe
-    dropout: float = 0.2  # after every hidden layer
-    lr: float = 1e-3  # AdamW learning rate
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay
-    batch_size: int = 64  # training examples per step
-    epochs: int = 20  # upper bound; early stopping usually ends sooner
-    class_weights: bool = False  # weight the cross-entropy by inverse class frequency of the train split
-    patience: int = 5  # epochs without a better validation weighted F1 before stopping
-    standardize: bool = True  # z-score each input feature with train-split statistics (kept in the probe)
-    seed: int = 0  # initialisation, shuffling and dropout
-
-    def __post_init__(self):
-        if not 1 <= self.epochs <= MAX_EPOCHS:
-            raise ConfigError(f"config key 'epochs' must be in [1, {MAX_EPOCHS}], got {self.epochs}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"config key 'dropout' must be in [0, 1), got {self.dropout}")
-        if self.patience < 1 or self.batch_size < 1 or any(w < 1 for w in self.hidden):
-            raise ConfigError("config keys 'patience', 'batch_size' and 'hidden' widths must be >= 1")
-
-
-@dataclass
-class SearchSpace:
-    lr: tuple[float, float] = (1e-4, 3e-3)  # log-uniform range of the learning rate
-    weight_decay: tuple[float, float] = (1e-6, 1e-2)  # log-uniform range of the weight decay
-    dropout: tuple[float, float] = (0.0, 0.5)  # uniform range of the dropout
-    hidden: list[list[int]] = field(default_factory=lambda: [[512, 128], [256, 64], [1024, 256], [256]])  # choices
-    batch_size: list[int] = field(default_factory=lambda: [32, 64, 128])  # choices
-    class_weights: list[bool] = field(default_factory=lambda: [False, True])  # choices
-    epochs: tuple[int, int] = (8, 20)  # integer range, both ends included, at most 20
-    audio_features: list[str] = field(default_factory=lambda: ["embedding", "last", "weighted"])  # choices, only
-    # swept when the checkpoint has a speech tower (else probe.audio_features is used)
-
-    def __post_init__(self):
-        for key in ("lr", "weight_decay", "dropout", "epochs"):
-            low, high = getattr(self, key)
-            if not low <= high:
-                raise ConfigError(f"config key 'search.{key}' must be [low, high] with low <= high, got {[low, high]}")
-        if self.lr[0] <= 0 or self.weight_decay[0] <= 0:
-            raise ConfigError("config keys 'search.lr' and 'search.weight_decay' are log-uniform: bounds must be > 0")
-        if not (1 <= self.epochs[0] and self.epochs[1] <= MAX_EPOCHS):
-            raise ConfigError(f"config key 'search.epochs' must lie in [1, {MAX_EPOCHS}], got {list(self.epochs)}")
-        if not set(self.audio_features) <= {"embedding", "last", "weighted"} or not self.audio_features:
-            raise ConfigError("config key 'search.audio_features' takes choices among embedding, last, weighted; "
-                              f"got {list(self.audio_features)}")
-        if not (self.hidden and self.batch_size and self.class_weights):
-            raise ConfigError("config keys 'search.hidden', 'search.batch_size', 'search.class_weights' need a choice")
-
-
-@dataclass
-class TuneSection:
-    name: str = "meld_probe"  # experiment folder under OUTPUT; stable, so running again resumes it
-    num_samples: int = 16  # trials
-    max_concurrent_trials: int = 4  # trials running at once
-    cpus_per_trial: float = 1.0  # Ray resources of one trial
-    gpus_per_trial: float = 0.0  # the probe is small: CPUs are usually enough
-    grace_period: int = 3  # ASHA: epochs every trial runs before it can be stopped
-    reduction_factor: int = 3  # ASHA: 1/reduction_factor of the trials go on at each rung
-    seed: int = 0  # Optuna TPE sampler seed
-
-    def __post_init__(self):
-        if self.num_samples < 1 or self.max_concurrent_trials < 1 or self.grace_period < 1:
-            raise ConfigError("config keys 'tune.num_samples', 'tune.max_concurrent_trials' and "
-                              "'tune.grace_period' must be >= 1")
-
-
-@dataclass
-class EmbedSection:
-    batch_size: int = 16  # clips per model call of `clap embed`
-    concurrency: Optional[int] = None  # embedding actors (None: one per GPU, else 2)
-
-
-@dataclass
-class ProbeSweepConfig:
-    probe: ProbeConfig = field(default_factory=ProbeConfig)  # fixed settings; its values are the first trial
-    search: SearchSpace = field(default_factory=SearchSpace)  # what Optuna varies
-    tune: TuneSection = field(default_factory=TuneSection)  # trials, concurrency, ASHA
-    embed: EmbedSection = field(default_factory=EmbedSection)  # the embedding job that fills the cache
-
-
-def hidden_key(widths) -> str:
-    """[512, 128] -> '512x128' (Optuna choices must be scalars); [] -> 'linear'."""
-    return "x".join(str(w) for w in widths) or "linear"
-
-
-def parse_hidden(key: str) -> tuple[int, ...]:
-    return () if key == "linear" else tuple(int(w) for w in key.split("x"))
-
-
-def with_params(base: ProbeConfig, params: dict) -> ProbeConfig:
-    """The base probe config with a trial's sampled hyperparameters."""
-    params = dict(params)
-    if "hidden" in params:
-        params["hidden"] = parse_hidden(params["hidden"])
-    return dataclasses.replace(base, **params)
-
+from clap_core.data import embeddings
+from clap_core.eval.metrics import classification_metrics, l2_normalize
+from clap_core.eval.probe_config import ProbeConfig
 
 # -------------------------------------------------------------------------------------------------
 # data
@@ -155,36 +50,22 @@ class ProbeData:
 
 def load_embeddings(uri: str, classes: tuple[str, ...]) -> dict[str, ProbeData]:
     """split -> ProbeData from a `clap embed` output (clap_core.data.embeddings; local or s3://)."""
-    import pyarrow as pa
-
-    from clap_core.data import embeddings
+    import pyarrow.compute as pc
 
     table = embeddings.read_table(uri)  # sorted by id: file order depends on the embedding job's scheduling
-    layered = "audio_layers" in table.column_names
     index = {name: i for i, name in enumerate(classes)}
     unknown = set(table.column("label").to_pylist()) - set(index)
     if unknown:
         raise ValueError(f"labels {sorted(unknown)} of {uri} are not among the classes {classes}")
     out = {}
     for split in sorted(set(table.column("split").to_pylist())):
-        part = table.filter(pa.compute.equal(table.column("split"), split))
+        part = table.filter(pc.equal(table.column("split"), split))
         out[split] = ProbeData(ids=part.column("id").to_pylist(),
                                audio=embeddings.embedding_matrix(part, "audio_embedding"),
                                text=embeddings.embedding_matrix(part, "text_embedding"),
                                labels=np.array([index[x] for x in part.column("label").to_pylist()], dtype=np.int64),
-                               audio_layers=_layers(part) if layered else None)
+                               audio_layers=embeddings.layer_matrix(part))
     return out
-
-
-def _layers(part) -> np.ndarray:
-    """Flattened (N, L * H) `audio_layers` -> (N, L, H)."""
-    flat = np.asarray(part.column("audio_layers").to_pylist(), dtype=np.float32)
-    count = int(part.column("audio_layer_count")[0].as_py())
-    return flat.reshape(len(flat), count, -1)
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def features(data: ProbeData, mode: str, audio_features: str = "embedding") -> torch.Tensor:
@@ -193,19 +74,20 @@ def features(data: ProbeData, mode: str, audio_features: str = "embedding") -> t
     audio_features 'last' uses the speech tower's pooled last layer (N, H) as the audio part; 'weighted'
     puts all its layers first, flattened (N, L * H), for the probe's learned layer weights (`layer_layout`).
     """
-    audio = [normalize(data.audio)]
+    audio = [l2_normalize(data.audio)]
     if audio_features != "embedding":
         if data.audio_layers is None:
             raise ConfigError(f"audio_features='{audio_features}' needs per-layer features: embed a checkpoint "
                               "with a speech tower (wav2vec2, whisper) with layers=True")
         layers = data.audio_layers
-        audio = [normalize(layers[:, -1])] if audio_features == "last" else \
-            [normalize(layers[:, i]) for i in range(layers.shape[1])]
-    parts = {"audio": audio, "text": [normalize(data.text)], "concat": audio + [normalize(data.text)]}[mode]
+        audio = [l2_normalize(layers[:, -1])] if audio_features == "last" else \
+            [l2_normalize(layers[:, i]) for i in range(layers.shape[1])]
+    text = [l2_normalize(data.text)]
+    parts = {"audio": audio, "text": text, "concat": audio + text}[mode]
     return torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32))
 
 
-def layer_layout(cfg: "ProbeConfig", data: ProbeData) -> dict:
+def layer_layout(cfg: ProbeConfig, data: ProbeData) -> dict:
     """ProbeMLP kwargs for the learned layer weights: {} unless the audio side is the weighted layer sum."""
     if cfg.audio_features != "weighted" or cfg.mode == "text":
         return {}
@@ -220,29 +102,7 @@ def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> torch.Ten
 
 
 # -------------------------------------------------------------------------------------------------
-# metrics
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:
-    """Accuracy, weighted/macro F1 (over the classes present in y_true or y_pred, as scikit-learn), per-class F1."""
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
-    k = len(classes)
-    confusion = np.zeros((k, k), dtype=np.int64)  # rows: true class, columns: predicted class
-    np.add.at(confusion, (y_true, y_pred), 1)
-    tp = np.diag(confusion).astype(np.float64)
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
-    present = (support + predicted) > 0
-    n = max(len(y_true), 1)
-    return {"accuracy": float(tp.sum() / n),
-            "weighted_f1": float((f1 * support).sum() / n),
-            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-            "per_class_f1": {c: float(f1[i]) for i, c in enumerate(classes)},
-            "support": {c: int(support[i]) for i, c in enumerate(classes)},
-            "confusion": confusion.tolist(),
-            "num_examples": int(len(y_true))}
+# baseline
 
 
 def majority_baseline(train_labels: np.ndarray, y_true: np.ndarray, classes: tuple[str, ...]) -> dict:

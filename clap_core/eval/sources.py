@@ -1,35 +1,24 @@
-"""Audio rows from either input users have: a manifest (JSONL/CSV) or a folder of preprocessed shards.
+"""Evaluation clips from either input users have: a manifest (JSONL/CSV) or a folder of preprocessed shards.
 
-    for row in iter_rows("shards/", split="test"): ...          # shard rows, FLAC bytes in row["audio"]
-    for item, error in iter_eval_items("data/manifest.jsonl"):  # decoded EvalItems, or the reason they failed
+    for item, rejected in iter_eval_items("shards/", split="test"):  # a decoded EvalItem, or its reject record
+    for item, rejected in iter_eval_items("data/manifest.jsonl"):    # (clap_core.data.rejects.Reject)
 
 Shard folders are recognised by their `manifest.json` (written last by `clap preprocess`) or by
 `<split>/*.parquet` below them; anything else is read as a manifest file. Local paths and s3:// URIs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 from clap_core.audio.codec import TARGET_SR, decode_audio
 from clap_core.data.inputs import audio_source, read_manifest, row_id
-from clap_core.data.rejects import failure_reject, reject
+from clap_core.data.rejects import Reject, failure_reject, reject
 from clap_core.data.shards import is_augmented_copy, is_shard_folder, iter_shard_rows
 from clap_core.eval.evaluation import EvalItem
 from clap_core.io_faults import retry_transient
 
 MAX_CLIP_SECONDS = 1800.0  # evaluate / embed: a longer clip (declared or decoded) is too_long; decoded audio is
 # held for the model, so this bounds a worker's memory (~0.35 GB at 48 kHz float32)
-
-
-@dataclass
-class Rejected:
-    """One clip that cannot be used; the fields of clap_core.data.rejects (REJECT_SCHEMA)."""
-    id: str
-    source_path: str
-    reason: str
-    detail: str
-    stage: str = "decode"
 
 
 def shard_row_to_item(row: dict, max_seconds: float | None = MAX_CLIP_SECONDS) -> EvalItem:
@@ -45,8 +34,8 @@ def manifest_row_to_item(row: dict, max_seconds: float | None = MAX_CLIP_SECONDS
 
 
 def iter_eval_items(data: str, split: str | None = None, max_seconds: float | None = MAX_CLIP_SECONDS,
-                    augmented: bool = False) -> Iterator[tuple[EvalItem | None, Rejected | None]]:
-    """(item, None) for every usable clip, (None, Rejected) for every clip that cannot be used: a row the
+                    augmented: bool = False) -> Iterator[tuple[EvalItem | None, Reject | None]]:
+    """(item, None) for every usable clip, (None, reject record) for every clip that cannot be used: a row the
     manifest reader rejected, an id seen before (duplicate_id: evaluated once), or any failure to read or
     decode the file (clap_core.data.rejects.failure_reject: one bad file is one reject, never the job).
 
@@ -62,18 +51,18 @@ def iter_eval_items(data: str, split: str | None = None, max_seconds: float | No
     for row, clip_id, convert in rows:
         record = {"id": clip_id, "source_path": row.get("source_path", "")}
         if row.get("error"):
-            yield None, Rejected(**reject(record, "read_manifest", *row["error"]))
+            yield None, reject(record, "read_manifest", *row["error"])
         elif clip_id in seen:
-            yield None, Rejected(**reject(record, "read_manifest", "duplicate_id",
-                                          f"id {clip_id!r} appeared earlier in the input: evaluated once"))
+            yield None, reject(record, "read_manifest", "duplicate_id",
+                               f"id {clip_id!r} appeared earlier in the input: evaluated once")
         else:
             seen.add(clip_id)
             yield _convert(row, convert, record, max_seconds)
 
 
-def _convert(row: dict, convert, record: dict, max_seconds) -> tuple[EvalItem | None, Rejected | None]:
+def _convert(row: dict, convert, record: dict, max_seconds) -> tuple[EvalItem | None, Reject | None]:
     try:  # a storage fault is retried, never a reject (clap_core.io_faults)
         what = str(row.get("audio_uri") or row.get("id", ""))
         return retry_transient(lambda: convert(row, max_seconds), what=what), None
     except Exception as e:  # decode errors, MemoryError, a bad file: one reject, never the job
-        return None, Rejected(**failure_reject(record, e))  # storage faults are raised again
+        return None, failure_reject(record, e)  # storage faults are raised again

@@ -18,10 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from clap_core import storage
 from clap_core.audio.clips import crop_or_pad
 from clap_core.audio.codec import decode_audio
-from clap_core.data.rejects import failure_reject
+from clap_core.data.rejects import (
+    count_reject_rows,  # noqa: F401  pipelines/pretrain.py imports it from here
+    failure_reject,
+    write_rejects,
+)
 from clap_core.model.config import ClapModelConfig
 
 SHARD_CLIP_MAX_SECONDS = 600.0  # a shard row decoding past this is rejected (too_long): bounds a task's memory
@@ -143,7 +146,7 @@ class PairBatchTransform:
             warnings.warn(f"skipped an undecodable training row: shard {r['source_path']} id {r['id']}: "
                           f"{r['reason']}: {r['detail'][:200]}")
         if self.rejects_uri:
-            write_reject_file(self.rejects_uri, records)
+            write_rejects(self.rejects_uri, records)
 
 
 def trim_padding(input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
@@ -151,30 +154,3 @@ def trim_padding(input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
     width = max(int(attention_mask.sum(1).max()), 1)
     return input_ids[:, :width], attention_mask[:, :width]
 
-
-def write_reject_file(folder: str, records: list[dict]) -> None:
-    """Records (clap_core.data.rejects) as one Parquet file in `folder`, named by their ids and sources."""
-    import hashlib
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from clap_core.data.shards import REJECT_SCHEMA
-
-    key = hashlib.sha256("\n".join(f"{r['source_path']}\t{r['id']}" for r in records).encode()).hexdigest()[:16]
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records, schema=REJECT_SCHEMA), buf)
-    storage.put_atomic(storage.join(folder, f"part-{key}.parquet"), buf.getvalue())
-
-
-def count_reject_rows(folder: str) -> int:
-    """Rows in the reject files of a folder (0 when there is none), read from the Parquet footers."""
-    import pyarrow.parquet as pq
-
-    total = 0
-    for uri in storage.list_files(folder):
-        if uri.endswith(".parquet") and storage.TEMP_PREFIX not in uri.rsplit("/", 1)[-1]:
-            fs, path = storage.resolve_fs(uri)
-            total += pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
-    return total

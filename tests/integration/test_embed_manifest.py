@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from clap_core.data.rejects import read_rejects
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from pipelines.embed import embed_manifest
@@ -42,3 +43,5 @@ def test_manifest_rows_are_embedded_or_rejected(ray_local, tmp_path):
     metrics = evaluate(str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"), "zero-shot", str(tmp_path / "eval"))
     assert metrics["num_audio"] == 3 and metrics["num_rejects"] == 2
     assert metrics["rejects_by_reason"] == {"missing_file": 1, "undecodable": 1}
+    rejects = read_rejects(str(tmp_path / "eval")).to_pylist()  # the Parquet reject records every job writes
+    assert sorted((r["id"], r["reason"]) for r in rejects) == [("broken", "undecodable"), ("gone", "missing_file")]

@@ -8,12 +8,12 @@ import soundfile as sf
 import torch
 
 from clap_core.data.embeddings import OutputConflictError
+from clap_core.eval.search import load_index, search
 from clap_core.eval.sources import shard_row_to_item
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from pipelines import cli
 from pipelines.embed import embed_dataset
-from pipelines.search import load_index, search
 from tests.shard_fixtures import write_shards
 
 pytestmark = pytest.mark.integration
@@ -60,6 +60,9 @@ def test_embed_writes_every_row_or_a_reject_and_matches_the_python_api(embedded,
 def test_search_finds_the_query_clip_first(embedded, checkpoint, tmp_path):
     root, rows, _ = embedded
     index = load_index(str(root / "emb"))
+    good = sorted((r for r in rows if not r["id"].startswith("corrupt")), key=lambda r: r["id"])
+    assert index.ids == [r["id"] for r in good] and index.captions == [r["caption"] for r in good]
+    assert index.audio.shape == (len(good), 64) and index.audio.dtype == np.float32  # tiny: embed_dim 64
     model = ClapModel.from_pretrained(checkpoint)
     query = shard_row_to_item(rows[3]).wave
     sf.write(tmp_path / "q.wav", query, 48_000, subtype="FLOAT")
@@ -67,8 +70,8 @@ def test_search_finds_the_query_clip_first(embedded, checkpoint, tmp_path):
     assert hits[0]["id"] == rows[3]["id"] and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     text_hits = search(model, index, "a clip of a buzz", k=6)
-    scores = index["emb"] @ model.embed_text(["a clip of a buzz"])[0]
-    assert text_hits[0]["id"] == index["id"][int(np.argmax(scores))]
+    scores = index.audio @ model.embed_text(["a clip of a buzz"])[0]
+    assert text_hits[0]["id"] == index.ids[int(np.argmax(scores))]
 
 
 def test_rerun_of_a_finished_job_keeps_its_output(embedded, checkpoint):

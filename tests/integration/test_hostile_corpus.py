@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clap_core.data.shards import SHARD_SCHEMA, read_rejects, read_shards
+from clap_core.data.rejects import read_rejects
+from clap_core.data.shards import SHARD_SCHEMA, read_shards
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_core.preprocess.config import load_preprocess_config
@@ -47,7 +48,7 @@ def test_preprocess_accounts_for_every_hostile_row(ray_local, corpus, tmp_path):
     manifest_path, n_rows = corpus
     cfg = load_preprocess_config(None, ["output.expected_clip_seconds=1.0", "augment.copies=1"])
     manifest = preprocess(str(manifest_path), str(tmp_path / "out"), cfg)
-    rejects = read_rejects(str(tmp_path / "out")).to_pylist()
+    rejects = read_rejects(str(tmp_path / "out"), manifest["rejects"]["files"]).to_pylist()
     assert manifest["rows_in"] == n_rows == manifest["sources_out"] + len(rejects)
     got = sorted((r["id"], r["reason"]) for r in rejects)
     expected = [(k, v) for k, v in PREPROCESS.items() if v != "out"] + [("clip%23seg1", "duplicate_id")]
@@ -68,8 +69,10 @@ def test_embed_and_evaluate_account_for_every_hostile_row(ray_local, corpus, che
     assert summary["reject_reasons"]["duplicate_id"] == 1 and summary["reject_reasons"]["too_long"] == 1
     metrics = evaluate(checkpoint, str(manifest_path), "retrieval", str(tmp_path / "eval"))
     assert metrics["num_audio"] + metrics["num_rejects"] == n_rows and metrics["num_audio"] == 4
-    lines = (tmp_path / "eval" / "rejects.jsonl").read_text().splitlines()
-    assert len(lines) == metrics["num_rejects"] and all(json.loads(x)["reason"] for x in lines)
+    rejects = read_rejects(str(tmp_path / "eval")).to_pylist()  # OUTPUT/_rejects/, as every job writes them
+    assert len(rejects) == metrics["num_rejects"] and all(r["reason"] for r in rejects)
+    got = sorted((r["id"], r["reason"]) for r in rejects if r["reason"] != "bad_manifest_row")
+    assert got == sorted([(k, v) for k, v in PREPROCESS.items() if v != "out"] + [("clip%23seg1", "duplicate_id")])
 
 
 def test_pretrain_skips_and_names_bad_rows(ray_local, tmp_path):

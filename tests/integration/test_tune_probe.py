@@ -15,9 +15,9 @@ from ray.tune import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from clap_core import storage
-from clap_core.config import load_config
 from clap_core.data.meld import EMOTIONS
-from clap_core.eval.probe import ProbeSweepConfig, evaluate_probe, load_embeddings, load_probe
+from clap_core.eval.probe import evaluate_probe, load_embeddings, load_probe
+from clap_core.eval.probe_config import load_probe_sweep_config
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_demo.synth_meld import write_meld
@@ -107,7 +107,7 @@ class CtrlCMidTrial(Callback):
 def test_interrupted_sweep_resumes_on_s3(ray_local, checkpoint, tmp_path, s3_bucket, monkeypatch, capsys):
     write_meld(tmp_path / "corpus", "reorganised", {"train": 6, "dev": 4, "test": 4}, corrupt=False, seed=1)
     out = f"s3://{s3_bucket}/sweeps/meld"
-    cfg = load_config(ProbeSweepConfig, default_config_path("tune_probe"), SWEEP)  # what the command line loads
+    cfg = load_probe_sweep_config(default_config_path("tune_probe"), SWEEP)  # what the command line loads
     ARMED["interrupt"] = True
     first = tune_probe.tune_probe(str(tmp_path / "corpus"), checkpoint, out, cfg, callbacks=(CtrlCMidTrial(),))
     assert first["status"] == "interrupted" and 1 <= first["trials_done"] < 4

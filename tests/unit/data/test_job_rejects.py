@@ -9,9 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clap_core.data import rejects as rejects_module
 from clap_core.data.inputs import read_manifest
-from clap_core.data.rejects import failure_reason
-from clap_core.data.shards import REJECT_SCHEMA
+from clap_core.data.rejects import (
+    REJECT_SCHEMA,
+    count_reject_rows,
+    failure_reason,
+    reject,
+    reject_reasons,
+    write_rejects,
+)
 from clap_core.eval import sources
 from pipelines import embed
 from tests.hostile import write_hostile_corpus
@@ -53,9 +60,32 @@ def test_any_exception_on_one_file_is_one_reject_in_evaluate(tmp_path, monkeypat
     real = sources.manifest_row_to_item
     monkeypatch.setattr(sources, "manifest_row_to_item", convert)
     pairs = list(sources.iter_eval_items(str(corpus)))
-    rejected = [(r.id, r.stage, r.reason) for _, r in pairs if r is not None]
+    rejected = [(r["id"], r["stage"], r["reason"]) for _, r in pairs if r is not None]
     assert ("clip%23seg1", "decode", "io_error") in rejected  # old: the OSError ended the evaluation
     assert sum(item is not None for item, _ in pairs) == 3
+
+
+def test_reject_files_round_trip_and_a_retry_rewrites_its_own_file(tmp_path):
+    """write_rejects -> read/count/reasons; the same rows again rewrite one file; a fixed name is replaced."""
+    folder = str(tmp_path / "_rejects")
+    records = [reject({"id": "a\udcff", "source_path": "x.wav"}, "decode", "undecodable", "y" * 5000),
+               reject({"id": "b"}, "read_manifest", "duplicate_id")]
+    assert records[0]["id"] == "a\\xff" and len(records[0]["detail"]) == rejects_module.MAX_DETAIL
+    assert records[1]["source_path"] == "" and list(records[1]) == list(REJECT_SCHEMA.names)
+    first = write_rejects(folder, records)
+    assert write_rejects(folder, list(records)) == first  # a retried task: same rows, same file
+    write_rejects(folder, records[:1])  # other rows: another file
+    (tmp_path / "_rejects" / "not-a-reject.txt").write_text("x")
+    assert count_reject_rows(folder) == 3 and count_reject_rows(str(tmp_path / "nothing")) == 0
+    assert reject_reasons(rejects_module.reject_files(folder)) == {"undecodable": 2, "duplicate_id": 1}
+    table = rejects_module.read_rejects(str(tmp_path))  # no index: every committed file of OUTPUT/_rejects/
+    assert table.schema.equals(REJECT_SCHEMA) and sorted(table.column("id").to_pylist()) == ["a\\xff", "a\\xff", "b"]
+    listed = rejects_module.read_rejects(str(tmp_path), [first[len(str(tmp_path)) + 1:]])  # what an index lists
+    assert listed.to_pylist() == records
+    write_rejects(folder, records, name="evaluate.parquet")
+    write_rejects(folder, [], name="evaluate.parquet")  # a run without rejects replaces the earlier run's file
+    assert count_reject_rows(folder) == 3
+    assert rejects_module.read_rejects(str(tmp_path / "empty")).num_rows == 0
 
 
 def test_failure_reason_keeps_the_decoders_reason():
@@ -76,7 +106,7 @@ def test_hostile_corpus_through_evaluate_is_fully_accounted(tmp_path):
     corpus, n_rows = write_hostile_corpus(tmp_path / "c")
     pairs = list(sources.iter_eval_items(str(corpus), max_seconds=600.0))
     assert len(pairs) == n_rows  # every input row: an item or a reject
-    got = [(item.id, "ok") if item else (r.id, r.reason) for item, r in pairs]
+    got = [(item.id, "ok") if item else (r["id"], r["reason"]) for item, r in pairs]
     assert sorted(r for _, r in got).count("bad_manifest_row") == 3  # deep JSON, a list, broken JSON
     assert ("clip%23seg1", "duplicate_id") in got  # the second row with that id: reported, evaluated once
     assert {k: v for k, v in got if v not in ("bad_manifest_row", "duplicate_id")} == EXPECTED_EVAL
@@ -102,7 +132,7 @@ def test_embed_duplicate_ids_are_reported_not_embedded_twice(tmp_path):
 
 
 def test_training_batches_skip_and_name_bad_rows(tmp_path):
-    from clap_core.train.batching import PairBatchTransform, count_reject_rows
+    from clap_core.train.batching import PairBatchTransform
     from tests.hostile import lying_flac
     from tests.shard_fixtures import shard_row, tone
 
@@ -123,13 +153,12 @@ def test_training_batches_skip_and_name_bad_rows(tmp_path):
 
 
 def test_bad_row_bound_fails_the_run_with_a_pointer(tmp_path):
-    from clap_core.train.batching import write_reject_file
     from clap_core.train.config import load_pretrain_config
     from pipelines.pretrain import DEFAULT_CONFIG, BadRowsError, check_bad_rows
 
     cfg = load_pretrain_config(DEFAULT_CONFIG, ["data.max_bad_row_fraction=0.001"])
     check_bad_rows(cfg, str(tmp_path), 5000)  # no rejects yet
-    write_reject_file(str(tmp_path / "_rejects"), [{"id": f"r{i}", "source_path": "s", "stage": "decode",
+    write_rejects(str(tmp_path / "_rejects"), [{"id": f"r{i}", "source_path": "s", "stage": "decode",
                                                     "reason": "undecodable", "detail": ""} for i in range(5)])
     check_bad_rows(cfg, str(tmp_path), 5000)  # 5 of 5000 = 0.1%: allowed
     with pytest.raises(BadRowsError, match=r"5 of 4000 training rows do not decode .*_rejects"):

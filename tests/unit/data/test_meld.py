@@ -6,7 +6,8 @@ import pytest
 
 from clap_core.audio.codec import AudioDecodeError, decode_audio
 from clap_core.data.inputs import read_manifest
-from clap_core.data.meld import EMOTIONS, decode_csv_bytes, decode_line, find_layout, read_meld, write_manifest
+from clap_core.data.meld import EMOTIONS, decode_csv_bytes, decode_line, find_layout, read_meld, write_inputs
+from clap_core.data.rejects import rejects_table
 from clap_demo.synth_meld import HEADER, SOUND, csv_path, write_meld
 
 TINY = {"train": 1, "dev": 1, "test": 1}
@@ -76,13 +77,14 @@ def test_bad_csv_lines_are_rejected_with_a_reason_not_dropped(raw_corpus, tmp_pa
     rows, rejects = read_meld(copy)
     assert [(r["id"], r["reason"], r["stage"]) for r in rejects] == [
         ("dev/dia5_utt1", "unknown_emotion", "read_meld"), ("dev/line10", "bad_ids", "read_meld")]
+    assert rejects_table(rejects).to_pylist() == rejects  # the reject record of every job, nothing lost
     assert len(rows) == 3 * len(EMOTIONS) + 1  # the corrupt test clip is a row: it is rejected at decode
 
 
-def test_manifest_round_trips_through_the_embedding_jobs_reader(raw_corpus, tmp_path):
+def test_inputs_round_trip_through_the_embedding_jobs_reader(raw_corpus, tmp_path):
     root, _ = raw_corpus
     rows, _ = read_meld(root)
-    write_manifest(rows, str(tmp_path / "manifest.jsonl"))
+    write_inputs(rows, str(tmp_path / "manifest.jsonl"))
     read = read_manifest(str(tmp_path / "manifest.jsonl"))
     assert [r["id"] for r in read] == [r["id"] for r in rows]
     assert [r["audio_uri"] for r in read] == [r["audio_path"] for r in rows]

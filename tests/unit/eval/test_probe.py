@@ -8,15 +8,13 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from clap_core.config import ConfigError, load_config
+from clap_core.config import ConfigError
 from clap_core.data.meld import EMOTIONS
+from clap_core.eval.metrics import classification_metrics
 from clap_core.eval.plots import confusion_png
 from clap_core.eval.probe import (
-    ProbeConfig,
     ProbeData,
-    ProbeSweepConfig,
     ProbeTrainer,
-    classification_metrics,
     evaluate_probe,
     features,
     fit_probe,
@@ -25,8 +23,8 @@ from clap_core.eval.probe import (
     load_probe,
     majority_baseline,
     save_probe,
-    with_params,
 )
+from clap_core.eval.probe_config import ProbeConfig, load_probe_sweep_config, with_params
 
 torch.set_num_threads(1)
 CLASSES = ("a", "b", "c", "d")
@@ -145,6 +143,18 @@ def test_load_embeddings_reads_splits_and_skips_rejects(tmp_path):
     assert sorted(data) == ["dev", "train"] and len(data["train"]) == 7
     assert data["dev"].audio.shape == (7, 2) and data["dev"].audio.dtype == np.float32
     assert [EMOTIONS[k] for k in data["train"].labels] == [EMOTIONS[int(i.split("/")[1]) % 7] for i in data["train"].ids]
+    assert data["train"].audio_layers is None  # embedded without tower layers
+    pq.write_table(pa.Table.from_pylist([{"id": "stray", "reason": "x"}]), tmp_path / "_rejects" / "stray.parquet")
+    assert embeddings.read_rejects(str(tmp_path)).column("id").to_pylist() == ["bad"]  # only what is listed
+
+
+def test_layer_matrix_unflattens_the_pooled_tower_layers():
+    from clap_core.data import embeddings
+
+    layers = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # (N, L, H)
+    table = pa.table({"audio_layers": [row.ravel().tolist() for row in layers], "audio_layer_count": [3, 3]})
+    assert np.array_equal(embeddings.layer_matrix(table), layers)
+    assert embeddings.layer_matrix(pa.table({"id": ["a"]})) is None
 
 
 def test_confusion_png_is_a_png():
@@ -154,11 +164,11 @@ def test_confusion_png_is_a_png():
 
 def test_sweep_config_checks_keys_and_epoch_bound():
     with pytest.raises(ConfigError, match="tune.num_sample"):
-        load_config(ProbeSweepConfig, {}, ["tune.num_sample=3"])
+        load_probe_sweep_config({}, ["tune.num_sample=3"])
     with pytest.raises(ConfigError, match="search.epochs"):
-        load_config(ProbeSweepConfig, {}, ["search.epochs=[5,40]"])
+        load_probe_sweep_config({}, ["search.epochs=[5,40]"])
     with pytest.raises(ConfigError, match="epochs"):
-        load_config(ProbeSweepConfig, {}, ["probe.epochs=21"])
+        load_probe_sweep_config({}, ["probe.epochs=21"])
     cfg = with_params(ProbeConfig(), {"hidden": "256x64", "lr": 0.01, "class_weights": True})
     assert cfg.hidden == (256, 64) and cfg.lr == 0.01 and cfg.class_weights
     assert with_params(ProbeConfig(), {"hidden": "linear"}).hidden == ()
