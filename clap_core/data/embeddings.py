@@ -12,9 +12,9 @@
 
 Readers (`clap search`, the probe, the job summaries) read through this module only: the files the manifest
 lists (never a folder listing, so no stray file is read), and only once the job has committed it (state
-"complete"). A job claims OUTPUT by writing the manifest in state "running"
-before it writes anything else, so every file under data/ and _rejects/ is one of its own: a re-run of the
-same job (same job hash) may remove them; a folder holding anything else is refused, never cleared.
+"complete"). A job claims OUTPUT by writing the manifest in state "running" before it writes anything else,
+so every file under data/ and _rejects/ is one of its own: a re-run of the same job (same job hash) may
+remove them; a folder holding anything else is refused, never cleared.
 """
 from __future__ import annotations
 

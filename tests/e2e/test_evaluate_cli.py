@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clap_core.data.rejects import read_rejects
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from tests.shard_fixtures import write_shards
@@ -37,6 +38,8 @@ def test_evaluate_zero_shot_and_retrieval(setup):
     metrics = json.loads((root / "zs" / "metrics.json").read_text())
     assert metrics["labels"] == ["low tone", "high tone", "buzz", "siren"] and metrics["num_audio"] == 6
     assert metrics["num_rejects"] == 1 and metrics["rejects_by_reason"] == {"undecodable": 1}
+    rejects = read_rejects(str(root / "zs")).to_pylist()  # OUTPUT/_rejects/*.parquet, as every job writes them
+    assert [(r["id"], r["stage"], r["reason"]) for r in rejects] == [("corrupt-0", "decode", "undecodable")]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and sum(map(sum, metrics["confusion_matrix"])) == 6
     assert (root / "zs" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert "accuracy=" in done.stdout

@@ -7,7 +7,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from clap_core.data.rejects import read_rejects
+from clap_core.data import embeddings
+from clap_core.data.rejects import read_rejects, reject
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from pipelines.embed import embed_manifest
@@ -30,9 +31,13 @@ def test_manifest_rows_are_embedded_or_rejected(ray_local, tmp_path):
              {"id": "broken", "audio_path": "audio/broken.wav", "caption": "y", "label": "buzz"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    summary = embed_manifest(str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"), str(tmp_path / "emb"), batch_size=2)
-    assert summary["rows"] == 3 and summary["rejects"] == 2
-    assert summary["reject_reasons"] == {"missing_file": 1, "undecodable": 1}
+    upstream = [reject({"id": "csv/line9", "source_path": "m.csv:9"}, "read_meld", "bad_ids", "x")]  # the caller's
+    summary = embed_manifest(str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"), str(tmp_path / "emb"), batch_size=2,
+                             input_rejects=upstream)
+    assert summary["rows"] == 3 and summary["rejects"] == 3
+    assert summary["reject_reasons"] == {"missing_file": 1, "undecodable": 1, "bad_ids": 1}
+    assert sorted(embeddings.read_rejects(str(tmp_path / "emb")).column("id").to_pylist()) == [
+        "broken", "csv/line9", "gone"]  # listed in embeddings.json with the job's own
     table = [r for f in (tmp_path / "emb" / "data").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
     model = ClapModel.from_pretrained(tmp_path / "ckpt")
     by_id = {r["id"]: r for r in table}
