@@ -130,14 +130,14 @@ def embed_cache(rows: list[dict], csv_rejects: list[dict], checkpoint: str, outp
     """{"uri", "summary"} of OUTPUT/embeddings/, computed with `clap embed` unless this manifest+checkpoint is cached."""
     from pipelines.embed import embed_manifest
 
-    manifest_uri, uri = storage.join(output, "manifest.jsonl"), storage.join(output, "embeddings")
+    inputs_uri, uri = storage.join(output, "manifest.jsonl"), storage.join(output, "embeddings")
     marker = storage.join(output, "embed_cache.json")
     key = cache_key(rows, checkpoint) + ("-layers" if layers else "")
     if storage.exists(marker) and json.loads(storage.read_bytes(marker))["key"] == key:
         return json.loads(storage.read_bytes(marker))
-    write_inputs(rows, manifest_uri)
+    write_inputs(rows, inputs_uri)
     embeddings.remove_output(uri)  # this job's own earlier embeddings of another manifest or checkpoint
-    summary = embed_manifest(checkpoint, manifest_uri, uri, batch_size=cfg.embed.batch_size,
+    summary = embed_manifest(checkpoint, inputs_uri, uri, batch_size=cfg.embed.batch_size,
                              concurrency=cfg.embed.concurrency, text=True, layers=layers,
                              input_rejects=csv_rejects)  # CSV lines that are not a clip: counted with the rest
     cache = {"key": key, "uri": uri, "checkpoint": checkpoint, "summary": summary}
