@@ -192,7 +192,7 @@ def _embed(checkpoint: str, shards: str, embeddings: str) -> str:
 
 
 def _probe(output: Path, checkpoint: str, trials: int) -> str:
-    from clap_core.eval.probe import ProbeSweepConfig
+    from clap_core.eval.probe_config import ProbeSweepConfig
     from clap_demo.synth_meld import write_meld
     from pipelines.job_configs import default_config_path
     from pipelines.tune_probe import tune_probe

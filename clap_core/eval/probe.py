@@ -32,7 +32,6 @@ from clap_core.data import embeddings
 from clap_core.eval.metrics import classification_metrics, l2_normalize
 from clap_core.eval.probe_config import (
     ProbeConfig,
-    ProbeSweepConfig,  # noqa: F401  pipelines/demo.py imports it from here
 )
 
 # -------------------------------------------------------------------------------------------------

@@ -52,8 +52,8 @@ from clap_core.audio.codec import AudioStream, encode_flac, stream_audio
 from clap_core.config import to_dict
 from clap_core.data.captions import build_caption_merger
 from clap_core.data.inputs import audio_source, row_id
-from clap_core.data.rejects import failure_reason, printable, reject
-from clap_core.data.shards import REJECT_SCHEMA, SHARD_SCHEMA
+from clap_core.data.rejects import REJECT_SCHEMA, failure_reason, printable, reject
+from clap_core.data.shards import SHARD_SCHEMA
 from clap_core.io_faults import is_data_error
 from clap_core.preprocess.config import PreprocessConfig
 

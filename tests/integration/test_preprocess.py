@@ -16,7 +16,8 @@ import pytest
 
 from clap_core import storage
 from clap_core.audio.codec import decode_flac
-from clap_core.data.shards import SHARD_SCHEMA, read_rejects, read_shards
+from clap_core.data.rejects import read_rejects
+from clap_core.data.shards import SHARD_SCHEMA, read_shards
 from clap_core.preprocess.config import load_preprocess_config
 from clap_demo.synth import write_bad_inputs, write_corpus
 from pipelines.preprocess import SimulatedCrash, preprocess

@@ -13,7 +13,8 @@ import pytest
 import pipelines.preprocess_plan as plan_module
 from clap_core import storage
 from clap_core.data.inputs import read_manifest
-from clap_core.data.shards import read_rejects, read_shards
+from clap_core.data.rejects import read_rejects
+from clap_core.data.shards import read_shards
 from clap_core.preprocess.config import load_preprocess_config
 from clap_core.preprocess.unit import plan_units, process_row
 from clap_demo.synth import write_scale_manifest

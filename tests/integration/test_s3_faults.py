@@ -23,7 +23,8 @@ import pytest
 
 from clap_core import storage
 from clap_core.data.inputs import read_manifest
-from clap_core.data.shards import read_rejects, read_shards
+from clap_core.data.rejects import read_rejects
+from clap_core.data.shards import read_shards
 from clap_core.io_faults import StorageAccessError, TransientIOError, retry_transient
 from clap_core.preprocess.config import load_preprocess_config
 from clap_core.preprocess.unit import plan_units, process_unit, unit_paths
