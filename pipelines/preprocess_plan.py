@@ -3,7 +3,7 @@ only per-chunk and per-unit summaries (memory O(chunks + units), never O(rows)).
 
     plan = plan_job(input_uri, out_uri, cfg)     # Plan whose units name their staged pieces, not rows
 
-Stages (clap_core.preprocess.plan documents the hashing and the staging format):
+Stages (clap_core.preprocess.plan documents the hashing, clap_core.preprocess.staging the staged files):
 0. count   one task per chunk counts its rows -> global row offsets and the number of planning groups
 1. route   one task per chunk reads, validates and writes its rows per planning group (by hash of id)
 2. resolve one task per group: duplicate ids, env partners of the same split, exact unit of each row;
@@ -11,7 +11,7 @@ Stages (clap_core.preprocess.plan documents the hashing and the staging format):
 The driver then writes OUT/_plan/<plan id>/plan.json (units, their hashes, the job hash): the commit
 point of planning. The plan id hashes the input's files (names, sizes, modification times) and the
 config, so a re-run of an unchanged job (resume, or a finished output) reads plan.json instead of the
-input. Staged rows are deleted once manifest.json is written; plan.json stays.
+input. Staged rows are deleted once the index (manifest.json) is written; plan.json stays.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import json
 
 import ray
 
-from clap_core import storage
 from clap_core.io_faults import retry_transient
 from clap_core.preprocess import plan as staged
+from clap_core.preprocess import staging
 from clap_core.preprocess.config import PreprocessConfig
-from clap_core.preprocess.unit import Plan, content_hash, job_config, rows_per_unit
+from clap_core.preprocess.plan import Plan, content_hash, job_config, rows_per_unit
 
-PLAN_DIR, PLAN_FORMAT = "_plan", "clap-plan/1"
+PLAN_FORMAT = "clap-plan/1"  # plan.json's "format" field
 
 
 def run_tasks(fn, items: list[dict], cfg: PreprocessConfig) -> list[dict]:
@@ -45,18 +45,16 @@ def run_tasks(fn, items: list[dict], cfg: PreprocessConfig) -> list[dict]:
 
 
 def plan_root(out_uri: str, input_uri: str, cfg: PreprocessConfig) -> str:
-    plan_id = content_hash([input_uri, staged.input_fingerprint(input_uri), job_config(cfg)])
-    return storage.join(out_uri, PLAN_DIR, plan_id)
+    """OUT/_plan/<plan id>: the id hashes the input's files (names, sizes, mtimes) and the job config."""
+    return staging.plan_root(out_uri, content_hash([input_uri, staged.input_fingerprint(input_uri), job_config(cfg)]))
 
 
 def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan, str]:
     """(plan, its staging folder): read from plan.json when this exact job was planned before."""
     root = plan_root(out_uri, input_uri, cfg)
-    marker = storage.join(root, "plan.json")
-    if storage.exists(marker):
-        doc = json.loads(storage.read_bytes(marker))
-        return Plan(units=doc["units"], rows_in=doc["rows_in"], planned_rejects=doc["planned_rejects"],
-                    job_hash=doc["job_hash"]), root
+    doc = staging.read_plan_file(root)
+    if doc is not None:
+        return Plan.from_dict(doc), root
     chunks = staged.input_chunks(input_uri, cfg, cfg.ray.plan_chunk_mb)
 
     # 0. rows per chunk -> where each chunk's rows start in input order
@@ -72,7 +70,7 @@ def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan,
         rows = staged.read_chunk(item["chunk"], item["first"], cfg)
         by_group, by_split = staged.route_rows(rows, groups, cfg)
         for g, part in by_group.items():
-            staged.write_staged(storage.join(root, "rows", f"c{item['c']:05d}-g{g:05d}.parquet"), part)
+            staging.write_staged(staging.routed_file(root, item["c"], g), part)
         return {"counts": by_split}
 
     items = [{"c": c, "chunk": chunk, "first": first} for c, (chunk, first) in enumerate(zip(chunks, firsts))]
@@ -83,48 +81,19 @@ def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan,
 
     # 2. per group: duplicates, env partners, units; pieces written per split
     def resolve(item: dict) -> dict:
-        rows = staged.read_staged(item["files"])
+        rows = staging.read_staged(item["files"])
         pieces = staged.resolve_group(rows, item["offsets"], size, cfg)
         info = {}
         for split in sorted({s for s, _ in pieces}):
-            uri = storage.join(root, "units", split, f"g{item['g']:05d}.parquet")
-            written = staged.write_unit_file(uri, {n: p for (s, n), p in pieces.items() if s == split})
+            uri = staging.unit_file(root, split, item["g"])
+            written = staging.write_unit_file(uri, {n: p for (s, n), p in pieces.items() if s == split})
             info[split] = {"uri": uri, "units": {str(n): v for n, v in written.items()}}
         return info
 
-    files = {g: [storage.join(root, "rows", f"c{c:05d}-g{g:05d}.parquet") for c, r in enumerate(routed)
-                 if str(g) in r["counts"]] for g in sorted(per_group)}
+    files = {g: [staging.routed_file(root, c, g) for c, r in enumerate(routed) if str(g) in r["counts"]]
+             for g in sorted(per_group)}
     resolved = run_tasks(resolve, [{"g": g, "files": files[g], "offsets": offsets[g]} for g in sorted(per_group)],
                          cfg)
-    plan = assemble(resolved, units_per_split, rows_in, cfg)
-    doc = {"format": PLAN_FORMAT, "input": input_uri, "rows_in": plan.rows_in,
-           "planned_rejects": plan.planned_rejects, "job_hash": plan.job_hash, "units": plan.units}
-    storage.put_atomic(marker, json.dumps(doc).encode())
+    plan = staged.assemble_plan(resolved, units_per_split, rows_in, cfg)
+    staging.write_plan_file(root, {"format": PLAN_FORMAT, "input": input_uri, **plan.to_dict()})
     return plan, root
-
-
-def assemble(resolved: list[dict], units_per_split: dict[str, int], rows_in: int, cfg: PreprocessConfig) -> Plan:
-    """Units from the groups' piece summaries (in group order, which is hash order)."""
-    pieces: dict[tuple[str, int], list[tuple[str, dict]]] = {}
-    for info in resolved:
-        for split, entry in info.items():
-            for n, piece in entry["units"].items():
-                pieces.setdefault((split, int(n)), []).append((entry["uri"], piece))
-    job, units = job_config(cfg), []
-    for split, n_units in units_per_split.items():
-        for n in range(n_units):
-            parts = pieces.get((split, n), [])
-            key = f"{split}-{n:05d}"
-            units.append({"key": key, "split": split, "index": n, "pieces": [uri for uri, _ in parts],
-                          "size": sum(p["rows"] for _, p in parts),
-                          "hash": staged.unit_hash(job, key, [p["hash"] for _, p in parts])})
-    rejects = sum(p["rejects"] for parts in pieces.values() for _, p in parts)
-    return Plan(units=units, rows_in=rows_in, planned_rejects=rejects,
-                job_hash=content_hash([job, [u["hash"] for u in units]]))
-
-
-def drop_staging(root: str) -> None:
-    """Delete the staged rows of a finished job (written by this job only); plan.json stays."""
-    for uri in storage.list_files(root):
-        if not uri.endswith("/plan.json"):
-            storage.delete(uri)

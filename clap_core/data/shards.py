@@ -1,33 +1,49 @@
-"""The Parquet shard format written by `clap preprocess` and read by pretraining, evaluation and embedding.
+"""The output folder of `clap preprocess`: its layout, its Parquet shards and its index (manifest.json).
+This module is the one writer and reader of all three; pretraining, evaluation and embedding read here.
 
 Layout of an output folder (local or s3://):
 
-    OUT/manifest.json                  written last: shards, counts, hours, rejects, resolved config + hash
+    OUT/manifest.json                  the index, written last: shards, counts, hours, rejects, config + hash
     OUT/<split>/part-<key>.parquet     one shard per split and input block (train, valid, test, ...)
-    OUT/_rejects/part-<key>.parquet    rows that could not be used, with the stage and reason
-    OUT/_done/<unit>.json              per work unit: the files it committed (resume bookkeeping)
+    OUT/_rejects/part-<split>-<n>.parquet   rows that could not be used, with the stage and reason
+    OUT/_done/<unit>.json              per work unit: the files it committed (clap_core.data.markers)
+    OUT/_plan/<plan id>/               the job's staged plan (clap_core.preprocess.staging)
 
 Every row of a shard follows `SHARD_SCHEMA`; `audio` holds FLAC bytes at 48 kHz, mono by default.
-`<key>` is `<unit>-<k>` (a unit rolls over to k+1 at the configured shard size). Ids: an input clip
-keeps its id; segments of a long clip are "<id>#seg<i>", augmented copies "<id>#aug<k>" (or
+`<key>` is `<n>-<k>` (unit n of the split rolls over to k+1 at the configured shard size). Ids: an input
+clip keeps its id; segments of a long clip are "<id>#seg<i>", augmented copies "<id>#aug<k>" (or
 "<id>#seg<i>#aug<k>"); `augment` records the segment and every applied effect with its parameters.
 
-Readers take the shard list from manifest.json, never a folder listing, so files of an interrupted
-run that were not committed can never be read:
+Readers take the shard list from the index, never a folder listing, so files of an interrupted run
+that were not committed can never be read:
 
     for row in iter_shard_rows("s3://bucket/shards", split="train"): ...
     table = read_shards("out/", "valid", columns=["id", "audio", "caption"])
+    index = read_index("out/")                   # manifest.json as a dict
+
+Writers (the preprocess workers and driver):
+
+    files = unit_files(out_uri, split, n)        # where unit n of a split writes
+    writer = ShardWriter(files.shard_prefix, out_uri, shard_bytes=256e6, row_group_rows=64)
+    write_index(out_uri, build_index(markers, ...))   # once every unit has its marker
 """
 from __future__ import annotations
 
+import io
 import json
 import re
+from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clap_core import storage
+from clap_core.data.markers import Marker, ShardEntry, marker_uri
+from clap_core.data.rejects import REJECTS_DIR  # OUT/_rejects/: one reject file per unit that rejected something
+
+INDEX_FILE = "manifest.json"  # OUT/manifest.json: the index (its name predates "index"; it stays)
+INDEX_FORMAT = "clap-shards/1"  # the index's "format" field
 
 SHARD_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),  # unique row id; augmented copies get "<id>#aug<k>"
@@ -48,26 +64,160 @@ SHARD_SCHEMA = pa.schema([
 ])
 
 
-def read_output_manifest(out_uri: str) -> dict:
+# -------------------------------------------------------------------------------------------------
+# layout
+
+
+def unit_key(split: str, index: int) -> str:
+    """The name of unit `index` of a split: "<split>-<index:05d>" (its marker is _done/<key>.json)."""
+    return f"{split}-{index:05d}"
+
+
+@dataclass(frozen=True)
+class UnitFiles:
+    """Where one unit writes (absolute URIs)."""
+
+    shard_prefix: str  # OUT/<split>/part-<n>-  (+ "<k>.parquet")
+    rejects: str  # OUT/_rejects/part-<split>-<n>.parquet
+    marker: str  # OUT/_done/<split>-<n>.json
+
+
+def unit_files(out_uri: str, split: str, index: int) -> UnitFiles:
+    return UnitFiles(shard_prefix=storage.join(out_uri, split, f"part-{index:05d}-"),
+                     rejects=storage.join(out_uri, REJECTS_DIR, f"part-{split}-{index:05d}.parquet"),
+                     marker=marker_uri(out_uri, unit_key(split, index)))
+
+
+def relative(out_uri: str, uri: str) -> str:
+    """A file's path inside the output folder, as markers and the index record it."""
+    return uri[len(out_uri.rstrip("/")) + 1:]
+
+
+def clean_uncommitted(out_uri: str, splits: list[str], markers: dict[str, Marker]) -> list[str]:
+    """Delete temp files and every shard/reject file of these splits that no marker lists (a crash between
+    a file and its unit's marker); returns what went. Files outside the layout are never touched."""
+    keep = {storage.join(out_uri, p) for m in markers.values() for p in m.committed_files()}
+    removed = storage.clean_temp_files(out_uri)
+    for folder in sorted(set(splits) | {REJECTS_DIR}):
+        for uri in storage.list_files(storage.join(out_uri, folder)):
+            if uri.endswith(".parquet") and uri not in keep:
+                storage.delete(uri)
+                removed.append(uri)
+    return removed
+
+
+# -------------------------------------------------------------------------------------------------
+# writing shards
+
+
+def table_bytes(rows: list[dict], schema: pa.Schema, row_group_rows: int, compression: str = "zstd") -> bytes:
+    """A Parquet file of rows, in memory (committed with one atomic put)."""
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, row_group_size=row_group_rows,
+                   compression=compression)
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Buffers a unit's rows and commits a shard file each time their audio reaches shard_bytes."""
+
+    def __init__(self, prefix: str, out_uri: str, shard_bytes: float, row_group_rows: int):
+        self.prefix, self.out_uri = prefix, out_uri
+        self.shard_bytes, self.row_group_rows = shard_bytes, row_group_rows
+        self.rows: list[dict] = []
+        self.audio_bytes = 0
+        self.shards: list[ShardEntry] = []  # committed files, in write order
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.rows.append(row)
+            self.audio_bytes += len(row["audio"])
+            if self.audio_bytes >= self.shard_bytes:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        uri = f"{self.prefix}{len(self.shards):03d}.parquet"
+        # no Parquet compression: the audio column is FLAC already
+        data = table_bytes(self.rows, SHARD_SCHEMA, self.row_group_rows, compression="none")
+        storage.put_atomic(uri, data)
+        self.shards.append(ShardEntry(path=relative(self.out_uri, uri), split=self.rows[0]["split"],
+                                      rows=len(self.rows), bytes=len(data),
+                                      seconds=sum(r["duration_s"] for r in self.rows)))
+        self.rows, self.audio_bytes = [], 0
+
+
+# -------------------------------------------------------------------------------------------------
+# the index (manifest.json)
+
+
+def build_index(markers: list[Marker], *, input_uri: str, job_hash: str, rows_in: int, config: dict,
+                config_hash: str) -> dict:
+    """The index of a finished output from its units' markers (in plan order): shards, per-split counts
+    and hours, rejects by reason, the resolved config and the hashes that identify the job."""
+    splits: dict[str, dict] = {}
+    reasons: dict[str, int] = {}
+    segment_reasons: dict[str, int] = {}
+    for m in markers:
+        for s in m.shards:
+            entry = splits.setdefault(s["split"], {"rows": 0, "hours": 0.0, "shards": 0})
+            entry["rows"] += s["rows"]
+            entry["hours"] += s["seconds"] / 3600
+            entry["shards"] += 1
+        for reason, count in m.rejects.by_reason.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        for reason, count in m.rejects.segments_by_reason.items():
+            segment_reasons[reason] = segment_reasons.get(reason, 0) + count
+    return {
+        "format": INDEX_FORMAT, "input": input_uri, "job_hash": job_hash,
+        "rows_in": rows_in, "sources_out": sum(m.sources_out for m in markers),
+        "rows_out": sum(m.rows_out for m in markers), "hours_in": sum(m.seconds_in for m in markers) / 3600,
+        "hours_out": sum(m.seconds_out for m in markers) / 3600,
+        "cpu_hours": sum(m.cpu_seconds for m in markers) / 3600,
+        "splits": dict(sorted(splits.items())),
+        "shards": [{k: s[k] for k in ("path", "split", "rows", "bytes", "seconds")} for m in markers for s in m.shards],
+        "rejects": {"rows": sum(m.rejects.rows for m in markers), "by_reason": dict(sorted(reasons.items())),
+                    "segments": sum(segment_reasons.values()), "segments_by_reason": dict(sorted(segment_reasons.items())),
+                    "files": [m.rejects.path for m in markers if m.rejects.path]},
+        "units": len(markers), "config": config, "config_hash": config_hash,
+    }
+
+
+def write_index(out_uri: str, index: dict) -> None:
+    """Commit the output: manifest.json, written last (atomic), after every unit's marker."""
+    storage.put_atomic(storage.join(out_uri, INDEX_FILE), json.dumps(index, indent=1).encode())
+
+
+def has_index(uri: str) -> bool:
+    """Whether a folder is a finished `clap preprocess` output."""
+    return storage.exists(storage.join(uri, INDEX_FILE))
+
+
+def read_index(out_uri: str) -> dict:
     """OUT/manifest.json; FileNotFoundError while the job has not finished."""
-    return json.loads(storage.read_bytes(storage.join(out_uri, "manifest.json")))
+    return json.loads(storage.read_bytes(storage.join(out_uri, INDEX_FILE)))
+
+
+# -------------------------------------------------------------------------------------------------
+# reading shards
 
 
 def shard_uris(out_uri: str, split: str | None = None) -> list[str]:
-    """URIs of the committed shards of one split (or all), in manifest order."""
-    shards = read_output_manifest(out_uri)["shards"]
+    """URIs of the committed shards of one split (or all), in index order."""
+    shards = read_index(out_uri)["shards"]
     return [storage.join(out_uri, s["path"]) for s in shards if split is None or s["split"] == split]
 
 
 def is_shard_folder(uri: str) -> bool:
-    """A `clap preprocess` output (its manifest.json) or any folder with <split>/*.parquet below it."""
-    return storage.exists(storage.join(uri, "manifest.json")) or bool(shard_files(uri))
+    """A `clap preprocess` output (its index) or any folder with <split>/*.parquet below it."""
+    return has_index(uri) or bool(shard_files(uri))
 
 
 def shard_files(uri: str, split: str | None = None) -> list[str]:
-    """Shards to read: the ones manifest.json lists (never crash debris), else every Parquet file below
+    """Shards to read: the ones the index lists (never crash debris), else every Parquet file below
     <uri>/<split> (folders written by other tools), skipping _rejects/, _done/ and temp files."""
-    if storage.exists(storage.join(uri, "manifest.json")):
+    if has_index(uri):
         return shard_uris(uri, split)
     base = storage.join(uri, split) if split else uri
     if not storage.is_dir(base):
@@ -78,9 +228,9 @@ def shard_files(uri: str, split: str | None = None) -> list[str]:
 
 
 def count_rows(uri: str, split: str) -> int:
-    """Rows in a split: from manifest.json when the folder has one, else from the Parquet footers."""
-    if storage.exists(storage.join(uri, "manifest.json")):
-        return sum(s["rows"] for s in read_output_manifest(uri)["shards"] if s["split"] == split)
+    """Rows in a split: from the index when the folder has one, else from the Parquet footers."""
+    if has_index(uri):
+        return sum(s["rows"] for s in read_index(uri)["shards"] if s["split"] == split)
     total = 0
     for shard in shard_files(uri, split):
         fs, path = storage.resolve_fs(shard)

@@ -1,13 +1,17 @@
-"""Planning `clap preprocess` work units without holding the rows in one process (no Ray here).
+"""Planning `clap preprocess`: input rows -> work units, a pure function of the input and the config
+(no Ray here). The records it hands on: `Plan` (the job) and `Unit` (what one worker processes).
 
-The plan is a pure function of the input and the config, computed in stages that each touch a
-bounded part of the input; `pipelines/preprocess_plan.py` runs the stages as parallel Ray tasks:
+    plan = plan_units(read_inputs(path), cfg)           # in memory, in this process (tests, benchmarks)
+
+The job plans without holding the rows in one process: `pipelines/preprocess_plan.py` runs the same
+stages as parallel Ray tasks, each touching a bounded part of the input, and both give the same
+units and hashes:
 
     chunks = input_chunks(input_uri, cfg)               # byte ranges of JSONL, one tar each, or the whole input
     n = count_chunk(chunk, cfg)                         # 0. rows per chunk -> global row offsets, row total
-    route_chunk(chunk, first, G, cfg) -> {group: [...]}  # 1. read + validate, route each row by a hash of its id
+    route_rows(read_chunk(chunk, first, cfg), G, cfg)   # 1. validate (check_row), route each row by a hash of its id
     resolve_group(staged, offsets, size, cfg)           # 2. per group: duplicates, env partners, unit of each row
-    load_unit_rows(unit)                                # 3. a unit's rows, read back from its pieces
+    assemble_plan(resolved, units_per_split, rows, cfg) # the driver: units from the groups' piece summaries
 
 Stable hashing: h = blake2b(id) as a 64-bit integer. The planning group of a row is h * G >> 64
 (G = ceil(rows / input.plan_group_rows)), so groups are consecutive ranges of h. A split's rows in
@@ -18,32 +22,101 @@ are resolved there by input order (the global row index; the first occurrence wi
 for the augmented copies of a speech clip are drawn by (seed, id, copy) from the env clips of the
 same split in the same group: deterministic, never across splits, no global list of rows.
 
-Staging format (owned here, inside the job's output, deleted when the job finishes):
-    OUT/_plan/<plan id>/rows/c<chunk>-g<group>.parquet    stage 1: row_index, h, row (JSON)
-    OUT/_plan/<plan id>/units/<split>/g<group>.parquet    stage 2: unit, h, row_index, row (JSON),
-                                                           sorted by unit so a unit reads few row groups
-Rows travel as JSON with escaped surrogates, so undecodable caption bytes survive until rejected.
-A unit's hash is a hash of its pieces' exact rows; the job hash a hash of the unit hashes.
+Between stages the rows are staged in the job's output (clap_core.preprocess.staging owns those
+files). A unit's hash is a hash of its pieces' exact rows and the job config; the job hash a hash of
+the unit hashes: a marker with another unit hash belongs to another job (resume refuses it).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from dataclasses import dataclass, field
 
 from clap_core import storage
 from clap_core.audio.augment import pair_speech_with_env, stable_seed
-from clap_core.data.inputs import decode_text, jsonl_block_rows, read_manifest, resolve_input, webdataset_rows
+from clap_core.config import to_dict
+from clap_core.data.input_folders import webdataset_rows
+from clap_core.data.input_rows import InputRow, decode_text
+from clap_core.data.input_tables import jsonl_block_rows
+from clap_core.data.inputs import read_inputs, resolve_input
+from clap_core.data.rejects import printable
+from clap_core.data.shards import unit_key
 from clap_core.preprocess.config import PreprocessConfig
-from clap_core.preprocess.unit import check_row, printable
+from clap_core.preprocess.rows import check_row
+from clap_core.preprocess.staging import piece_hash, row_json
 
-STAGED_SCHEMA = pa.schema([("row_index", pa.int64()), ("h", pa.uint64()), ("row", pa.string())])
-UNIT_SCHEMA = pa.schema([("unit", pa.int32()), ("h", pa.uint64()), ("row_index", pa.int64()), ("row", pa.string())])
-STAGED_ROW_GROUP = 2048  # rows per Parquet row group of a group file: a unit reads only the groups it needs
+FLAC_RATIO = 0.6  # typical FLAC size / PCM size, to size units from shard_mb
+
+
+# -------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class Unit:
+    """One work unit: the rows of one split that one worker turns into shards, a rejects file and a marker."""
+
+    key: str  # "<split>-<n:05d>" (clap_core.data.shards.unit_key): names its marker
+    split: str
+    index: int  # n: its shards are <split>/part-<n>-<k>.parquet
+    hash: str  # its exact rows + the job config (resume refuses a marker with another hash)
+    pieces: list[str] = field(default_factory=list)  # staged files holding its rows (the distributed plan)
+    size: int = 0  # rows in those pieces
+    rows: list[dict] | None = None  # its planned rows (clap_core.preprocess.rows.PlannedRow), once loaded
+
+    def to_dict(self) -> dict:
+        """What crosses Ray Data and plan.json: rows never travel, a worker loads them from the pieces."""
+        return {"key": self.key, "split": self.split, "index": self.index, "pieces": self.pieces, "size": self.size,
+                "hash": self.hash}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Unit:
+        return cls(key=d["key"], split=d["split"], index=d["index"], hash=d["hash"], pieces=list(d["pieces"]),
+                   size=d["size"])
+
+
+@dataclass
+class Plan:
+    units: list[Unit]  # every split's units in split and index order
+    rows_in: int  # input rows
+    planned_rejects: int  # rows rejected while planning (stage read_manifest)
+    job_hash: str  # hash of the job config and every unit hash: identifies a finished output
+
+    def to_dict(self) -> dict:
+        return {"rows_in": self.rows_in, "planned_rejects": self.planned_rejects, "job_hash": self.job_hash,
+                "units": [u.to_dict() for u in self.units]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        return cls(units=[Unit.from_dict(u) for u in d["units"]], rows_in=d["rows_in"],
+                   planned_rejects=d["planned_rejects"], job_hash=d["job_hash"])
+
+    def unit_hashes(self) -> dict[str, str]:
+        """unit key -> unit hash (clap_core.data.markers.check_markers)."""
+        return {u.key: u.hash for u in self.units}
+
+
+def rows_per_unit(cfg: PreprocessConfig) -> int:
+    """Input rows per unit so that one unit fills about one shard of output.shard_mb."""
+    if cfg.output.rows_per_unit:
+        return cfg.output.rows_per_unit
+    bytes_per_sample = 2 if cfg.output.flac_subtype == "PCM_16" else 3
+    row_mb = cfg.output.expected_clip_seconds * cfg.audio.target_sr * bytes_per_sample * FLAC_RATIO / 1e6
+    return max(1, int(cfg.output.shard_mb / (row_mb * (cfg.augment.copies + 1))))
+
+
+def job_config(cfg: PreprocessConfig) -> dict:
+    """The part of the config that decides the output (parallelism and debug settings do not)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("ray", "debug")}
+
+
+def content_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def unit_hash(job: dict, key: str, piece_hashes: list[str]) -> str:
+    return hashlib.sha256(json.dumps([job, key, piece_hashes], sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -98,15 +171,15 @@ def line_block(uri: str, start: int, end: int, size: int) -> bytes:
     return data
 
 
-def read_chunk(chunk: dict, first_index: int, cfg: PreprocessConfig) -> list[dict]:
-    """Manifest rows of one chunk (clap_core.data.inputs format), numbered from first_index."""
+def read_chunk(chunk: dict, first_index: int, cfg: PreprocessConfig) -> list[InputRow]:
+    """Input rows of one chunk, numbered from first_index."""
     enc = cfg.input.encoding
     if chunk["kind"] == "jsonl":
         data = line_block(chunk["uri"], chunk["start"], chunk["end"], chunk["size"])
         return jsonl_block_rows(data, chunk["uri"], enc, first_index, chunk.get("first_line", 1))
     if chunk["kind"] == "tar":
         return webdataset_rows(chunk["uri"], first_index, enc)
-    return read_manifest(chunk["uri"], enc, cfg.input.audio_dir)
+    return read_inputs(chunk["uri"], enc, cfg.input.audio_dir)
 
 
 def count_chunk(chunk: dict, cfg: PreprocessConfig) -> int:
@@ -143,7 +216,7 @@ def group_count(rows_in: int, cfg: PreprocessConfig) -> int:
     return max(1, math.ceil(rows_in / cfg.input.plan_group_rows))
 
 
-def route_rows(rows: list[dict], groups: int, cfg: PreprocessConfig) -> tuple[dict[int, list[tuple]], dict[int, dict[str, int]]]:
+def route_rows(rows: list[InputRow], groups: int, cfg: PreprocessConfig) -> tuple[dict[int, list[tuple]], dict[int, dict[str, int]]]:
     """Validated rows by planning group as (row_index, h, row), and rows per (group, split)."""
     out: dict[int, list[tuple]] = {}
     counts: dict[int, dict[str, int]] = {}
@@ -230,73 +303,50 @@ def resolve_group(staged: list[tuple], offsets: dict[str, int], size: int,
     return dict(sorted(out.items()))
 
 
-def row_json(row: dict) -> str:
-    return json.dumps(row, sort_keys=True)  # ASCII: lone surrogates (undecodable bytes) are escaped
-
-
-def piece_hash(rows_json: list[str]) -> str:
-    return hashlib.sha256("\n".join(rows_json).encode()).hexdigest()[:16]
-
-
-def unit_hash(job: dict, key: str, piece_hashes: list[str]) -> str:
-    return hashlib.sha256(json.dumps([job, key, piece_hashes], sort_keys=True).encode()).hexdigest()[:16]
-
-
 # -------------------------------------------------------------------------------------------------
-# staging files
+# the plan
 
 
-def parquet_bytes(table: pa.Table, row_group: int) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=row_group, compression="zstd")
-    return buf.getvalue()
+def assemble_plan(resolved: list[dict], units_per_split: dict[str, int], rows_in: int, cfg: PreprocessConfig) -> Plan:
+    """Units from the groups' piece summaries ({split: {"uri", "units": {n: {rows, rejects, hash}}}} per group,
+    in group order, which is hash order)."""
+    pieces: dict[tuple[str, int], list[tuple[str, dict]]] = {}
+    for info in resolved:
+        for split, entry in info.items():
+            for n, piece in entry["units"].items():
+                pieces.setdefault((split, int(n)), []).append((entry["uri"], piece))
+    job, units = job_config(cfg), []
+    for split, n_units in units_per_split.items():
+        for n in range(n_units):
+            parts = pieces.get((split, n), [])
+            key = unit_key(split, n)
+            units.append(Unit(key=key, split=split, index=n, pieces=[uri for uri, _ in parts],
+                              size=sum(p["rows"] for _, p in parts),
+                              hash=unit_hash(job, key, [p["hash"] for _, p in parts])))
+    rejects = sum(p["rejects"] for parts in pieces.values() for _, p in parts)
+    return Plan(units=units, rows_in=rows_in, planned_rejects=rejects,
+                job_hash=content_hash([job, [u.hash for u in units]]))
 
 
-def write_staged(uri: str, staged: list[tuple]) -> None:
-    cols = list(zip(*staged)) if staged else [[], [], []]
-    table = pa.table([pa.array(cols[0], pa.int64()), pa.array(cols[1], pa.uint64()),
-                      pa.array([row_json(r) for r in cols[2]], pa.string())], schema=STAGED_SCHEMA)
-    storage.put_atomic(uri, parquet_bytes(table, 65_536))
-
-
-def read_staged(uris: list[str]) -> list[tuple]:
-    out = []
-    for uri in uris:
-        t = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        out += [(i, h, json.loads(r)) for i, h, r in zip(*(t.column(c).to_pylist() for c in ("row_index", "h", "row")))]
-    return out
-
-
-def write_unit_file(uri: str, pieces: dict[int, list[tuple]]) -> dict[int, dict]:
-    """One split's pieces of one group, sorted by unit; returns {unit: {rows, rejects, hash}}."""
-    units, sorts, indexes, rows, info = [], [], [], [], {}
-    for unit in sorted(pieces):
-        texts = [row_json(r) for _, _, r in pieces[unit]]
-        info[unit] = {"rows": len(texts), "hash": piece_hash(texts),
-                      "rejects": sum(r["planned_reject"] is not None for _, _, r in pieces[unit])}
-        units += [unit] * len(texts)
-        sorts += [s for s, _, _ in pieces[unit]]
-        indexes += [i for _, i, _ in pieces[unit]]
-        rows += texts
-    table = pa.table([pa.array(units, pa.int32()), pa.array(sorts, pa.uint64()), pa.array(indexes, pa.int64()),
-                      pa.array(rows, pa.string())], schema=UNIT_SCHEMA)
-    storage.put_atomic(uri, parquet_bytes(table, STAGED_ROW_GROUP))
-    return info
-
-
-def load_unit_rows(unit: dict) -> list[dict]:
-    """A unit's planned rows from its pieces (reads only the row groups that can hold the unit)."""
-    found = []
-    for uri in unit["pieces"]:
-        fs, path = storage.resolve_fs(uri)
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            for g in range(pf.num_row_groups):
-                stats = pf.metadata.row_group(g).column(0).statistics
-                if stats is not None and stats.has_min_max and not stats.min <= unit["index"] <= stats.max:
-                    continue
-                t = pf.read_row_group(g)
-                found += [(s, i, r) for u, s, i, r in zip(*(t.column(c).to_pylist() for c in UNIT_SCHEMA.names))
-                          if u == unit["index"]]
-    found.sort(key=lambda t: (t[0], t[1]))
-    return [json.loads(r) for _, _, r in found]
+def plan_units(rows: list[InputRow], cfg: PreprocessConfig) -> Plan:
+    """The plan of an input held in memory: the stages of the distributed planner run in this process,
+    so both give the same units and hashes; each unit carries its rows."""
+    routed, counts = route_rows(rows, group_count(len(rows), cfg), cfg)
+    size = rows_per_unit(cfg)
+    units_per_split, offsets = split_layout(counts, size)
+    pieces: dict[tuple[str, int], list[list[dict]]] = {}
+    for g in sorted(routed):
+        for key, piece in resolve_group(routed[g], offsets[g], size, cfg).items():
+            pieces.setdefault(key, []).append([r for _, _, r in piece])
+    job, units = job_config(cfg), []
+    for split, n_units in units_per_split.items():
+        for n in range(n_units):
+            parts = pieces.get((split, n), [])
+            key = unit_key(split, n)
+            hashes = [piece_hash([row_json(r) for r in part]) for part in parts]
+            unit_rows = [r for part in parts for r in part]
+            units.append(Unit(key=key, split=split, index=n, size=len(unit_rows), rows=unit_rows,
+                              hash=unit_hash(job, key, hashes)))
+    n_rejects = sum(r["planned_reject"] is not None for u in units for r in u.rows)
+    return Plan(units=units, rows_in=len(rows), planned_rejects=n_rejects,
+                job_hash=content_hash([job, [u.hash for u in units]]))

@@ -1,13 +1,14 @@
-"""Preprocessing logic, free of Ray: plan the work, process one row, process and commit one unit.
+"""Preprocessing on the workers, free of Ray: one planned row -> output rows, one unit -> shards + marker.
 
-    plan = plan_units(read_manifest(path), cfg)                 # in memory; the job plans in parallel tasks
     rows_out, rejects = process_row(planned_row, cfg)           # any process: pure function of its inputs
-    marker = process_unit(unit, cfg, out_uri, merger)           # writes shards + rejects, then _done marker
-    manifest = build_manifest(out_uri, plan, cfg, markers)      # driver: manifest.json, written last
+    marker = process_unit(unit, cfg, out_uri, merger)           # writes shards + rejects, then its marker
+
+The driver side: clap_core.preprocess.plan (Plan, Unit, plan_units), pipelines/preprocess.py (the job),
+clap_core.data.shards (output layout, shard writer, manifest.json = the index: `build_index` /
+`write_index`), clap_core.data.markers (the `_done` markers: `read_markers`, `check_markers`).
 
 Exactly once, resumable (local folders and s3://):
-1. Planning is a pure function of the manifest and the config (clap_core.preprocess.plan: the stages, run in
-   parallel tasks by pipelines/preprocess_plan.py, or in this process by `plan_units`). Every input
+1. Planning is a pure function of the input and the config (clap_core.preprocess.plan). Every input
    row gets an id (given, or its path without suffix), a split, caption checks, duplicate-id check
    (first row in input order wins) and, for speech rows, an env partner of the same split per
    augmented copy. Rows go to units by a stable hash of their id: per split, in (hash, row index)
@@ -25,8 +26,8 @@ Exactly once, resumable (local folders and s3://):
    A storage failure while reading a clip (clap_core.io_faults: 5xx, throttling, resets, after the
    client's retries) is never a reject: the unit raises, is retried, and if it still fails stays
    uncommitted for the re-run; a refused bucket/credential stops the job.
-4. `manifest.json` is written last, from the markers only; readers use the files it lists, so a
-   stray file can never add a duplicate. Ray Data's own at-least-once writes are not used.
+4. `manifest.json` (the index) is written last, from the markers only; readers use the files it lists,
+   so a stray file can never add a duplicate. Ray Data's own at-least-once writes are not used.
 
 Row accounting: every input row ends in exactly one place, as one or more output rows (the clip,
 its segments, its augmented copies; `source_id` points back) or as one reject row with a stage
@@ -34,126 +35,30 @@ its segments, its augmented copies; `source_id` points back) or as one reject ro
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
-import re
 import time
-from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clap_core import storage
 from clap_core.audio.augment import augment_clip
 from clap_core.audio.codec import AudioStream, encode_flac, stream_audio
-from clap_core.config import to_dict
 from clap_core.data.captions import build_caption_merger
-from clap_core.data.inputs import audio_source, row_id
-from clap_core.data.rejects import REJECT_SCHEMA, failure_reason, printable, reject
-from clap_core.data.shards import SHARD_SCHEMA
+from clap_core.data.input_rows import audio_source
+from clap_core.data.markers import Marker, UnitRejects, write_marker
+from clap_core.data.rejects import REJECT_SCHEMA, failure_reason, reject
+from clap_core.data.shards import ShardWriter, relative, table_bytes, unit_files
 from clap_core.io_faults import is_data_error
 from clap_core.preprocess.config import PreprocessConfig
+from clap_core.preprocess.plan import Unit
 
-SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # splits become folder names
-FLAC_RATIO = 0.6  # typical FLAC size / PCM size, to size units from shard_mb
-MANIFEST_FORMAT = "clap-shards/1"
-DONE_DIR, REJECTS_DIR = "_done", "_rejects"
 SEGMENT_STAGE = "segment"  # rejects of one dropped segment of a long clip, not of an input row
-
-
-def text_ok(text: str) -> bool:
-    """False when text carries undecodable bytes (surrogateescape) that Arrow could not store."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+REJECTS_ROW_GROUP = 10_000  # rows per row group of a unit's rejects file
 
 
 # -------------------------------------------------------------------------------------------------
-# planning (driver)
-
-
-def check_row(row: dict, cfg: PreprocessConfig) -> tuple[dict, tuple[str, str] | None]:
-    """Normalise one manifest row; returns (row, (reason, detail) or None when usable)."""
-    row = dict(row)
-    row["id"] = row_id(row)
-    row["split"] = row.get("split") or cfg.input.default_split
-    kind = (row.get("kind") or "").strip().lower()
-    row["kind"] = kind if kind in ("speech", "env") else None
-    captions = [c.strip() for c in row.get("captions") or [] if c is not None]
-    row["caption"] = captions[0] if captions else ""
-    row["captions"] = [captions[0]] + [c for c in captions[1:] if c] if captions else []
-    if not SPLIT_NAME.match(row["split"]) and not row.get("error"):
-        row["error"] = ("bad_split", f"split {printable(row['split'])!r} is not a folder name")
-    if row.get("error"):
-        row["split"] = row["split"] if SPLIT_NAME.match(row["split"]) else cfg.input.default_split
-        return row, tuple(row["error"])
-    if not text_ok(row["id"]) or not text_ok(row["source_path"]):
-        return row, ("path_or_id_not_utf8", "id or audio path holds bytes that are not valid text")
-    if not all(text_ok(c) for c in row["captions"]):
-        return row, ("caption_not_utf8", f"caption bytes are not valid {cfg.input.encoding}: {printable(row['caption'])}")
-    if not row["caption"]:
-        return row, ("empty_caption", "main caption is empty")
-    return row, None
-
-
-def rows_per_unit(cfg: PreprocessConfig) -> int:
-    """Input rows per unit so that one unit fills about one shard of output.shard_mb."""
-    if cfg.output.rows_per_unit:
-        return cfg.output.rows_per_unit
-    bytes_per_sample = 2 if cfg.output.flac_subtype == "PCM_16" else 3
-    row_mb = cfg.output.expected_clip_seconds * cfg.audio.target_sr * bytes_per_sample * FLAC_RATIO / 1e6
-    return max(1, int(cfg.output.shard_mb / (row_mb * (cfg.augment.copies + 1))))
-
-
-def job_config(cfg: PreprocessConfig) -> dict:
-    """The part of the config that decides the output (parallelism and debug settings do not)."""
-    return {k: v for k, v in to_dict(cfg).items() if k not in ("ray", "debug")}
-
-
-def content_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Plan:
-    units: list[dict]  # {"key", "split", "index", "hash", "rows": [planned row, ...] or "pieces": [uri, ...]}
-    rows_in: int
-    planned_rejects: int
-    job_hash: str
-
-
-def plan_units(rows: list[dict], cfg: PreprocessConfig) -> Plan:
-    """The plan of an input held in memory: the same stages as the distributed planner
-    (pipelines/preprocess_plan.py) run in this process, so both give the same units and hashes."""
-    from clap_core.preprocess import plan as staged
-
-    routed, counts = staged.route_rows(rows, staged.group_count(len(rows), cfg), cfg)
-    size = rows_per_unit(cfg)
-    units_per_split, offsets = staged.split_layout(counts, size)
-    pieces: dict[tuple[str, int], list[list[dict]]] = {}
-    for g in sorted(routed):
-        for key, piece in staged.resolve_group(routed[g], offsets[g], size, cfg).items():
-            pieces.setdefault(key, []).append([r for _, _, r in piece])
-    job, units = job_config(cfg), []
-    for split, n_units in units_per_split.items():
-        for n in range(n_units):
-            parts = pieces.get((split, n), [])
-            key = f"{split}-{n:05d}"
-            hashes = [staged.piece_hash([staged.row_json(r) for r in part]) for part in parts]
-            units.append({"key": key, "split": split, "index": n, "rows": [r for part in parts for r in part],
-                          "hash": staged.unit_hash(job, key, hashes)})
-    n_rejects = sum(r["planned_reject"] is not None for u in units for r in u["rows"])
-    return Plan(units=units, rows_in=len(rows), planned_rejects=n_rejects,
-                job_hash=content_hash([job, [u["hash"] for u in units]]))
-
-
-# -------------------------------------------------------------------------------------------------
-# one row (workers)
+# one row
 
 
 def merger_provenance(cfg: PreprocessConfig) -> dict:
@@ -381,58 +286,18 @@ def process_row(row: dict, cfg: PreprocessConfig, merger=None, env_cache: EnvCac
 
 
 # -------------------------------------------------------------------------------------------------
-# one unit (workers)
+# one unit
 
 
-def unit_paths(out_uri: str, unit: dict) -> dict[str, str]:
-    split, n = unit["split"], unit["index"]
-    return {"shard_prefix": storage.join(out_uri, split, f"part-{n:05d}-"),
-            "rejects": storage.join(out_uri, REJECTS_DIR, f"part-{split}-{n:05d}.parquet"),
-            "marker": storage.join(out_uri, DONE_DIR, f"{unit['key']}.json")}
-
-
-def table_bytes(rows: list[dict], schema: pa.Schema, row_group_rows: int) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, row_group_size=row_group_rows, compression="none"
-                   if schema is SHARD_SCHEMA else "zstd")
-    return buf.getvalue()
-
-
-class ShardWriter:
-    """Buffers a unit's rows and commits a shard file each time the audio reaches shard_mb."""
-
-    def __init__(self, prefix: str, out_uri: str, cfg: PreprocessConfig):
-        self.prefix, self.out_uri, self.cfg = prefix, out_uri, cfg
-        self.rows, self.audio_bytes, self.shards = [], 0, []
-
-    def add(self, rows: list[dict]) -> None:
-        for row in rows:
-            self.rows.append(row)
-            self.audio_bytes += len(row["audio"])
-            if self.audio_bytes >= self.cfg.output.shard_mb * 1e6:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        uri = f"{self.prefix}{len(self.shards):03d}.parquet"
-        data = table_bytes(self.rows, SHARD_SCHEMA, self.cfg.output.row_group_rows)
-        storage.put_atomic(uri, data)
-        self.shards.append({"path": uri[len(self.out_uri.rstrip("/")) + 1:], "split": self.rows[0]["split"],
-                            "rows": len(self.rows), "bytes": len(data),
-                            "seconds": sum(r["duration_s"] for r in self.rows)})
-        self.rows, self.audio_bytes = [], 0
-
-
-def process_unit(unit: dict, cfg: PreprocessConfig, out_uri: str, merger=None) -> dict:
-    """Process every row of a unit, commit its shards and rejects, then its marker; returns the marker."""
+def process_unit(unit: Unit, cfg: PreprocessConfig, out_uri: str, merger=None) -> Marker:
+    """Process every row of a unit (unit.rows loaded), commit its shards and rejects, then its marker."""
     cpu_start = time.process_time()
-    paths = unit_paths(out_uri, unit)
+    files = unit_files(out_uri, unit.split, unit.index)
     merger = merger or build_merger(cfg)
     env_cache = EnvCache(cfg)
-    writer = ShardWriter(paths["shard_prefix"], out_uri, cfg)
+    writer = ShardWriter(files.shard_prefix, out_uri, cfg.output.shard_mb * 1e6, cfg.output.row_group_rows)
     rejects, sources_out, seconds_in = [], 0, 0.0
-    for row in unit["rows"]:
+    for row in unit.rows:
         emitted = {"rows": 0, "seconds": 0.0}
 
         def emit(rows: list[dict]) -> None:  # rows leave for the shard buffer as each segment is made
@@ -445,88 +310,19 @@ def process_unit(unit: dict, cfg: PreprocessConfig, out_uri: str, merger=None) -
         seconds_in += emitted["seconds"]
     writer.flush()
     if rejects:
-        storage.put_atomic(paths["rejects"], table_bytes(rejects, REJECT_SCHEMA, 10_000))
+        storage.put_atomic(files.rejects, table_bytes(rejects, REJECT_SCHEMA, REJECTS_ROW_GROUP))
     reasons: dict[str, int] = {}
     segment_reasons: dict[str, int] = {}  # dropped segments of long clips (their row has output)
     for r in rejects:
         counts = segment_reasons if r["stage"] == SEGMENT_STAGE else reasons
         counts[r["reason"]] = counts.get(r["reason"], 0) + 1
-    marker = {"unit": unit["key"], "hash": unit["hash"], "split": unit["split"], "rows_in": len(unit["rows"]),
-              "sources_out": sources_out, "rows_out": sum(s["rows"] for s in writer.shards),
-              "seconds_in": seconds_in, "seconds_out": sum(s["seconds"] for s in writer.shards),
-              "cpu_seconds": time.process_time() - cpu_start,  # this process's CPU time: benchmarks, cost
-              "shards": writer.shards, "rejects": {"path": paths["rejects"][len(out_uri.rstrip("/")) + 1:]
-                                                   if rejects else None, "rows": sum(reasons.values()), "by_reason": reasons,
-                                                   "segments": sum(segment_reasons.values()),
-                                                   "segments_by_reason": segment_reasons}}
-    storage.put_atomic(paths["marker"], json.dumps(marker, sort_keys=True).encode())
+    marker = Marker(unit=unit.key, hash=unit.hash, split=unit.split, rows_in=len(unit.rows), sources_out=sources_out,
+                    rows_out=sum(s["rows"] for s in writer.shards), seconds_in=seconds_in,
+                    seconds_out=sum(s["seconds"] for s in writer.shards),
+                    cpu_seconds=time.process_time() - cpu_start,  # this process's CPU time: benchmarks, cost
+                    shards=writer.shards,
+                    rejects=UnitRejects(path=relative(out_uri, files.rejects) if rejects else None,
+                                        rows=sum(reasons.values()), by_reason=reasons,
+                                        segments=sum(segment_reasons.values()), segments_by_reason=segment_reasons))
+    write_marker(out_uri, marker)
     return marker
-
-
-# -------------------------------------------------------------------------------------------------
-# resume and the final manifest (driver)
-
-
-def read_markers(out_uri: str) -> dict[str, dict]:
-    """unit key -> marker, for every committed unit under out_uri."""
-    markers = {}
-    for uri in storage.list_files(storage.join(out_uri, DONE_DIR)):
-        name = uri.rsplit("/", 1)[-1]
-        if name.endswith(".json") and not name.startswith(storage.TEMP_PREFIX):
-            marker = json.loads(storage.read_bytes(uri))
-            markers[marker["unit"]] = marker
-    return markers
-
-
-def check_markers(plan: Plan, markers: dict[str, dict], out_uri: str) -> None:
-    """A marker from another job (other input or config) means this output is not ours to resume."""
-    planned = {u["key"]: u["hash"] for u in plan.units}
-    foreign = sorted(k for k, m in markers.items() if planned.get(k) != m["hash"])
-    if foreign:
-        raise ValueError(f"{out_uri} holds units of a different job (input or config changed), e.g. {foreign[0]}; "
-                         "use a new --output or delete the old one")
-
-
-def clean_uncommitted(out_uri: str, plan: Plan, markers: dict[str, dict]) -> list[str]:
-    """Delete temp files and every shard/reject file not listed by a marker; returns what went."""
-    keep = {storage.join(out_uri, p) for m in markers.values()
-            for p in [s["path"] for s in m["shards"]] + ([m["rejects"]["path"]] if m["rejects"]["path"] else [])}
-    removed = storage.clean_temp_files(out_uri)
-    folders = sorted({u["split"] for u in plan.units} | {REJECTS_DIR})
-    for folder in folders:
-        for uri in storage.list_files(storage.join(out_uri, folder)):
-            if uri.endswith(".parquet") and uri not in keep:
-                storage.delete(uri)
-                removed.append(uri)
-    return removed
-
-
-def build_manifest(plan: Plan, cfg: PreprocessConfig, markers: dict[str, dict], input_uri: str) -> dict:
-    """manifest.json content: shards, per-split counts and hours, rejects by reason, config and hash."""
-    ordered = [markers[u["key"]] for u in plan.units]
-    splits: dict[str, dict] = {}
-    reasons: dict[str, int] = {}
-    segment_reasons: dict[str, int] = {}
-    for m in ordered:
-        for s in m["shards"]:
-            entry = splits.setdefault(s["split"], {"rows": 0, "hours": 0.0, "shards": 0})
-            entry["rows"] += s["rows"]
-            entry["hours"] += s["seconds"] / 3600
-            entry["shards"] += 1
-        for reason, count in m["rejects"]["by_reason"].items():
-            reasons[reason] = reasons.get(reason, 0) + count
-        for reason, count in m["rejects"].get("segments_by_reason", {}).items():
-            segment_reasons[reason] = segment_reasons.get(reason, 0) + count
-    return {
-        "format": MANIFEST_FORMAT, "input": input_uri, "job_hash": plan.job_hash,
-        "rows_in": plan.rows_in, "sources_out": sum(m["sources_out"] for m in ordered),
-        "rows_out": sum(m["rows_out"] for m in ordered), "hours_in": sum(m["seconds_in"] for m in ordered) / 3600,
-        "hours_out": sum(m["seconds_out"] for m in ordered) / 3600,
-        "cpu_hours": sum(m["cpu_seconds"] for m in ordered) / 3600,
-        "splits": dict(sorted(splits.items())),
-        "shards": [{k: s[k] for k in ("path", "split", "rows", "bytes", "seconds")} for m in ordered for s in m["shards"]],
-        "rejects": {"rows": sum(m["rejects"]["rows"] for m in ordered), "by_reason": dict(sorted(reasons.items())),
-                    "segments": sum(segment_reasons.values()), "segments_by_reason": dict(sorted(segment_reasons.items())),
-                    "files": [m["rejects"]["path"] for m in ordered if m["rejects"]["path"]]},
-        "units": len(ordered), "config": to_dict(cfg), "config_hash": content_hash(job_config(cfg)),
-    }
