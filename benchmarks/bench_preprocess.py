@@ -25,9 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clap_core.data.inputs import read_manifest  # noqa: E402
+from clap_core.data.inputs import read_inputs  # noqa: E402
 from clap_core.preprocess.config import load_preprocess_config  # noqa: E402
-from clap_core.preprocess.unit import build_merger, plan_units, process_unit  # noqa: E402
+from clap_core.preprocess.plan import plan_units  # noqa: E402
+from clap_core.preprocess.unit import build_merger, process_unit  # noqa: E402
 from clap_demo.synth import write_corpus  # noqa: E402
 
 CORPUS_HOURS = 22_000
@@ -37,10 +38,10 @@ FORMATS = ("wav", "flac", "ogg", "mp3", "m4a", "mp4", "webm")
 def plain_loop(manifest: Path, out: Path, cfg) -> tuple[float, float]:
     """(source audio seconds, wall seconds) of a single-process run over the planned units."""
     start = time.perf_counter()
-    plan = plan_units(read_manifest(str(manifest)), cfg)
+    plan = plan_units(read_inputs(str(manifest)), cfg)
     merger = build_merger(cfg)
     markers = [process_unit(u, cfg, str(out), merger) for u in plan.units]
-    return sum(m["seconds_in"] for m in markers), time.perf_counter() - start, sum(m["cpu_seconds"] for m in markers)
+    return sum(m.seconds_in for m in markers), time.perf_counter() - start, sum(m.cpu_seconds for m in markers)
 
 
 def ray_job(manifest: Path, out: Path, cfg) -> tuple[float, float]:

@@ -15,7 +15,7 @@ Ray with `--cores` CPUs; the child reports:
     object store    peak bytes used in the object store, sampled every 0.5 s
     resume          a second run on the finished output, in the same driver (Ray already up)
 
-Baseline in the same run (skip with --no-baseline): the in-memory planner (`read_manifest` +
+Baseline in the same run (skip with --no-baseline): the in-memory planner (`read_inputs` +
 `plan_units`, what the driver did before planning was distributed) in its own child process, for its
 wall time and VmHWM.
 """
@@ -87,12 +87,12 @@ def job_child(manifest: str, out: str, cores: int, overrides: list[str]) -> dict
 
 def baseline_child(manifest: str, overrides: list[str]) -> dict:
     """The in-memory planner on the same manifest, as the driver ran it before."""
-    from clap_core.data.inputs import read_manifest
+    from clap_core.data.inputs import read_inputs
     from clap_core.preprocess.config import load_preprocess_config
-    from clap_core.preprocess.unit import plan_units
+    from clap_core.preprocess.plan import plan_units
 
     start = time.perf_counter()
-    plan = plan_units(read_manifest(manifest), load_preprocess_config(None, overrides))
+    plan = plan_units(read_inputs(manifest), load_preprocess_config(None, overrides))
     return {"plan_s": time.perf_counter() - start, "driver_peak_mb": vm_hwm_mb(), "units": len(plan.units)}
 
 

@@ -19,6 +19,7 @@ that were not committed can never be read:
 
     for row in iter_shard_rows("s3://bucket/shards", split="train"): ...
     table = read_shards("out/", "valid", columns=["id", "audio", "caption"])
+    rejects = committed_rejects("out/")          # the reject rows, from the files the index lists
     index = read_index("out/")                   # manifest.json as a dict
 
 Writers (the preprocess workers and driver):
@@ -40,7 +41,7 @@ import pyarrow.parquet as pq
 
 from clap_core import storage
 from clap_core.data.markers import Marker, ShardEntry, marker_uri
-from clap_core.data.rejects import REJECTS_DIR  # OUT/_rejects/: one reject file per unit that rejected something
+from clap_core.data.rejects import REJECTS_DIR, read_rejects  # OUT/_rejects/: one file per unit with rejects
 
 INDEX_FILE = "manifest.json"  # OUT/manifest.json: the index (its name predates "index"; it stays)
 INDEX_FORMAT = "clap-shards/1"  # the index's "format" field
@@ -263,3 +264,8 @@ def read_shards(out_uri: str, split: str | None = None, columns: list[str] | Non
     tables = [read_parquet_file(u, columns) for u in shard_uris(out_uri, split)]
     schema = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def committed_rejects(out_uri: str) -> pa.Table:
+    """Every reject row of a finished output: the files its index lists (never a crashed unit's debris)."""
+    return read_rejects(out_uri, read_index(out_uri)["rejects"]["files"])

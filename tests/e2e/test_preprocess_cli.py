@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clap_core.data.shards import read_output_manifest, read_shards
+from clap_core.data.shards import read_index, read_shards
 from clap_demo.synth import write_corpus
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +36,7 @@ def test_cli_crash_then_rerun_resumes(tmp_path):
     summary = [line for line in resumed.stdout.splitlines() if line.startswith("clap preprocess:")]
     assert len(summary) == 1 and "clips in 10, rows out 10" in summary[0] and "realtime factor" in summary[0]
     print("\n" + summary[0])
-    doc = read_output_manifest(out)
+    doc = read_index(out)
     # Ray may print its own lines to stdout before the command's; the result is the one JSON object line.
     result = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith('{"output"')]
     assert len(result) == 1 and result[0]["rows_out"] == doc["rows_out"] == 10, resumed.stdout[-3000:]

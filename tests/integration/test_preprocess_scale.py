@@ -12,11 +12,11 @@ import pytest
 
 import pipelines.preprocess_plan as plan_module
 from clap_core import storage
-from clap_core.data.inputs import read_manifest
-from clap_core.data.rejects import read_rejects
-from clap_core.data.shards import read_shards
+from clap_core.data.inputs import read_inputs
+from clap_core.data.shards import committed_rejects, read_shards
 from clap_core.preprocess.config import load_preprocess_config
-from clap_core.preprocess.unit import plan_units, process_row
+from clap_core.preprocess.plan import plan_units
+from clap_core.preprocess.unit import process_row
 from clap_demo.synth import write_scale_manifest
 from pipelines.preprocess import SimulatedCrash, preprocess
 from tests.integration.test_preprocess import settled_markers
@@ -47,12 +47,12 @@ def test_100k_rows_crash_and_resume_exactly_once(ray_local, tmp_path, monkeypatc
 
     lines = [json.loads(line) for line in manifest.read_text().splitlines()]
     shards = read_shards(out).to_pylist()
-    rejects = read_rejects(out).to_pylist()
+    rejects = committed_rejects(out).to_pylist()
     assert Counter(r["id"] for r in lines) == Counter([r["source_id"] for r in shards] + [r["id"] for r in rejects])
     assert Counter(r["reason"] for r in rejects) == {"missing_file": ROWS - 4 - 99, "duplicate_id": 99}
     assert result["rows_in"] == ROWS == result["sources_out"] + result["rejects"]["rows"]
 
-    real = [r for u in plan_units(read_manifest(str(manifest))[:4], cfg).units for r in u["rows"]]
+    real = [r for u in plan_units(read_inputs(str(manifest))[:4], cfg).units for r in u.rows]
     expected = {row["id"]: row["audio"] for r in real for row in process_row(r, cfg)[0]}
     assert {r["id"]: r["audio"] for r in shards} == expected and len(expected) == 4
 

@@ -15,9 +15,10 @@ import pytest
 
 from clap_core.audio import codec as aio
 from clap_core.audio.codec import AudioDecodeError
-from clap_core.data.inputs import new_row
+from clap_core.data.input_rows import new_row
 from clap_core.preprocess.config import load_preprocess_config
-from clap_core.preprocess.unit import plan_units, process_row
+from clap_core.preprocess.plan import plan_units
+from clap_core.preprocess.unit import process_row
 from clap_demo.audio_files import encode_audio_file
 from tests.hostile import float_wav, lying_flac, tone, write_long_flac
 
@@ -69,8 +70,9 @@ def test_decoding_stops_at_max_seconds_whatever_the_header_says():
 PEAK_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     from pathlib import Path
-    from clap_core.data.inputs import new_row
-    from clap_core.preprocess.unit import plan_units, process_unit
+    from clap_core.data.input_rows import new_row
+    from clap_core.preprocess.plan import plan_units
+    from clap_core.preprocess.unit import process_unit
     from clap_core.preprocess.config import load_preprocess_config
 
     def run(path, out):

@@ -7,9 +7,12 @@ import json
 import os
 import tarfile
 
-from clap_core.data.inputs import escape_id, read_manifest, row_id, sample_key
+from clap_core.data.input_folders import sample_key
+from clap_core.data.input_rows import escape_id, row_id
+from clap_core.data.inputs import read_inputs
 from clap_core.preprocess.config import load_preprocess_config
-from clap_core.preprocess.unit import plan_units, process_row
+from clap_core.preprocess.plan import plan_units
+from clap_core.preprocess.unit import process_row
 from clap_demo.audio_files import encode_audio_file
 from tests.hostile import deep_json, tar_bytes, tone
 
@@ -28,7 +31,7 @@ def test_jsonl_splits_on_newline_bytes_only(tmp_path):
     captions = ["a line\u2028separator", "next\u0085line", "para\u2029graph", "form\x0cfeed", "crlf"]
     lines = [json.dumps({"audio_path": f"{i}.wav", "caption": c}, ensure_ascii=False) for i, c in enumerate(captions)]
     (tmp_path / "m.jsonl").write_bytes(("\n".join(lines[:-1]) + "\r\n" + lines[-1] + "\n").encode())
-    rows = read_manifest(tmp_path / "m.jsonl")
+    rows = read_inputs(tmp_path / "m.jsonl")
     assert [r["caption"] for r in rows] == captions and errors(rows) == [None] * 5  # old: 2 rejects per row
 
 
@@ -36,7 +39,7 @@ def test_deeply_nested_json_line_is_one_reject(tmp_path):
     lines = [json.dumps({"audio_path": "a.wav", "caption": "ok"}), deep_json(), json.dumps({"audio_path": "b.wav",
                                                                                              "caption": "ok"})]
     (tmp_path / "m.jsonl").write_text("\n".join(lines))
-    rows = read_manifest(tmp_path / "m.jsonl")  # old: RecursionError killed the job
+    rows = read_inputs(tmp_path / "m.jsonl")  # old: RecursionError killed the job
     assert errors(rows) == [None, "bad_manifest_row", None] and "nested too deeply" in rows[1]["error"][1]
 
 
@@ -47,7 +50,7 @@ def test_deeply_nested_json_line_is_one_reject(tmp_path):
 def write_csv(tmp_path, text: str):
     path = tmp_path / "m.csv"
     path.write_text(text)
-    return read_manifest(path)
+    return read_inputs(path)
 
 
 def test_csv_fields_past_the_default_limit_parse_and_long_captions_are_rejected(tmp_path):
@@ -94,7 +97,7 @@ def test_webdataset_counts_every_member(tmp_path):
                 "shard.v2/b.json": meta("b"), "c.wav": WAV, "c.json": meta("c"),
                 "orphan.json": meta("no audio"), "d.wav": WAV, "d.json": deep_json().encode(), "noext": b"x"}
     (tmp_path / "s.tar").write_bytes(tar_bytes(members))
-    rows = read_manifest(tmp_path / "s.tar")
+    rows = read_inputs(tmp_path / "s.tar")
     got = {r["id"]: (r["error"][0] if r["error"] else r["caption"]) for r in rows}
     assert got == {"shard.v2/a": "a", "shard.v2/b": "b", "c": "c", "orphan": "no_audio_member",
                    "d": "bad_manifest_row", "noext": "no_extension"}  # old: a and b were dropped
@@ -116,7 +119,7 @@ def test_webdataset_links_and_truncation_are_rejects(tmp_path):
     data = buf.getvalue()
     c_offset = tarfile.open(fileobj=io.BytesIO(data)).getmember("c.wav").offset_data
     (tmp_path / "s.tar").write_bytes(data[: c_offset + len(WAV) // 2])  # cut inside c.wav
-    rows = read_manifest(tmp_path / "s.tar")
+    rows = read_inputs(tmp_path / "s.tar")
     assert [(r["id"], r["error"][0] if r["error"] else None) for r in rows][:2] == [("a", None),
                                                                                       ("b", "not_regular_member")]
     assert rows[-1]["error"][0] == "bad_tar"
@@ -139,7 +142,7 @@ def test_sidecar_folder_rejects_special_entries_and_never_follows_loops(tmp_path
     os.symlink("..", root / "sub" / "up")  # a folder loop: corpus/sub/up/sub/up/...
     (root / "fifo_caption.wav").write_bytes(WAV)
     os.mkfifo(root / "fifo_caption.txt")  # opening it would hang the reader
-    rows = read_manifest(root)
+    rows = read_inputs(root)
     got = {r["id"]: r["error"][0] if r["error"] else r["caption"] for r in rows}
     assert got == {"good": "a tone", "folder": "is_directory", "pipe": "fifo", "loop": "symlink_loop",
                    "null": "device", "fifo_caption": "bad_sidecar"}
@@ -158,6 +161,6 @@ def test_input_ids_cannot_collide_with_segment_or_copy_ids(tmp_path):
              {"audio_path": "short.wav", "caption": "short", "id": "c#seg1"}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     cfg = load_preprocess_config(None, ["audio.max_seconds=1.0", "audio.min_seconds=0.2"])
-    plan = plan_units(read_manifest(tmp_path / "m.jsonl"), cfg)
-    ids = [r["id"] for u in plan.units for row in u["rows"] for r in process_row(row, cfg)[0]]
+    plan = plan_units(read_inputs(tmp_path / "m.jsonl"), cfg)
+    ids = [r["id"] for u in plan.units for row in u.rows for r in process_row(row, cfg)[0]]
     assert sorted(ids) == ["c#seg0", "c#seg1", "c#seg2", "c%23seg1"] and len(set(ids)) == len(ids)

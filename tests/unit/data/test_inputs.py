@@ -12,9 +12,9 @@ import pytest
 
 from clap_core import storage
 from clap_core.audio.codec import decode_audio
-from clap_core.data.inputs import read_manifest
+from clap_core.data.inputs import read_inputs
 from clap_core.preprocess.config import PreprocessConfig
-from clap_core.preprocess.unit import plan_units
+from clap_core.preprocess.plan import plan_units
 from clap_demo.audio_files import encode_audio_file
 
 
@@ -32,7 +32,7 @@ def test_jsonl_paths_extra_captions_and_bad_lines(tmp_path):
     ]
     text = "\n".join(json.dumps(x) for x in lines[:2]) + "\n{not json\n\n" + "\n".join(json.dumps(x) for x in lines[2:])
     (tmp_path / "m.jsonl").write_text(text)
-    rows = read_manifest(str(tmp_path / "m.jsonl"))
+    rows = read_inputs(str(tmp_path / "m.jsonl"))
 
     assert [r["row_index"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0]["audio_uri"] == str(tmp_path / "audio/a.wav") and rows[0]["captions"] == ["dog", "a dog barks"]
@@ -53,7 +53,7 @@ def test_audiocaps_csv_groups_captions_per_clip(tmp_path):
     csv_rows += [f"{200 + k},yt2,0,caption {k} of yt2" for k in range(5)]
     csv_rows += ["300,yt3,0,missing audio"]
     (tmp_path / "test.csv").write_text("\n".join(csv_rows) + "\n")
-    rows = read_manifest(str(tmp_path / "test.csv"))
+    rows = read_inputs(str(tmp_path / "test.csv"))
 
     assert [r["id"] for r in rows] == ["yt1", "yt2", "yt3"]
     assert rows[0]["captions"] == [f"caption {k} of yt1" for k in range(5)] and rows[0]["caption"] == "caption 0 of yt1"
@@ -70,7 +70,7 @@ def test_clotho_csv_five_captions(tmp_path):
     header = "file_name,caption_1,caption_2,caption_3,caption_4,caption_5"
     line = '"rain on a roof.wav",rain falls,"drops, steady",water hits metal,a storm,rain'
     (tmp_path / "clotho_captions_evaluation.csv").write_text(f"{header}\n{line}\n")
-    rows = read_manifest(str(tmp_path / "clotho_captions_evaluation.csv"), audio_dir=str(audio))
+    rows = read_inputs(str(tmp_path / "clotho_captions_evaluation.csv"), audio_dir=str(audio))
 
     assert len(rows) == 1 and rows[0]["id"] == "rain on a roof" and rows[0]["split"] == "test"
     assert rows[0]["captions"] == ["rain falls", "drops, steady", "water hits metal", "a storm", "rain"]
@@ -85,7 +85,7 @@ def test_clotho_official_layout_finds_the_split_folder(tmp_path, csv_name, folde
     (tmp_path / folder / "rain.wav").write_bytes(wav_bytes())
     header = "file_name,caption_1,caption_2,caption_3,caption_4,caption_5"
     (tmp_path / csv_name).write_text(f"{header}\nrain.wav,rain falls,drops,water,a storm,rain\n")
-    rows = read_manifest(str(tmp_path / csv_name))  # no audio_dir
+    rows = read_inputs(str(tmp_path / csv_name))  # no audio_dir
     assert rows[0]["error"] is None and rows[0]["split"] == split
     assert Path(rows[0]["audio_uri"]) == tmp_path / folder / "rain.wav"
 
@@ -97,7 +97,7 @@ def test_sidecar_folder_txt_json_and_missing(tmp_path):
     (tmp_path / "sub" / "b.flac").write_bytes(wav_bytes())
     (tmp_path / "sub" / "b.json").write_text(json.dumps({"text": ["speech here"], "kind": "speech", "label": "talk"}))
     (tmp_path / "c.mp3").write_bytes(b"no caption for me")
-    rows = {r["id"]: r for r in read_manifest(str(tmp_path))}
+    rows = {r["id"]: r for r in read_inputs(str(tmp_path))}
 
     assert rows["a"]["captions"] == ["first caption", "second caption"] and rows["a"]["source_path"] == "a.wav"
     assert rows["sub/b"]["caption"] == "speech here" and rows["sub/b"]["kind"] == "speech"
@@ -121,7 +121,7 @@ def test_webdataset_tars_read_audio_as_byte_ranges(tmp_path):
             add_member(tar, f"{key}.json", json.dumps({"text": [f"clip {key}", "alt"], "tag": ["x"]}).encode())
     with tarfile.open(shards / "shard-001.tar", "w") as tar:
         add_member(tar, "s2.flac", audio["s2"])  # no .json: rejected as missing_caption
-    rows = read_manifest(str(shards))
+    rows = read_inputs(str(shards))
 
     assert [r["id"] for r in rows] == ["s0", "s1", "s2"] and [r["row_index"] for r in rows] == [0, 1, 2]
     assert rows[0]["captions"] == ["clip s0", "alt"] and rows[0]["source_path"].endswith("shard-000.tar#s0.flac")
@@ -136,9 +136,9 @@ def test_webdataset_tars_read_audio_as_byte_ranges(tmp_path):
 def test_csv_with_cp1252_bytes(tmp_path, encoding, expected):
     text = "id,audio_path,caption\nok,a.wav,plain ascii\nlatin,b.wav,café – déjà vu\n"
     (tmp_path / "m.csv").write_bytes(text.encode("cp1252"))
-    rows = read_manifest(str(tmp_path / "m.csv"), encoding=encoding)
+    rows = read_inputs(str(tmp_path / "m.csv"), encoding=encoding)
     plan = plan_units(rows, PreprocessConfig())
-    planned = {r["id"]: r for u in plan.units for r in u["rows"]}
+    planned = {r["id"]: r for u in plan.units for r in u.rows}
 
     assert rows[0]["caption"] == "plain ascii" and planned["ok"]["planned_reject"] is None
     if expected is None:  # read as UTF-8: the bytes stay visible and the row is rejected, not mangled

@@ -8,10 +8,13 @@ import json
 import pytest
 
 import pipelines.preprocess_plan as plan_job_module
-from clap_core.data.inputs import new_row, read_manifest
+from clap_core.data.input_rows import new_row
+from clap_core.data.inputs import read_inputs
 from clap_core.preprocess import plan as staged
 from clap_core.preprocess.config import load_preprocess_config
-from clap_core.preprocess.unit import plan_units, process_unit
+from clap_core.preprocess.plan import Plan, plan_units
+from clap_core.preprocess.staging import load_unit_rows
+from clap_core.preprocess.unit import process_unit
 from clap_demo.synth import write_corpus
 
 MESSY_JSONL = ("\ufeff" + json.dumps({"id": "a", "audio_path": "a.wav", "caption": "caf\u00e9 \u2028 x"},
@@ -40,7 +43,7 @@ def test_jsonl_byte_range_chunks_read_like_the_whole_file(tmp_path, chunk_bytes)
     path = tmp_path / "m.jsonl"
     path.write_text(MESSY_JSONL, encoding="utf-8")
     cfg = load_preprocess_config()
-    whole = read_manifest(str(path))
+    whole = read_inputs(str(path))
     assert len(whole) == 43 and whole[1]["error"][1].startswith("line 3:")  # U+2028 stays inside its line
     assert chunked_rows(str(path), cfg, chunk_bytes / 1e6) == whole
 
@@ -49,7 +52,7 @@ def test_folder_of_manifest_parts_numbers_rows_across_parts(tmp_path):
     for part in range(3):
         (tmp_path / f"part-{part}.jsonl").write_text("".join(
             json.dumps({"id": f"p{part}-{i}", "audio_path": f"{i}.wav", "caption": "c"}) + "\n" for i in range(5)))
-    rows = read_manifest(str(tmp_path))
+    rows = read_inputs(str(tmp_path))
     assert [r["row_index"] for r in rows] == list(range(15)) and rows[5]["id"] == "p1-0"
     assert chunked_rows(str(tmp_path), load_preprocess_config(), 30 / 1e6) == rows
 
@@ -77,27 +80,28 @@ def test_staged_plan_equals_in_memory_plan(tmp_path, monkeypatch):
     cfg = load_preprocess_config(None, overrides)
     monkeypatch.setattr(plan_job_module, "run_tasks", serial_tasks)
     plan, root = plan_job_module.plan_job(str(manifest), str(tmp_path / "out"), cfg)
-    memory = plan_units(read_manifest(str(manifest)), cfg)
+    memory = plan_units(read_inputs(str(manifest)), cfg)
 
     assert len(staged.input_chunks(str(manifest), cfg, cfg.ray.plan_chunk_mb)) > 3  # really chunked
     assert staged.group_count(plan.rows_in, cfg) == 5  # and really grouped
-    assert [u["key"] for u in plan.units] == [u["key"] for u in memory.units]
-    assert [u["hash"] for u in plan.units] == [u["hash"] for u in memory.units]
+    assert [u.key for u in plan.units] == [u.key for u in memory.units]
+    assert [u.hash for u in plan.units] == [u.hash for u in memory.units]
     assert plan.job_hash == memory.job_hash and plan.rows_in == memory.rows_in == 121
     assert plan.planned_rejects == memory.planned_rejects == 8  # 7 duplicate ids + the row without audio
     for unit, expected in zip(plan.units, memory.units):
-        assert staged.load_unit_rows(unit) == expected["rows"]
-        assert unit["size"] == len(expected["rows"])
-    sizes = {s: [len(u["rows"]) for u in memory.units if u["split"] == s] for s in ("train", "valid")}
+        assert load_unit_rows(unit.pieces, unit.index) == expected.rows
+        assert unit.size == len(expected.rows) and unit.rows is None  # rows stay in the pieces
+    sizes = {s: [len(u.rows) for u in memory.units if u.split == s] for s in ("train", "valid")}
     assert all(n == 9 for s in sizes for n in sizes[s][:-1])  # exact unit size, the last one takes the rest
     again, _ = plan_job_module.plan_job(str(manifest), str(tmp_path / "out"), cfg)  # read back from plan.json
-    assert again.units == json.loads(json.dumps(plan.units)) and again.job_hash == plan.job_hash
+    assert again == plan == Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert list(plan.to_dict()["units"][0]) == ["key", "split", "index", "pieces", "size", "hash"]  # plan.json as before
 
 
 def test_duplicates_resolved_by_input_order_in_any_group():
     rows = mixed_rows(60)
     cfg = load_preprocess_config(None, ["input.plan_group_rows=7"])
-    planned = {r["row_index"]: r for u in plan_units(rows, cfg).units for r in u["rows"]}
+    planned = {r["row_index"]: r for u in plan_units(rows, cfg).units for r in u.rows}
     first_seen = {}
     for i in range(60):
         first_seen.setdefault(rows[i]["id"], i)
@@ -111,7 +115,7 @@ def test_env_partners_come_from_the_same_split():
     for groups in ("1000", "40"):
         cfg = load_preprocess_config(None, ["augment.copies=3", "augment.splits=[train, valid]",
                                             f"input.plan_group_rows={groups}"])
-        planned = [r for u in plan_units(rows, cfg).units for r in u["rows"]]
+        planned = [r for u in plan_units(rows, cfg).units for r in u.rows]
         env_split = {r["id"]: r["split"] for r in planned if r["kind"] == "env" and not r["planned_reject"]}
         mixed = [(r["split"], p["id"]) for r in planned for p in r["env_partners"].values()]
         assert len(mixed) > 100 and {env_split[e] for _, e in mixed} == {"train", "valid"}
@@ -126,7 +130,7 @@ def test_every_env_id_in_a_split_names_a_clip_of_that_split(tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
     cfg = load_preprocess_config(None, ["augment.copies=2", "augment.splits=[train, valid]", "output.rows_per_unit=6"])
     out = str(tmp_path / "out")
-    for unit in plan_units(read_manifest(str(manifest)), cfg).units:
+    for unit in plan_units(read_inputs(str(manifest)), cfg).units:
         process_unit(unit, cfg, out)
     shards = read_shards_from_folder(out)
     split_of = {r["id"]: r["split"] for r in lines}

@@ -10,19 +10,22 @@ import pytest
 
 from clap_core import storage
 from clap_core.audio.codec import decode_flac
-from clap_core.data.inputs import new_row, read_manifest
-from clap_core.data.shards import SHARD_SCHEMA, iter_shard_rows, read_shards
-from clap_core.preprocess.config import load_preprocess_config
-from clap_core.preprocess.unit import (
-    build_manifest,
-    check_markers,
+from clap_core.config import to_dict
+from clap_core.data.input_rows import new_row
+from clap_core.data.inputs import read_inputs
+from clap_core.data.markers import check_markers, read_markers
+from clap_core.data.shards import (
+    SHARD_SCHEMA,
+    build_index,
     clean_uncommitted,
-    plan_units,
-    process_row,
-    process_unit,
-    read_markers,
-    rows_per_unit,
+    iter_shard_rows,
+    read_index,
+    read_shards,
+    write_index,
 )
+from clap_core.preprocess.config import load_preprocess_config
+from clap_core.preprocess.plan import content_hash, job_config, plan_units, rows_per_unit
+from clap_core.preprocess.unit import process_row, process_unit
 from clap_demo.audio_files import encode_audio_file
 from clap_demo.synth import ClipSpec, make_clip, write_corpus
 
@@ -35,7 +38,7 @@ def write_clip(path, seconds: float, sr: int = 16000, spec: ClipSpec = ClipSpec(
 
 def planned(rows: list[dict], *overrides: str) -> list[dict]:
     plan = plan_units(rows, load_preprocess_config(None, list(overrides)))
-    return sorted((r for u in plan.units for r in u["rows"]), key=lambda r: r["row_index"])
+    return sorted((r for u in plan.units for r in u.rows), key=lambda r: r["row_index"])
 
 
 def one(tmp_path, seconds: float, *overrides: str, caption: str = "a tone", **clip) -> tuple[list, list]:
@@ -135,17 +138,17 @@ def test_planning_rejects_and_is_independent_of_input_order():
     rows += [new_row(20, "b.wav", "/x/b.wav", ["  "]), new_row(21, "c.wav", "/x/c.wav", ["x"], split="../etc")]
     cfg = load_preprocess_config(None, ["output.rows_per_unit=3"])
     plan = plan_units(rows, cfg)
-    reasons = {r["row_index"]: (r["planned_reject"] or {}).get("reason") for u in plan.units for r in u["rows"]}
+    reasons = {r["row_index"]: (r["planned_reject"] or {}).get("reason") for u in plan.units for r in u.rows}
     assert sum(v == "duplicate_id" for v in reasons.values()) == 13 and reasons[20] == "empty_caption"
     assert reasons[21] == "bad_split" and all(reasons[i] is None for i in range(7))
-    assert sum(len(u["rows"]) for u in plan.units) == 22 and plan.rows_in == 22
+    assert sum(len(u.rows) for u in plan.units) == 22 and plan.rows_in == 22
 
     accepted = [r for r in rows if r["row_index"] < 7]
     shuffled = accepted[:]
     random.Random(0).shuffle(shuffled)
-    units = lambda rs: [[r["id"] for r in u["rows"]] for u in plan_units(rs, cfg).units]  # noqa: E731
+    units = lambda rs: [[r["id"] for r in u.rows] for u in plan_units(rs, cfg).units]  # noqa: E731
     assert units(accepted) == units(shuffled)
-    assert {u["key"] for u in plan_units(accepted, cfg).units} == {"train-00000", "train-00001", "valid-00000"}
+    assert {u.key for u in plan_units(accepted, cfg).units} == {"train-00000", "train-00001", "valid-00000"}
 
 
 def test_rows_per_unit_follows_shard_size():
@@ -157,27 +160,32 @@ def test_rows_per_unit_follows_shard_size():
 def test_units_commit_atomically_and_resume_cleans_debris(tmp_path):
     manifest = write_corpus(tmp_path / "corpus", 6, seed=1, seconds=(0.6, 0.8))
     cfg = load_preprocess_config(None, ["output.rows_per_unit=2", "output.shard_mb=0.02"])
-    plan = plan_units(read_manifest(str(manifest)), cfg)
+    plan = plan_units(read_inputs(str(manifest)), cfg)
     out = str(tmp_path / "out")
     first = process_unit(plan.units[0], cfg, out)
-    assert len(first["shards"]) == 2  # rolled over at shard_mb
-    stray = [f"{out}/{plan.units[1]['split']}/part-{plan.units[1]['index']:05d}-000.parquet",
+    assert len(first.shards) == 2  # rolled over at shard_mb
+    stray = [f"{out}/{plan.units[1].split}/part-{plan.units[1].index:05d}-000.parquet",
              f"{out}/train/{storage.TEMP_PREFIX}abc-part-00009-000.parquet"]
     for uri in stray:
         storage.put_atomic(uri, b"debris")
     markers = read_markers(out)
-    check_markers(plan, markers, out)
-    assert sorted(clean_uncommitted(out, plan, markers)) == sorted(stray)
+    assert markers == {first.unit: first}  # the marker on disk reads back as the one returned
+    check_markers(plan.unit_hashes(), markers, out)
+    assert sorted(clean_uncommitted(out, sorted({u.split for u in plan.units}), markers)) == sorted(stray)
     for unit in plan.units[1:]:
         process_unit(unit, cfg, out)
-    manifest_doc = build_manifest(plan, cfg, read_markers(out), str(manifest))
-    storage.put_atomic(f"{out}/manifest.json", json.dumps(manifest_doc).encode())
-    assert sum(1 for _ in iter_shard_rows(out)) == manifest_doc["rows_out"] == 6 == len(read_shards(out))
+    markers = read_markers(out)
+    index = build_index([markers[u.key] for u in plan.units], input_uri=str(manifest), job_hash=plan.job_hash,
+                        rows_in=plan.rows_in, config=to_dict(cfg), config_hash=content_hash(job_config(cfg)))
+    write_index(out, index)
+    assert read_index(out) == index and (tmp_path / "out" / "manifest.json").is_file()
+    assert sum(1 for _ in iter_shard_rows(out)) == index["rows_out"] == 6 == len(read_shards(out))
+    assert index["units"] == len(plan.units) and index["shards"] == [s for u in plan.units for s in markers[u.key].shards]
     assert not [f for f in storage.list_files(out) if storage.TEMP_PREFIX in f]
-    other = plan_units(read_manifest(str(manifest)), load_preprocess_config(None, ["output.rows_per_unit=2",
+    other = plan_units(read_inputs(str(manifest)), load_preprocess_config(None, ["output.rows_per_unit=2",
                                                                                    "audio.silence=keep"]))
     with pytest.raises(ValueError, match="different job"):
-        check_markers(other, read_markers(out), out)
+        check_markers(other.unit_hashes(), read_markers(out), out)
 
 
 def test_evaluation_on_shards_reads_one_row_per_source_clip(tmp_path):
