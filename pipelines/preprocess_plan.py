@@ -20,7 +20,7 @@ import json
 import ray
 
 from clap_core.io_faults import retry_transient
-from clap_core.preprocess import plan as staged
+from clap_core.preprocess import plan as planner
 from clap_core.preprocess import staging
 from clap_core.preprocess.config import PreprocessConfig
 from clap_core.preprocess.plan import Plan, content_hash, job_config, rows_per_unit
@@ -46,7 +46,7 @@ def run_tasks(fn, items: list[dict], cfg: PreprocessConfig) -> list[dict]:
 
 def plan_root(out_uri: str, input_uri: str, cfg: PreprocessConfig) -> str:
     """OUT/_plan/<plan id>: the id hashes the input's files (names, sizes, mtimes) and the job config."""
-    return staging.plan_root(out_uri, content_hash([input_uri, staged.input_fingerprint(input_uri), job_config(cfg)]))
+    return staging.plan_root(out_uri, content_hash([input_uri, planner.input_fingerprint(input_uri), job_config(cfg)]))
 
 
 def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan, str]:
@@ -55,34 +55,34 @@ def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan,
     doc = staging.read_plan_file(root)
     if doc is not None:
         return Plan.from_dict(doc), root
-    chunks = staged.input_chunks(input_uri, cfg, cfg.ray.plan_chunk_mb)
+    chunks = planner.input_chunks(input_uri, cfg, cfg.ray.plan_chunk_mb)
 
     # 0. rows per chunk -> where each chunk's rows start in input order
-    counted = run_tasks(lambda c: dict(zip(("rows", "lines"), staged.count_lines(c, cfg))), chunks, cfg)
+    counted = run_tasks(lambda c: dict(zip(("rows", "lines"), planner.count_lines(c, cfg))), chunks, cfg)
     counts = [r["rows"] for r in counted]
     firsts = [sum(counts[:i]) for i in range(len(counts))]
     for i, chunk in enumerate(chunks):  # file line number of each JSONL chunk's first line (reject details)
         chunk["first_line"] = 1 + sum(counted[j]["lines"] for j in range(i) if chunks[j]["uri"] == chunk["uri"])
-    rows_in, groups = sum(counts), staged.group_count(sum(counts), cfg)
+    rows_in, groups = sum(counts), planner.group_count(sum(counts), cfg)
 
     # 1. read + validate each chunk, write its rows per planning group
     def route(item: dict) -> dict:
-        rows = staged.read_chunk(item["chunk"], item["first"], cfg)
-        by_group, by_split = staged.route_rows(rows, groups, cfg)
+        rows = planner.read_chunk(item["chunk"], item["first"], cfg)
+        by_group, by_split = planner.route_rows(rows, groups, cfg)
         for g, part in by_group.items():
             staging.write_staged(staging.routed_file(root, item["c"], g), part)
         return {"counts": by_split}
 
     items = [{"c": c, "chunk": chunk, "first": first} for c, (chunk, first) in enumerate(zip(chunks, firsts))]
     routed = run_tasks(route, items, cfg)
-    per_group = staged.merge_counts([{int(g): n for g, n in r["counts"].items()} for r in routed])
+    per_group = planner.merge_counts([{int(g): n for g, n in r["counts"].items()} for r in routed])
     size = rows_per_unit(cfg)
-    units_per_split, offsets = staged.split_layout(per_group, size)
+    units_per_split, offsets = planner.split_layout(per_group, size)
 
     # 2. per group: duplicates, env partners, units; pieces written per split
     def resolve(item: dict) -> dict:
         rows = staging.read_staged(item["files"])
-        pieces = staged.resolve_group(rows, item["offsets"], size, cfg)
+        pieces = planner.resolve_group(rows, item["offsets"], size, cfg)
         info = {}
         for split in sorted({s for s, _ in pieces}):
             uri = staging.unit_file(root, split, item["g"])
@@ -94,6 +94,6 @@ def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan,
              for g in sorted(per_group)}
     resolved = run_tasks(resolve, [{"g": g, "files": files[g], "offsets": offsets[g]} for g in sorted(per_group)],
                          cfg)
-    plan = staged.assemble_plan(resolved, units_per_split, rows_in, cfg)
+    plan = planner.assemble_plan(resolved, units_per_split, rows_in, cfg)
     staging.write_plan_file(root, {"format": PLAN_FORMAT, "input": input_uri, **plan.to_dict()})
     return plan, root

@@ -185,19 +185,23 @@ def build_index(markers: list[Marker], *, input_uri: str, job_hash: str, rows_in
     }
 
 
+def index_uri(out_uri: str) -> str:
+    return storage.join(out_uri, INDEX_FILE)
+
+
 def write_index(out_uri: str, index: dict) -> None:
     """Commit the output: manifest.json, written last (atomic), after every unit's marker."""
-    storage.put_atomic(storage.join(out_uri, INDEX_FILE), json.dumps(index, indent=1).encode())
+    storage.put_atomic(index_uri(out_uri), json.dumps(index, indent=1).encode())
 
 
 def has_index(uri: str) -> bool:
     """Whether a folder is a finished `clap preprocess` output."""
-    return storage.exists(storage.join(uri, INDEX_FILE))
+    return storage.exists(index_uri(uri))
 
 
 def read_index(out_uri: str) -> dict:
     """OUT/manifest.json; FileNotFoundError while the job has not finished."""
-    return json.loads(storage.read_bytes(storage.join(out_uri, INDEX_FILE)))
+    return json.loads(storage.read_bytes(index_uri(out_uri)))
 
 
 # -------------------------------------------------------------------------------------------------

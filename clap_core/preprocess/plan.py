@@ -43,7 +43,7 @@ from clap_core.data.inputs import read_inputs, resolve_input
 from clap_core.data.rejects import printable
 from clap_core.data.shards import unit_key
 from clap_core.preprocess.config import PreprocessConfig
-from clap_core.preprocess.rows import check_row
+from clap_core.preprocess.rows import PlannedRow, check_row
 from clap_core.preprocess.staging import piece_hash, row_json
 
 FLAC_RATIO = 0.6  # typical FLAC size / PCM size, to size units from shard_mb
@@ -63,7 +63,7 @@ class Unit:
     hash: str  # its exact rows + the job config (resume refuses a marker with another hash)
     pieces: list[str] = field(default_factory=list)  # staged files holding its rows (the distributed plan)
     size: int = 0  # rows in those pieces
-    rows: list[dict] | None = None  # its planned rows (clap_core.preprocess.rows.PlannedRow), once loaded
+    rows: list[PlannedRow] | None = None  # its planned rows, once loaded (in-memory plans: from the start)
 
     def to_dict(self) -> dict:
         """What crosses Ray Data and plan.json: rows never travel, a worker loads them from the pieces."""

@@ -52,6 +52,7 @@ from clap_core.data.shards import ShardWriter, relative, table_bytes, unit_files
 from clap_core.io_faults import is_data_error
 from clap_core.preprocess.config import PreprocessConfig
 from clap_core.preprocess.plan import Unit
+from clap_core.preprocess.rows import EnvPartner, PlannedRow
 
 SEGMENT_STAGE = "segment"  # rejects of one dropped segment of a long clip, not of an input row
 REJECTS_ROW_GROUP = 10_000  # rows per row group of a unit's rejects file
@@ -162,7 +163,7 @@ def stream_segments(blocks, max_n: int):
     yield index + 1, start + half, wave[:, half:], False
 
 
-def output_row(row: dict, row_id: str, wave: np.ndarray, captions: list[str], augment: dict, cfg: PreprocessConfig) -> dict:
+def output_row(row: PlannedRow, row_id: str, wave: np.ndarray, captions: list[str], augment: dict, cfg: PreprocessConfig) -> dict:
     sr = cfg.audio.target_sr
     return {"id": row_id, "audio": encode_flac(wave, sr, cfg.output.flac_subtype), "sample_rate": sr,
             "num_samples": int(wave.shape[1]), "num_channels": int(wave.shape[0]), "duration_s": wave.shape[1] / sr,
@@ -177,7 +178,7 @@ class EnvCache:
     def __init__(self, cfg: PreprocessConfig):
         self.cfg, self.waves = cfg, {}
 
-    def get(self, env: dict) -> tuple[np.ndarray | None, str | None]:
+    def get(self, env: EnvPartner) -> tuple[np.ndarray | None, str | None]:
         """(first max_seconds of the env wave, None) or (None, reason it cannot be used)."""
         if env["id"] not in self.waves:
             max_n = int(self.cfg.audio.max_seconds * self.cfg.audio.target_sr)
@@ -194,7 +195,7 @@ class EnvCache:
         return self.waves[env["id"]]
 
 
-def augmented_rows(row: dict, seg_id: str, wave: np.ndarray, base: dict, cfg: PreprocessConfig, merger,
+def augmented_rows(row: PlannedRow, seg_id: str, wave: np.ndarray, base: dict, cfg: PreprocessConfig, merger,
                    env_cache: EnvCache) -> list[dict]:
     """The cfg.augment.copies augmented copies of one clip or segment (none outside cfg.augment.splits:
     an evaluation split holds each clip once, so its retrieval metrics are not capped by near-duplicates)."""
@@ -216,7 +217,7 @@ def augmented_rows(row: dict, seg_id: str, wave: np.ndarray, base: dict, cfg: Pr
     return out
 
 
-def stream_row(row: dict, cfg: PreprocessConfig, emit, merger=None, env_cache: EnvCache | None = None) -> list[dict]:
+def stream_row(row: PlannedRow, cfg: PreprocessConfig, emit, merger=None, env_cache: EnvCache | None = None) -> list[dict]:
     """Process one planned row, handing each segment's output rows (the segment and its augmented copies)
     to `emit` as soon as they exist, so a long clip is never held whole; returns the row's rejects.
 
@@ -278,7 +279,7 @@ def stream_row(row: dict, cfg: PreprocessConfig, emit, merger=None, env_cache: E
     return dropped
 
 
-def process_row(row: dict, cfg: PreprocessConfig, merger=None, env_cache: EnvCache | None = None) -> tuple[list[dict], list[dict]]:
+def process_row(row: PlannedRow, cfg: PreprocessConfig, merger=None, env_cache: EnvCache | None = None) -> tuple[list[dict], list[dict]]:
     """One planned row -> (its output rows, its rejects); see stream_row (this one holds the rows: tests)."""
     out: list[dict] = []
     rejects = stream_row(row, cfg, out.extend, merger, env_cache)

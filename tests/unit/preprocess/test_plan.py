@@ -10,7 +10,7 @@ import pytest
 import pipelines.preprocess_plan as plan_job_module
 from clap_core.data.input_rows import new_row
 from clap_core.data.inputs import read_inputs
-from clap_core.preprocess import plan as staged
+from clap_core.preprocess import plan as planner
 from clap_core.preprocess.config import load_preprocess_config
 from clap_core.preprocess.plan import Plan, plan_units
 from clap_core.preprocess.staging import load_unit_rows
@@ -26,14 +26,14 @@ MESSY_JSONL = ("\ufeff" + json.dumps({"id": "a", "audio_path": "a.wav", "caption
 
 
 def chunked_rows(uri: str, cfg, chunk_mb: float) -> list[dict]:
-    chunks = staged.input_chunks(uri, cfg, chunk_mb)
-    counts = [staged.count_chunk(c, cfg) for c in chunks]
+    chunks = planner.input_chunks(uri, cfg, chunk_mb)
+    counts = [planner.count_chunk(c, cfg) for c in chunks]
     for i, chunk in enumerate(chunks):  # as pipelines/preprocess_plan.py numbers lines
-        chunk["first_line"] = 1 + sum(staged.count_lines(c, cfg)[1] for c in chunks[:i] if c["uri"] == chunk["uri"])
+        chunk["first_line"] = 1 + sum(planner.count_lines(c, cfg)[1] for c in chunks[:i] if c["uri"] == chunk["uri"])
     rows = []
     for chunk, first in zip(chunks, [sum(counts[:i]) for i in range(len(counts))]):
-        part = staged.read_chunk(chunk, first, cfg)
-        assert len(part) == staged.count_chunk(chunk, cfg)
+        part = planner.read_chunk(chunk, first, cfg)
+        assert len(part) == planner.count_chunk(chunk, cfg)
         rows += part
     return rows
 
@@ -82,8 +82,8 @@ def test_staged_plan_equals_in_memory_plan(tmp_path, monkeypatch):
     plan, root = plan_job_module.plan_job(str(manifest), str(tmp_path / "out"), cfg)
     memory = plan_units(read_inputs(str(manifest)), cfg)
 
-    assert len(staged.input_chunks(str(manifest), cfg, cfg.ray.plan_chunk_mb)) > 3  # really chunked
-    assert staged.group_count(plan.rows_in, cfg) == 5  # and really grouped
+    assert len(planner.input_chunks(str(manifest), cfg, cfg.ray.plan_chunk_mb)) > 3  # really chunked
+    assert planner.group_count(plan.rows_in, cfg) == 5  # and really grouped
     assert [u.key for u in plan.units] == [u.key for u in memory.units]
     assert [u.hash for u in plan.units] == [u.hash for u in memory.units]
     assert plan.job_hash == memory.job_hash and plan.rows_in == memory.rows_in == 121
