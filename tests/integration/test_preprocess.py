@@ -91,12 +91,16 @@ def test_full_run_from_and_to_s3(ray_local, s3_bucket, corpus):
 
 def settled_markers(done_uri: str, quiet_s: float = 3.0, limit_s: float = 60.0) -> list[str]:
     """The unit markers once no new one has appeared for quiet_s: actors that were mid-unit when the driver
-    crashed are stopped asynchronously and may still commit the unit they were writing."""
+    crashed are stopped asynchronously and may still commit the unit they were writing. An actor killed in
+    the middle of a local write leaves a temp file in _done/: it is no marker (the re-run deletes it)."""
+    def committed() -> list[str]:
+        return [f for f in storage.list_files(done_uri) if not f.rsplit("/", 1)[-1].startswith(storage.TEMP_PREFIX)]
+
     deadline = time.monotonic() + limit_s
-    seen, since = storage.list_files(done_uri), time.monotonic()
+    seen, since = committed(), time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
         time.sleep(0.5)
-        now = storage.list_files(done_uri)
+        now = committed()
         if now != seen:
             seen, since = now, time.monotonic()
     return seen
