@@ -16,8 +16,7 @@ import pytest
 
 from clap_core import storage
 from clap_core.audio.codec import decode_flac
-from clap_core.data.rejects import read_rejects
-from clap_core.data.shards import SHARD_SCHEMA, read_shards
+from clap_core.data.shards import SHARD_SCHEMA, committed_rejects, read_shards
 from clap_core.preprocess.config import load_preprocess_config
 from clap_demo.synth import write_bad_inputs, write_corpus
 from pipelines.preprocess import SimulatedCrash, preprocess
@@ -57,7 +56,7 @@ def test_bad_input_zoo_every_row_accounted_for(ray_local, tmp_path):
     out = str(tmp_path / "out")
     manifest = preprocess(str(tmp_path / "zoo" / "manifest.csv"), out, config("audio.long_clip=reject"))
 
-    rejects = read_rejects(out).to_pylist()
+    rejects = committed_rejects(out).to_pylist()
     output = read_shards(out).to_pylist()
     print(f"\nzoo: in {manifest['rows_in']} = out {manifest['sources_out']} + rejects {len(rejects)}; "
           f"reasons {manifest['rejects']['by_reason']}")
