@@ -22,7 +22,8 @@ import numpy as np
 from clap_core import storage
 from clap_core.audio.codec import TARGET_SR, decode_audio
 from clap_core.data import embeddings
-from clap_core.data.inputs import audio_source, read_manifest, row_id
+from clap_core.data.input_rows import audio_source, row_id
+from clap_core.data.inputs import read_inputs
 from clap_core.data.rejects import Reject, failure_reject, reject, write_rejects
 from clap_core.data.shards import is_shard_folder, shard_files
 from clap_core.eval.sources import MAX_CLIP_SECONDS
@@ -140,7 +141,7 @@ def read_input(ray, input_uri: str, split: str | None, output: str):
         columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
         paths = [storage.resolve_fs(u)[1] for u in shard_files(input_uri, split)]
         return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
-    rows = [r for r in read_manifest(input_uri) if not split or r.get("split") in (None, "", split)]
+    rows = [r for r in read_inputs(input_uri) if not split or r.get("split") in (None, "", split)]
     items, duplicates = unique_items([manifest_item(r) for r in rows])
     write_batch_rejects(output, duplicates)
     return ray.data.from_items(items)

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from clap_core import storage
 from clap_core.data import rejects
 from clap_core.data.rejects import REJECTS_DIR
+from clap_core.data.shards import index_uri
 
 MANIFEST = "embeddings.json"
 DATA_DIR = "data"
@@ -58,9 +59,9 @@ def checkpoint_identity(folder: str | Path) -> str:
 def input_identity(input_uri: str) -> str:
     """What the input holds: a shard folder's manifest.json or a manifest file's bytes (else names and sizes)."""
     digest = hashlib.sha256()
-    shard_manifest = storage.join(input_uri, "manifest.json")
-    if storage.exists(shard_manifest):
-        digest.update(storage.read_bytes(shard_manifest))
+    shard_index = index_uri(input_uri)  # a `clap preprocess` output: its index identifies its rows
+    if storage.exists(shard_index):
+        digest.update(storage.read_bytes(shard_index))
     elif storage.is_dir(input_uri):
         for uri in storage.list_files(input_uri):
             digest.update(f"{uri[len(input_uri):]}:{storage.file_size(uri)}\n".encode())

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from clap_core.audio.codec import TARGET_SR, decode_audio
-from clap_core.data.inputs import audio_source, read_manifest, row_id
+from clap_core.data.input_rows import audio_source, row_id
+from clap_core.data.inputs import read_inputs
 from clap_core.data.rejects import Reject, failure_reject, reject
 from clap_core.data.shards import is_augmented_copy, is_shard_folder, iter_shard_rows
 from clap_core.eval.evaluation import EvalItem
@@ -46,7 +47,7 @@ def iter_eval_items(data: str, split: str | None = None, max_seconds: float | No
         rows = ((row, row["id"], shard_row_to_item) for row in iter_shard_rows(data, split)
                 if augmented or not is_augmented_copy(row))
     else:
-        rows = ((row, row_id(row), manifest_row_to_item) for row in read_manifest(data)
+        rows = ((row, row_id(row), manifest_row_to_item) for row in read_inputs(data)
                 if not (split and row.get("split") and row["split"] != split))
     for row, clip_id, convert in rows:
         record = {"id": clip_id, "source_path": row.get("source_path", "")}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -22,12 +23,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from clap_core import storage
-from clap_core.data.inputs import read_manifest
+from clap_core.data.inputs import read_inputs
 from clap_core.data.rejects import read_rejects
-from clap_core.data.shards import read_shards
+from clap_core.data.shards import read_shards, unit_files
 from clap_core.io_faults import StorageAccessError, TransientIOError, retry_transient
 from clap_core.preprocess.config import load_preprocess_config
-from clap_core.preprocess.unit import plan_units, process_unit, unit_paths
+from clap_core.preprocess.plan import plan_units
+from clap_core.preprocess.unit import process_unit
 from clap_demo.synth import write_corpus
 
 pytestmark = pytest.mark.integration
@@ -54,24 +56,23 @@ def few_retries(monkeypatch):
 def test_three_503s_on_one_clip_leave_the_unit_uncommitted_then_identical(s3_faults, s3_bucket, tmp_path, few_retries):
     corpus = upload_folder(write_corpus(tmp_path / "corpus", 6, seed=5, seconds=(0.5, 0.8)).parent, s3_bucket, "c")
     cfg = load_preprocess_config(None, ["output.rows_per_unit=8", "augment.copies=1"])
-    plan = plan_units(read_manifest(f"{corpus}/manifest.jsonl"), cfg)
-    unit = max(plan.units, key=lambda u: len(u["rows"]))
-    victim = unit["rows"][0]["audio_uri"].rsplit("/", 1)[-1]
+    plan = plan_units(read_inputs(f"{corpus}/manifest.jsonl"), cfg)
+    unit = max(plan.units, key=lambda u: len(u.rows))
+    victim = unit.rows[0]["audio_uri"].rsplit("/", 1)[-1]
     reference = process_unit(unit, cfg, str(tmp_path / "clean"))
 
     s3_faults.configure(fail_first={victim: 3})  # more 503s in a row than the client's 2 attempts
     out = str(tmp_path / "faulty")
     with pytest.raises(TransientIOError, match=victim):
         process_unit(unit, cfg, out)
-    assert not storage.exists(unit_paths(out, unit)["marker"])  # nothing committed, no verdict on the clip
-    assert not storage.exists(unit_paths(out, unit)["rejects"])
+    assert not storage.exists(unit_files(out, unit.split, unit.index).marker)  # nothing committed, no verdict on the clip
+    assert not storage.exists(unit_files(out, unit.split, unit.index).rejects)
 
-    marker = retry_transient(lambda: process_unit(unit, cfg, out), what=unit["key"], sleep=lambda s: None)
+    marker = retry_transient(lambda: process_unit(unit, cfg, out), what=unit.key, sleep=lambda s: None)
     assert s3_faults.stats["fail_first"] == 3
-    assert marker["rejects"]["rows"] == 0 and marker["sources_out"] == len(unit["rows"])
-    drop = ("cpu_seconds",)
-    assert {k: v for k, v in marker.items() if k not in drop} == {k: v for k, v in reference.items() if k not in drop}
-    for shard in marker["shards"]:
+    assert marker.rejects.rows == 0 and marker.sources_out == len(unit.rows)
+    assert replace(marker, cpu_seconds=0.0) == replace(reference, cpu_seconds=0.0)
+    for shard in marker.shards:
         assert Path(out, shard["path"]).read_bytes() == Path(tmp_path, "clean", shard["path"]).read_bytes()
 
 
@@ -79,7 +80,7 @@ def test_three_503s_on_one_clip_never_reject_it_in_embed(s3_faults, s3_bucket, t
     from pipelines.embed import decode_batch, manifest_item
 
     corpus = upload_folder(write_corpus(tmp_path / "corpus", 4, seed=6, seconds=(0.5, 0.7)).parent, s3_bucket, "c")
-    items = [manifest_item(r) for r in read_manifest(f"{corpus}/manifest.jsonl")]
+    items = [manifest_item(r) for r in read_inputs(f"{corpus}/manifest.jsonl")]
     batch = {k: np.array([item[k] for item in items], dtype=object) for k in items[0]}
     reference = decode_batch(dict(batch), str(tmp_path / "clean"))
 

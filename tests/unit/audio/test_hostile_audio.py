@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[3]
 def run_row(path: Path, *overrides: str) -> tuple[list, list]:
     cfg = load_preprocess_config(None, list(overrides))
     plan = plan_units([new_row(0, path.name, str(path), ["a caption"], id="c")], cfg)
-    return process_row(plan.units[0]["rows"][0], cfg)
+    return process_row(plan.units[0].rows[0], cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -84,7 +84,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     marker = run(sys.argv[2], sys.argv[3] + "/long")
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-    print(json.dumps({"grown_mb": grown / 1024, "rows": marker["rows_out"], "rejects": marker["rejects"]}))
+    print(json.dumps({"grown_mb": grown / 1024, "rows": marker.rows_out, "rejects": marker.rejects.to_dict()}))
 """)
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clap_core.data import rejects as rejects_module
-from clap_core.data.inputs import read_manifest
+from clap_core.data.inputs import read_inputs
 from clap_core.data.rejects import (
     REJECT_SCHEMA,
     count_reject_rows,
@@ -114,7 +114,7 @@ def test_hostile_corpus_through_evaluate_is_fully_accounted(tmp_path):
 
 def test_embed_duplicate_ids_are_reported_not_embedded_twice(tmp_path):
     corpus, n_rows = write_hostile_corpus(tmp_path / "c")
-    items = [embed.manifest_item(r) for r in read_manifest(corpus)]
+    items = [embed.manifest_item(r) for r in read_inputs(corpus)]
     unique, duplicates = embed.unique_items(items)
     assert len(unique) + len(duplicates) == n_rows
     assert [(d["id"], d["reason"]) for d in duplicates] == [("clip%23seg1", "duplicate_id")]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from clap_core.audio.codec import AudioDecodeError, decode_audio
-from clap_core.data.inputs import read_manifest
+from clap_core.data.inputs import read_inputs
 from clap_core.data.meld import EMOTIONS, decode_csv_bytes, decode_line, find_layout, read_meld, write_inputs
 from clap_core.data.rejects import rejects_table
 from clap_demo.synth_meld import HEADER, SOUND, csv_path, write_meld
@@ -85,7 +85,7 @@ def test_inputs_round_trip_through_the_embedding_jobs_reader(raw_corpus, tmp_pat
     root, _ = raw_corpus
     rows, _ = read_meld(root)
     write_inputs(rows, str(tmp_path / "manifest.jsonl"))
-    read = read_manifest(str(tmp_path / "manifest.jsonl"))
+    read = read_inputs(str(tmp_path / "manifest.jsonl"))
     assert [r["id"] for r in read] == [r["id"] for r in rows]
     assert [r["audio_uri"] for r in read] == [r["audio_path"] for r in rows]
     assert [r["caption"] for r in read] == [r["caption"] for r in rows]
