@@ -38,6 +38,7 @@ REJECT_SCHEMA = pa.schema([
 REJECT_FIELDS = tuple(REJECT_SCHEMA.names)
 LENGTH_REASONS = ("too_long",)  # AudioDecodeError reasons that are validation verdicts (length rules)
 REJECTS_DIR = "_rejects"  # every job's reject folder, beside its output
+REJECTS_ROW_GROUP = 10_000  # rows per Parquet row group of a rejects file
 MAX_DETAIL = 2000  # characters of `detail` kept: a decoder's message can quote a whole hostile header
 
 
@@ -103,7 +104,7 @@ def write_rejects(folder: str, records: list[Reject], name: str | None = None) -
         key = "\n".join(f"{r['id']}\t{r['source_path']}\t{r['stage']}\t{r['reason']}" for r in records)
         name = f"part-{hashlib.sha256(key.encode()).hexdigest()[:16]}.parquet"
     buf = io.BytesIO()
-    pq.write_table(rejects_table(records), buf)
+    pq.write_table(rejects_table(records), buf, row_group_size=REJECTS_ROW_GROUP, compression="zstd")
     uri = storage.join(folder, name)
     storage.put_atomic(uri, buf.getvalue())
     return uri

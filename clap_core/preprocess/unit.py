@@ -47,15 +47,14 @@ from clap_core.audio.codec import AudioStream, encode_flac, stream_audio
 from clap_core.data.captions import build_caption_merger
 from clap_core.data.input_rows import audio_source
 from clap_core.data.markers import Marker, UnitRejects, write_marker
-from clap_core.data.rejects import REJECT_SCHEMA, failure_reason, reject
-from clap_core.data.shards import ShardWriter, relative, table_bytes, unit_files
+from clap_core.data.rejects import failure_reason, reject, write_rejects
+from clap_core.data.shards import ShardWriter, relative, unit_files
 from clap_core.io_faults import is_data_error
 from clap_core.preprocess.config import PreprocessConfig
 from clap_core.preprocess.plan import Unit
 from clap_core.preprocess.rows import EnvPartner, PlannedRow
 
 SEGMENT_STAGE = "segment"  # rejects of one dropped segment of a long clip, not of an input row
-REJECTS_ROW_GROUP = 10_000  # rows per row group of a unit's rejects file
 
 
 # -------------------------------------------------------------------------------------------------
@@ -311,7 +310,7 @@ def process_unit(unit: Unit, cfg: PreprocessConfig, out_uri: str, merger=None) -
         seconds_in += emitted["seconds"]
     writer.flush()
     if rejects:
-        storage.put_atomic(files.rejects, table_bytes(rejects, REJECT_SCHEMA, REJECTS_ROW_GROUP))
+        write_rejects(storage.parent(files.rejects), rejects, name=files.rejects.rsplit("/", 1)[-1])
     reasons: dict[str, int] = {}
     segment_reasons: dict[str, int] = {}  # dropped segments of long clips (their row has output)
     for r in rejects:
