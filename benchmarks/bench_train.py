@@ -62,7 +62,8 @@ def bench_worker(config: dict) -> None:
     from clap_core.config import from_dict
     from clap_core.model.config import ClapModelConfig
     from clap_core.train.config import PretrainConfig
-    from pipelines.pretrain import build_loss, init_engine, train_step
+    from clap_core.train.engine import init_engine, train_step
+    from clap_core.train.loss import build_loss
 
     cfg = from_dict(PretrainConfig, config["pretrain"])
     model_cfg = from_dict(ClapModelConfig, config["model"])
@@ -70,7 +71,7 @@ def bench_worker(config: dict) -> None:
     torch.manual_seed(0)
     engine = init_engine(ClapModel(model_cfg), cfg, use_gpu=False)
     data = synthetic_batch(engine.module, cfg.train.batch_size)
-    loss_fn = build_loss(model_cfg, cfg, ctx.get_world_rank(), ctx.get_world_size())
+    loss_fn = build_loss(model_cfg.loss, cfg.train.local_loss, ctx.get_world_rank(), ctx.get_world_size())
     for i in range(config["warmup"] + config["steps"]):
         if i == config["warmup"]:
             start = time.perf_counter()

@@ -4,6 +4,10 @@
 
 The model architecture comes from `--model NAME`; the `model` section holds overrides of its keys
 (e.g. `model.text_encoder.frozen=true`), checked against the model's own dataclasses.
+
+One dataclass per YAML section: `train` TrainConfig, `deepspeed` DeepSpeedConfig, `scaling`
+PretrainScalingConfig, `data` PretrainDataConfig (the prefix keeps them apart from Ray Train's own
+`ScalingConfig` and `DataConfig`, which pipelines/pretrain.py builds from them).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from clap_core.model.config import MODEL_CONFIG_DIR, ClapModelConfig, list_model
 
 
 @dataclass
-class TrainSection:
+class TrainConfig:
     steps: int = 1000  # total optimizer steps of the run (a resumed run ends here too)
     batch_size: int = 32  # pairs per worker per step; the contrastive batch is batch_size x num_workers
     lr: float = 5e-4  # peak learning rate of new parameters (projection heads, temperature, scratch encoders)
@@ -39,7 +43,7 @@ class TrainSection:
 
 
 @dataclass
-class DeepSpeedSection:
+class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 1  # ZeRO: 1 shards optimizer states, 2 also gradients, 3 also parameters
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload_optimizer: bool = False  # keep optimizer states in CPU memory (ZeRO 1-3)
@@ -48,7 +52,7 @@ class DeepSpeedSection:
 
 
 @dataclass
-class ScalingSection:
+class PretrainScalingConfig:
     num_workers: int = 2  # data-parallel training workers (one per GPU)
     use_gpu: bool = False  # one GPU per worker, NCCL; False: CPU workers, gloo
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # e.g. {CPU: 4, GPU: 1}; {} = Ray's default
@@ -56,7 +60,7 @@ class ScalingSection:
 
 
 @dataclass
-class DataSection:
+class PretrainDataConfig:
     train_split: str = "train"  # folder of training shards under --data
     valid_split: str | None = "valid"  # folder of validation shards (None: no evaluation)
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (reshuffled every epoch)
@@ -73,10 +77,10 @@ class DataSection:
 
 @dataclass
 class PretrainConfig:
-    train: TrainSection = field(default_factory=TrainSection)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    data: DataSection = field(default_factory=DataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: PretrainScalingConfig = field(default_factory=PretrainScalingConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the --model architecture's keys
 
     def __post_init__(self) -> None:

@@ -238,11 +238,19 @@ class SigLipLoss(nn.Module):
         return {"sigmoid_loss": loss} if output_dict else loss
 
 
-LOSSES: dict[str, type[nn.Module]] = {"infonce": ClipLoss, "siglip": SigLipLoss}
+LOSS_KINDS = ("infonce", "siglip")  # the model config's `loss` key
 
 
-def build_loss(kind: str, **kwargs) -> nn.Module:
-    """Instantiate the loss registered under `kind` in LOSSES with the given kwargs."""
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss kind {kind!r}; valid kinds: {sorted(LOSSES)}")
-    return LOSSES[kind](**kwargs)
+def build_loss(kind: str, local_loss: bool = True, rank: int = 0, world_size: int = 1) -> nn.Module:
+    """The training loss of a model whose config says `loss: kind`, on rank `rank` of `world_size`.
+
+    infonce: ClipLoss gathering features with gradient, so the per-rank losses average to the full-batch
+    loss and gradient; local_loss scores the B local rows against the W*B gathered columns ((B, W*B) logits
+    instead of (W*B, W*B)). It takes both temperatures of the model (per_modality: a2t and t2a apart).
+    siglip: SigLipLoss (always local rows against gathered texts, with gradient; local_loss is moot).
+    """
+    if kind == "siglip":
+        return SigLipLoss(rank=rank, world_size=world_size)
+    if kind == "infonce":
+        return ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world_size)
+    raise ValueError(f"unknown loss kind {kind!r}; valid kinds: {', '.join(LOSS_KINDS)}")

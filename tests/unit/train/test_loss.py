@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from clap_core.train.loss import (
-    LOSSES,
+    LOSS_KINDS,
     ClipLoss,
     LogitScale,
     SigLipLoss,
@@ -117,9 +117,23 @@ def test_siglip_loss_matches_double_loop():
     torch.testing.assert_close(out["sigmoid_loss"], total / 4)
 
 
-def test_build_loss_registry():
-    assert isinstance(build_loss("infonce", local_loss=True), ClipLoss)
-    assert isinstance(build_loss("siglip"), SigLipLoss)
-    assert set(LOSSES) == {"infonce", "siglip"}
-    with pytest.raises(ValueError, match="'nope'.*infonce.*siglip"):
+def test_build_loss_is_the_pretraining_loss_of_each_kind():
+    """The one loss builder (pretraining and tests): InfoNCE gathers with gradient, SigLIP scores local rows."""
+    clip = build_loss("infonce", local_loss=True, rank=2, world_size=4)
+    assert isinstance(clip, ClipLoss)
+    assert (clip.local_loss, clip.gather_with_grad, clip.rank, clip.world_size) == (True, True, 2, 4)
+    assert build_loss("infonce", local_loss=False).local_loss is False
+    siglip = build_loss("siglip", local_loss=False, rank=1, world_size=2)
+    assert isinstance(siglip, SigLipLoss) and (siglip.rank, siglip.world_size) == (1, 2)
+    assert LOSS_KINDS == ("infonce", "siglip")
+    with pytest.raises(ValueError, match="'nope'.*infonce, siglip"):
         build_loss("nope")
+
+
+def test_built_infonce_loss_uses_both_temperatures():
+    """per-modality temperatures: the built loss applies the audio scale to a->t and the text scale to t->a."""
+    audio, text = _features(batch=5)
+    labels = torch.arange(5)
+    expected = (F.cross_entropy(2.0 * audio @ text.T, labels) + F.cross_entropy(5.0 * text @ audio.T, labels)) / 2
+    loss = build_loss("infonce")(audio, text, torch.tensor(2.0), torch.tensor(5.0), output_dict=False)
+    torch.testing.assert_close(loss, expected)

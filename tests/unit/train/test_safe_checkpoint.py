@@ -6,6 +6,7 @@ that would create a marker file) is refused with a clear error while the marker 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -18,7 +19,9 @@ import torch.distributed as dist
 
 from clap_core.model.clap import ClapModel
 from clap_core.train.config import load_pretrain_config, resolve_model_config
+from clap_core.train.engine import TrainState, consolidated_state_dict, init_engine, read_checkpoint, write_checkpoint
 from clap_core.train.safe_load import UntrustedCheckpointError, load_deepspeed_checkpoint, load_weights_only
+from pipelines.job_configs import default_config_path
 
 TAG = "deepspeed"
 
@@ -50,9 +53,7 @@ def group():
 
 
 def make_engine(zero_stage: int):
-    from pipelines.pretrain import DEFAULT_CONFIG, init_engine
-
-    cfg = load_pretrain_config(str(DEFAULT_CONFIG), [f"deepspeed.zero_stage={zero_stage}", "train.batch_size=2"])
+    cfg = load_pretrain_config(default_config_path("pretrain"), [f"deepspeed.zero_stage={zero_stage}", "train.batch_size=2"])
     torch.manual_seed(0)
     return init_engine(ClapModel(resolve_model_config("tiny", cfg.model)), cfg, use_gpu=False)
 
@@ -64,8 +65,6 @@ def engine(group):
 
 def params(engine) -> dict[str, torch.Tensor]:
     """Full weights (ZeRO-3 gathers its partitions)."""
-    from pipelines.pretrain import consolidated_state_dict
-
     return consolidated_state_dict(engine)
 
 
@@ -124,3 +123,17 @@ def test_plain_weights_only_load_refuses_unknown_classes(tmp_path):
     assert not marker.exists()
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
     assert torch.equal(load_weights_only(str(tmp_path / "ok.pt"))["w"], torch.ones(2))
+
+
+def test_checkpoint_folder_keeps_train_state_json_as_before(engine, tmp_path):
+    """train_state.json keeps its keys and order (runs resume across versions); a read records the resume."""
+    state = TrainState(step=7, history=[{"step": 5, "loss": 3.5}], evals=[{"step": 7, "t2a/R@1": 0.25}], resumes=[3])
+    write_checkpoint(engine, tmp_path, state, rank=0)
+    legacy = {"step": 7, "epoch": 0, "history": [{"step": 5, "loss": 3.5}], "evals": [{"step": 7, "t2a/R@1": 0.25}],
+              "resumes": [3]}
+    assert (tmp_path / "train_state.json").read_text() == json.dumps(legacy)
+    assert (tmp_path / TAG).is_dir()
+    restored = read_checkpoint(engine, tmp_path)
+    assert restored == TrainState(step=7, history=state.history, evals=state.evals, resumes=[3, 7])
+    write_checkpoint(engine, tmp_path / "other_rank", state, rank=1)  # only rank 0 writes the state
+    assert not (tmp_path / "other_rank" / "train_state.json").exists()
