@@ -120,8 +120,9 @@ def train_fn_per_worker(config: dict) -> None:
     valid_shard = ray.train.get_dataset_shard("valid") if config.get("has_valid") else None
     valid = None if valid_shard is None else ValidSet(
         valid_shard.iter_batches(batch_size=256, batch_format="numpy"), model_cfg, cfg.data.max_valid_clips)
-    ctx = WorkerContext(cfg, model_cfg, engine, loss_fn, state, RunLogger(run_uri, state, enabled=rank == 0),
-                        valid, rank, world, device, run_uri, config.get("train_rows", 0))
+    ctx = WorkerContext(cfg=cfg, model_cfg=model_cfg, engine=engine, loss_fn=loss_fn, state=state,
+                        logger=RunLogger(run_uri, state, enabled=rank == 0), valid=valid, rank=rank, world=world,
+                        device=device, run_uri=run_uri, train_rows=config.get("train_rows", 0))
 
     if not export_only and state.step < cfg.train.steps:
         train_loop(ctx)
