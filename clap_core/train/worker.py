@@ -1,6 +1,6 @@
 """One training worker's state and the steps of its loop that need no Ray (pipelines/pretrain.py runs the loop).
 
-    ctx = WorkerContext(cfg, model_cfg, engine, loss_fn, state, logger, valid, rank, world, device, run_uri)
+    ctx = WorkerContext(cfg=cfg, model_cfg=model_cfg, engine=engine, loss_fn=loss_fn, state=state, ...)
     for batch, waited in train_batches(shard, cfg, device): ...   # endless, one shuffle per epoch
     metrics = log_interval(ctx, window)        # mean over ranks -> history, console, TensorBoard
     check_bad_rows(cfg, run_uri, train_rows)   # past data.max_bad_row_fraction undecodable rows: BadRowsError

@@ -8,6 +8,7 @@ preprocessing job, as a user's corpus would be.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,8 @@ def test_pretraining_learns_and_exports(ray_local, corpus, tmp_path):
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_local, corpus, tmp_path):
-    """Rank 1 dies at step 7; the group restarts from checkpoint 4 and ends at step 10, history intact."""
+    """Rank 1 dies at step 7; the group restarts from checkpoint 4 and ends at step 10, history intact.
+    Then --export-only writes the same final/ again from checkpoint 10."""
     run = tmp_path / "killed"
     cfg = config(["train.steps=10", "train.batch_size=8", "train.checkpoint_every=4", "train.eval_every=0",
                   "train.kill_worker_at_step=7", "scaling.max_failures=1", "deepspeed.zero_stage=2",
@@ -169,6 +171,16 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, corpus, tmp_path)
     # continuing, not restarting: the schedule and the weights came back with the checkpoint
     assert metrics["history"][4]["lr"] == pytest.approx(metrics["history"][3]["lr"], rel=0.5)
     assert np.mean(losses[4:]) < losses[0]
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000008", "checkpoint_00000010"]
+
+    # --export-only on the finished run: the latest checkpoint is exported again, nothing is trained
+    exported = ClapModel.from_pretrained(run / "final").state_dict()
+    shutil.rmtree(run / "final")
+    assert pretrain(str(corpus), str(run), "tiny", cfg, export_only=True).error is None
+    again = ClapModel.from_pretrained(run / "final").state_dict()
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
+    metrics = metrics_of(run)
+    assert metrics["step"] == 10 and metrics["resumes"] == [4, 10] and len(metrics["history"]) == 10
     assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000008", "checkpoint_00000010"]
 
 
