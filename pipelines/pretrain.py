@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from clap_core import storage
 from clap_core.config import dump_yaml, from_dict, to_dict
+from clap_core.data.rejects import REJECTS_DIR
 from clap_core.data.shards import count_rows, shard_files
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import ClapModelConfig
@@ -41,7 +42,6 @@ from clap_core.train.loss import build_loss
 from clap_core.train.run_log import RunLogger, StepWindow
 from clap_core.train.validation import ValidSet, evaluate
 from clap_core.train.worker import (
-    REJECTS_DIR,
     BadRowsError,  # noqa: F401  (re-exported: tests/unit/data/test_job_rejects.py imports it from here)
     WorkerContext,
     check_bad_rows,

@@ -20,11 +20,7 @@ import numpy as np
 
 from clap_core.audio.clips import crop_or_pad
 from clap_core.audio.codec import decode_audio
-from clap_core.data.rejects import (
-    count_reject_rows,  # noqa: F401  pipelines/pretrain.py imports it from here
-    failure_reject,
-    write_rejects,
-)
+from clap_core.data.rejects import failure_reject, write_rejects
 from clap_core.model.config import ClapModelConfig
 
 SHARD_CLIP_MAX_SECONDS = 600.0  # a shard row decoding past this is rejected (too_long): bounds a task's memory

@@ -26,9 +26,9 @@ import torch.distributed as dist
 
 from clap_core import storage
 from clap_core.config import config_hash
+from clap_core.data.rejects import REJECTS_DIR, count_reject_rows
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import ClapModelConfig
-from clap_core.train.batching import count_reject_rows
 from clap_core.train.config import PretrainConfig
 from clap_core.train.engine import TrainState, consolidated_state_dict
 from clap_core.train.run_log import RunLogger, StepWindow, console_line
@@ -36,7 +36,6 @@ from clap_core.train.validation import ValidSet, engine_probe
 
 EXPORT_DIR = "final"  # RUN/final/: the consolidated `save_pretrained` model
 PROBE_FILE = "engine_probe.npz"  # RUN/engine_probe.npz: the engine's embeddings of a few validation pairs
-REJECTS_DIR = "_rejects"  # RUN/_rejects/: reject records of training rows that do not decode (shard, id)
 FAULT_MARKER = ".fault_injected"  # RUN/.fault_injected: train.kill_worker_at_step fired (once per run folder)
 
 
