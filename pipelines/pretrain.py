@@ -42,7 +42,6 @@ from clap_core.train.loss import build_loss
 from clap_core.train.run_log import RunLogger, StepWindow
 from clap_core.train.validation import ValidSet, evaluate
 from clap_core.train.worker import (
-    BadRowsError,  # noqa: F401  (re-exported: tests/unit/data/test_job_rejects.py imports it from here)
     WorkerContext,
     check_bad_rows,
     export_run,

@@ -154,7 +154,8 @@ def test_training_batches_skip_and_name_bad_rows(tmp_path):
 
 def test_bad_row_bound_fails_the_run_with_a_pointer(tmp_path):
     from clap_core.train.config import load_pretrain_config
-    from pipelines.pretrain import DEFAULT_CONFIG, BadRowsError, check_bad_rows
+    from clap_core.train.worker import BadRowsError, check_bad_rows
+    from pipelines.pretrain import DEFAULT_CONFIG
 
     cfg = load_pretrain_config(DEFAULT_CONFIG, ["data.max_bad_row_fraction=0.001"])
     check_bad_rows(cfg, str(tmp_path), 5000)  # no rejects yet

@@ -73,7 +73,7 @@ def test_worker_console_lines_are_written_once(capfd):
     """Ray Train patches print() in workers to log and echo: step lines use one plain stdout write."""
     import builtins
 
-    from pipelines.pretrain import RunLogger
+    from clap_core.train.run_log import RunLogger
 
     echoed = []
     original = builtins.print
