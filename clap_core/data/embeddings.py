@@ -31,7 +31,7 @@ from clap_core.data import rejects
 from clap_core.data.rejects import REJECTS_DIR
 from clap_core.data.shards import index_uri
 
-MANIFEST = "embeddings.json"
+INDEX_FILE = "embeddings.json"
 DATA_DIR = "data"
 FORMAT = "clap-embeddings/1"
 
@@ -78,15 +78,15 @@ def job_hash(checkpoint_id: str, input_uri: str, split: str | None, text: bool, 
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_manifest(output: str) -> dict | None:
-    uri = storage.join(output, MANIFEST)
+def read_index(output: str) -> dict | None:
+    uri = storage.join(output, INDEX_FILE)
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
 def claim_output(output: str, job: str, checkpoint: dict) -> dict | None:
     """Make OUTPUT this job's: the committed manifest when this job already finished there (nothing to do),
     else None after removing the debris of an unfinished run of this same job. Refuses anything else."""
-    manifest = read_manifest(output)
+    manifest = read_index(output)
     files = storage.list_files(output)
     if manifest is None and files:
         raise OutputConflictError(f"{output} is not empty and is not a `clap embed` output ({len(files)} files, "
@@ -99,7 +99,7 @@ def claim_output(output: str, job: str, checkpoint: dict) -> dict | None:
         return manifest
     for uri in _own_files(output):  # an unfinished run of this job: everything there is its own
         storage.delete(uri)
-    storage.put_atomic(storage.join(output, MANIFEST), json.dumps(
+    storage.put_atomic(storage.join(output, INDEX_FILE), json.dumps(
         {"format": FORMAT, "state": "running", "job_hash": job, "checkpoint": checkpoint}, indent=1).encode())
     return None
 
@@ -119,9 +119,9 @@ def rejects_folder(output: str) -> str:
 
 def commit(output: str) -> dict:
     """List what the job wrote (row counts from the Parquet footers) in the manifest, state "complete"."""
-    manifest = read_manifest(output)
+    manifest = read_index(output)
     if manifest is None:
-        raise FileNotFoundError(f"{output} has no {MANIFEST}: claim_output was not called")
+        raise FileNotFoundError(f"{output} has no {INDEX_FILE}: claim_output was not called")
     rel = len(output.rstrip("/")) + 1
     data = [{"path": f[rel:], "rows": _num_rows(f)} for f in storage.list_files(data_path(output))
             if f.endswith(".parquet")]
@@ -130,17 +130,17 @@ def commit(output: str) -> dict:
     manifest.update(state="complete", files=data, rows=sum(d["rows"] for d in data),
                     rejects={"files": [f[rel:] for f in reject_files], "rows": sum(reasons.values()),
                              "reasons": dict(reasons)})
-    storage.put_atomic(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())
+    storage.put_atomic(storage.join(output, INDEX_FILE), json.dumps(manifest, indent=1).encode())
     return manifest
 
 
 def remove_output(output: str) -> None:
     """Delete an embedding output that the caller owns (files its manifest lists, its own folders, the manifest)."""
-    if read_manifest(output) is None:
+    if read_index(output) is None:
         return
     for uri in _own_files(output):
         storage.delete(uri)
-    storage.delete(storage.join(output, MANIFEST))
+    storage.delete(storage.join(output, INDEX_FILE))
 
 
 def summary(manifest: dict) -> dict:
@@ -154,10 +154,10 @@ def _num_rows(uri: str) -> int:
     return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
 
 
-def committed_manifest(output: str) -> dict:
-    manifest = read_manifest(output)
+def committed_index(output: str) -> dict:
+    manifest = read_index(output)
     if manifest is None:
-        raise FileNotFoundError(f"{output} holds no {MANIFEST}: not a `clap embed` output")
+        raise FileNotFoundError(f"{output} holds no {INDEX_FILE}: not a `clap embed` output")
     if manifest.get("state") != "complete":
         raise FileNotFoundError(f"{output}: the embedding job has not finished (state {manifest.get('state')!r})")
     return manifest
@@ -165,7 +165,7 @@ def committed_manifest(output: str) -> dict:
 
 def read_table(output: str, columns: list[str] | None = None) -> pa.Table:
     """Every embedded row of a finished output, sorted by id (file order depends on the job's scheduling)."""
-    manifest = committed_manifest(output)
+    manifest = committed_index(output)
     tables = []
     for entry in manifest["files"]:
         fs, path = storage.resolve_fs(storage.join(output, entry["path"]))
@@ -177,7 +177,7 @@ def read_table(output: str, columns: list[str] | None = None) -> pa.Table:
 
 def read_rejects(output: str) -> pa.Table:
     """The reject rows of a finished output: the files its manifest lists."""
-    return rejects.read_rejects(output, committed_manifest(output)["rejects"]["files"])
+    return rejects.read_rejects(output, committed_index(output)["rejects"]["files"])
 
 
 def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
@@ -204,7 +204,7 @@ def text_column(table: pa.Table, column: str) -> list[str]:
 
 def check_checkpoint(output: str, checkpoint_id: str, checkpoint_name: str) -> None:
     """Refuse to use an index with another checkpoint than the one that built it (different embedding spaces)."""
-    built_by = committed_manifest(output).get("checkpoint", {})
+    built_by = committed_index(output).get("checkpoint", {})
     if built_by.get("identity") != checkpoint_id:
         raise CheckpointMismatchError(
             f"{output} was embedded by checkpoint {built_by.get('uri')} (identity {built_by.get('identity')}), "
