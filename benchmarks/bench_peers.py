@@ -46,7 +46,7 @@ def our_paths(paths: list[str], runs: int) -> list[dict]:
 
     from clap_core.model.clap import ClapModel
     from clap_core.model.config import get_model_config
-    from tests.audio_fixtures import decoded_clips
+    from tests.fixtures.audio import decoded_clips
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -46,12 +46,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_proxy():
-    """moto's threaded S3 server on 127.0.0.1 behind the fault proxy (tests/s3_fault_proxy.py), which relays
+    """moto's threaded S3 server on 127.0.0.1 behind the fault proxy (tests/fixtures/s3_fault_proxy.py), which relays
     untouched until a test configures faults (`s3_faults`). Every S3 client of the session, Ray workers
     included, talks to the proxy."""
     from moto.server import ThreadedMotoServer
 
-    from tests.s3_fault_proxy import S3FaultProxy
+    from tests.fixtures.s3_fault_proxy import S3FaultProxy
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -10,7 +10,7 @@ import torch
 from clap_core.data.rejects import read_rejects
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
-from tests.shard_fixtures import write_shards
+from tests.fixtures.shards import write_shards
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shard_fixtures import write_shards
+from tests.fixtures.shards import write_shards
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from pipelines.embed import embed_manifest
 from pipelines.evaluate import evaluate
-from tests.shard_fixtures import TONES, tone
+from tests.fixtures.shards import TONES, tone
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from pipelines import cli
 from pipelines.embed import embed_dataset
-from tests.shard_fixtures import write_shards
+from tests.fixtures.shards import write_shards
 
 pytestmark = pytest.mark.integration
 

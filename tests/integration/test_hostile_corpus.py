@@ -1,4 +1,4 @@
-"""The hostile corpus (tests/hostile.py) through `clap preprocess`, `clap embed`, `clap evaluate` and
+"""The hostile corpus (tests/fixtures/hostile.py) through `clap preprocess`, `clap embed`, `clap evaluate` and
 `clap pretrain` on the shared local Ray: no job crashes and every input row is accounted for."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pipelines.embed import embed_manifest
 from pipelines.evaluate import evaluate
 from pipelines.preprocess import preprocess
 from pipelines.pretrain import DEFAULT_CONFIG, pretrain
-from tests.hostile import lying_flac, write_hostile_corpus
-from tests.shard_fixtures import shard_row, tone
+from tests.fixtures.hostile import lying_flac, write_hostile_corpus
+from tests.fixtures.shards import shard_row, tone
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_core.train.config import load_pretrain_config
 from pipelines.pretrain import DEFAULT_CONFIG, SetupError, pretrain
-from tests.shard_fixtures import write_shards
+from tests.fixtures.shards import write_shards
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Object storage that fails: the jobs behind the seeded fault proxy (tests/s3_fault_proxy.py) in front of moto.
+"""Object storage that fails: the jobs behind the seeded fault proxy (tests/fixtures/s3_fault_proxy.py) in front of moto.
 
 - Random faults (500, 503 SlowDown, resets before or inside a body, delays) on ~8% of requests:
   preprocess, pretrain (a checkpoint and the export), embed and evaluate finish, and their outputs

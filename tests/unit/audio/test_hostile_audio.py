@@ -20,7 +20,7 @@ from clap_core.preprocess.config import load_preprocess_config
 from clap_core.preprocess.plan import plan_units
 from clap_core.preprocess.unit import process_row
 from clap_demo.audio_files import encode_audio_file
-from tests.hostile import float_wav, lying_flac, tone, write_long_flac
+from tests.fixtures.hostile import float_wav, lying_flac, tone, write_long_flac
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -14,7 +14,7 @@ from clap_core.preprocess.config import load_preprocess_config
 from clap_core.preprocess.plan import plan_units
 from clap_core.preprocess.unit import process_row
 from clap_demo.audio_files import encode_audio_file
-from tests.hostile import deep_json, tar_bytes, tone
+from tests.fixtures.hostile import deep_json, tar_bytes, tone
 
 WAV = encode_audio_file(tone(1.0), 16000, "wav")
 

@@ -21,7 +21,7 @@ from clap_core.data.rejects import (
 )
 from clap_core.eval import sources
 from pipelines import embed
-from tests.hostile import write_hostile_corpus
+from tests.fixtures.hostile import write_hostile_corpus
 
 
 def read_rejects(output) -> list[dict]:
@@ -133,8 +133,8 @@ def test_embed_duplicate_ids_are_reported_not_embedded_twice(tmp_path):
 
 def test_training_batches_skip_and_name_bad_rows(tmp_path):
     from clap_core.train.batching import PairBatchTransform
-    from tests.hostile import lying_flac
-    from tests.shard_fixtures import shard_row, tone
+    from tests.fixtures.hostile import lying_flac
+    from tests.fixtures.shards import shard_row, tone
 
     rows = [shard_row(f"ok-{i}", tone(440.0, 1.0), f"tone {i}", "t", "train") for i in range(3)]
     rows.insert(1, shard_row("garbage", tone(1.0, 0.1), "x", "t", "train", audio=b"not flac at all"))

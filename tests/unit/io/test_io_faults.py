@@ -17,7 +17,7 @@ from clap_core.io_faults import (
     retry_transient,
 )
 
-# Messages as pyarrow's S3 filesystem raises them (read off a moto server behind tests/s3_fault_proxy.py).
+# Messages as pyarrow's S3 filesystem raises them (read off a moto server behind tests/fixtures/s3_fault_proxy.py).
 SLOW_DOWN = OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
 RESET = OSError("When reading information for key 'k/x.wav' in bucket 'b': AWS Error NETWORK_CONNECTION during "
                 "HeadObject operation: curlCode: 56, Failure when receiving data from the peer")

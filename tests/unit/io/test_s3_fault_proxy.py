@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from tests.s3_fault_proxy import KINDS, S3FaultProxy
+from tests.fixtures.s3_fault_proxy import KINDS, S3FaultProxy
 
 
 def plan(proxy: S3FaultProxy, n: int = 2000) -> list:

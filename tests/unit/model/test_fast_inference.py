@@ -7,8 +7,8 @@ import torch
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_core.model.inference import native_bf16, pad_batch, resolve_precision
-from tests.audio_fixtures import decoded_clips
-from tests.model_fixtures import TINY_TEXT
+from tests.fixtures.audio import decoded_clips
+from tests.fixtures.models import TINY_TEXT
 
 
 @pytest.fixture(scope="module")

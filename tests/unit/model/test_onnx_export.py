@@ -8,8 +8,8 @@ from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_core.model.frontend import crop_or_pad_tensor
 from clap_core.model.onnx_export import OnnxTowers, export_onnx
-from tests.audio_fixtures import decoded_clips
-from tests.model_fixtures import tiny_htsat_roberta
+from tests.fixtures.audio import decoded_clips
+from tests.fixtures.models import tiny_htsat_roberta
 
 pytest.importorskip("onnxruntime")
 CAPTIONS = ["a dog", "glass breaking on a stone floor", "a low voice speaking slowly in a large hall"]

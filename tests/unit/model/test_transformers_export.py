@@ -10,8 +10,8 @@ from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_core.model.inference import pad_batch
 from clap_core.model.laion import export_transformers
-from tests.audio_fixtures import decoded_clips
-from tests.model_fixtures import tiny_htsat_roberta
+from tests.fixtures.audio import decoded_clips
+from tests.fixtures.models import tiny_htsat_roberta
 
 CAPTIONS = ["a dog barks in the rain", "glass breaking", "a low voice speaking"]
 

@@ -193,7 +193,7 @@ def test_evaluation_on_shards_reads_one_row_per_source_clip(tmp_path):
     import pyarrow.parquet as pq
 
     from clap_core.eval.sources import iter_eval_items
-    from tests.shard_fixtures import shard_row, tone
+    from tests.fixtures.shards import shard_row, tone
 
     wave = tone(440.0, 0.5)
     rows = [shard_row("a", wave, "a tone", "tone", "test"),

@@ -18,7 +18,7 @@ from clap_core.train.engine import TrainState
 from clap_core.train.run_log import RunLogger, StepWindow
 from clap_core.train.validation import ValidSet, gather_rows, rank_rows
 from clap_core.train.worker import WorkerContext, log_interval
-from tests.shard_fixtures import shard_row, tone
+from tests.fixtures.shards import shard_row, tone
 
 
 @pytest.mark.parametrize("n,world", [(7, 3), (6, 3), (1, 2), (5, 1)])

@@ -16,7 +16,7 @@ from pathlib import Path
 import tomllib
 from packaging.requirements import Requirement
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("ray", "clap_demo", "pipelines")  # the library runs without Ray and never reaches into the apps
 
 
