@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 
@@ -154,3 +155,21 @@ def test_every_third_party_import_of_the_shipped_packages_is_declared_in_pyproje
                 if not dists & declared:
                     missing.setdefault(name, []).append(module)
     assert missing == {}
+
+
+def test_old_flat_module_names_fail_with_the_new_place():
+    """The 0.1 flat modules are gone; importing one names the module that replaced it (no silent alias)."""
+    import importlib
+
+    import clap_core
+
+    with pytest.raises(ImportError, match="ClapModel moved to clap_core.model.clap"):
+        exec("from clap_core.model import ClapModel", {})  # the 0.1 path of the class
+    for old, new in (("metrics", "clap_core.eval.metrics"), ("preprocess_config", "clap_core.preprocess.config"),
+                     ("synth", "clap_demo.synth")):
+        with pytest.raises(ImportError, match=f"clap_core.{old} moved to {new}"):
+            importlib.import_module(f"clap_core.{old}")
+        with pytest.raises(ImportError, match=f"clap_core.{old} moved to {new}"):
+            exec(f"from clap_core import {old}", {})
+        importlib.import_module(new)  # and the new place imports
+    assert all(importlib.util.find_spec(new) for new in clap_core.MOVED_MODULES.values())
