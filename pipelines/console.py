@@ -1,50 +1,250 @@
 """What a `clap` command shows on the console, and where the rest goes.
 
-By default a user sees each stage's own lines (step lines, summaries, one progress bar per dataset) and
-nothing of Ray's internals: Ray Data's per-operator bars are off, and the logs of helper servers (the demo's
-local S3 endpoint) go to a log file in the output folder. `clap --verbose ...` (or CLAP_VERBOSE=1) shows
-everything, as Ray prints it.
+By default a `clap` job that runs Ray shows one line naming its log file, its own step and summary lines, one
+progress bar per dataset (Ray Data's global bar, in a terminal) and errors. Everything else goes to
+`<output>/logs/clap-<command>.log` (JobLog): the lines of Ray's Python loggers in the driver (`ray`,
+`ray.data` with its "Running Dataset ... Total Progress" blocks, `ray.train`, `ray.tune`, ...) and of the
+chatty client libraries (the demo's local S3 server). Output of Ray's workers (their progress bars, logs,
+"actor is dead") is not forwarded to the driver (`ray.init(log_to_driver=False)`); it stays in Ray's session
+logs, whose folder the log file names. A failing worker still fails the job on the driver, which says why.
+`clap --verbose ...` (or CLAP_VERBOSE=1) shows everything on the console, as Ray prints it.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import queue
+import sys
+import tempfile
+import threading
 from pathlib import Path
 
 VERBOSE_ENV = "CLAP_VERBOSE"
 VERBOSE_FLAG = "--verbose"
 CHATTY_LOGGERS = ("werkzeug", "moto", "botocore", "urllib3", "s3transfer")  # a request line per S3 call
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.util")  # Ray's driver-side loggers
+LOG_DIR = "logs"  # <output>/logs/clap-<command>.log
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+_job_log: JobLog | None = None  # the log file of the running command (one per process)
+_planned_log: tuple[str, str] | None = None  # (command, output) whose log file init_ray opens
+_workers_silent = False  # this process started Ray with log_to_driver=False: no worker line reaches the console
 
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
 
 
-def init_ray(**kwargs):
-    """ray.init for a `clap` command: a local Ray, or the cluster of RAY_ADDRESS; quiet data progress unless
-    verbose (one bar per dataset, none per operator)."""
+class JobLog:
+    """`<output>/logs/clap-<command>.log`: written in place for a local output; for an s3:// output written in a
+    local temporary folder and uploaded next to the output when the process exits."""
+
+    def __init__(self, command: str, output: str):
+        from clap_core import storage
+
+        self.name = f"clap-{command}.log"
+        self.key = (command, output)
+        output = storage.absolute(output)
+        self.remote = storage.join(output, LOG_DIR, self.name) if "://" in output else None
+        folder = Path(tempfile.mkdtemp(prefix="clap-log-")) if self.remote else Path(output) / LOG_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / self.name
+        self.handler = logging.FileHandler(self.path)
+        self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.handler.setLevel(logging.INFO)  # Ray Data's DEBUG lines stay in its own ray-data.log
+        self.where = self.remote or str(self.path)
+
+    def close(self) -> None:
+        """Detach from every logger, close the file and upload it (s3:// output); idempotent."""
+        if self.handler.stream is None:
+            return
+        for logger in [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                               if isinstance(lg, logging.Logger)]:
+            logger.removeHandler(self.handler)
+        self.handler.close()
+        if self.remote:
+            from clap_core import storage
+
+            try:
+                storage.upload(self.path, self.remote)
+            except Exception as e:  # the job's result stands; only its log stays local
+                print(f"log file kept at {self.path} (upload to {self.remote} failed: {e})", file=sys.stderr)
+
+
+def plan_log(command: str, output: str) -> None:
+    """The command's log file, opened when Ray starts (init_ray): a user mistake found before that writes
+    nothing into the output, and `clap embed` claims its (empty) output folder first."""
+    global _planned_log
+    _planned_log = (command, output)
+
+
+def start_log(command: str, output: str) -> JobLog:
+    """Open the command's log file, send Ray's and the chatty libraries' loggers to it (and only to it unless
+    verbose) and say where it is, in one line on stderr."""
+    global _job_log
+    if _job_log is not None and _job_log.key != (command, output):  # another command in the same process
+        _job_log.close()
+        _job_log = None
+    if _job_log is None:
+        _job_log = JobLog(command, output)
+        atexit.register(_job_log.close)
+        print(f"clap {command}: Ray's logs in {_job_log.where}"
+              f"{'' if verbose() else ' (--verbose shows them here)'}", file=sys.stderr, flush=True)
+    route_loggers(_job_log.handler)
+    return _job_log
+
+
+def route_loggers(handler: logging.Handler, names: tuple[str, ...] = RAY_LOGGERS + CHATTY_LOGGERS) -> None:
+    """These loggers (and Ray's child loggers that have their own console handler) write to `handler`; unless
+    verbose their console handlers are removed, so nothing of them reaches the terminal."""
+    names = tuple(names) + tuple(n for n, lg in logging.root.manager.loggerDict.items()
+                                 if n.startswith("ray.") and isinstance(lg, logging.Logger) and lg.handlers)
+    for name in dict.fromkeys(names):
+        logger = logging.getLogger(name)
+        if not verbose():
+            for h in list(logger.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    logger.removeHandler(h)  # a console handler (Ray's own, or ray.data's)
+        # once per record: on "ray" and on each logger that does not pass its records up to "ray"
+        if handler not in logger.handlers and (name == "ray" or name in CHATTY_LOGGERS or not logger.propagate):
+            logger.addHandler(handler)
+        if name in CHATTY_LOGGERS:
+            logger.setLevel(logging.INFO)
+            logger.propagate = verbose()
+
+
+def init_ray(worker_output: bool = False, data_bars: bool = True, **kwargs):
+    """ray.init for a `clap` command: a local Ray, or the cluster of RAY_ADDRESS. With a log file started
+    (start_log) and not verbose, workers' output is not forwarded to the console (`worker_output=True` keeps
+    it) and Ray's driver loggers write to the log file; Ray Data shows one bar per dataset, none per operator.
+    `data_bars=False`: no Ray Data bar at all (the command draws its own, see progress()).
+    Returns ray.init's context, or None when Ray was already up."""
     import ray
 
+    global _planned_log, _workers_silent
+    if _planned_log is not None:
+        start_log(*_planned_log)
+        _planned_log = None
+    context = None
     if not ray.is_initialized():
-        ray.init(**kwargs)
-    configure_ray_data()
-    return ray
+        if _job_log is not None and not verbose():
+            kwargs.setdefault("log_to_driver", worker_output)
+        context = ray.init(**kwargs)
+        _workers_silent = not kwargs.get("log_to_driver", True)
+    configure_ray_data(data_bars)
+    if _job_log is not None:
+        route_loggers(_job_log.handler)  # again: Ray's libraries imported since set up their own handlers
+        if context is not None:
+            logging.getLogger("ray").info("clap: the workers' output is in Ray's session logs: %s",
+                                          ray_logs_folder(ray))
+    return context
 
 
-def configure_ray_data() -> None:
+def ray_logs_folder(ray) -> str:
+    """Where Ray keeps the session's logs: a local folder when this process started Ray, else the cluster's."""
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # noqa: SLF001 (no public accessor)
+    except AttributeError:
+        return "the Ray cluster's session logs (/tmp/ray/session_latest/logs on each node)"
+
+
+def configure_ray_data(global_bars: bool = True) -> None:
+    """Ray Data's progress: one global bar per dataset (none with global_bars=False), none per operator, no
+    execution plan printed; all of it when verbose."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = global_bars or verbose()
     ctx.enable_operator_progress_bars = verbose()
     if not verbose():
         ctx.print_on_execution_start = False
+
+
+class StepLines:
+    """Rank 0's step and validation lines of `clap pretrain`, printed once by the driver. Workers' output is not
+    forwarded to the console (init_ray), so a Ray Train callback (it runs in Ray Train's controller actor) turns
+    each report of the workers into the line rank 0 logs (clap_core.train.run_log) and hands it to the driver
+    through a Ray queue. Inactive (no callback) unless this process started Ray with workers' output off: rank
+    0's own stdout shows (or is meant to stay hidden) then.
+
+        lines = StepLines(total_steps)
+        trainer = TorchTrainer(..., run_config=RunConfig(..., callbacks=lines.callbacks))
+        with lines:
+            trainer.fit()
+    """
+
+    def __init__(self, total_steps: int):
+        self.callbacks, self.queue = [], None
+        if not _workers_silent:  # rank 0's own stdout reaches the console
+            return
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})  # a tiny actor: no CPU taken from the workers
+        self.callbacks = [_step_lines_callback(self.queue, total_steps)]
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._print_lines, name="clap-step-lines", daemon=True)
+
+    def __enter__(self) -> StepLines:
+        if self.queue is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.queue is None:
+            return
+        self.done.set()
+        self.thread.join()
+        while True:  # lines reported just before fit() returned
+            try:
+                print(self.queue.get_nowait(), flush=True)
+            except Exception:  # ray.util.queue.Empty
+                break
+        self.queue.shutdown()
+
+    def _print_lines(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self.done.is_set():
+            try:
+                print(self.queue.get(timeout=0.5), flush=True)
+            except (Empty, queue.Empty):
+                continue
+
+
+def _step_lines_callback(lines_queue, total_steps: int):
+    """A ray.train.UserCallback: each report of the workers -> rank 0's console lines -> lines_queue."""
+    from ray.train import UserCallback
+
+    from clap_core.train.run_log import step_line, validation_line
+
+    class ReportLines(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            rank0 = metrics[0] if metrics else {}
+            step = rank0.get("step")
+            if "train/loss" in rank0:
+                entry = {k.removeprefix("train/"): v for k, v in rank0.items() if k.startswith("train/")}
+                lines_queue.put(step_line({"step": step, **entry}, total_steps))
+            if "val/t2a/R@1" in rank0:
+                lines_queue.put(validation_line(step, rank0))
+
+    return ReportLines()
+
+
+def progress(items, total: int, what: str):
+    """One progress bar with ETA on stderr for a stage whose driver sees each item finish (a terminal redraws
+    it; a log or pipe gets a line every 30 s at most); none when verbose (Ray Data's bars are on then)."""
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=what, unit=what.split()[-1], file=sys.stderr, disable=verbose(),
+                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
 
 
 def log_to_file(path: Path, names: tuple[str, ...] = CHATTY_LOGGERS) -> Path:
     """Send these loggers to `path` instead of the console (unless verbose)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     for name in names:
         logger = logging.getLogger(name)
         logger.addHandler(handler)

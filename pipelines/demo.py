@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from clap_core.config import load_config
-from pipelines.console import init_ray, log_to_file, verbose
+from pipelines.console import init_ray, start_log, verbose
 
 DEMO_BUCKET = "clap-demo"
 DEMO_EXTRA = "pip install 'clap-at-scale[demo]'"  # what installs the local S3 server (moto[server])
@@ -119,13 +119,10 @@ def demo(output: Path, storage_kind: str, clips: int, steps: int, trials: int) -
     remote = f"s3://{DEMO_BUCKET}" if storage_kind == "s3" else str(output.resolve())
     shards, embeddings = f"{remote}/shards", f"{remote}/embeddings"
     stages = Stages()
-    # The console shows the stages and their results; the workers' output (progress bars of every train
-    # worker, "actor is dead" on shutdown) stays in Ray's session logs unless --verbose.
+    # The console shows the stages, their results and the pretraining step lines; Ray's lines and the S3
+    # server's go to OUTPUT/logs/clap-demo.log, the workers' output (progress bars of every train worker,
+    # "actor is dead" on shutdown) stays in Ray's session logs, unless --verbose (pipelines.console).
     init_ray(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False, log_to_driver=verbose())
-    if not verbose():
-        server_log = f"; S3 server log: {output / 'demo.log'}" if storage_kind == "s3" else ""
-        print(f"Ray worker logs: {ray._private.worker._global_node.get_logs_dir_path()}"  # noqa: SLF001
-              f"{server_log} (--verbose shows them)", flush=True)
     try:
         stages.run("corpus", lambda: _corpus(write_corpus, output / "corpus", clips))
         stages.run("preprocess", lambda: _preprocess(output / "corpus" / "manifest.jsonl", shards))
@@ -213,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     except MissingDemoExtra as e:
         print(f"clap demo: {e}", file=sys.stderr)
         return 2
-    log_to_file(Path(args.output) / "demo.log")  # the local S3 server's request lines
+    start_log("demo", args.output)  # Ray's and the local S3 server's lines: OUTPUT/logs/clap-demo.log
     with (local_s3_server() if storage_kind == "s3" else _nothing()):
         summary = demo(Path(args.output), storage_kind, args.clips, args.steps, args.trials)
     print("\n" + summary)

@@ -29,7 +29,7 @@ from clap_core.data.shards import is_shard_folder, shard_files
 from clap_core.eval.sources import MAX_CLIP_SECONDS
 from clap_core.io_faults import retry_transient
 from clap_core.storage import local_copy
-from pipelines.console import init_ray
+from pipelines.console import init_ray, plan_log
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
 
@@ -244,6 +244,7 @@ def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: i
 
 
 def run(args: argparse.Namespace) -> int:
+    plan_log("embed", args.output)  # Ray's lines go to OUTPUT/logs/clap-embed.log
     try:
         summary = embed_dataset(args.checkpoint, args.input, args.output, split=args.split,
                                 batch_size=args.batch_size, concurrency=args.concurrency, text=not args.no_text,

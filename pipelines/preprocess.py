@@ -35,6 +35,7 @@ from clap_core.preprocess.config import PreprocessConfig, load_preprocess_config
 from clap_core.preprocess.plan import Plan, Unit, content_hash, job_config
 from clap_core.preprocess.staging import drop_staging, load_unit_rows
 from clap_core.preprocess.unit import build_merger, process_unit
+from pipelines.console import init_ray, plan_log, progress
 from pipelines.job_configs import default_config_path
 from pipelines.preprocess_plan import plan_job
 
@@ -87,7 +88,7 @@ def run_units(units: list[Unit], cfg: PreprocessConfig, out_uri: str) -> list[Ma
         compute=pool_strategy(cfg, len(units)), num_cpus=cfg.ray.num_cpus)
     markers, rows = [], iter(ds.iter_rows())
     try:
-        for row in rows:
+        for row in progress(rows, len(units), "preprocess units"):
             markers.append(Marker.from_dict(json.loads(row["marker"])))
             if cfg.debug.crash_after_units and len(markers) >= cfg.debug.crash_after_units:
                 raise SimulatedCrash(f"debug.crash_after_units={cfg.debug.crash_after_units} reached")
@@ -165,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         storage.check_access(storage.absolute(uri))  # before starting Ray: a refusal costs seconds, not a cluster
     started = not ray.is_initialized()
     if started:
-        ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
+        plan_log("preprocess", args.output)  # Ray's lines go to OUTPUT/logs/clap-preprocess.log
+        init_ray(data_bars=False)  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     try:
         result = preprocess(args.input, args.output, cfg)
     except OutputMismatchError as e:

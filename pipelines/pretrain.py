@@ -49,7 +49,7 @@ from clap_core.train.worker import (
     maybe_inject_fault,
     train_batches,
 )
-from pipelines.console import init_ray
+from pipelines.console import StepLines, init_ray, plan_log
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain.yaml"
 INGEST_CPUS = 1.0  # kept free for the Ray Data tasks that read, decode and feed the workers
@@ -209,13 +209,14 @@ def worker_resources_for(scaling, cluster_cpus: float) -> dict | None:
     return {"CPU": share}
 
 
-def run_config(output: str, cfg: PretrainConfig) -> ray.train.RunConfig:
+def run_config(output: str, cfg: PretrainConfig, callbacks: list = ()) -> ray.train.RunConfig:
     """A stable run name (the output's last path component) so the same command finds its checkpoints."""
     fs, path = resolve_fs(output)
     parent, name = path.rstrip("/").rsplit("/", 1)
     return ray.train.RunConfig(name=name, storage_path=parent, storage_filesystem=fs,
                                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints))
+                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                               callbacks=list(callbacks))
 
 
 def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_only: bool = False):
@@ -233,6 +234,7 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
     datasets = build_datasets(data, cfg, model_cfg, rejects_uri=storage.join(output, REJECTS_DIR))
     scaling = cfg.scaling
     worker_resources = worker_resources_for(scaling, ray.cluster_resources().get("CPU", 0))
+    lines = StepLines(cfg.train.steps)  # rank 0's step lines, printed here (workers' output goes to Ray's logs)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"pretrain": to_dict(cfg), "model": to_dict(model_cfg), "run_uri": output,
@@ -240,7 +242,7 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
                            "train_rows": count_rows(data, cfg.data.train_split)},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=worker_resources),
-        run_config=run_config(output, cfg),
+        run_config=run_config(output, cfg, lines.callbacks),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
@@ -249,7 +251,8 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
     default_policy = trainer_module.create_failure_policy
     trainer_module.create_failure_policy = fail_fast_policy
     try:
-        return trainer.fit()
+        with lines:
+            return trainer.fit()
     finally:
         trainer_module.create_failure_policy = default_policy
 
@@ -270,6 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_pretrain_config(args.config, args.overrides)
+    plan_log("pretrain", args.output)  # Ray's lines go to OUTPUT/logs/clap-pretrain.log
     try:
         result = pretrain(args.data, args.output, args.model, cfg, export_only=args.export_only)
     except ray.train.TrainingFailedError as e:

@@ -59,6 +59,7 @@ from clap_core.eval.probe_config import (
     with_params,
 )
 from clap_core.model.config import SPEECH_ENCODERS
+from pipelines.console import init_ray, plan_log
 from pipelines.job_configs import default_config_path
 
 METRIC = "best_val_weighted_f1"  # running best of the dev weighted F1: what ASHA, Optuna and the export rank by
@@ -75,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_probe_sweep_config(args.config, args.overrides)
+    plan_log("tune-probe", args.output)  # Ray's lines go to OUTPUT/logs/clap-tune-probe.log
     summary = tune_probe(args.meld, args.checkpoint, args.output, cfg)
     print(json.dumps(summary))  # one line, last on stdout: `clap tune-probe ... | tail -1 | jq`
     return 0 if summary["status"] == "finished" else 130
@@ -91,7 +93,7 @@ def tune_probe(meld: str, checkpoint: str, output: str, cfg: ProbeSweepConfig, c
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"--meld: {e}") from e
     if not ray.is_initialized():
-        context = ray.init()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
+        context = init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
         if context.dashboard_url:
             print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr)
     layers = has_speech_tower(checkpoint)

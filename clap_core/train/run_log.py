@@ -35,6 +35,21 @@ def console_line(text: str) -> None:
     sys.stdout.flush()
 
 
+def step_line(entry: dict, total: int) -> str:
+    """The console line of one history entry: "step 10/1000  loss 3.9  temperature 0.0700  lr ..."."""
+    temps = f"temperature {entry['temperature']:.4f}"
+    if "temperature_text" in entry:
+        temps = f"temperature a2t {entry['temperature']:.4f} t2a {entry['temperature_text']:.4f}"
+    return (f"step {entry['step']}/{total}  loss {entry['loss']:.4f}  {temps}  lr {entry['lr']:.2e}  "
+            f"{entry['samples_per_s']:.1f} samples/s  data-wait {entry['data_wait_share']:.0%}")
+
+
+def validation_line(step: int, metrics: dict[str, float]) -> str:
+    """The console line of a validation ({'val/t2a/R@1': ...})."""
+    shown = "  ".join(f"{k} {metrics[f'val/{k}']:.3f}" for k in ("t2a/R@1", "t2a/R@5", "a2t/R@1", "t2a/mAP@10"))
+    return f"step {step}  validation  {shown}"
+
+
 class RunLogger:
     """Rank 0's TensorBoard writer, console lines and metric history (the history survives restarts)."""
 
@@ -61,20 +76,14 @@ class RunLogger:
         """Record one history entry (step, loss, temperature(s), lr, samples_per_s, data_wait_share)."""
         self.history.append(entry)
         if self.enabled:
-            temps = f"temperature {entry['temperature']:.4f}"
-            if "temperature_text" in entry:
-                temps = f"temperature a2t {entry['temperature']:.4f} t2a {entry['temperature_text']:.4f}"
-            console_line(f"step {entry['step']}/{total}  loss {entry['loss']:.4f}  {temps}  "
-                         f"lr {entry['lr']:.2e}  {entry['samples_per_s']:.1f} samples/s  "
-                         f"data-wait {entry['data_wait_share']:.0%}")
+            console_line(step_line(entry, total))
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
         """Record validation metrics ({'val/t2a/R@1': ...}) of a step."""
         self.evals.append({"step": step, **{k.removeprefix("val/"): v for k, v in metrics.items()}})
         self.scalars(step, metrics)
         if self.enabled:
-            shown = "  ".join(f"{k} {metrics[f'val/{k}']:.3f}" for k in ("t2a/R@1", "t2a/R@5", "a2t/R@1", "t2a/mAP@10"))
-            console_line(f"step {step}  validation  {shown}")
+            console_line(validation_line(step, metrics))
 
     def sync(self) -> None:
         if self.writer is not None:
