@@ -17,7 +17,7 @@ import sys
 
 from clap_core.config import CheckpointError, ConfigError
 from clap_core.io_faults import StorageAccessError
-from pipelines.console import VERBOSE_ENV, VERBOSE_FLAG
+from pipelines.console import VERBOSE_ENV, VERBOSE_FLAG, finish_log, report_failure
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("pipelines.models_cmd", "list registered model architectures or show one"),
@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # a checkpoint folder that cannot load: its path and the problem, one line
         print(f"clap {args.command}: checkpoint error: {checkpoint_message(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a job that ran Ray: one line + its log file, which holds the traceback
+        if not report_failure(args.command, e):
+            raise
+        return 1
+    finally:
+        finish_log()  # the command's log file (pipelines.console): closed, uploaded when the output is s3://
 
 
 def checkpoint_message(error: CheckpointError) -> str:

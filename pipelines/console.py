@@ -95,6 +95,30 @@ def start_log(command: str, output: str) -> JobLog:
     return _job_log
 
 
+def report_failure(command: str, error: BaseException) -> bool:
+    """A job that fails with a log file open (not verbose): its traceback (with the worker's, when Ray wrapped
+    it) goes to the log file and the console gets one line, the error and the log's path. False when there is no
+    log file to hold the traceback: the caller lets it print."""
+    if _job_log is None or verbose():
+        return False
+    logger = logging.getLogger("clap.console")
+    logger.propagate = False  # into the log file only
+    logger.addHandler(_job_log.handler)
+    logger.error("clap %s failed", command, exc_info=error)
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    print(f"clap {command}: {type(error).__name__}: {lines[-1] if lines else ''} (traceback in {_job_log.where})",
+          file=sys.stderr, flush=True)
+    return True
+
+
+def finish_log() -> None:
+    """The end of a command (pipelines.cli): close its log file, upload it for an s3:// output."""
+    global _job_log, _planned_log
+    if _job_log is not None:
+        _job_log.close()
+    _job_log = _planned_log = None
+
+
 def route_loggers(handler: logging.Handler, names: tuple[str, ...] = RAY_LOGGERS + CHATTY_LOGGERS) -> None:
     """These loggers (and Ray's child loggers that have their own console handler) write to `handler`; unless
     verbose their console handlers are removed, so nothing of them reaches the terminal."""

@@ -83,3 +83,20 @@ def test_s3_output_log_is_written_locally_and_uploaded(monkeypatch):
 def test_verbose_env(monkeypatch, value, expected):
     monkeypatch.setenv(console.VERBOSE_ENV, value)
     assert console.verbose() is expected
+
+
+def test_failure_is_one_console_line_and_a_logged_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(console, "_job_log", console.JobLog("pretrain", str(tmp_path / "run")))
+    try:
+        raise RuntimeError("Worker 0 failed:\nTraceback ...\nValueError: batch_size must be > 0")
+    except RuntimeError as e:
+        assert console.report_failure("pretrain", e)
+    log = console._job_log.path
+    console.finish_log()
+    assert console._job_log is None
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"clap pretrain: RuntimeError: ValueError: batch_size must be > 0 (traceback in {log})"]
+    text = log.read_text()
+    assert "clap pretrain failed" in text and "Traceback (most recent call last)" in text and "Worker 0" in text
+    assert not console.report_failure("pretrain", ValueError("no log open: the caller re-raises"))
