@@ -1,7 +1,8 @@
 """What a `clap` command shows on the console, and where the rest goes.
 
 By default a `clap` job that runs Ray shows one line naming its log file, its own step and summary lines, one
-progress bar per dataset (Ray Data's global bar, in a terminal) and errors. Everything else goes to
+progress bar per stage (`progress()`, or Ray Data's global bar per dataset in a terminal) and errors, one line
+each (report_failure; the traceback goes to the log file). Everything else goes to
 `<output>/logs/clap-<command>.log` (JobLog): the lines of Ray's Python loggers in the driver (`ray`,
 `ray.data` with its "Running Dataset ... Total Progress" blocks, `ray.train`, `ray.tune`, ...) and of the
 chatty client libraries (the demo's local S3 server). Output of Ray's workers (their progress bars, logs,
@@ -38,7 +39,8 @@ def verbose() -> bool:
 
 class JobLog:
     """`<output>/logs/clap-<command>.log`: written in place for a local output; for an s3:// output written in a
-    local temporary folder and uploaded next to the output when the process exits."""
+    local temporary folder and uploaded next to the output at the end of the command (finish_log; at exit at the
+    latest)."""
 
     def __init__(self, command: str, output: str):
         from clap_core import storage
