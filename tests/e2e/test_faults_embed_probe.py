@@ -28,6 +28,7 @@ from clap_core.data.inputs import read_inputs
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_demo.synth import write_corpus
+from pipelines import cli
 from pipelines.embed import EmbedBatch, decode_row, manifest_item
 from tests.e2e.ray_cluster import LocalRayCluster
 
@@ -119,7 +120,7 @@ def assert_equals_reference(output: Path, reference: dict) -> None:
     assert sorted(f["path"] for f in manifest["files"]) == [f"data/{p.name}" for p in data_files(output)]
 
 
-def test_killed_embed_driver_then_same_command(cluster, corpus, tmp_path):
+def test_killed_embed_driver_then_same_command(cluster, corpus, tmp_path, capsys):
     ckpt, manifest, reference = corpus
     output = tmp_path / "emb"
     command = ["embed", "--checkpoint", str(ckpt), "--input", str(manifest), "--output", str(output), *EMBED]
@@ -131,10 +132,8 @@ def test_killed_embed_driver_then_same_command(cluster, corpus, tmp_path):
     assert state["state"] == "running" and data_files(output), "the kill came after the commit: no kill point"
     with pytest.raises(FileNotFoundError, match="has not finished"):
         embeddings.read_table(str(output))
-    searched = subprocess.run([sys.executable, "-m", "pipelines.cli", "search", "a tone", "--index", str(output),
-                               "--checkpoint", str(ckpt)], cwd=REPO, env=cluster.env, capture_output=True,
-                              text=True, timeout=120)
-    assert searched.returncode == 2 and "has not finished" in searched.stderr, searched.stderr[-2000:]
+    assert cli.main(["search", "a tone", "--index", str(output), "--checkpoint", str(ckpt)]) == 2
+    assert "has not finished (state 'running')" in capsys.readouterr().err
 
     text = finish(start(cluster, *command, log=tmp_path / "rerun.log"), tmp_path / "rerun.log")
     assert last_json(text) == {"rows": CLIPS, "rejects": 0, "reject_reasons": {}}
@@ -185,6 +184,16 @@ def test_worker_node_lost_during_embed(cluster, corpus, tmp_path):
         assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-4000:]
         time.sleep(0.05)
     assert embeddings.read_manifest(str(output))["state"] == "running", "the job finished before the kill point"
+    assert actors_on_worker_node(cluster), "no embedding actor on the worker node: losing it would test nothing"
     cluster.kill_worker_node()
     finish(job, tmp_path / "job.log")
     assert_equals_reference(output, reference)
+
+
+def actors_on_worker_node(cluster: LocalRayCluster) -> list[str]:
+    """The job's live decode+embed actors (Ray Data fuses both stages into `MapWorker`s) on the worker node."""
+    from ray.util.state import list_actors, list_nodes
+
+    workers = {n.node_id for n in list_nodes(address=cluster.dashboard_url) if not n.is_head_node}
+    return [a.actor_id for a in list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
+            if a.node_id in workers and "MapWorker" in a.class_name]
