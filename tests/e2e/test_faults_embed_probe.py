@@ -116,7 +116,7 @@ def assert_equals_reference(output: Path, reference: dict) -> None:
     np.testing.assert_allclose(audio, np.stack([reference[i][0] for i in ids]), atol=1e-6, rtol=0)
     np.testing.assert_allclose(text, np.stack([reference[i][1] for i in ids]), atol=1e-6, rtol=0)
     # the manifest lists exactly the files that hold those rows
-    manifest = embeddings.read_manifest(str(output))
+    manifest = embeddings.read_index(str(output))
     assert manifest["rows"] == CLIPS and manifest["rejects"]["rows"] == 0
     assert sorted(f["path"] for f in manifest["files"]) == [f"data/{p.name}" for p in data_files(output)]
 
@@ -129,7 +129,7 @@ def test_killed_embed_driver_then_same_command(cluster, corpus, tmp_path, capsys
     kill_when(killed, lambda: bool(data_files(output)), "embedding file written")
 
     # What the killed job left: some data files, a manifest still "running". A reader sees a clear error.
-    state = embeddings.read_manifest(str(output))
+    state = embeddings.read_index(str(output))
     assert state["state"] == "running" and data_files(output), "the kill came after the commit: no kill point"
     with pytest.raises(FileNotFoundError, match="has not finished"):
         embeddings.read_table(str(output))
@@ -186,7 +186,7 @@ def test_worker_node_lost_during_embed(cluster, corpus, tmp_path):
     while not actors_on_worker_node(cluster):
         assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-4000:]
         time.sleep(0.2)
-    assert embeddings.read_manifest(str(output))["state"] == "running", "the job finished before the kill point"
+    assert embeddings.read_index(str(output))["state"] == "running", "the job finished before the kill point"
     cluster.kill_worker_node()
     cluster.add_worker_node()
     finish(job, tmp_path / "job.log")
