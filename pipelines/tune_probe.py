@@ -21,7 +21,9 @@ Steps, each skipped when a previous run of the same command already did it:
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import json
 import os
 import sys
@@ -260,7 +262,40 @@ def run_sweep(output: str, cache: str, cfg: ProbeSweepConfig, callbacks: tuple =
         tuner = Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
         tuner = build_tuner(trainable, output, cfg, callbacks, layers)
-    return tuner.fit(), cfg
+    results = tuner.fit()
+    experiment_uri = storage.join(output, cfg.tune.name)
+    for uri in storage.list_files(experiment_uri):
+        if uri[len(experiment_uri):].count("/") == 2 and uri.endswith(("/result.json", "/progress.csv")):
+            drop_replayed_epochs(uri)  # OUTPUT/<name>/<trial>/result.json, progress.csv
+    return results, cfg
+
+
+def drop_replayed_epochs(trial_log: str) -> None:
+    """Keep one line per epoch in a trial's result.json or progress.csv: the last one reported.
+
+    A driver killed on a long-lived Ray cluster leaves Tune's driver staging folder behind, and the restored
+    sweep (same Ray session) reuses it: lines the killed driver logged after its last experiment checkpoint
+    stay in the trial's log while the trial itself restarts from its last checkpoint known to the experiment
+    state and reports those epochs again. The later lines are the ones the trial's checkpoints descend from.
+    """
+    text = storage.read_bytes(trial_log).decode()
+    if trial_log.endswith(".json"):
+        rows = [line for line in text.splitlines() if line.strip()]
+        epochs = [json.loads(line).get("epoch") for line in rows]
+    else:
+        header, *rows = list(csv.reader(io.StringIO(text))) or [[]]
+        epochs = [dict(zip(header, row)).get("epoch") for row in rows]
+    last = {epoch: i for i, epoch in enumerate(epochs)}  # epoch -> index of its last line
+    if len(last) == len(rows):
+        return  # no epoch reported twice: the file stays as Tune wrote it
+    kept = [rows[i] for i in sorted(last.values())]
+    if trial_log.endswith(".json"):
+        data = "".join(line + "\n" for line in kept)
+    else:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows([header, *kept])
+        data = buffer.getvalue()
+    storage.put_atomic(trial_log, data.encode())
 
 
 # -------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the Ray CLI colours its output
 class LocalRayCluster:
     env: dict
     num_cpus: int = 4
+    head_cpus: int | None = None  # the head node's CPUs (default num_cpus); fewer push a job's work to worker nodes
     procs: list[subprocess.Popen] = field(default_factory=list)
     temp_dir: str = ""
     gcs_port: int = 0
@@ -103,7 +104,8 @@ class LocalRayCluster:
                  f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                  f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                  f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 999}"]
-        cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
+        cpus = self.head_cpus if "--head" in args and self.head_cpus is not None else self.num_cpus
+        cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
                "--disable-usage-stats", *ports, *args]
         log = open(Path(self.temp_dir) / f"node{len(self.procs)}.log", "w")
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,

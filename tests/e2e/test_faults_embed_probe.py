@@ -1,0 +1,202 @@
+"""Killed drivers and a lost node for `clap embed` and `clap tune-probe`, on a two-node local Ray cluster.
+
+The commands run as real `clap` processes (their own process group) with RAY_ADDRESS set to a head + worker
+node cluster started once for this module (tests/e2e/ray_cluster.py). A driver is killed with SIGKILL on its
+process group at a kill point read from its output (the first embedding file written; the first trial
+checkpoint of the sweep), as a lost driver pod would be; the same command is then run again. The worker node
+is killed the same way, once the first embedding file is written.
+
+Embedding values are compared with the undisturbed reference: the job's own decode and embed steps run in
+this process without Ray (fp32, so batch composition cannot move a value by more than float rounding).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clap_core.data import embeddings
+from clap_core.data.inputs import read_inputs
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
+from clap_demo.synth import write_corpus
+from pipelines import cli
+from pipelines.embed import EmbedBatch, decode_row, manifest_item
+from tests.e2e.ray_cluster import LocalRayCluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+REPO = Path(__file__).resolve().parents[2]
+CLIPS = 24
+EMBED = ["--batch-size", "2", "--concurrency", "2", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head (no CPU: it schedules, it runs no task) + one worker node (3 CPUs), no authentication (a private test
+    cluster). Every task and actor of a job runs on the worker node, so losing it loses work in flight."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               HOME=str(tmp_path_factory.mktemp("home")),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    c = LocalRayCluster(env=env, num_cpus=3, head_cpus=0).start()
+    yield c
+    c.stop(grace_s=10)  # the module's own cluster: no job of another test can be running on it
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(checkpoint folder, manifest, {id: (audio embedding, text embedding)} of the undisturbed reference)."""
+    root = tmp_path_factory.mktemp("embed")
+    torch.manual_seed(0)
+    ClapModel(get_model_config("tiny")).save_pretrained(root / "ckpt")
+    manifest = write_corpus(root / "corpus", CLIPS, seed=3, formats=("wav", "flac"), seconds=(0.5, 1.0))
+    items = [manifest_item(r) for r in read_inputs(str(manifest))]
+    embed = EmbedBatch(str(root / "ckpt"), batch_size=2, text=True, precision="fp32")
+    batch = {"id": np.array([i["id"] for i in items]), "caption": np.array([i["caption"] for i in items]),
+             "wave": np.array([decode_row(i) for i in items] + [None], dtype=object)[:-1]}
+    out = embed(batch)
+    reference = {i: (a, t) for i, a, t in zip(out["id"], out["audio_embedding"], out["text_embedding"])}
+    assert len(reference) == CLIPS
+    return root / "ckpt", manifest, reference
+
+
+def start(cluster: LocalRayCluster, *args: str, log: Path) -> subprocess.Popen:
+    """A `clap` command as a driver of the cluster, in its own process group (what a SIGKILL ends)."""
+    env = dict(cluster.env, RAY_ADDRESS=f"127.0.0.1:{cluster.gcs_port}")
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> str:
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def last_json(text: str) -> dict:
+    """The command's result line (Ray may print its workers' log lines after it)."""
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def kill_when(proc: subprocess.Popen, ready, what: str, timeout_s: float = 240) -> None:
+    """SIGKILL the driver's process group as soon as `ready()` holds (polled every 50 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert proc.poll() is None, f"the driver exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout_s} s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def data_files(output: Path) -> list[Path]:
+    return sorted((output / "data").glob("*.parquet"))
+
+
+def assert_equals_reference(output: Path, reference: dict) -> None:
+    """Every clip exactly once, each value within 1e-6 of the undisturbed run."""
+    table = embeddings.read_table(str(output))
+    ids = table.column("id").to_pylist()
+    assert ids == sorted(reference), f"{len(ids)} rows, {len(set(ids))} distinct ids"
+    audio = embeddings.embedding_matrix(table, "audio_embedding")  # (N, D)
+    text = embeddings.embedding_matrix(table, "text_embedding")  # (N, D)
+    np.testing.assert_allclose(audio, np.stack([reference[i][0] for i in ids]), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(text, np.stack([reference[i][1] for i in ids]), atol=1e-6, rtol=0)
+    # the manifest lists exactly the files that hold those rows
+    manifest = embeddings.read_index(str(output))
+    assert manifest["rows"] == CLIPS and manifest["rejects"]["rows"] == 0
+    assert sorted(f["path"] for f in manifest["files"]) == [f"data/{p.name}" for p in data_files(output)]
+
+
+def test_killed_embed_driver_then_same_command(cluster, corpus, tmp_path, capsys):
+    ckpt, manifest, reference = corpus
+    output = tmp_path / "emb"
+    command = ["embed", "--checkpoint", str(ckpt), "--input", str(manifest), "--output", str(output), *EMBED]
+    killed = start(cluster, *command, log=tmp_path / "killed.log")
+    kill_when(killed, lambda: bool(data_files(output)), "embedding file written")
+
+    # What the killed job left: some data files, a manifest still "running". A reader sees a clear error.
+    state = embeddings.read_index(str(output))
+    assert state["state"] == "running" and data_files(output), "the kill came after the commit: no kill point"
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        embeddings.read_table(str(output))
+    assert cli.main(["search", "a tone", "--index", str(output), "--checkpoint", str(ckpt)]) == 2
+    assert "has not finished (state 'running')" in capsys.readouterr().err
+
+    text = finish(start(cluster, *command, log=tmp_path / "rerun.log"), tmp_path / "rerun.log")
+    assert last_json(text) == {"rows": CLIPS, "rejects": 0, "reject_reasons": {}}
+    assert_equals_reference(output, reference)
+
+
+def trial_folders(experiment: Path) -> list[Path]:
+    return sorted(p for p in experiment.glob("trial_*") if p.is_dir())
+
+
+@pytest.mark.slow  # 45-100 s on the shared 2-core machine: two sweeps; CI keeps the embed and node-loss tests
+def test_killed_tune_probe_driver_then_same_command(cluster, tmp_path):
+    from clap_demo.synth_meld import write_meld
+
+    torch.manual_seed(0)
+    ClapModel(get_model_config("tiny")).save_pretrained(tmp_path / "ckpt")
+    write_meld(tmp_path / "meld", "reorganised", {"train": 3, "dev": 2, "test": 2}, corrupt=False, seed=4)
+    output = tmp_path / "sweep"
+    trials = 3
+    command = ["tune-probe", "--meld", str(tmp_path / "meld"), "--checkpoint", str(tmp_path / "ckpt"),
+               "--output", str(output), f"tune.num_samples={trials}", "tune.max_concurrent_trials=2",
+               "search.epochs=[4,6]", "probe.epochs=5", "tune.grace_period=6", "embed.concurrency=1"]
+    experiment = output / "meld_probe"
+    killed = start(cluster, *command, log=tmp_path / "killed.log")
+    # kill point: the first trial checkpoint of the sweep, i.e. mid-trial (every trial runs >= 4 epochs)
+    kill_when(killed, lambda: any(experiment.glob("trial_*/checkpoint_*")), "trial checkpoint")
+    assert not (output / "summary.json").exists()
+
+    text = finish(start(cluster, *command, log=tmp_path / "rerun.log"), tmp_path / "rerun.log", timeout_s=400)
+    assert "resuming the sweep" in text, text[-4000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["trials"] == trials
+    assert last_json(text) == summary
+    folders = trial_folders(experiment)
+    assert len(folders) == trials, [p.name for p in folders]
+    for folder in folders:
+        epochs = [json.loads(line)["epoch"] for line in (folder / "result.json").read_text().splitlines()]
+        assert epochs == list(range(1, len(epochs) + 1)), (folder.name, epochs)  # no epoch reported twice
+
+
+def test_worker_node_lost_during_embed(cluster, corpus, tmp_path):
+    """The worker node is SIGKILLed as soon as an embedding actor is alive on it; the job waits for the
+    replacement node (as an autoscaler adds one) and finishes there."""
+    ckpt, manifest, reference = corpus
+    output = tmp_path / "emb"
+    command = ["embed", "--checkpoint", str(ckpt), "--input", str(manifest), "--output", str(output), *EMBED]
+    job = start(cluster, *command, log=tmp_path / "job.log")
+    deadline = time.monotonic() + 240
+    while not actors_on_worker_node(cluster):
+        assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-4000:]
+        time.sleep(0.2)
+    assert embeddings.read_index(str(output))["state"] == "running", "the job finished before the kill point"
+    cluster.kill_worker_node()
+    cluster.add_worker_node()
+    finish(job, tmp_path / "job.log")
+    assert_equals_reference(output, reference)
+
+
+def actors_on_worker_node(cluster: LocalRayCluster) -> list[str]:
+    """The job's live decode+embed actors (Ray Data fuses both stages into `MapWorker`s) on the worker node."""
+    from ray.util.state import list_actors, list_nodes
+
+    workers = {n.node_id for n in list_nodes(address=cluster.dashboard_url) if not n.is_head_node}
+    return [a.actor_id for a in list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
+            if a.node_id in workers and "MapWorker" in a.class_name]
