@@ -32,7 +32,8 @@ from pipelines import cli
 from pipelines.embed import EmbedBatch, decode_row, manifest_item
 from tests.e2e.ray_cluster import LocalRayCluster
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+# slow tier (`make test-all`): a 2-node cluster of its own plus three job runs, ~1.5-3 min on 2 cores, over CI's budget
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 CLIPS = 24
 EMBED = ["--batch-size", "2", "--concurrency", "2", "--precision", "fp32"]
@@ -145,7 +146,7 @@ def trial_folders(experiment: Path) -> list[Path]:
     return sorted(p for p in experiment.glob("trial_*") if p.is_dir())
 
 
-@pytest.mark.slow  # 45-100 s on the shared 2-core machine: two sweeps; CI keeps the embed and node-loss tests
+# 45-100 s on the shared 2-core machine: two sweeps
 def test_killed_tune_probe_driver_then_same_command(cluster, tmp_path):
     from clap_demo.synth_meld import write_meld
 
