@@ -18,7 +18,9 @@ import pytest
 
 from clap_demo.synth import write_corpus
 
-pytestmark = pytest.mark.e2e
+# slow tier (`make test-all`): two `clap` runs in subprocesses, ~1 min on 2 cores; the console rules themselves are
+# unit-tested in CI (tests/unit/pipelines/test_console.py)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RAY_LINE = re.compile(r"\b(INFO|WARNING|DEBUG)\b|logging_progress|\(pid=|pid=\d+\)|Running Dataset|Ray instance")

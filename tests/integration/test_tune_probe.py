@@ -104,6 +104,7 @@ class CtrlCMidTrial(Callback):
             os.kill(os.getpid(), signal.SIGINT)  # Tune's handler: stop, save the experiment state
 
 
+@pytest.mark.slow  # ~1 min: two sweeps on S3; CI keeps the local sweep, the speech-tower sweep and the resume unit tests
 def test_interrupted_sweep_resumes_on_s3(ray_local, checkpoint, tmp_path, s3_bucket, monkeypatch, capsys):
     write_meld(tmp_path / "corpus", "reorganised", {"train": 6, "dev": 4, "test": 4}, corrupt=False, seed=1)
     out = f"s3://{s3_bucket}/sweeps/meld"
