@@ -264,16 +264,3 @@ def progress(items, total: int, what: str):
 
     return tqdm(items, total=total, desc=what, unit=what.split()[-1], file=sys.stderr, disable=verbose(),
                 mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-
-
-def log_to_file(path: Path, names: tuple[str, ...] = CHATTY_LOGGERS) -> Path:
-    """Send these loggers to `path` instead of the console (unless verbose)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    for name in names:
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = verbose()
-    return path

@@ -91,19 +91,22 @@ def test_worker_console_lines_are_written_once(capfd):
 def test_server_logs_go_to_the_log_file_unless_verbose(tmp_path, monkeypatch, capsys):
     import logging
 
-    from pipelines.console import VERBOSE_ENV, log_to_file
+    from pipelines.console import LOG_FORMAT, VERBOSE_ENV, route_loggers
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     logger = logging.getLogger("werkzeug")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
+    # route_loggers also rewires Ray's loggers that exist in this process: restore every logger afterwards
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)] + [logger]
+    saved = {lg: (list(lg.handlers), lg.propagate, lg.level) for lg in loggers}
+    handler = logging.FileHandler(tmp_path / "demo.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     try:
-        log_to_file(tmp_path / "demo.log", ("werkzeug",))
+        route_loggers(handler, ("werkzeug",))
         logger.info('127.0.0.1 - - "HEAD /bucket/key HTTP/1.1" 200 -')
-        for handler in logger.handlers:
-            handler.flush()
+        handler.flush()
         assert "HEAD /bucket/key" in (tmp_path / "demo.log").read_text()
         assert not logger.propagate and "HEAD" not in capsys.readouterr().err
     finally:
-        for handler in logger.handlers[len(saved[0]):]:
-            handler.close()
-        logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+        handler.close()
+        for lg, (handlers, propagate, level) in saved.items():
+            lg.handlers[:], lg.propagate, lg.level = handlers, propagate, level
