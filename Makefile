@@ -13,11 +13,13 @@ export HF_HUB_OFFLINE ?= 1
 
 install: $(STAMP)
 
-# The dev extra includes the demo extra (moto's local S3 server) and the onnx one.
-$(STAMP): pyproject.toml
+# The dev extra includes the demo extra (moto's local S3 server) and the onnx one. The runtime closure is
+# constrained to cluster/requirements.lock, so tests run on exactly what the cluster image installs, whatever
+# the index released since (to move a pin: install without `-c`, then `python cluster/lock.py`).
+$(STAMP): pyproject.toml cluster/requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -c cluster/requirements.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
