@@ -32,7 +32,7 @@ lint: $(STAMP)
 # its budget.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" --durations=30
 
 # Everything, the slow scale/fault/autoscaling runs included (about twice as long as `make test`).
 test-all: $(STAMP)
