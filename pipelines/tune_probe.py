@@ -63,6 +63,7 @@ from clap_core.eval.probe_config import (
 from clap_core.model.config import SPEECH_ENCODERS
 from pipelines.console import init_ray, plan_log
 from pipelines.job_configs import default_config_path
+from pipelines.tune_console import TuneOutput
 
 METRIC = "best_val_weighted_f1"  # running best of the dev weighted F1: what ASHA, Optuna and the export rank by
 TRAIN_SPLIT, VALID_SPLIT, TEST_SPLIT = "train", "dev", "test"
@@ -219,7 +220,10 @@ def starting_point(cfg: ProbeSweepConfig, layers: bool = False) -> list[dict]:
     return [point] if inside else []
 
 
-def build_tuner(trainable, output: str, cfg: ProbeSweepConfig, callbacks: tuple, layers: bool = False) -> Tuner:
+def build_tuner(trainable, output: str, cfg: ProbeSweepConfig, callbacks: tuple, layers: bool = False,
+                console: TuneOutput | None = None) -> Tuner:
+    """`console`: Tune's verbosity and the trials bar (pipelines.tune_console); None: Tune's own output."""
+    console = console or TuneOutput(cfg.tune.num_samples, METRIC, "max")
     fs, path = storage.resolve_fs(output)
     t = cfg.tune
     searcher = OptunaSearch(points_to_evaluate=starting_point(cfg, layers) or None, seed=t.seed)
@@ -229,10 +233,10 @@ def build_tuner(trainable, output: str, cfg: ProbeSweepConfig, callbacks: tuple,
     tune_config = TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
                              num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials,
                              trial_dirname_creator=trial_dirname)
-    run_config = RunConfig(name=t.name, storage_path=path, storage_filesystem=fs, callbacks=list(callbacks),
-                           sync_config=SyncConfig(sync_artifacts=True),
+    run_config = RunConfig(name=t.name, storage_path=path, storage_filesystem=fs,
+                           callbacks=[*callbacks, *console.callbacks], sync_config=SyncConfig(sync_artifacts=True),
                            checkpoint_config=CheckpointConfig(num_to_keep=1),
-                           failure_config=FailureConfig(max_failures=1), verbose=1)
+                           failure_config=FailureConfig(max_failures=1), verbose=console.verbose)
     return Tuner(trainable, param_space=param_space(cfg, layers), tune_config=tune_config, run_config=run_config)
 
 
@@ -257,12 +261,15 @@ def run_sweep(output: str, cache: str, cfg: ProbeSweepConfig, callbacks: tuple =
         storage.put_atomic(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     trainable = tune.with_parameters(train_trial, cache=cache, base=to_dict(cfg.probe))
     trainable = tune.with_resources(trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
+    console = TuneOutput(cfg.tune.num_samples, METRIC, "max")  # one bar over the trials, or Tune's own output
     if restoring:
         print(f"resuming the sweep in {experiment}", file=sys.stderr)
         tuner = Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+        console.apply(tuner)
     else:
-        tuner = build_tuner(trainable, output, cfg, callbacks, layers)
-    results = tuner.fit()
+        tuner = build_tuner(trainable, output, cfg, callbacks, layers, console)
+    with console:
+        results = tuner.fit()
     experiment_uri = storage.join(output, cfg.tune.name)
     for uri in storage.list_files(experiment_uri):
         if uri[len(experiment_uri):].count("/") == 2 and uri.endswith(("/result.json", "/progress.csv")):

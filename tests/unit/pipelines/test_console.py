@@ -1,13 +1,23 @@
-"""pipelines/console.py without starting Ray: the log file of a command, logger routing, rank 0's step lines."""
+"""pipelines/console.py without starting Ray: the log file of a command, logger routing, rank 0's step lines, fd 2
+into the log file, the raylet's messages, the failure line, Tune's trials bar."""
 from __future__ import annotations
 
 import io
 import logging
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from clap_core.train.run_log import step_line, validation_line
 from pipelines import console
+from pipelines.native_stderr import NativeStderr
+
+REPO = Path(__file__).resolve().parents[3]
 
 ENTRY = {"train/loss": 1.5, "train/temperature": 0.07, "train/lr": 1e-4, "train/samples_per_s": 10.0,
          "train/data_wait_share": 0.25}
@@ -100,3 +110,185 @@ def test_failure_is_one_console_line_and_a_logged_traceback(tmp_path, monkeypatc
     text = log.read_text()
     assert "clap pretrain failed" in text and "Traceback (most recent call last)" in text and "Worker 0" in text
     assert not console.report_failure("pretrain", ValueError("no log open: the caller re-raises"))
+
+
+# ---- what native code writes to fd 2 goes to the log file; the console keeps our lines (pipelines/native_stderr.py)
+
+CHILD = """
+import os, subprocess, sys
+from pipelines import console
+console.start_log("embed", sys.argv[1])
+os.write(2, b"E core_worker.cc:123: native error line\\n")  # as Ray's C++ side writes it: fd 2, no Python
+subprocess.run(["sh", "-c", "echo child process line >&2"], check=True)  # a child inherits fd 2
+print("our console line", file=sys.stderr, flush=True)
+console.finish_log()
+os.write(2, b"fd 2 is the terminal again\\n")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_native_stderr_lands_in_the_log_our_lines_on_the_console(tmp_path, verbose):
+    env = {k: v for k, v in os.environ.items() if k != console.VERBOSE_ENV} | ({console.VERBOSE_ENV: "1"} if verbose
+                                                                                else {})
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "emb")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "emb" / "logs" / "clap-embed.log").read_text()
+    native = ["E core_worker.cc:123: native error line", "child process line"]
+    ours = [f"clap embed: Ray's logs in {tmp_path / 'emb' / 'logs' / 'clap-embed.log'}"
+            f"{'' if verbose else ' (--verbose shows them here)'}", "our console line"]
+    if verbose:  # everything on the console, nothing redirected
+        assert proc.stderr.splitlines() == [ours[0], *native, ours[1], "fd 2 is the terminal again"]
+        assert log == ""
+    else:
+        assert proc.stderr.splitlines() == [*ours, "fd 2 is the terminal again"]
+        assert log.splitlines() == native
+
+
+def test_native_stderr_keeps_a_harness_stderr(tmp_path, capsys):
+    """Under a harness that replaced sys.stderr (pytest), our lines still go to it; fd 2 is restored after."""
+    before = os.fstat(2)
+    redirect = NativeStderr(tmp_path / "x.log").start()
+    try:
+        print("captured line", file=sys.stderr)
+        assert os.path.samestat(os.fstat(2), os.stat(tmp_path / "x.log"))
+    finally:
+        redirect.stop()
+        redirect.stop()  # idempotent
+    assert os.path.samestat(os.fstat(2), before)
+    assert capsys.readouterr().err == "captured line\n"
+
+
+# ---- the raylet's pushed messages: into the log; lost workers get one console line; the failure line explains
+
+RAYLET_POOL = ("WARNING: 4 PYTHON worker processes have been started on node: 5f1e with address: 127.0.0.1. This "
+               "could be a result of using a large number of actors, or tasks blocked in ray.get() calls.")
+RAYLET_OOM = ("1 Workers (tasks / actors) killed due to memory pressure (OOM), 0 Workers crashed due to other reasons "
+              "at node (ID: 5f1e, IP: 10.0.0.7) over the last time period. To see more information about the Workers "
+              "killed on this node, use `ray logs raylet.out -ip 10.0.0.7`\n\nRefer to the documentation on how to "
+              "address the out of memory issue: https://docs.ray.io/en/latest/ray-observability/user-guides/"
+              "debug-apps/debug-memory.html.")
+OOM_ERROR = ("Task was killed due to the node running low on memory.\nMemory on the node (IP: 10.0.0.7, ID: 5f1e) "
+             "where the lease was running was 7.61GB / 8.00GB (0.951), which exceeds the memory usage threshold of "
+             "0.95. Ray killed this worker (ID: 9a2b) because it was the most recently scheduled task.\nTop 10 memory "
+             "users:\nPID\tMEM(GB)\tCOMMAND\n812\t3.1\tray::embed\nRefer to the documentation on how to address the "
+             "out of memory issue: https://docs.ray.io/. Consider provisioning more memory on this node or reducing "
+             "task parallelism by requesting more CPUs per task. To adjust the kill threshold, set the environment "
+             "variable `RAY_memory_usage_threshold` when starting Ray.")
+
+
+def test_raylet_messages_go_to_the_log_and_lost_workers_get_one_line(tmp_path, monkeypatch, capsys):
+    import ray._private.worker as ray_worker
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(console, "_job_log", console.JobLog("embed", str(tmp_path / "emb")))
+    original = ray_worker.print_to_stdstream
+    log = console._job_log.path
+    try:
+        console._catch_raylet_messages()
+        for message in (RAYLET_POOL, RAYLET_OOM):  # what Ray's error subscriber thread does with each message
+            ray_worker.print_to_stdstream({"lines": [message], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        console.finish_log()
+    assert ray_worker.print_to_stdstream is original  # finish_log put Ray's own back
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "clap embed: Ray: 1 Workers (tasks / actors) killed due to memory pressure (OOM), 0 Workers crashed due to "
+        f"other reasons at node (ID: 5f1e, IP: 10.0.0.7) over the last time period. (details in {log})"]
+    text = log.read_text()
+    assert f"(raylet) {RAYLET_POOL}" in text and "(raylet) 1 Workers (tasks / actors) killed" in text
+
+
+def test_failure_line_names_what_ray_lost(tmp_path, monkeypatch, capsys):
+    from ray.exceptions import OutOfMemoryError
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(console, "_job_log", console.JobLog("embed", str(tmp_path / "emb")))
+    try:  # as Ray Data re-raises a task's OOM kill, chained
+        try:
+            raise OutOfMemoryError(OOM_ERROR)
+        except OutOfMemoryError as oom:
+            raise RuntimeError("Failed to run the embedding stage") from oom
+    except RuntimeError as e:
+        assert console.report_failure("embed", e)
+    log = console._job_log.path
+    console.finish_log()
+    assert capsys.readouterr().err.splitlines() == [
+        "clap embed: RuntimeError: Task was killed due to the node running low on memory. "
+        f"(traceback in {log})"]
+    assert "Top 10 memory users" in log.read_text()  # the whole message with the traceback
+    died = RuntimeError("Training failed.\nray.exceptions.ActorDiedError: The actor died because of an error raised "
+                        "in its creation task. The actor is dead because its worker process has died. Worker exit "
+                        "type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error "
+                        "code 2. End of file.\nSee the worker's log for details")
+    assert console.failure_reason(died) == "The actor is dead because its worker process has died."
+    assert console.failure_reason(ValueError("a\n\nValueError: batch_size must be > 0\n")) == \
+        "ValueError: batch_size must be > 0"
+
+
+# ---- Ray Tune: one bar over the trials instead of Tune's tables (pipelines/tune_console.py)
+
+def fake_trial(status, metric=None):
+    return SimpleNamespace(status=status, last_result={} if metric is None else {"f1": metric, "epoch": 3})
+
+
+def test_trial_bar_counts_finished_trials_with_the_best_metric(monkeypatch, capsys):
+    from pipelines.tune_console import TrialBar
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    bar = TrialBar(4, metric="f1", mode="max")
+    bar.setup(stop=None, num_samples=4, total_num_samples=4)
+    trials = [fake_trial("RUNNING", 0.2), fake_trial("PENDING")]
+    bar.on_step_end(iteration=1, trials=trials)
+    assert (bar.bar.n, bar.bar.postfix) == (0, "best f1=0.200")
+    trials = [fake_trial("TERMINATED", 0.6), fake_trial("ERROR"), fake_trial("PAUSED", 0.9), fake_trial("RUNNING")]
+    bar.on_step_end(iteration=2, trials=trials)
+    assert (bar.bar.n, bar.bar.postfix) == (2, "best f1=0.900, 1 errored")  # a paused trial is not finished
+    restored = pickle.loads(pickle.dumps(bar))  # Tuner pickles its callbacks: the bar object stays out
+    assert restored.bar is None and restored.num_samples == 4 and restored.metric == "f1"
+    bar.on_experiment_end(trials=[fake_trial("TERMINATED", 0.6)] * 3 + [fake_trial("ERROR")])
+    assert bar.bar is None
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "trials: 100%" in err and "4/4" in err and "best f1=0.600, 1 errored" in err
+
+
+def test_tune_output_silences_tunes_reporter_unless_verbose(tmp_path, monkeypatch, capsys):
+    from ray.air._internal.usage import AirEntrypoint
+    from ray.tune.experimental.output import get_air_verbosity
+    from ray.tune.utils.callback import _create_default_callbacks
+
+    from pipelines.tune_console import TrialBar, TuneOutput
+
+    def tune_reporter_output(output: TuneOutput) -> str:
+        """What the reporter Tune adds for these settings prints: the start, a heartbeat, the end."""
+        callbacks = _create_default_callbacks(list(output.callbacks), air_verbosity=get_air_verbosity(output.verbose),
+                                              entrypoint=AirEntrypoint.TUNER, metric="f1", mode="max")
+        reporter = next(c for c in callbacks if type(c).__name__ == "TuneTerminalReporter")
+        reporter.setup(start_time=0.0, total_samples=4)
+        with output:
+            reporter.experiment_started("meld_probe", str(tmp_path / "exp"), "OptunaSearch", "ASHAScheduler", 4)
+            reporter.print_heartbeat([], force=True)
+        return capsys.readouterr().out
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(console, "_job_log", console.JobLog("tune-probe", str(tmp_path / "sweep")))
+    quiet = TuneOutput(4, "f1")
+    assert quiet.verbose == 0 and [type(c) for c in quiet.callbacks] == [TrialBar]
+    assert tune_reporter_output(quiet) == ""
+    log = console._job_log.path.read_text()
+    assert "Configuration for experiment" in log and "Trial status" not in log  # what Tune still prints: the log
+
+    class FakeTuner:  # a restored Tuner: its pickled RunConfig had another run's settings
+        _local_tuner = SimpleNamespace(run_config=SimpleNamespace(verbose=1, callbacks=["tracker", TrialBar(9)]))
+        _local_tuner.get_run_config = lambda: FakeTuner._local_tuner.run_config
+
+    quiet.apply(FakeTuner)
+    assert FakeTuner._local_tuner.run_config.verbose == 0
+    assert FakeTuner._local_tuner.run_config.callbacks == ["tracker", *quiet.callbacks]
+
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    shown = TuneOutput(4, "f1")
+    assert shown.verbose == 1 and shown.callbacks == []
+    assert "Trial status" in tune_reporter_output(shown)  # --verbose: Tune's own tables
+    console.finish_log()
