@@ -59,8 +59,7 @@ class TrialBar(Callback):
             return
         self.shown = (finished, postfix)
         self.bar.set_postfix_str(postfix, refresh=False)
-        self.bar.update(finished - self.bar.n)  # a restored sweep starts at the trials it had finished
-        self.bar.refresh()
+        self.bar.update(finished - self.bar.n)  # redraws as console.bar allows; a restored sweep starts further on
 
     def postfix(self, trials: list) -> str:
         """"best <metric>=0.412, 1 errored": the best value any trial reported so far, trials that errored."""

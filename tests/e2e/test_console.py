@@ -1,9 +1,8 @@
 """What `clap preprocess` and `clap pretrain` print: their own lines, one log-file line, no Ray internals.
 
-Ray's driver loggers go to OUTPUT/logs/clap-<command>.log and the workers' output stays in Ray's session logs
-(pipelines/console.py); `--verbose` brings Ray's lines back. Lines that Ray's raylet pushes to every driver
-("(raylet) WARNING: N PYTHON worker processes have been started ...", OOM kills) have no switch in Ray and are
-kept: they are allowed here, everything else of Ray's is not.
+Ray's driver loggers, its C++ side's lines on fd 2 and the messages the raylet pushes to every driver ("(raylet)
+WARNING: N PYTHON worker processes have been started ...") go to OUTPUT/logs/clap-<command>.log and the workers'
+output stays in Ray's session logs (pipelines/console.py); `--verbose` brings Ray's lines back.
 """
 from __future__ import annotations
 
@@ -23,7 +22,8 @@ from clap_demo.synth import write_corpus
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-RAY_LINE = re.compile(r"\b(INFO|WARNING|DEBUG)\b|logging_progress|\(pid=|pid=\d+\)|Running Dataset|Ray instance")
+RAY_LINE = re.compile(r"\b(INFO|WARNING|DEBUG)\b|logging_progress|\(pid=|pid=\d+\)|Running Dataset|Ray instance"
+                      r"|\(raylet\)|\w+\.(cc|h):\d+")  # the raylet's pushed messages, C++ log lines
 
 
 def clap(*args: str, cwd: Path = REPO) -> tuple[int, str, str]:
@@ -35,9 +35,9 @@ def clap(*args: str, cwd: Path = REPO) -> tuple[int, str, str]:
 
 
 def ray_lines(text: str) -> list[str]:
-    """Lines of Ray's loggers or workers, leaving out the raylet's pushed messages (no switch for them)."""
+    """Lines of Ray's loggers, workers, raylet or C++ side."""
     lines = [ANSI.sub("", line) for line in text.replace("\r", "\n").splitlines()]
-    return [x for x in lines if RAY_LINE.search(x) and not x.startswith("(raylet)")]
+    return [x for x in lines if RAY_LINE.search(x)]
 
 
 def test_preprocess_then_pretrain_console(tmp_path):
@@ -77,3 +77,26 @@ def test_preprocess_verbose_shows_ray(tmp_path):
     assert "Started a local Ray instance" in err and "Running Dataset" in err, err[-3000:]
     assert [x for x in out.splitlines() if x.startswith("clap preprocess: clips in 4, rows out 4")]
     assert "Started a local Ray instance" in (tmp_path / "shards" / "logs" / "clap-preprocess.log").read_text()
+
+
+def test_tune_probe_console_is_one_bar_over_the_trials(tmp_path):
+    import torch
+
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
+    from clap_demo.synth_meld import write_meld
+
+    torch.manual_seed(0)
+    ClapModel(get_model_config("tiny")).save_pretrained(tmp_path / "ckpt")
+    write_meld(tmp_path / "corpus", "reorganised", {"train": 4, "dev": 3, "test": 3}, corrupt=False, seed=1)
+    rc, out, err = clap("tune-probe", "--meld", str(tmp_path / "corpus"), "--checkpoint", str(tmp_path / "ckpt"),
+                        "--output", str(tmp_path / "sweep"), "tune.num_samples=2", "tune.max_concurrent_trials=2",
+                        "tune.grace_period=1", "search.epochs=[1,2]", "embed.concurrency=1")
+    assert rc == 0, err[-3000:]
+    assert ray_lines(out + err) == [], (out + err)[-3000:]
+    assert "Trial status" not in out + err and "Configuration for experiment" not in out + err
+    assert len(out.splitlines()) == 1 and json.loads(out)["status"] == "finished"  # the JSON result line only
+    assert "trials: 100%" in err and "2/2" in err
+    log = (tmp_path / "sweep" / "logs" / "clap-tune-probe.log").read_text()
+    # Tune's experiment table, and the C++ core worker's warning about the embedding actors (written to fd 2)
+    assert "Configuration for experiment" in log and "core_worker.cc" in log, log[-3000:]

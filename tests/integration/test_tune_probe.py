@@ -52,7 +52,13 @@ def test_sweep_beats_the_majority_baseline_on_test(ray_local, checkpoint, tmp_pa
     out = tmp_path / "sweep"
     assert cli.main(command(tmp_path / "MELD.Raw", checkpoint, str(out))) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    console = capsys.readouterr()
+    assert summary == json.loads(console.out.strip().splitlines()[-1])
+    # the console: one bar over the trials, none of Tune's tables (they would print on stdout); the log has the rest
+    assert "Trial status" not in console.out + console.err and "completed after" not in console.out + console.err
+    assert "Configuration for experiment" not in console.out and len(console.out.strip().splitlines()) == 1
+    assert "trials: 100%" in console.err and "4/4" in console.err and "best best_val_weighted_f1=" in console.err
+    assert "Configuration for experiment" in (out / "logs" / "clap-tune-probe.log").read_text()
     # the acceptance criterion
     assert summary["test"]["probe"]["weighted_f1"] > summary["test"]["majority_baseline"]["weighted_f1"]
     # every CSV line is an embedded clip or a counted reject with its reason
