@@ -35,13 +35,17 @@ class NativeStderr:
         for stream in (sys.stderr, sys.__stderr__):  # what Python buffered so far goes where it was meant to
             if stream is not None:
                 stream.flush()
-        self.terminal_fd = os.dup(2)  # not inheritable: child processes get the file as their stderr
-        log_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # appends beside logging's lines
+        try:
+            log_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # appends beside logging's
+            self.terminal_fd = os.dup(2)  # not inheritable: child processes get the file as their stderr
+        except OSError:  # no fd 2 at all (a daemon): nothing to redirect
+            return self
         os.dup2(log_fd, 2)
         os.close(log_fd)
         self.previous = sys.stderr
         if _writes_to_fd(sys.stderr, 2):  # the usual case; under a capturing harness (pytest) sys.stderr stays put
-            self.console = open(self.terminal_fd, "w", buffering=1, closefd=False,  # noqa: SIM115 (closed in stop)
+            # never closed: a handler or bar that took sys.stderr meanwhile keeps writing to the terminal after stop
+            self.console = open(self.terminal_fd, "w", buffering=1,  # noqa: SIM115
                                 encoding=getattr(sys.stderr, "encoding", None) or "utf-8", errors="backslashreplace")
             sys.stderr = self.console
         return self
@@ -54,11 +58,11 @@ class NativeStderr:
             self.console.flush()
             if sys.stderr is self.console:
                 sys.stderr = self.previous
-            self.console.close()
         if sys.__stderr__ is not None:
             sys.__stderr__.flush()  # Python-level lines meant for fd 2 (the log) before it switches back
         os.dup2(self.terminal_fd, 2)
-        os.close(self.terminal_fd)
+        if self.console is None:  # else the console file owns terminal_fd (one fd per command, kept open)
+            os.close(self.terminal_fd)
         self.terminal_fd = self.console = self.previous = None
 
 

@@ -121,9 +121,14 @@ console.start_log("embed", sys.argv[1])
 os.write(2, b"E core_worker.cc:123: native error line\\n")  # as Ray's C++ side writes it: fd 2, no Python
 subprocess.run(["sh", "-c", "echo child process line >&2"], check=True)  # a child inherits fd 2
 print("our console line", file=sys.stderr, flush=True)
+console_meanwhile = sys.stderr  # e.g. a logging.StreamHandler created during the command
 console.finish_log()
 os.write(2, b"fd 2 is the terminal again\\n")
+print("a stale console reference still works", file=console_meanwhile, flush=True)
 """
+
+
+STALE = "a stale console reference still works"
 
 
 @pytest.mark.parametrize("verbose", [False, True])
@@ -138,10 +143,10 @@ def test_native_stderr_lands_in_the_log_our_lines_on_the_console(tmp_path, verbo
     ours = [f"clap embed: Ray's logs in {tmp_path / 'emb' / 'logs' / 'clap-embed.log'}"
             f"{'' if verbose else ' (--verbose shows them here)'}", "our console line"]
     if verbose:  # everything on the console, nothing redirected
-        assert proc.stderr.splitlines() == [ours[0], *native, ours[1], "fd 2 is the terminal again"]
+        assert proc.stderr.splitlines() == [ours[0], *native, ours[1], "fd 2 is the terminal again", STALE]
         assert log == ""
     else:
-        assert proc.stderr.splitlines() == [*ours, "fd 2 is the terminal again"]
+        assert proc.stderr.splitlines() == [*ours, "fd 2 is the terminal again", STALE]
         assert log.splitlines() == native
 
 
