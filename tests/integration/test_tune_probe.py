@@ -127,7 +127,10 @@ def test_interrupted_sweep_resumes_on_s3(ray_local, checkpoint, tmp_path, s3_buc
     monkeypatch.setattr("pipelines.embed.embed_manifest", embed_again)
     capsys.readouterr()
     assert cli.main(command(tmp_path / "corpus", checkpoint, out)) == 0  # the same command again
-    assert "resuming the sweep" in capsys.readouterr().err
+    console = capsys.readouterr()
+    assert "resuming the sweep" in console.err
+    # the restored Tuner ran with this run's console settings, not the pickled ones (Tune's tables on stdout)
+    assert "Trial status" not in console.out and "trials: 100%" in console.err and "4/4" in console.err
     summary = json.loads(storage.read_bytes(f"{out}/summary.json"))
     assert summary["trials"] == 4
     after = {t: storage.read_bytes(f"{experiment}/{t}/result.json") for t in trial_folders(experiment)}
