@@ -30,7 +30,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import ray
 import torch
 import yaml
 from ray import tune
@@ -95,10 +94,11 @@ def tune_probe(meld: str, checkpoint: str, output: str, cfg: ProbeSweepConfig, c
         rows, csv_rejects = read_meld(meld)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"--meld: {e}") from e
-    if not ray.is_initialized():
-        context = init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
-        if context.dashboard_url:
-            print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr)
+    # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS); with Ray already up it still opens the
+    # planned log file, which the sweep's console (pipelines.tune_console) writes to
+    context = init_ray()
+    if context is not None and context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr)
     layers = has_speech_tower(checkpoint)
     embeddings = embed_cache(rows, csv_rejects, checkpoint, output, cfg, layers)
     results, cfg = run_sweep(output, embeddings["uri"], cfg, callbacks, layers)  # a resumed sweep keeps its own config
