@@ -2,7 +2,7 @@
 
 `model.loss=siglip` once crashed in `deepspeed.initialize` at ZeRO 2 and 3 ("self.dim() cannot be 0 to view
 Float as Byte": the 0-dim scale and bias parameters). Here one DeepSpeed engine per case (tiny model, CPU, a
-one-process gloo group) takes a few optimizer steps through `train_step`, the function every Ray Train worker
+one-process gloo group: tests/unit/train/conftest.py) takes a few optimizer steps through `train_step`, the function every Ray Train worker
 runs; the Ray Train runs of the same cases are in tests/integration/test_pretrain_losses.py.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from clap_core.train.config import load_pretrain_config, resolve_model_config
 from clap_core.train.engine import consolidated_state_dict, init_engine, train_step
 from clap_core.train.loss import build_loss
 from pipelines.job_configs import default_config_path
-from tests.unit.train.test_safe_checkpoint import group  # noqa: F401  (the one-process gloo group fixture)
 
 BATCH = 4
 
@@ -39,7 +38,7 @@ def pair_batch(model: ClapModel) -> dict:
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_siglip_steps_under_deepspeed_and_clamps_its_scale(group, zero_stage):  # noqa: F811
+def test_siglip_steps_under_deepspeed_and_clamps_its_scale(group, zero_stage):
     engine, loss_fn, cfg = engine_and_loss([f"deepspeed.zero_stage={zero_stage}", "model.loss=siglip",
                                             "model.temperature.max_scale=12.0"])
     batch = pair_batch(engine.module)
@@ -56,7 +55,7 @@ def test_siglip_steps_under_deepspeed_and_clamps_its_scale(group, zero_stage):  
     assert not torch.equal(before[bias_key], after[bias_key])  # the bias is trained, not frozen
 
 
-def test_per_modality_temperatures_learn_apart_under_zero_2(group):  # noqa: F811
+def test_per_modality_temperatures_learn_apart_under_zero_2(group):
     engine, loss_fn, cfg = engine_and_loss(["deepspeed.zero_stage=2", "model.temperature.per_modality=true",
                                             "train.lr=0.05"])
     batch = pair_batch(engine.module)

@@ -7,15 +7,12 @@ that would create a marker file) is refused with a clear error while the marker 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from clap_core.model.clap import ClapModel
 from clap_core.train.config import load_pretrain_config, resolve_model_config
@@ -34,22 +31,6 @@ class Trap:
 
     def __reduce__(self):
         return subprocess.call, (["touch", str(self.marker)],)
-
-
-@pytest.fixture(scope="module")
-def group():
-    """A one-process gloo group (what DeepSpeed needs), for the module."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE="1")
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    if started:
-        dist.destroy_process_group()
 
 
 def make_engine(zero_stage: int):
