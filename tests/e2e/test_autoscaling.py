@@ -26,7 +26,7 @@ from pipelines.embed import embed_dataset
 from pipelines.preprocess import preprocess
 from tests.e2e.autoscaling_cluster import AutoscalingRayCluster, own_processes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e  # the preprocess case runs in CI (~1 min), the embed case in the slow tier
 REPO = Path(__file__).resolve().parents[2]
 JOB = ["output.rows_per_unit=2", "augment.copies=2", "augment.splits=[train,valid,test]"]  # copies of every clip
 POOL = ["ray.min_workers=2", "ray.max_workers=3"]  # more actors than the 0-CPU cluster has at start
@@ -67,7 +67,7 @@ def cluster():
     env.pop("RAY_ADDRESS", None)
     c = AutoscalingRayCluster(env, worker_cpus=1, max_workers=3, idle_timeout_s=10).start()
     yield c
-    c.stop()
+    c.stop(grace_s=5)  # the module's own cluster: nothing of another test runs on it
     assert own_processes(c.temp_dir) == []
 
 
@@ -93,6 +93,7 @@ def test_preprocess_scales_out_and_back_on_an_autoscaling_cluster(cluster, scale
     assert wait_scaled_in(cluster) == 0
 
 
+@pytest.mark.slow  # ~2 min more on 2 cores
 def test_embed_scales_out_and_back_on_an_autoscaling_cluster(cluster, scaled, ray_local, tmp_path):
     """`clap embed --min-workers 2 --max-workers 3` asks for more actors than the idle cluster has: the
     autoscaler adds nodes for them, and the embeddings equal a run on the plain local Ray."""

@@ -16,22 +16,24 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-def clap(*args: str) -> subprocess.CompletedProcess:
+def clap(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
 def test_cli_crash_then_rerun_resumes(tmp_path):
     manifest = write_corpus(tmp_path / "corpus", 10, seed=7, seconds=(0.6, 1.0))
     out = str(tmp_path / "shards")
-    common = ["preprocess", "--input", str(manifest), "--output", out, "ray.concurrency=2", "output.rows_per_unit=2"]
+    # relative paths, as a user types them: Ray's workers run elsewhere, the job must resolve them first
+    common = ["preprocess", "--input", str(manifest.relative_to(tmp_path)), "--output", "shards", "ray.concurrency=2",
+              "output.rows_per_unit=2"]
 
-    crashed = clap(*common, "debug.crash_after_units=1")
+    crashed = clap(*common, "debug.crash_after_units=1", cwd=tmp_path)
     assert crashed.returncode != 0 and "SimulatedCrash" in crashed.stderr, crashed.stderr[-3000:]
     assert (tmp_path / "shards" / "_done").is_dir() and not (tmp_path / "shards" / "manifest.json").exists()
 
-    resumed = clap(*common)
+    resumed = clap(*common, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = [line for line in resumed.stdout.splitlines() if line.startswith("clap preprocess:")]
     assert len(summary) == 1 and "clips in 10, rows out 10" in summary[0] and "realtime factor" in summary[0]
