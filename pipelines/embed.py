@@ -9,7 +9,8 @@ GPU with --gpus, or when the cluster has one) -> Parquet of
 `id`, `audio_embedding`, `text_embedding` and the input's metadata (with `layers=True` and a speech tower,
 also `audio_layers`: every tower layer pooled, for layer-wise probes), in the format of clap_core.data.embeddings
 (OUTPUT/embeddings.json lists the files and the checkpoint's identity). OUTPUT must be empty or an earlier
-output of the same job: nothing else is ever deleted, and a finished job is not re-run (written once).
+output of the same job: nothing else is ever deleted, and a finished job is not re-run (written once). Every
+file a run writes is named by its attempt id, so a killed run's late writes are never counted by a re-run.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --- stage 1: decode (plain batch function on CPU tasks) ---
 
 
-def decode_batch(batch: dict[str, np.ndarray], output: str) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], output: str, attempt: str) -> dict[str, np.ndarray]:
     """Rows -> rows with a 48 kHz mono `wave`; undecodable rows are written to OUTPUT/_rejects/."""
     keep, waves, rejects = [], [], []
     for i in range(len(batch["id"])):
@@ -71,7 +72,7 @@ def decode_batch(batch: dict[str, np.ndarray], output: str) -> dict[str, np.ndar
             keep.append(i)
         except Exception as e:  # decode errors, MemoryError, an I/O error on one file: one reject, never the job
             rejects.append(failure_reject(row, e))
-    write_batch_rejects(output, rejects)
+    write_batch_rejects(output, attempt, rejects)
     out = {k: v[keep] for k, v in batch.items() if k != "audio"}
     out["wave"] = np.array(waves + [None], dtype=object)[:-1]  # ragged (N_i,) arrays
     return out
@@ -90,10 +91,11 @@ def decode_row(row: dict) -> np.ndarray:
     return wave[0]  # decode_audio has rejected NaN/inf and empty audio
 
 
-def write_batch_rejects(output: str, rejects: list[Reject]) -> None:
-    """One file per batch in OUTPUT/_rejects/, named by its rows: a retried task overwrites its own file."""
+def write_batch_rejects(output: str, attempt: str, rejects: list[Reject]) -> None:
+    """One file per batch in OUTPUT/_rejects/, named by the attempt and its rows: a retried task overwrites its
+    own file."""
     if rejects:
-        write_rejects(embeddings.rejects_folder(output), rejects)
+        write_rejects(embeddings.rejects_folder(output), rejects, prefix=embeddings.file_prefix(attempt))
 
 
 # --- stage 2: embed (callable class on an actor pool: the model loads once per actor) ---
@@ -133,7 +135,7 @@ class EmbedBatch:
 # --- the job ---
 
 
-def read_input(ray, input_uri: str, split: str | None, output: str):
+def read_input(ray, input_uri: str, split: str | None, output: str, attempt: str):
     """A Ray Dataset of rows with id, audio bytes (shards) or where to read them (manifest), and metadata.
     A manifest id seen before is embedded once; its later rows go to OUTPUT/_rejects/ as duplicate_id."""
     if is_shard_folder(input_uri):
@@ -143,7 +145,7 @@ def read_input(ray, input_uri: str, split: str | None, output: str):
         return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
     rows = [r for r in read_inputs(input_uri) if not split or r.get("split") in (None, "", split)]
     items, duplicates = unique_items([manifest_item(r) for r in rows])
-    write_batch_rejects(output, duplicates)
+    write_batch_rejects(output, attempt, duplicates)
     return ray.data.from_items(items)
 
 
@@ -207,6 +209,7 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     `input_rejects`: rows the caller's own reader already rejected (e.g. MELD CSV lines that are not a clip),
     stored in OUTPUT/_rejects/ with the job's own, so the output accounts for every row of the corpus."""
     import ray
+    from ray.data.datasource import FilenameProvider
 
     checkpoint, input_uri, output = (storage.absolute(u) for u in (checkpoint, input_uri, output))
     for uri in (checkpoint, input_uri, output):
@@ -217,23 +220,26 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
         check_checkpoint(checkpoint)  # a broken folder fails here in one line, not in every actor
     identity = embeddings.checkpoint_identity(local_copy(checkpoint))
     job = embeddings.job_hash(identity, input_uri, split, text, precision, layers)
-    done = embeddings.claim_output(output, job, {"uri": checkpoint, "identity": identity})
-    if done is not None:  # this very job already finished here: its output stands, written once
-        return embeddings.summary(done)
+    claim = embeddings.claim_output(output, job, {"uri": checkpoint, "identity": identity})
+    if claim["state"] == "complete":  # this very job already finished here: its output stands, written once
+        return embeddings.summary(claim)
+    attempt = claim["attempt"]  # every file this run writes is named by it
     if input_rejects:
-        write_rejects(embeddings.rejects_folder(output), list(input_rejects), name="input.parquet")
+        write_rejects(embeddings.rejects_folder(output), list(input_rejects), name="input.parquet",
+                      prefix=embeddings.file_prefix(attempt))
 
     init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     resources = ray.cluster_resources()
     gpus_per_actor, pool = actor_pool(int(resources.get("GPU", 0)), gpus, concurrency, min_workers, max_workers,
                                       cpus=resources.get("CPU", 0))
-    ds = read_input(ray, input_uri, split, output)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"output": output}, batch_size=batch_size)
+    ds = read_input(ray, input_uri, split, output, attempt)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"output": output, "attempt": attempt}, batch_size=batch_size)
     ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision, layers),
                         batch_size=batch_size, concurrency=pool, num_gpus=gpus_per_actor)
     fs, path = storage.resolve_fs(embeddings.data_path(output))
-    ds.write_parquet(path, filesystem=fs)
-    return embeddings.summary(embeddings.commit(output))
+    names = FilenameProvider(dataset_uuid=attempt, file_format="parquet")  # <attempt>_<write uuid>_<task>.parquet
+    ds.write_parquet(path, filesystem=fs, filename_provider=names)
+    return embeddings.summary(embeddings.commit(output, attempt))
 
 
 def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: int = 16,

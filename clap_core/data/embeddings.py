@@ -1,25 +1,37 @@
 """The output format of `clap embed`: written and read by this module only.
 
-    OUTPUT/embeddings.json       the manifest: job hash, checkpoint identity, state, the data files and row counts
-    OUTPUT/data/*.parquet        id, audio_embedding (D,), text_embedding (D,) (unless --no-text), duration_s and
-                                 the input's metadata (caption, label, split, source_path, language, kind)
-    OUTPUT/_rejects/*.parquet    rows that could not be embedded (clap_core.data.rejects)
+    OUTPUT/embeddings.json       the index: job hash, checkpoint identity, state, attempt ids, the data files
+                                 and row counts
+    OUTPUT/data/<attempt>_*.parquet      id, audio_embedding (D,), text_embedding (D,) (unless --no-text),
+                                 duration_s and the input's metadata (caption, label, split, source_path, ...)
+    OUTPUT/_rejects/<attempt>_*.parquet  rows that could not be embedded (clap_core.data.rejects)
 
     table = read_table("emb/")                       # every embedded row, sorted by id
     audio = embedding_matrix(table, "audio_embedding")  # (N, D) float32
     layers = layer_matrix(table)                     # (N, L, H) float32 pooled speech-tower layers, or None
     rejects = read_rejects("emb/")                   # the rows that could not be embedded
 
-Readers (`clap search`, the probe, the job summaries) read through this module only: the files the manifest
+Readers (`clap search`, the probe, the job summaries) read through this module only: the files the index
 lists (never a folder listing, so no stray file is read), and only once the job has committed it (state
-"complete"). A job claims OUTPUT by writing the manifest in state "running" before it writes anything else,
-so every file under data/ and _rejects/ is one of its own: a re-run of the same job (same job hash) may
-remove them; a folder holding anything else is refused, never cleared.
+"complete").
+
+Attempts. Every run of the job (a driver process) draws a random attempt id when it claims OUTPUT: it writes
+the index in state "running" with that id before it writes anything else, and every file it writes is named
+`<attempt>_...`. A killed driver's write tasks can still land files after a re-run has claimed OUTPUT; those
+carry the old attempt's id, so the re-run's commit, which lists only files named with its own id, never
+counts them, and the committed index lists exactly the files of the run that finished.
+
+Deletion rule: a run deletes only files under data/ and _rejects/ whose name starts with an attempt id that
+the index records for this same job (its own earlier, unfinished attempts), when it claims OUTPUT and again
+when it commits; a stale file landing after the commit is never read and goes with `remove_output`. Nothing
+else is ever deleted: a folder holding anything but a `clap embed` output is refused, never cleared, and a
+file under data/ named otherwise stays where it is, unread.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +95,10 @@ def read_index(output: str) -> dict | None:
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
-def claim_output(output: str, job: str, checkpoint: dict) -> dict | None:
-    """Make OUTPUT this job's: the committed manifest when this job already finished there (nothing to do),
-    else None after removing the debris of an unfinished run of this same job. Refuses anything else."""
+def claim_output(output: str, job: str, checkpoint: dict) -> dict:
+    """Make OUTPUT this job's. Returns the committed index when this job already finished there (nothing to
+    do: state "complete"), else the new "running" index whose `attempt` names every file this run writes,
+    after removing the files of this job's earlier, unfinished attempts. Refuses anything else."""
     manifest = read_index(output)
     files = storage.list_files(output)
     if manifest is None and files:
@@ -97,15 +110,35 @@ def claim_output(output: str, job: str, checkpoint: dict) -> dict | None:
                                   f"--no-text); nothing was deleted: choose a new --output")
     if manifest is not None and manifest.get("state") == "complete":
         return manifest
-    for uri in _own_files(output):  # an unfinished run of this job: everything there is its own
+    earlier = list(manifest.get("attempts", [])) if manifest else []
+    for uri in attempt_files(output, earlier):  # an unfinished run of this job: its own files
         storage.delete(uri)
-    storage.put_atomic(storage.join(output, INDEX_FILE), json.dumps(
-        {"format": FORMAT, "state": "running", "job_hash": job, "checkpoint": checkpoint}, indent=1).encode())
-    return None
+    attempt = secrets.token_hex(6)  # 48 random bits: unique per driver run
+    claimed = {"format": FORMAT, "state": "running", "job_hash": job, "checkpoint": checkpoint,
+               "attempt": attempt, "attempts": earlier + [attempt]}
+    storage.put_atomic(storage.join(output, INDEX_FILE), json.dumps(claimed, indent=1).encode())
+    return claimed
 
 
-def _own_files(output: str) -> list[str]:
-    return storage.list_files(storage.join(output, DATA_DIR)) + storage.list_files(storage.join(output, REJECTS_DIR))
+def file_prefix(attempt: str) -> str:
+    """What every file name of an attempt starts with (data files and reject files)."""
+    return f"{attempt}_"
+
+
+def attempt_files(output: str, attempts: list[str]) -> list[str]:
+    """The files under data/ and _rejects/ written by these attempts (by name), uncommitted temp files included."""
+    prefixes = tuple(file_prefix(a) for a in attempts)
+    if not prefixes:
+        return []
+    found = storage.list_files(data_path(output)) + storage.list_files(rejects_folder(output))
+    return [u for u in found if _named_by(u, prefixes) or _named_by(u, prefixes, temp=True)]
+
+
+def _named_by(uri: str, prefixes: tuple[str, ...], temp: bool = False) -> bool:
+    name = uri.rsplit("/", 1)[-1]
+    if temp:  # a local atomic write in flight: TEMP_PREFIX + 12 hex + "-" + the final name
+        name = name[len(storage.TEMP_PREFIX) + 13:] if name.startswith(storage.TEMP_PREFIX) else ""
+    return name.startswith(prefixes)
 
 
 def data_path(output: str) -> str:
@@ -117,15 +150,23 @@ def rejects_folder(output: str) -> str:
     return storage.join(output, REJECTS_DIR)
 
 
-def commit(output: str) -> dict:
-    """List what the job wrote (row counts from the Parquet footers) in the manifest, state "complete"."""
+def commit(output: str, attempt: str) -> dict:
+    """List this attempt's files (row counts from the Parquet footers) in the index, state "complete".
+    Refuses when another run has claimed OUTPUT since (its index names another attempt)."""
     manifest = read_index(output)
     if manifest is None:
         raise FileNotFoundError(f"{output} has no {INDEX_FILE}: claim_output was not called")
+    if manifest.get("attempt") != attempt or manifest.get("state") != "running":
+        raise OutputConflictError(f"{output} was claimed by another run of this job (attempt "
+                                  f"{manifest.get('attempt')}, state {manifest.get('state')!r}) after this one "
+                                  f"(attempt {attempt}); this run's files are left to it")
+    for uri in attempt_files(output, [a for a in manifest["attempts"] if a != attempt]):
+        storage.delete(uri)  # stale files of this job's killed attempts that landed since the claim
     rel = len(output.rstrip("/")) + 1
+    own = (file_prefix(attempt),)
     data = [{"path": f[rel:], "rows": _num_rows(f)} for f in storage.list_files(data_path(output))
-            if f.endswith(".parquet")]
-    reject_files = rejects.reject_files(rejects_folder(output))
+            if f.endswith(".parquet") and _named_by(f, own)]
+    reject_files = [f for f in rejects.reject_files(rejects_folder(output)) if _named_by(f, own)]
     reasons = rejects.reject_reasons(reject_files)
     manifest.update(state="complete", files=data, rows=sum(d["rows"] for d in data),
                     rejects={"files": [f[rel:] for f in reject_files], "rows": sum(reasons.values()),
@@ -135,11 +176,16 @@ def commit(output: str) -> dict:
 
 
 def remove_output(output: str) -> None:
-    """Delete an embedding output that the caller owns (files its manifest lists, its own folders, the manifest)."""
-    if read_index(output) is None:
+    """Delete an embedding output that the caller owns: the files of every attempt its index records, the files
+    it lists, then the index."""
+    manifest = read_index(output)
+    if manifest is None:
         return
-    for uri in _own_files(output):
-        storage.delete(uri)
+    listed = [storage.join(output, f["path"]) for f in manifest.get("files", [])]
+    listed += [storage.join(output, f) for f in manifest.get("rejects", {}).get("files", [])]
+    for uri in dict.fromkeys(attempt_files(output, manifest.get("attempts", [])) + listed):
+        if storage.exists(uri):
+            storage.delete(uri)
     storage.delete(storage.join(output, INDEX_FILE))
 
 

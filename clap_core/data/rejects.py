@@ -94,15 +94,17 @@ def rejects_table(records: Iterable[Reject]) -> pa.Table:
     return pa.Table.from_pylist(list(records), schema=REJECT_SCHEMA)
 
 
-def write_rejects(folder: str, records: list[Reject], name: str | None = None) -> str:
+def write_rejects(folder: str, records: list[Reject], name: str | None = None, prefix: str = "") -> str:
     """Records as one Parquet file in `folder` (local or s3://), written atomically; returns its URI.
 
     The default name hashes the rows (id, source_path, stage, reason): a retried task or a later pass over
     the same rows rewrites its own file instead of adding one, so the files count distinct rejects. A job
-    that writes one file per run passes a fixed `name` (and may pass no records: the file says "none")."""
+    that writes one file per run passes a fixed `name` (and may pass no records: the file says "none").
+    `prefix` starts the file name (`clap embed`: its attempt id, see clap_core.data.embeddings)."""
     if name is None:
         key = "\n".join(f"{r['id']}\t{r['source_path']}\t{r['stage']}\t{r['reason']}" for r in records)
         name = f"part-{hashlib.sha256(key.encode()).hexdigest()[:16]}.parquet"
+    name = prefix + name
     buf = io.BytesIO()
     pq.write_table(rejects_table(records), buf, row_group_size=REJECTS_ROW_GROUP, compression="zstd")
     uri = storage.join(folder, name)

@@ -116,10 +116,12 @@ def assert_equals_reference(output: Path, reference: dict) -> None:
     text = embeddings.embedding_matrix(table, "text_embedding")  # (N, D)
     np.testing.assert_allclose(audio, np.stack([reference[i][0] for i in ids]), atol=1e-6, rtol=0)
     np.testing.assert_allclose(text, np.stack([reference[i][1] for i in ids]), atol=1e-6, rtol=0)
-    # the manifest lists exactly the files that hold those rows
+    # the manifest lists exactly the data files of the run that finished; any other one is a killed run's
     manifest = embeddings.read_index(str(output))
     assert manifest["rows"] == CLIPS and manifest["rejects"]["rows"] == 0
-    assert sorted(f["path"] for f in manifest["files"]) == [f"data/{p.name}" for p in data_files(output)]
+    own = [p for p in data_files(output) if p.name.startswith(embeddings.file_prefix(manifest["attempt"]))]
+    assert sorted(f["path"] for f in manifest["files"]) == [f"data/{p.name}" for p in own]
+    assert all(p.name.split("_")[0] in manifest["attempts"] for p in data_files(output))
 
 
 def test_killed_embed_driver_then_same_command(cluster, corpus, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """`clap embed` (Ray Data actor pool) and `clap search` on shards written in the test."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -7,6 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from clap_core.data import embeddings
 from clap_core.data.embeddings import OutputConflictError
 from clap_core.eval.search import load_index, search
 from clap_core.eval.sources import shard_row_to_item
@@ -109,3 +111,49 @@ def test_search_refuses_another_checkpoint(embedded, checkpoint, tmp_path, capsy
     assert "was embedded by checkpoint" in err and str(checkpoint) in err
     assert cli.main(["search", "a buzz", "--index", str(root / "emb"), "--checkpoint", str(checkpoint), "-k", "2"]) == 0
     assert "rank" in capsys.readouterr().out
+
+
+def test_late_files_of_a_killed_run_are_never_read(embedded, checkpoint, tmp_path, monkeypatch):
+    """A killed driver's write tasks can land files after the same command, run again, has claimed OUTPUT:
+    before its commit and after it. Readers see every clip once, equal to the undisturbed run; the re-run
+    deletes only the killed run's files (named by its attempt), never a file it did not write."""
+    root, _, summary = embedded
+    output = tmp_path / "emb"
+    real_commit = embeddings.commit
+
+    def killed_before_commit(*args):
+        raise RuntimeError("driver killed")  # everything written, nothing committed
+
+    monkeypatch.setattr(embeddings, "commit", killed_before_commit)
+    with pytest.raises(RuntimeError, match="driver killed"):
+        embed_dataset(str(checkpoint), str(root / "shards"), str(output), batch_size=4, concurrency=1)
+    late = {p.relative_to(output): p.read_bytes() for p in output.rglob("*.parquet")}  # what its tasks write
+    assert any(p.parts[0] == "data" for p in late) and any(p.parts[0] == "_rejects" for p in late)
+    (output / "data" / "notes.parquet").write_bytes(b"not the job's")  # a file no run of the job wrote
+
+    def land_late_files():
+        for rel, data in late.items():
+            (output / rel).write_bytes(data)
+
+    def commit_with_late_writes(*args):
+        land_late_files()  # after the re-run's claim, before its index
+        manifest = real_commit(*args)
+        land_late_files()  # after its index
+        return manifest
+
+    monkeypatch.setattr(embeddings, "commit", commit_with_late_writes)
+    assert embed_dataset(str(checkpoint), str(root / "shards"), str(output), batch_size=4, concurrency=1) == summary
+
+    undisturbed = embeddings.read_table(str(root / "emb"))
+    table = embeddings.read_table(str(output))
+    assert table.column("id").to_pylist() == undisturbed.column("id").to_pylist()  # once each, sorted
+    for column in ("audio_embedding", "text_embedding"):
+        np.testing.assert_allclose(embeddings.embedding_matrix(table, column),
+                                   embeddings.embedding_matrix(undisturbed, column), atol=1e-6, rtol=0)
+    assert load_index(str(output)).ids == undisturbed.column("id").to_pylist()  # `clap search`
+    assert embeddings.summary(embeddings.read_index(str(output))) == summary  # the job summary
+    assert embeddings.read_rejects(str(output)).column("id").to_pylist() == ["corrupt-0"]
+    assert (output / "data" / "notes.parquet").read_bytes() == b"not the job's"  # never deleted
+
+    embeddings.remove_output(str(output))  # the caller's own output: every attempt's files go, nothing else
+    assert [p.relative_to(output) for p in output.rglob("*") if p.is_file()] == [Path("data/notes.parquet")]

@@ -82,10 +82,10 @@ def test_three_503s_on_one_clip_never_reject_it_in_embed(s3_faults, s3_bucket, t
     corpus = upload_folder(write_corpus(tmp_path / "corpus", 4, seed=6, seconds=(0.5, 0.7)).parent, s3_bucket, "c")
     items = [manifest_item(r) for r in read_inputs(f"{corpus}/manifest.jsonl")]
     batch = {k: np.array([item[k] for item in items], dtype=object) for k in items[0]}
-    reference = decode_batch(dict(batch), str(tmp_path / "clean"))
+    reference = decode_batch(dict(batch), str(tmp_path / "clean"), attempt="a1")
 
     s3_faults.configure(fail_first={items[1]["audio_uri"].rsplit("/", 1)[-1]: 3})  # outlasts the 2 attempts
-    out = decode_batch(dict(batch), str(tmp_path / "faulty"))
+    out = decode_batch(dict(batch), str(tmp_path / "faulty"), attempt="a1")
     assert s3_faults.stats["fail_first"] == 3
     assert list(out["id"]) == list(reference["id"]) == [item["id"] for item in items]
     assert all(np.array_equal(a, b) for a, b in zip(out["wave"], reference["wave"]))

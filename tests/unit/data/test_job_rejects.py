@@ -41,7 +41,7 @@ def test_any_exception_on_one_file_is_one_reject_in_embed(tmp_path, monkeypatch,
     monkeypatch.setattr(embed, "decode_row", decode_row)
     batch = {"id": np.array(["ok", "bad", "ok2"]), "source_path": np.array(["a.wav", "b.wav", "c.wav"]),
              "error_reason": np.array(["", "", ""]), "error_detail": np.array(["", "", ""])}
-    out = embed.decode_batch(batch, str(tmp_path))  # old: only AudioDecodeError was caught, the job died
+    out = embed.decode_batch(batch, str(tmp_path), attempt="a1")  # old: only AudioDecodeError was caught, the job died
     assert list(out["id"]) == ["ok", "ok2"] and len(out["wave"]) == 2
     records = read_rejects(tmp_path)
     assert [(r["id"], r["source_path"], r["stage"], r["reason"]) for r in records] == [("bad", "b.wav", "decode", reason)]
@@ -120,7 +120,7 @@ def test_embed_duplicate_ids_are_reported_not_embedded_twice(tmp_path):
     assert [(d["id"], d["reason"]) for d in duplicates] == [("clip%23seg1", "duplicate_id")]
     assert len({i["id"] for i in unique}) == len(unique)
     decoded = embed.decode_batch({k: np.array([i[k] for i in unique], dtype=object) for k in unique[0]},
-                                 str(tmp_path / "out"))
+                                 str(tmp_path / "out"), attempt="a1")
     rejects = read_rejects(tmp_path / "out")
     assert len(decoded["id"]) + len(rejects) == len(unique)  # no crash, every row accounted for
     assert sorted(decoded["id"]) == ["audio/good", "audio/loud", "clip%23seg1", "with%23aug1"]

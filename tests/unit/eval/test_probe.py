@@ -128,15 +128,15 @@ def test_load_embeddings_reads_splits_and_skips_rejects(tmp_path):
 
     rows = [{"id": f"{s}/{i}", "label": EMOTIONS[i % 7], "split": s, "audio_embedding": [float(i), 1.0],
              "text_embedding": [1.0, float(i)], "caption": "x"} for s in ("train", "dev") for i in range(7)]
-    assert embeddings.claim_output(str(tmp_path), "job", {"uri": "ckpt", "identity": "abc"}) is None
+    attempt = embeddings.claim_output(str(tmp_path), "job", {"uri": "ckpt", "identity": "abc"})["attempt"]
     (tmp_path / "data").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows[:9]), tmp_path / "data" / "a.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[9:]), tmp_path / "data" / "b.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:9]), tmp_path / "data" / f"{attempt}_a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[9:]), tmp_path / "data" / f"{attempt}_b.parquet")
     (tmp_path / "_rejects").mkdir()
-    pq.write_table(pa.Table.from_pylist([{"id": "bad", "reason": "undecodable"}]), tmp_path / "_rejects" / "r.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": "bad", "reason": "undecodable"}]), tmp_path / "_rejects" / f"{attempt}_r.parquet")
     with pytest.raises(FileNotFoundError, match="not finished"):
         load_embeddings(str(tmp_path), EMOTIONS)
-    assert embeddings.summary(embeddings.commit(str(tmp_path))) == {
+    assert embeddings.summary(embeddings.commit(str(tmp_path), attempt)) == {
         "rows": 14, "rejects": 1, "reject_reasons": {"undecodable": 1}}
     pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "data" / "stray.parquet")  # not in the manifest
     data = load_embeddings(str(tmp_path), EMOTIONS)

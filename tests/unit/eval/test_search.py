@@ -29,12 +29,13 @@ def test_search_ranks_by_cosine_and_keeps_index_order_on_ties():
 
 
 def test_load_index_reads_only_the_listed_files_sorted_by_id(tmp_path):
-    assert embeddings.claim_output(str(tmp_path), "job", {"uri": "ckpt", "identity": "abc"}) is None
+    claim = embeddings.claim_output(str(tmp_path), "job", {"uri": "ckpt", "identity": "abc"})
+    assert claim["state"] == "running"
     (tmp_path / "data").mkdir()
     rows = [{"id": i, "audio_embedding": [float(k), 1.0], "caption": None if i == "b" else f"cap {i}",
              "source_path": f"{i}.wav"} for k, i in enumerate(["c", "a", "b"])]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "part.parquet")
-    embeddings.commit(str(tmp_path))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / f"{claim['attempt']}_part.parquet")
+    embeddings.commit(str(tmp_path), claim["attempt"])
     pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "data" / "stray.parquet")  # not in the manifest
     index = load_index(str(tmp_path))
     assert index.ids == ["a", "b", "c"] and index.captions == ["cap a", "", "cap c"]
