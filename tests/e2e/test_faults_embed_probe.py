@@ -1,10 +1,12 @@
-"""Killed drivers and a lost node for `clap embed` and `clap tune-probe`, on a two-node local Ray cluster.
+"""Killed drivers and lost nodes for `clap embed`, `clap tune-probe` and `clap pretrain`, on a two-node local
+Ray cluster.
 
 The commands run as real `clap` processes (their own process group) with RAY_ADDRESS set to a head + worker
 node cluster started once for this module (tests/e2e/ray_cluster.py). A driver is killed with SIGKILL on its
 process group at a kill point read from its output (the first embedding file written; the first trial
 checkpoint of the sweep), as a lost driver pod would be; the same command is then run again. The worker node
-is killed the same way, once the first embedding file is written.
+is killed the same way, once an embedding actor lives on it or once the first training checkpoint is reported,
+and a replacement node joins (as an autoscaler would add one).
 
 Embedding values are compared with the undisturbed reference: the job's own decode and embed steps run in
 this process without Ray (fp32, so batch composition cannot move a value by more than float rounding).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,19 +23,23 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from clap_core.data import embeddings
 from clap_core.data.inputs import read_inputs
+from clap_core.data.shards import SHARD_SCHEMA
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_demo.synth import write_corpus
 from pipelines import cli
 from pipelines.embed import EmbedBatch, decode_row, manifest_item
 from tests.e2e.ray_cluster import LocalRayCluster
+from tests.fixtures.shards import TONES, shard_row, tone
 
-# slow tier (`make test-all`): a 2-node cluster of its own plus three job runs, ~1.5-3 min on 2 cores, over CI's budget
+# slow tier (`make test-all`): a 2-node cluster of its own plus four job runs, ~3-5 min on 2 cores, over CI's budget
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 CLIPS = 24
@@ -203,3 +210,58 @@ def actors_on_worker_node(cluster: LocalRayCluster) -> list[str]:
     workers = {n.node_id for n in list_nodes(address=cluster.dashboard_url) if not n.is_head_node}
     return [a.actor_id for a in list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
             if a.node_id in workers and "MapWorker" in a.class_name]
+
+
+PRETRAIN_STEPS, CHECKPOINT_EVERY = 12, 4
+
+
+@pytest.mark.timeout(420)  # bounded (the module's cluster start included): kill point <= 150 s, end <= 180 s after
+def test_worker_node_lost_during_pretrain(cluster, tmp_path):
+    """The worker node (both training workers, the data ingest) is SIGKILLed once the first checkpoint is
+    reported; a replacement node joins. The shipped scaling.max_failures (Ray Train's FailureConfig) restarts the
+    worker group there from the last reported checkpoint and the run ends at the configured step.
+
+    Invariants: metrics.json's history (the run log, restored with the checkpoint) holds every step exactly once,
+    with one resume at a checkpoint step; the console's step lines repeat only the steps after that checkpoint
+    (the lost group ran them, the new group redid them from the checkpoint), never one before it."""
+    rows = [shard_row(f"{label.replace(' ', '-')}-{i}", tone(freq, 1.0, phase=0.1 * i), f"a clip of a {label}", label,
+                      "train") for label, freq in TONES.items() for i in range(16)]  # 48 one-second tones
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), tmp_path / "shards" / "train" / "part-0.parquet")
+    run = tmp_path / "run"
+    command = ["pretrain", "--data", str(tmp_path / "shards"), "--output", str(run), "--model", "tiny",
+               f"train.steps={PRETRAIN_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.batch_size=4",
+               "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "data.valid_split=null",
+               "data.decode_tasks=1", "data.shuffle_buffer=0"]  # scaling: the shipped defaults
+    log = tmp_path / "pretrain.log"
+    job = start(cluster, *command, log=log)
+    # kill point: Ray Train's controller has taken the first checkpoint (its step line, printed by the driver from
+    # the controller's report callback, comes after the checkpoint is registered)
+    reported = re.compile(rf"^step {CHECKPOINT_EVERY}/{PRETRAIN_STEPS} ", flags=re.M)
+    kill_when_ready = time.monotonic() + 150
+    while not (reported.search(log.read_text()) and (run / f"checkpoint_{CHECKPOINT_EVERY:08d}").is_dir()):
+        assert job.poll() is None and time.monotonic() < kill_when_ready, log.read_text()[-4000:]
+        time.sleep(0.2)
+    assert not (run / "final").exists(), "the run finished before the kill point"
+    cluster.kill_worker_node()
+    cluster.add_worker_node()
+    text = finish(job, log, timeout_s=180)
+    assert last_json(text)["step"] == PRETRAIN_STEPS
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == PRETRAIN_STEPS and len(metrics["resumes"]) == 1, metrics["resumes"]
+    restored = metrics["resumes"][0]
+    assert restored % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= restored < PRETRAIN_STEPS
+    assert [h["step"] for h in metrics["history"]] == list(range(1, PRETRAIN_STEPS + 1))  # each step once
+
+    # the console: 1, 2, ... up to where the lost group got, then restored + 1, ..., the last step: one jump back
+    # at most (none when the group was lost right after the checkpoint), always to the step after the checkpoint
+    console = [int(m) for m in re.findall(rf"^step (\d+)/{PRETRAIN_STEPS} ", text, flags=re.M)]
+    jumps = [i for i in range(1, len(console)) if console[i] != console[i - 1] + 1]
+    assert console[0] == 1 and console[-1] == PRETRAIN_STEPS and len(jumps) <= 1, console
+    assert all(console[i] == restored + 1 and console[i - 1] >= restored for i in jumps), console
+
+    model = ClapModel.from_pretrained(run / "final")  # the export of the restored-then-finished run
+    with torch.no_grad():
+        emb = model.embed_audio(tone(440.0, 1.0), sample_rate=48_000)  # (1, D)
+    assert emb.shape == (1, get_model_config("tiny").embed_dim) and np.isfinite(emb).all()
