@@ -215,7 +215,7 @@ def actors_on_worker_node(cluster: LocalRayCluster) -> list[str]:
 PRETRAIN_STEPS, CHECKPOINT_EVERY = 12, 4
 
 
-@pytest.mark.timeout(420)  # bounded (the module's cluster start included): kill point <= 150 s, end <= 180 s after
+@pytest.mark.timeout(480)  # bounded, the module's cluster start included: kill point <= 150 s, end <= 300 s after
 def test_worker_node_lost_during_pretrain(cluster, tmp_path):
     """The worker node (both training workers, the data ingest) is SIGKILLed once the first checkpoint is
     reported; a replacement node joins. The shipped scaling.max_failures (Ray Train's FailureConfig) restarts the
@@ -245,7 +245,7 @@ def test_worker_node_lost_during_pretrain(cluster, tmp_path):
     assert not (run / "final").exists(), "the run finished before the kill point"
     cluster.kill_worker_node()
     cluster.add_worker_node()
-    text = finish(job, log, timeout_s=180)
+    text = finish(job, log, timeout_s=300)  # ~60 s on a quiet machine; 200 s seen at load 50 on 2 cores
     assert last_json(text)["step"] == PRETRAIN_STEPS
 
     metrics = json.loads((run / "metrics.json").read_text())
