@@ -245,7 +245,7 @@ def test_worker_node_lost_during_pretrain(cluster, tmp_path):
     assert not (run / "final").exists(), "the run finished before the kill point"
     cluster.kill_worker_node()
     cluster.add_worker_node()
-    text = finish(job, log, timeout_s=300)  # ~60 s on a quiet machine; 200 s seen at load 50 on 2 cores
+    text = finish(job, log, timeout_s=300)  # about 200 s measured at load 50 on the 2-core machine
     assert last_json(text)["step"] == PRETRAIN_STEPS
 
     metrics = json.loads((run / "metrics.json").read_text())
