@@ -56,7 +56,7 @@ class PretrainScalingConfig:
     num_workers: int = 2  # data-parallel training workers (one per GPU)
     use_gpu: bool = False  # one GPU per worker, NCCL; False: CPU workers, gloo
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # e.g. {CPU: 4, GPU: 1}; {} = Ray's default
-    max_failures: int = 3  # restarts of the worker group from the latest checkpoint (lost worker or node) before failing
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint (lost worker or node) before failing
 
 
 @dataclass

@@ -30,7 +30,8 @@ def test_a_rerun_deletes_only_its_jobs_earlier_attempts_and_lists_only_its_own(t
     write(tmp_path / "data" / f"{killed}_w_000001.parquet", ["b"])  # the killed run's late write
     manifest = embeddings.commit(out, rerun)
     assert [f["path"] for f in manifest["files"]] == [f"data/{rerun}_w_000000.parquet"] and manifest["rows"] == 2
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(["keep.parquet", f"{rerun}_w_000000.parquet"])
+    left = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert left == sorted(["keep.parquet", f"{rerun}_w_000000.parquet"])  # the late write is gone, keep.parquet not
     write(tmp_path / "data" / f"{killed}_w_000002.parquet", ["a"])  # lands after the commit: never read
     assert embeddings.read_table(out).column("id").to_pylist() == ["a", "b"]
 
