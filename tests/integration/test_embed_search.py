@@ -10,13 +10,14 @@ import torch
 
 from clap_core.data import embeddings
 from clap_core.data.embeddings import OutputConflictError
+from clap_core.eval.probe import load_embeddings
 from clap_core.eval.search import load_index, search
 from clap_core.eval.sources import shard_row_to_item
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from pipelines import cli
 from pipelines.embed import embed_dataset
-from tests.fixtures.shards import write_shards
+from tests.fixtures.shards import TONES, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +152,9 @@ def test_late_files_of_a_killed_run_are_never_read(embedded, checkpoint, tmp_pat
         np.testing.assert_allclose(embeddings.embedding_matrix(table, column),
                                    embeddings.embedding_matrix(undisturbed, column), atol=1e-6, rtol=0)
     assert load_index(str(output)).ids == undisturbed.column("id").to_pylist()  # `clap search`
+    probe = load_embeddings(str(output), tuple(TONES))["test"]  # the probe sweep's reader
+    assert probe.ids == undisturbed.column("id").to_pylist()
+    np.testing.assert_allclose(probe.audio, embeddings.embedding_matrix(undisturbed, "audio_embedding"), atol=1e-6)
     assert embeddings.summary(embeddings.read_index(str(output))) == summary  # the job summary
     assert embeddings.read_rejects(str(output)).column("id").to_pylist() == ["corrupt-0"]
     assert (output / "data" / "notes.parquet").read_bytes() == b"not the job's"  # never deleted
