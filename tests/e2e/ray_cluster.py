@@ -100,10 +100,10 @@ class LocalRayCluster:
         raise TimeoutError(f"job {submission_id} still running after {timeout_s} s")
 
     def _spawn(self, args: list[str], worker_ports: int) -> None:
-        ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                 f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 999}"]
+        names = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
+                 "metrics-export"]
+        ports = [f"--{name}-port={port}" for name, port in zip(names, distinct_free_ports(len(names)))]
+        ports += [f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 999}"]
         cpus = self.head_cpus if "--head" in args and self.head_cpus is not None else self.num_cpus
         cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
                "--disable-usage-stats", *ports, *args]
@@ -195,6 +195,17 @@ class JobResult:
         """The end of the logs without Ray Data's progress lines (what an assertion message should show)."""
         lines = [line for line in self.logs.splitlines() if "row/s]" not in line and line.strip()]
         return "\n".join(lines)[-4000:]
+
+
+def distinct_free_ports(count: int) -> list[int]:
+    """`count` different free ports: the OS may hand the same just-released port out twice, and `ray start`
+    refuses two components on one port (seen: node manager and dashboard agent both given 54043)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
