@@ -100,8 +100,8 @@ class LocalRayCluster:
         raise TimeoutError(f"job {submission_id} still running after {timeout_s} s")
 
     def _spawn(self, args: list[str], worker_ports: int) -> None:
-        names = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
-                 "metrics-export"]
+        names = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
+                 "runtime-env-agent", "metrics-export"]
         ports = [f"--{name}-port={port}" for name, port in zip(names, distinct_free_ports(len(names)))]
         ports += [f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 999}"]
         cpus = self.head_cpus if "--head" in args and self.head_cpus is not None else self.num_cpus
