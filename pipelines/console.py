@@ -312,9 +312,14 @@ class StepLines:
         self.callbacks, self.queue = [], None
         if not _workers_silent:  # rank 0's own stdout reaches the console
             return
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})  # a tiny actor: no CPU taken from the workers
+        # a tiny actor (no CPU taken from the workers) on the driver's node, beside Ray Train's controller: on
+        # another node, losing that node would end the run although Ray Train restores the workers
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.callbacks = [_step_lines_callback(self.queue, total_steps)]
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._print_lines, name="clap-step-lines", daemon=True)
