@@ -260,6 +260,7 @@ def test_worker_node_lost_during_pretrain(cluster, tmp_path):
     # at most (none when the group was lost right after the checkpoint), always to the step after the checkpoint
     console = [int(m) for m in re.findall(rf"^step (\d+)/{PRETRAIN_STEPS} ", text, flags=re.M)]
     jumps = [i for i in range(1, len(console)) if console[i] != console[i - 1] + 1]
+    print(f"restored from checkpoint {restored}; console steps {console}")
     assert console[0] == 1 and console[-1] == PRETRAIN_STEPS and len(jumps) <= 1, console
     assert all(console[i] == restored + 1 and console[i - 1] >= restored for i in jumps), console
 
