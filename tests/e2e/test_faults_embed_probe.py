@@ -5,7 +5,7 @@ The commands run as real `clap` processes (their own process group) with RAY_ADD
 node cluster started once for this module (tests/e2e/ray_cluster.py). A driver is killed with SIGKILL on its
 process group at a kill point read from its output (the first embedding file written; the first trial
 checkpoint of the sweep), as a lost driver pod would be; the same command is then run again. The worker node
-is killed the same way, once an embedding actor lives on it or once the first training checkpoint is reported,
+is killed the same way, once an embedding actor lives on it or two steps after the first training checkpoint,
 and a replacement node joins (as an autoscaler would add one).
 
 Embedding values are compared with the undisturbed reference: the job's own decode and embed steps run in
