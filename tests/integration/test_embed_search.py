@@ -120,21 +120,30 @@ def test_late_files_of_a_killed_run_are_never_read(embedded, checkpoint, tmp_pat
     deletes only the killed run's files (named by its attempt), never a file it did not write."""
     root, _, summary = embedded
     output = tmp_path / "emb"
-    real_commit = embeddings.commit
 
-    def killed_before_commit(*args):
-        raise RuntimeError("driver killed")  # everything written, nothing committed
+    def killed(*args, **kwargs):
+        raise RuntimeError("driver killed")
 
-    monkeypatch.setattr(embeddings, "commit", killed_before_commit)
+    monkeypatch.setattr("pipelines.embed.init_ray", killed)  # the killed run: it claimed OUTPUT, then died
     with pytest.raises(RuntimeError, match="driver killed"):
         embed_dataset(str(checkpoint), str(root / "shards"), str(output), batch_size=4, concurrency=1)
-    late = {p.relative_to(output): p.read_bytes() for p in output.rglob("*.parquet")}  # what its tasks write
-    assert any(p.parts[0] == "data" for p in late) and any(p.parts[0] == "_rejects" for p in late)
-    (output / "data" / "notes.parquet").write_bytes(b"not the job's")  # a file no run of the job wrote
+    monkeypatch.undo()
+    # what its write tasks land: the undisturbed run's files under the killed run's names (its attempt id)
+    attempt = embeddings.read_index(str(output)).get("attempt")  # None: a format without attempt ids
+    late = {}
+    for path in (root / "emb").rglob("*.parquet"):
+        name = path.name if attempt is None else embeddings.file_prefix(attempt) + path.name.split("_", 1)[1]
+        late[path.parent.relative_to(root / "emb") / name] = path.read_bytes()
+    assert {p.parts[0] for p in late} == {"data", "_rejects"}
 
     def land_late_files():
         for rel, data in late.items():
+            (output / rel).parent.mkdir(parents=True, exist_ok=True)
             (output / rel).write_bytes(data)
+
+    land_late_files()  # written before the kill: there when the re-run claims OUTPUT
+    (output / "data" / "notes.parquet").write_bytes(b"not the job's")  # a file no run of the job wrote
+    real_commit = embeddings.commit
 
     def commit_with_late_writes(*args):
         land_late_files()  # after the re-run's claim, before its index
