@@ -31,7 +31,8 @@ from pipelines.native_stderr import NativeStderr
 
 VERBOSE_ENV = "CLAP_VERBOSE"
 VERBOSE_FLAG = "--verbose"
-CHATTY_LOGGERS = ("werkzeug", "moto", "botocore", "urllib3", "s3transfer")  # a request line per S3 call
+CHATTY_LOGGERS = ("werkzeug", "moto", "botocore", "urllib3", "s3transfer",  # a request line per S3 call
+                  "optuna")  # "[I ...] A new study created in memory" from the sweep's search
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.util")  # Ray's driver-side loggers
 LOG_DIR = "logs"  # <output>/logs/clap-<command>.log
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -221,6 +222,10 @@ def init_ray(worker_output: bool = False, data_bars: bool = True, **kwargs):
     if not ray.is_initialized():
         if _job_log is not None and not verbose():
             kwargs.setdefault("log_to_driver", worker_output)
+            kwargs.setdefault("logging_format", LOG_FORMAT)  # ray.init re-formats the "ray" handlers: ours too
+            # `import ray` after start_log (the demo) adds a console handler to "ray": off before ray.init's
+            # first line ("Started a local Ray instance"), which then goes to the log file
+            route_loggers(_job_log.handler)
         context = ray.init(**kwargs)
         _workers_silent = not kwargs.get("log_to_driver", True)
         _started_ray = _job_log is not None

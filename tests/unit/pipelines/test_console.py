@@ -131,6 +131,51 @@ print("a stale console reference still works", file=console_meanwhile, flush=Tru
 STALE = "a stale console reference still works"
 
 
+RAY_START = """
+import sys
+from pipelines import console
+console.start_log("demo", sys.argv[1])  # as `clap demo` does: the log first, `import ray` after
+import ray
+console.init_ray(num_cpus=1, include_dashboard=False)
+ray.shutdown()
+console.finish_log()
+"""
+
+
+def test_ray_startup_line_goes_to_the_log_not_the_console(tmp_path):
+    """`import ray` after start_log adds Ray's console handler; ray.init's first line must still go to the log."""
+    env = {k: v for k, v in os.environ.items() if k not in (console.VERBOSE_ENV, "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", RAY_START, str(tmp_path / "out")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "out" / "logs" / "clap-demo.log").read_text()
+    assert "Started a local Ray instance" in log
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert proc.stderr.splitlines()[0].startswith("clap demo: Ray's logs in ")
+
+
+OPTUNA_STUDY = """
+import sys
+from pipelines import console
+console.start_log("tune-probe", sys.argv[1])  # as `clap demo` does: the log first, optuna imported after, so
+from ray.tune.search.optuna import OptunaSearch  # noqa: F401  (its handler takes the console's sys.stderr)
+import optuna
+console.route_loggers(console._job_log.handler)  # what init_ray does again before the sweep
+optuna.create_study(study_name="sweep")
+console.finish_log()
+"""
+
+
+def test_optuna_study_line_goes_to_the_log_not_the_console(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != console.VERBOSE_ENV}
+    proc = subprocess.run([sys.executable, "-c", OPTUNA_STUDY, str(tmp_path / "out")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "A new study created in memory with name: sweep" in (
+        tmp_path / "out" / "logs" / "clap-tune-probe.log").read_text()
+    assert "A new study created" not in proc.stderr + proc.stdout
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_native_stderr_lands_in_the_log_our_lines_on_the_console(tmp_path, verbose):
     env = {k: v for k, v in os.environ.items() if k != console.VERBOSE_ENV} | ({console.VERBOSE_ENV: "1"} if verbose
