@@ -123,7 +123,7 @@ def report_failure(command: str, error: BaseException) -> bool:
     """A job that fails with a log file open (not verbose): its traceback (with the worker's, when Ray wrapped
     it) goes to the log file and the console gets one line, the error and the log's path. False when there is no
     log file to hold the traceback: the caller lets it print."""
-    if _job_log is None or verbose():
+    if not quiet():
         return False
     _log_only("clap.console").error("clap %s failed", command, exc_info=error)
     print(f"clap {command}: {type(error).__name__}: {failure_reason(error)} (traceback in {_job_log.where})",
@@ -220,7 +220,7 @@ def init_ray(worker_output: bool = False, data_bars: bool = True, **kwargs):
     if _job_log is not None:
         _catch_raylet_messages()
     if not ray.is_initialized():
-        if _job_log is not None and not verbose():
+        if quiet():
             kwargs.setdefault("log_to_driver", worker_output)
             kwargs.setdefault("logging_format", LOG_FORMAT)  # ray.init re-formats the "ray" handlers: ours too
             # `import ray` after start_log (the demo) adds a console handler to "ray": off before ray.init's
@@ -250,7 +250,7 @@ def _catch_raylet_messages() -> None:
     original = ray_worker.print_to_stdstream
 
     def print_to_stdstream(data, ignore_prefix=False):
-        if data.get("pid") != "raylet" or _job_log is None or verbose():
+        if data.get("pid") != "raylet" or not quiet():
             return original(data, ignore_prefix)
         for message in data.get("lines", []):
             raylet_message(message)
