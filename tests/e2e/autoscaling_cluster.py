@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.e2e.ray_cluster import distinct_free_ports
 
 RAY = str(Path(sys.executable).parent / "ray")
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the provider's fixed head id
@@ -88,18 +88,19 @@ class AutoscalingRayCluster:
 
     def _start(self, timeout_s: float) -> "AutoscalingRayCluster":
         self.temp_dir = tempfile.mkdtemp(prefix="ra", dir="/tmp")  # Ray's socket paths must stay short
-        self.port = free_port()
+        # one `ray start` refuses two components on one port: 8 distinct ones (tests/e2e/ray_cluster.py)
+        self.port, *ports = distinct_free_ports(8)
+        names = ["dashboard", "ray-client-server", "node-manager", "object-manager", "dashboard-agent-listen",
+                 "runtime-env-agent", "metrics-export"]
         config = Path(self.temp_dir) / "autoscaler.json"
         config.write_text(json.dumps(self.config()))
         env = {**self.env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
         cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-               "--num-cpus=0", "--include-dashboard=false", f"--dashboard-port={free_port()}", f"--autoscaling-config={config}",
-               f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={free_port()}",
-               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-               f"--metrics-export-port={free_port()}", "--disable-usage-stats"]
+               "--num-cpus=0", "--include-dashboard=false", f"--autoscaling-config={config}",
+               f"--temp-dir={self.temp_dir}", *(f"--{name}-port={port}" for name, port in zip(names, ports)),
+               "--disable-usage-stats"]
         log = open(Path(self.temp_dir) / "head.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
