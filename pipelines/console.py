@@ -302,30 +302,31 @@ def configure_ray_data(global_bars: bool = True) -> None:
 
 class StepLines:
     """Rank 0's step and validation lines of `clap pretrain`, printed once by the driver. Workers' output is not
-    forwarded to the console (init_ray), so a Ray Train callback (it runs in Ray Train's controller actor) turns
-    each report of the workers into the line rank 0 logs (clap_core.train.run_log) and hands it to the driver
-    through a Ray queue. Inactive (no callback) unless this process started Ray with workers' output off: rank
-    0's own stdout shows (or is meant to stay hidden) then.
+    forwarded to the console (init_ray), so rank 0 hands each line (clap_core.train.run_log) to the driver
+    through a Ray queue: `lines.sink` is the callable it emits them with (None: inactive, rank 0 prints them on
+    its own stdout, which shows or is meant to stay hidden). Lines do not go through ray.train.report: a
+    report blocks the worker until Ray Train's controller polls it (every 2 s), so the loop reports only
+    with its checkpoints.
 
-        lines = StepLines(total_steps)
-        trainer = TorchTrainer(..., run_config=RunConfig(..., callbacks=lines.callbacks))
+        lines = StepLines()
+        trainer = TorchTrainer(..., train_loop_config={..., "step_lines": lines.sink})
         with lines:
             trainer.fit()
     """
 
-    def __init__(self, total_steps: int):
-        self.callbacks, self.queue = [], None
+    def __init__(self):
+        self.sink, self.queue = None, None
         if not _workers_silent:  # rank 0's own stdout reaches the console
             return
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # a tiny actor (no CPU taken from the workers) on the driver's node, beside Ray Train's controller: on
-        # another node, losing that node would end the run although Ray Train restores the workers
+        # a tiny actor (no CPU taken from the workers) on the driver's node: on another node, losing that node
+        # would lose the lines (and end the run) although Ray Train restores the workers
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        self.callbacks = [_step_lines_callback(self.queue, total_steps)]
+        self.sink = QueueLines(self.queue)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._print_lines, name="clap-step-lines", daemon=True)
 
@@ -339,7 +340,7 @@ class StepLines:
             return
         self.done.set()
         self.thread.join()
-        while True:  # lines reported just before fit() returned
+        while True:  # lines emitted just before fit() returned
             try:
                 print(self.queue.get_nowait(), flush=True)
             except Exception:  # ray.util.queue.Empty
@@ -356,23 +357,20 @@ class StepLines:
                 continue
 
 
-def _step_lines_callback(lines_queue, total_steps: int):
-    """A ray.train.UserCallback: each report of the workers -> rank 0's console lines -> lines_queue."""
-    from ray.train import UserCallback
+class QueueLines:
+    """The callable rank 0 emits its console lines with (picklable: it travels in the train loop config): each
+    line into the driver's queue, or onto the worker's own stdout (Ray's worker log) when the queue is gone."""
 
-    from clap_core.train.run_log import step_line, validation_line
+    def __init__(self, lines_queue):
+        self.queue = lines_queue
 
-    class ReportLines(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            rank0 = metrics[0] if metrics else {}
-            step = rank0.get("step")
-            if "train/loss" in rank0:
-                entry = {k.removeprefix("train/"): v for k, v in rank0.items() if k.startswith("train/")}
-                lines_queue.put(step_line({"step": step, **entry}, total_steps))
-            if "val/t2a/R@1" in rank0:
-                lines_queue.put(validation_line(step, rank0))
+    def __call__(self, line: str) -> None:
+        try:
+            self.queue.put(line, timeout=5)
+        except Exception:  # the driver (and its queue actor) went away: the line still lands in the worker's log
+            from clap_core.train.run_log import console_line
 
-    return ReportLines()
+            console_line(line)
 
 
 def progress(items, total: int, what: str):

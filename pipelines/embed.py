@@ -31,6 +31,7 @@ from clap_core.eval.sources import MAX_CLIP_SECONDS
 from clap_core.io_faults import retry_transient
 from clap_core.storage import local_copy
 from pipelines.console import init_ray, plan_log
+from pipelines.ray_shards import read_shards
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
 
@@ -139,10 +140,8 @@ def read_input(ray, input_uri: str, split: str | None, output: str, attempt: str
     """A Ray Dataset of rows with id, audio bytes (shards) or where to read them (manifest), and metadata.
     A manifest id seen before is embedded once; its later rows go to OUTPUT/_rejects/ as duplicate_id."""
     if is_shard_folder(input_uri):
-        fs, _ = storage.resolve_fs(input_uri)
         columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
-        paths = [storage.resolve_fs(u)[1] for u in shard_files(input_uri, split)]
-        return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+        return read_shards(shard_files(input_uri, split), columns)
     rows = [r for r in read_inputs(input_uri) if not split or r.get("split") in (None, "", split)]
     items, duplicates = unique_items([manifest_item(r) for r in rows])
     write_batch_rejects(output, attempt, duplicates)

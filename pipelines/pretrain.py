@@ -39,7 +39,7 @@ from clap_core.train.batching import PairBatchTransform
 from clap_core.train.config import PretrainConfig, load_pretrain_config, resolve_model_config
 from clap_core.train.engine import TrainState, init_engine, read_checkpoint, train_step, write_checkpoint
 from clap_core.train.loss import build_loss
-from clap_core.train.run_log import RunLogger, StepWindow
+from clap_core.train.run_log import RunLogger, StepWindow, console_line
 from clap_core.train.validation import ValidSet, evaluate
 from clap_core.train.worker import (
     WorkerContext,
@@ -50,6 +50,7 @@ from clap_core.train.worker import (
     train_batches,
 )
 from pipelines.console import StepLines, init_ray, plan_log
+from pipelines.ray_shards import read_shards
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain.yaml"
 INGEST_CPUS = 1.0  # kept free for the Ray Data tasks that read, decode and feed the workers
@@ -63,7 +64,6 @@ INGEST_CPUS = 1.0  # kept free for the Ray Data tasks that read, decode and feed
 def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfig,
                    rejects_uri: str | None = None) -> dict[str, ray.data.Dataset]:
     """Train (decoded, tokenized; undecodable rows go to rejects_uri with shard and id) and valid datasets."""
-    fs, _ = resolve_fs(data_uri)
     train_files = shard_files(data_uri, cfg.data.train_split)  # manifest.json's list: never crash debris
     if not train_files:
         raise FileNotFoundError(f"no training shards at {data_uri.rstrip('/')}/{cfg.data.train_split}")
@@ -71,21 +71,15 @@ def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfi
     transform.rejects_uri = rejects_uri
     compute = ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks) if cfg.data.decode_tasks else None
     passes = max(1, math.ceil(cfg.data.min_epoch_rows / max(count_rows(data_uri, cfg.data.train_split), 1)))
-    train = (ray.data.read_parquet(_paths(train_files) * passes, filesystem=fs, include_paths=True)
-             .select_columns(["id", "path", "audio", "caption", "captions"])
+    train = (read_shards(train_files, ["id", "path", "audio", "caption", "captions"], include_paths=True,
+                         repeat=passes)
              .randomize_block_order()
              .map_batches(transform, batch_size=cfg.data.decode_batch_size, batch_format="numpy", compute=compute))
     datasets = {"train": train}
     valid_files = shard_files(data_uri, cfg.data.valid_split) if cfg.data.valid_split else []
     if valid_files:
-        datasets["valid"] = (ray.data.read_parquet(_paths(valid_files), filesystem=fs)
-                             .select_columns(["id", "audio", "caption", "captions", "augment"]))
+        datasets["valid"] = read_shards(valid_files, ["id", "audio", "caption", "captions", "augment"])
     return datasets
-
-
-def _paths(uris: list[str]) -> list[str]:
-    """URIs -> paths inside their pyarrow filesystem (what read_parquet takes with `filesystem=`)."""
-    return [resolve_fs(u)[1] for u in uris]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,9 +113,10 @@ def train_fn_per_worker(config: dict) -> None:
     valid_shard = ray.train.get_dataset_shard("valid") if config.get("has_valid") else None
     valid = None if valid_shard is None else ValidSet(
         valid_shard.iter_batches(batch_size=256, batch_format="numpy"), model_cfg, cfg.data.max_valid_clips)
+    emit = config.get("step_lines") or console_line  # rank 0's lines: the driver's queue, else its own stdout
     ctx = WorkerContext(cfg=cfg, model_cfg=model_cfg, engine=engine, loss_fn=loss_fn, state=state,
-                        logger=RunLogger(run_uri, state, enabled=rank == 0), valid=valid, rank=rank, world=world,
-                        device=device, run_uri=run_uri, train_rows=config.get("train_rows", 0))
+                        logger=RunLogger(run_uri, state, enabled=rank == 0, emit=emit), valid=valid, rank=rank,
+                        world=world, device=device, run_uri=run_uri, train_rows=config.get("train_rows", 0))
 
     if not export_only and state.step < cfg.train.steps:
         train_loop(ctx)
@@ -151,11 +146,9 @@ def train_loop(ctx: WorkerContext) -> None:
                                     ctx.device)
             ctx.logger.evaluation(step, eval_metrics)
             metrics.update(eval_metrics)
-        if step % train.checkpoint_every == 0 or last:
+        if step % train.checkpoint_every == 0 or last:  # the only reports: each blocks until the controller polls
             ctx.logger.sync()
             save_checkpoint(ctx, {"step": step, **metrics})
-        elif metrics:
-            ray.train.report({"step": step, **metrics})
         window.restart_clock()  # checkpoint and eval time is not step time
 
 
@@ -209,14 +202,13 @@ def worker_resources_for(scaling, cluster_cpus: float) -> dict | None:
     return {"CPU": share}
 
 
-def run_config(output: str, cfg: PretrainConfig, callbacks: list = ()) -> ray.train.RunConfig:
+def run_config(output: str, cfg: PretrainConfig) -> ray.train.RunConfig:
     """A stable run name (the output's last path component) so the same command finds its checkpoints."""
     fs, path = resolve_fs(output)
     parent, name = path.rstrip("/").rsplit("/", 1)
     return ray.train.RunConfig(name=name, storage_path=parent, storage_filesystem=fs,
                                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                               callbacks=list(callbacks))
+                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints))
 
 
 def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_only: bool = False):
@@ -234,15 +226,15 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
     datasets = build_datasets(data, cfg, model_cfg, rejects_uri=storage.join(output, REJECTS_DIR))
     scaling = cfg.scaling
     worker_resources = worker_resources_for(scaling, ray.cluster_resources().get("CPU", 0))
-    lines = StepLines(cfg.train.steps)  # rank 0's step lines, printed here (workers' output goes to Ray's logs)
+    lines = StepLines()  # rank 0's step lines, printed here (workers' output goes to Ray's logs)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"pretrain": to_dict(cfg), "model": to_dict(model_cfg), "run_uri": output,
                            "export_only": export_only, "has_valid": "valid" in datasets,
-                           "train_rows": count_rows(data, cfg.data.train_split)},
+                           "train_rows": count_rows(data, cfg.data.train_split), "step_lines": lines.sink},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=worker_resources),
-        run_config=run_config(output, cfg, lines.callbacks),
+        run_config=run_config(output, cfg),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )

@@ -1,6 +1,7 @@
 """What a pretraining run reports: console lines, TensorBoard, the metric history, metrics.json and curves.png.
 
-    logger = RunLogger(run_uri, state, enabled=rank == 0)   # history/evals continue those of the checkpoint
+    logger = RunLogger(run_uri, state, enabled=rank == 0)   # history/evals continue those of the checkpoint;
+                                                # emit=callable sends rank 0's lines elsewhere than stdout
     logger.interval(entry, total_steps)        # "step 10/1000  loss 3.9  temperature 0.0700  lr ..."
     logger.evaluation(step, {"val/t2a/R@1": ...})
     logger.sync()                               # flush TensorBoard (and upload it when the run is on s3://)
@@ -53,8 +54,9 @@ def validation_line(step: int, metrics: dict[str, float]) -> str:
 class RunLogger:
     """Rank 0's TensorBoard writer, console lines and metric history (the history survives restarts)."""
 
-    def __init__(self, run_uri: str, state: TrainState, enabled: bool):
+    def __init__(self, run_uri: str, state: TrainState, enabled: bool, emit=console_line):
         self.enabled = enabled
+        self.emit = emit  # where rank 0's console lines go: its stdout, or a callable that hands them to the driver
         self.run_uri = run_uri
         fs, run_path = resolve_fs(run_uri)
         self.local = isinstance(fs, pafs.LocalFileSystem)
@@ -76,14 +78,14 @@ class RunLogger:
         """Record one history entry (step, loss, temperature(s), lr, samples_per_s, data_wait_share)."""
         self.history.append(entry)
         if self.enabled:
-            console_line(step_line(entry, total))
+            self.emit(step_line(entry, total))
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
         """Record validation metrics ({'val/t2a/R@1': ...}) of a step."""
         self.evals.append({"step": step, **{k.removeprefix("val/"): v for k, v in metrics.items()}})
         self.scalars(step, metrics)
         if self.enabled:
-            console_line(validation_line(step, metrics))
+            self.emit(validation_line(step, metrics))
 
     def sync(self) -> None:
         if self.writer is not None:

@@ -123,15 +123,23 @@ def check_bad_rows(cfg: PretrainConfig, run_uri: str, train_rows: int) -> None:
                            f"{storage.join(run_uri, REJECTS_DIR)}")
 
 
+FAULT_DELAY_S = 5.0  # the dying rank outlives the controller's poll of the last checkpoint (Ray Train: every 2 s)
+
+
 def maybe_inject_fault(ctx: WorkerContext) -> None:
     """Test hook: the last rank dies (no cleanup, like a lost node) at train.kill_worker_at_step, once per run
-    folder (the marker file keeps a restarted or re-run job from dying again)."""
+    folder (the marker file keeps a restarted or re-run job from dying again).
+
+    It dies FAULT_DELAY_S after reaching the step, as a node lost a moment later would: Ray Train registers a
+    reported checkpoint when its controller next polls the workers, and a worker group lost before that poll
+    restarts from the checkpoint before it, which would make what the tests restore from a matter of timing."""
     if ctx.cfg.train.kill_worker_at_step != ctx.state.step or ctx.rank != ctx.world - 1:
         return
     marker = storage.join(ctx.run_uri, FAULT_MARKER)
     if storage.exists(marker):
         return
     storage.put_atomic(marker, f"worker {ctx.rank} killed at step {ctx.state.step}\n".encode())
+    time.sleep(FAULT_DELAY_S)
     os._exit(1)
 
 

@@ -19,30 +19,40 @@ from pipelines.native_stderr import NativeStderr
 
 REPO = Path(__file__).resolve().parents[3]
 
-ENTRY = {"train/loss": 1.5, "train/temperature": 0.07, "train/lr": 1e-4, "train/samples_per_s": 10.0,
-         "train/data_wait_share": 0.25}
-
 
 class ListQueue(list):
-    put = list.append  # what the callback calls on its ray.util.queue.Queue
+    def put(self, item, timeout=None):  # what QueueLines calls on its ray.util.queue.Queue
+        self.append(item)
 
 
-def test_report_becomes_rank0_step_line_once():
+class GoneQueue:
+    def put(self, item, timeout=None):
+        raise ConnectionError("the queue actor died with the driver")
+
+
+def test_rank0_lines_go_through_the_queue_once_and_fall_back_to_stdout(tmp_path, capsys):
+    """RunLogger on rank 0 emits each step and validation line once through the sink pretrain passes it; a gone
+    queue (the driver died) puts the line on the worker's stdout instead of failing the step."""
+    from clap_core.train.engine import TrainState
+    from clap_core.train.run_log import RunLogger
+
     lines = ListQueue()
-    callback = console._step_lines_callback(lines, total_steps=10)
-    rank1 = {"step": 4, **ENTRY, "train/loss": 9.0}  # every rank reports; the line is rank 0's
-    callback.after_report(None, [{"step": 4, **ENTRY}, rank1], None)
+    entry = {"step": 4, "loss": 1.5, "temperature": 0.07, "lr": 1e-4, "samples_per_s": 10.0, "data_wait_share": 0.25}
+    RunLogger(str(tmp_path / "run"), TrainState(), enabled=False, emit=console.QueueLines(lines)).interval(entry, 10)
+    assert lines == []  # ranks other than 0 emit nothing
+    logger = RunLogger(str(tmp_path / "run"), TrainState(), enabled=True, emit=console.QueueLines(lines))
+    logger.interval(entry, 10)
     assert lines == ["step 4/10  loss 1.5000  temperature 0.0700  lr 1.00e-04  10.0 samples/s  data-wait 25%"]
-    assert lines[0] == step_line({"step": 4, "loss": 1.5, "temperature": 0.07, "lr": 1e-4, "samples_per_s": 10.0,
-                                  "data_wait_share": 0.25}, 10)  # the very line rank 0 writes to its stdout
-
+    assert lines[0] == step_line(entry, 10)
     val = {"val/t2a/R@1": 0.5, "val/t2a/R@5": 0.75, "val/a2t/R@1": 0.25, "val/t2a/mAP@10": 0.6}
-    callback.after_report(None, [{"step": 5, "train/temperature_text": 0.05, **ENTRY, **val}], None)
-    assert lines[1].startswith("step 5/10  loss 1.5000  temperature a2t 0.0700 t2a 0.0500  lr")
-    assert lines[2] == validation_line(5, val) == "step 5  validation  t2a/R@1 0.500  t2a/R@5 0.750  " \
+    logger.evaluation(5, val)
+    assert lines[1] == validation_line(5, val) == "step 5  validation  t2a/R@1 0.500  t2a/R@5 0.750  " \
                                                   "a2t/R@1 0.250  t2a/mAP@10 0.600"
-    callback.after_report(None, [{"step": 6}], None)  # a report without train metrics prints nothing
-    assert len(lines) == 3
+    assert capsys.readouterr().out == ""  # nothing went to this process's stdout
+    assert pickle.loads(pickle.dumps(console.QueueLines(lines))).queue == lines  # it travels in the loop config
+
+    console.QueueLines(GoneQueue())("step 6/10  loss 1.0")
+    assert capsys.readouterr().out == "step 6/10  loss 1.0\n"
 
 
 def test_route_loggers_moves_console_lines_to_the_file(tmp_path, monkeypatch):
