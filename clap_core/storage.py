@@ -222,18 +222,24 @@ def upload(local: str | os.PathLike, uri: str) -> None:
 def local_copy(uri: str, cache_root: str | None = None) -> str:
     """A local folder holding `uri`: the path itself, or an s3:// folder downloaded once into a cache.
 
-    The download lands in a `.partial-<pid>` folder renamed into place, so a crash mid-download never
-    leaves a half cache behind."""
+    The cache is keyed by the URI and by what is there now (every object's name, size and modification time,
+    one LIST): a folder written again at the same URI (a re-exported checkpoint) is downloaded again, never
+    served stale. The download lands in a `.partial-<pid>` folder renamed into place, so a crash mid-download
+    never leaves a half cache behind."""
     if not is_s3(uri):
         return uri
     import hashlib
     import tempfile
 
+    remote, path = resolve_fs(uri)
+    with naming(uri):
+        infos = remote.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True))
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
     root = cache_root or os.path.join(tempfile.gettempdir(), "clap-cache")
-    target = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    target = os.path.join(root, hashlib.sha256(repr((uri, listing)).encode()).hexdigest()[:16])
     if not os.path.isdir(target):
-        remote, path = resolve_fs(uri)
         partial = f"{target}.partial-{os.getpid()}"
+        os.makedirs(partial, exist_ok=True)  # copy_files creates no missing parent folder
         with naming(uri):
             pafs.copy_files(path, partial, source_filesystem=remote, destination_filesystem=pafs.LocalFileSystem())
         os.replace(partial, target)

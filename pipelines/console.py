@@ -306,16 +306,18 @@ class StepLines:
     through a Ray queue: `lines.sink` is the callable it emits them with (None: inactive, rank 0 prints them on
     its own stdout, which shows or is meant to stay hidden). Lines do not go through ray.train.report: a
     report blocks the worker until Ray Train's controller polls it (every 2 s), so the loop reports only
-    with its checkpoints.
+    with its checkpoints. A Ray Train callback adds "checkpoint N saved" once the controller has registered
+    checkpoint N: from then on a lost worker group restarts from it.
 
         lines = StepLines()
-        trainer = TorchTrainer(..., train_loop_config={..., "step_lines": lines.sink})
+        trainer = TorchTrainer(..., train_loop_config={..., "step_lines": lines.sink},
+                               run_config=RunConfig(..., callbacks=lines.callbacks))
         with lines:
             trainer.fit()
     """
 
     def __init__(self):
-        self.sink, self.queue = None, None
+        self.sink, self.queue, self.callbacks = None, None, []
         if not _workers_silent:  # rank 0's own stdout reaches the console
             return
         import ray
@@ -327,6 +329,7 @@ class StepLines:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.sink = QueueLines(self.queue)
+        self.callbacks = [_checkpoint_lines_callback(self.queue)]
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._print_lines, name="clap-step-lines", daemon=True)
 
@@ -355,6 +358,23 @@ class StepLines:
                 print(self.queue.get(timeout=0.5), flush=True)
             except (Empty, queue.Empty):
                 continue
+
+
+def checkpoint_line(step: int, path: str) -> str:
+    return f"checkpoint {step} saved: {path}"
+
+
+def _checkpoint_lines_callback(lines_queue):
+    """A ray.train.UserCallback (it runs in Ray Train's controller): each registered checkpoint -> one line."""
+    from ray.train import UserCallback
+
+    class CheckpointLines(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                step = (metrics[0] if metrics else {}).get("step", "?")
+                lines_queue.put(checkpoint_line(step, checkpoint.path))
+
+    return CheckpointLines()
 
 
 class QueueLines:

@@ -202,13 +202,14 @@ def worker_resources_for(scaling, cluster_cpus: float) -> dict | None:
     return {"CPU": share}
 
 
-def run_config(output: str, cfg: PretrainConfig) -> ray.train.RunConfig:
+def run_config(output: str, cfg: PretrainConfig, callbacks: list = ()) -> ray.train.RunConfig:
     """A stable run name (the output's last path component) so the same command finds its checkpoints."""
     fs, path = resolve_fs(output)
     parent, name = path.rstrip("/").rsplit("/", 1)
     return ray.train.RunConfig(name=name, storage_path=parent, storage_filesystem=fs,
                                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints))
+                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                               callbacks=list(callbacks))
 
 
 def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_only: bool = False):
@@ -234,7 +235,7 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
                            "train_rows": count_rows(data, cfg.data.train_split), "step_lines": lines.sink},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=worker_resources),
-        run_config=run_config(output, cfg),
+        run_config=run_config(output, cfg, lines.callbacks),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )

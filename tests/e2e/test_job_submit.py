@@ -35,7 +35,7 @@ def cluster(s3_server, tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     c = LocalRayCluster(env=env).start()
     yield c
-    c.stop()
+    c.stop(grace_s=5)  # the module's own cluster: its jobs have ended
 
 
 def test_submission_without_the_token_is_refused(cluster):
@@ -50,13 +50,6 @@ def test_submission_without_the_token_is_refused(cluster):
         assert "SHOULD NOT RUN" not in job.logs
         assert re.search(r"401|403|[Uu]nauthori[sz]ed|[Ff]orbidden|token", job.logs), f"{name}: {job.logs[-2000:]}"
     assert cluster.job_ids() == before  # nothing was accepted
-
-
-def test_cluster_has_two_nodes(cluster):
-    code = "import ray; ray.init(); print('NODES', len([n for n in ray.nodes() if n['Alive']]))"
-    job = cluster.submit(["python", "-c", code], REPO)
-    assert job.status == "SUCCEEDED", job.tail
-    assert "NODES 2" in job.logs
 
 
 def test_pipeline_stages_as_submitted_jobs(cluster, s3_bucket, tmp_path):
@@ -116,22 +109,3 @@ def test_pipeline_stages_as_submitted_jobs(cluster, s3_bucket, tmp_path):
         assert secret not in job.logs
         leaked = [k for k, data in written.items() if secret.encode() in data]
         assert not leaked, f"a credential appears in {leaked[:5]}"
-
-
-def test_probe_sweep_as_a_submitted_job(cluster, s3_bucket, tmp_path):
-    import torch
-
-    from clap_core.model.clap import ClapModel
-    from clap_core.model.config import get_model_config
-    from clap_demo.synth_meld import write_meld
-
-    torch.manual_seed(0)
-    ClapModel(get_model_config("tiny")).save_pretrained(tmp_path / "ckpt")
-    write_meld(tmp_path / "meld", layout="raw", per_emotion={"train": 4, "dev": 3, "test": 3}, corrupt=True)
-    job = cluster.submit(["clap", "tune-probe", "--meld", str(tmp_path / "meld"), "--checkpoint",
-                          str(tmp_path / "ckpt"), "--output", f"s3://{s3_bucket}/probe", "tune.num_samples=2",
-                          "tune.max_concurrent_trials=2", "search.epochs=[3, 4]", "probe.epochs=4"], REPO)
-    assert job.status == "SUCCEEDED", job.tail
-    summary = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="probe/summary.json")["Body"].read())
-    assert summary["status"] == "finished" and summary["trials"] == 2
-    assert summary["embeddings"]["rejects"] == 1  # the corrupt mp4, counted, not skipped

@@ -147,7 +147,6 @@ def embeddings_by_id(uri: str) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.slow
 def test_pipeline_under_random_faults_equals_fault_free_run(ray_local, s3_faults, s3_bucket, tmp_path, capfd):
     from clap_core.model.clap import ClapModel
     from clap_core.storage import local_copy

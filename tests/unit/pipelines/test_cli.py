@@ -73,14 +73,14 @@ def test_worker_console_lines_are_written_once(capfd):
     """Ray Train patches print() in workers to log and echo: step lines use one plain stdout write."""
     import builtins
 
-    from clap_core.train.run_log import RunLogger
+    from clap_core.train.run_log import RunLogger, console_line
 
     echoed = []
     original = builtins.print
     builtins.print = lambda *a, **k: (echoed.append(a), original(*a, **k))  # what the patch does, twice
     try:
         logger = RunLogger.__new__(RunLogger)
-        logger.enabled, logger.history = True, []
+        logger.enabled, logger.history, logger.emit = True, [], console_line  # RunLogger's default emit
         logger.interval({"step": 1, "loss": 1.0, "temperature": 0.07, "lr": 1e-3, "samples_per_s": 2.0,
                          "data_wait_share": 0.1}, 3)
     finally:

@@ -55,6 +55,16 @@ def test_rank0_lines_go_through_the_queue_once_and_fall_back_to_stdout(tmp_path,
     assert capsys.readouterr().out == "step 6/10  loss 1.0\n"
 
 
+def test_registered_checkpoint_becomes_one_line():
+    """Ray Train's controller calls after_report once per report it registers; a checkpoint gives one line."""
+    lines = ListQueue()
+    callback = console._checkpoint_lines_callback(lines)
+    callback.after_report(None, [{"step": 4}, {"step": 4}], SimpleNamespace(path="/runs/r/checkpoint_00000004"))
+    callback.after_report(None, [{"step": 5}, {"step": 5}], None)  # metrics only: nothing was saved
+    assert lines == ["checkpoint 4 saved: /runs/r/checkpoint_00000004"]
+    assert lines[0] == console.checkpoint_line(4, "/runs/r/checkpoint_00000004")
+
+
 def test_route_loggers_moves_console_lines_to_the_file(tmp_path, monkeypatch):
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
     name = "clap_test_console.library"
