@@ -2,7 +2,7 @@
 
 By default a `clap` job that runs Ray shows one line naming its log file, its own step and summary lines, one
 progress bar per stage (`progress()`, Ray Data's global bar per dataset in a terminal, the sweep's trials bar of
-pipelines/tune_console.py) and errors, one line each (report_failure; the traceback goes to the log file).
+pipelines/tune_console.py; `clap pretrain`'s step lines: pipelines/train_console.py) and errors, one line each (report_failure; the traceback goes to the log file).
 Everything else goes to `<output>/logs/clap-<command>.log` (JobLog): the lines of Ray's Python loggers in the
 driver (`ray`, `ray.data` with its "Running Dataset ... Total Progress" blocks, `ray.train`, `ray.tune`, ...), of
 the chatty client libraries (the demo's local S3 server), of Ray's C++ side, which writes to file descriptor 2
@@ -20,11 +20,9 @@ import atexit
 import contextlib
 import logging
 import os
-import queue
 import re
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from pipelines.native_stderr import NativeStderr
@@ -298,99 +296,6 @@ def configure_ray_data(global_bars: bool = True) -> None:
     ctx.enable_operator_progress_bars = verbose()
     if not verbose():
         ctx.print_on_execution_start = False
-
-
-class StepLines:
-    """Rank 0's step and validation lines of `clap pretrain`, printed once by the driver. Workers' output is not
-    forwarded to the console (init_ray), so rank 0 hands each line (clap_core.train.run_log) to the driver
-    through a Ray queue: `lines.sink` is the callable it emits them with (None: inactive, rank 0 prints them on
-    its own stdout, which shows or is meant to stay hidden). Lines do not go through ray.train.report: a
-    report blocks the worker until Ray Train's controller polls it (every 2 s), so the loop reports only
-    with its checkpoints. A Ray Train callback adds "checkpoint N saved" once the controller has registered
-    checkpoint N: from then on a lost worker group restarts from it.
-
-        lines = StepLines()
-        trainer = TorchTrainer(..., train_loop_config={..., "step_lines": lines.sink},
-                               run_config=RunConfig(..., callbacks=lines.callbacks))
-        with lines:
-            trainer.fit()
-    """
-
-    def __init__(self):
-        self.sink, self.queue, self.callbacks = None, None, []
-        if not _workers_silent:  # rank 0's own stdout reaches the console
-            return
-        import ray
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # a tiny actor (no CPU taken from the workers) on the driver's node: on another node, losing that node
-        # would lose the lines (and end the run) although Ray Train restores the workers
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        self.sink = QueueLines(self.queue)
-        self.callbacks = [_checkpoint_lines_callback(self.queue)]
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._print_lines, name="clap-step-lines", daemon=True)
-
-    def __enter__(self) -> StepLines:
-        if self.queue is not None:
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.queue is None:
-            return
-        self.done.set()
-        self.thread.join()
-        while True:  # lines emitted just before fit() returned
-            try:
-                print(self.queue.get_nowait(), flush=True)
-            except Exception:  # ray.util.queue.Empty
-                break
-        self.queue.shutdown()
-
-    def _print_lines(self) -> None:
-        from ray.util.queue import Empty
-
-        while not self.done.is_set():
-            try:
-                print(self.queue.get(timeout=0.5), flush=True)
-            except (Empty, queue.Empty):
-                continue
-
-
-def checkpoint_line(step: int, path: str) -> str:
-    return f"checkpoint {step} saved: {path}"
-
-
-def _checkpoint_lines_callback(lines_queue):
-    """A ray.train.UserCallback (it runs in Ray Train's controller): each registered checkpoint -> one line."""
-    from ray.train import UserCallback
-
-    class CheckpointLines(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if checkpoint is not None:
-                step = (metrics[0] if metrics else {}).get("step", "?")
-                lines_queue.put(checkpoint_line(step, checkpoint.path))
-
-    return CheckpointLines()
-
-
-class QueueLines:
-    """The callable rank 0 emits its console lines with (picklable: it travels in the train loop config): each
-    line into the driver's queue, or onto the worker's own stdout (Ray's worker log) when the queue is gone."""
-
-    def __init__(self, lines_queue):
-        self.queue = lines_queue
-
-    def __call__(self, line: str) -> None:
-        try:
-            self.queue.put(line, timeout=5)
-        except Exception:  # the driver (and its queue actor) went away: the line still lands in the worker's log
-            from clap_core.train.run_log import console_line
-
-            console_line(line)
 
 
 def progress(items, total: int, what: str):

@@ -49,8 +49,9 @@ from clap_core.train.worker import (
     maybe_inject_fault,
     train_batches,
 )
-from pipelines.console import StepLines, init_ray, plan_log
+from pipelines.console import init_ray, plan_log
 from pipelines.ray_shards import read_shards
+from pipelines.train_console import StepLines
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain.yaml"
 INGEST_CPUS = 1.0  # kept free for the Ray Data tasks that read, decode and feed the workers

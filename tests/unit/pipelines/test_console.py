@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from clap_core.train.run_log import step_line, validation_line
-from pipelines import console
+from pipelines import console, train_console
 from pipelines.native_stderr import NativeStderr
 
 REPO = Path(__file__).resolve().parents[3]
@@ -38,9 +38,9 @@ def test_rank0_lines_go_through_the_queue_once_and_fall_back_to_stdout(tmp_path,
 
     lines = ListQueue()
     entry = {"step": 4, "loss": 1.5, "temperature": 0.07, "lr": 1e-4, "samples_per_s": 10.0, "data_wait_share": 0.25}
-    RunLogger(str(tmp_path / "run"), TrainState(), enabled=False, emit=console.QueueLines(lines)).interval(entry, 10)
+    RunLogger(str(tmp_path / "run"), TrainState(), enabled=False, emit=train_console.QueueLines(lines)).interval(entry, 10)
     assert lines == []  # ranks other than 0 emit nothing
-    logger = RunLogger(str(tmp_path / "run"), TrainState(), enabled=True, emit=console.QueueLines(lines))
+    logger = RunLogger(str(tmp_path / "run"), TrainState(), enabled=True, emit=train_console.QueueLines(lines))
     logger.interval(entry, 10)
     assert lines == ["step 4/10  loss 1.5000  temperature 0.0700  lr 1.00e-04  10.0 samples/s  data-wait 25%"]
     assert lines[0] == step_line(entry, 10)
@@ -49,20 +49,20 @@ def test_rank0_lines_go_through_the_queue_once_and_fall_back_to_stdout(tmp_path,
     assert lines[1] == validation_line(5, val) == "step 5  validation  t2a/R@1 0.500  t2a/R@5 0.750  " \
                                                   "a2t/R@1 0.250  t2a/mAP@10 0.600"
     assert capsys.readouterr().out == ""  # nothing went to this process's stdout
-    assert pickle.loads(pickle.dumps(console.QueueLines(lines))).queue == lines  # it travels in the loop config
+    assert pickle.loads(pickle.dumps(train_console.QueueLines(lines))).queue == lines  # it travels in the loop config
 
-    console.QueueLines(GoneQueue())("step 6/10  loss 1.0")
+    train_console.QueueLines(GoneQueue())("step 6/10  loss 1.0")
     assert capsys.readouterr().out == "step 6/10  loss 1.0\n"
 
 
 def test_registered_checkpoint_becomes_one_line():
     """Ray Train's controller calls after_report once per report it registers; a checkpoint gives one line."""
     lines = ListQueue()
-    callback = console._checkpoint_lines_callback(lines)
+    callback = train_console._checkpoint_lines_callback(lines)
     callback.after_report(None, [{"step": 4}, {"step": 4}], SimpleNamespace(path="/runs/r/checkpoint_00000004"))
     callback.after_report(None, [{"step": 5}, {"step": 5}], None)  # metrics only: nothing was saved
     assert lines == ["checkpoint 4 saved: /runs/r/checkpoint_00000004"]
-    assert lines[0] == console.checkpoint_line(4, "/runs/r/checkpoint_00000004")
+    assert lines[0] == train_console.checkpoint_line(4, "/runs/r/checkpoint_00000004")
 
 
 def test_route_loggers_moves_console_lines_to_the_file(tmp_path, monkeypatch):
