@@ -37,12 +37,25 @@ def console_line(text: str) -> None:
 
 
 def step_line(entry: dict, total: int) -> str:
-    """The console line of one history entry: "step 10/1000  loss 3.9  temperature 0.0700  lr ..."."""
+    """The console line of one history entry: "step 10/1000  loss 3.9  temperature 0.0700  lr ...  ETA 5m20s"."""
     temps = f"temperature {entry['temperature']:.4f}"
     if "temperature_text" in entry:
         temps = f"temperature a2t {entry['temperature']:.4f} t2a {entry['temperature_text']:.4f}"
-    return (f"step {entry['step']}/{total}  loss {entry['loss']:.4f}  {temps}  lr {entry['lr']:.2e}  "
+    line = (f"step {entry['step']}/{total}  loss {entry['loss']:.4f}  {temps}  lr {entry['lr']:.2e}  "
             f"{entry['samples_per_s']:.1f} samples/s  data-wait {entry['data_wait_share']:.0%}")
+    if "eta_s" in entry and entry["step"] < total:
+        line += f"  ETA {duration(entry['eta_s'])}"
+    return line
+
+
+def duration(seconds: float) -> str:
+    """42s, 5m20s, 2h05m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def validation_line(step: int, metrics: dict[str, float]) -> str:

@@ -101,8 +101,10 @@ def log_interval(ctx: WorkerContext, window: StepWindow) -> dict[str, float]:
     loss, wait, seconds = all_mean([window.loss / window.steps, window.wait, window.seconds], ctx.device, ctx.world)
     entry = {"step": ctx.state.step, "loss": loss, **temperatures(ctx.engine.module), "lr": ctx.engine.get_lr()[0],
              "samples_per_s": window.steps * ctx.cfg.train.batch_size * ctx.world / max(seconds, 1e-9),
-             "data_wait_share": wait / max(seconds, 1e-9)}
-    metrics = {f"train/{k}": v for k, v in entry.items() if k != "step"}
+             "data_wait_share": wait / max(seconds, 1e-9),
+             # at this interval's pace (checkpoint and validation time left out)
+             "eta_s": (ctx.cfg.train.steps - ctx.state.step) * seconds / window.steps}
+    metrics = {f"train/{k}": v for k, v in entry.items() if k not in ("step", "eta_s")}
     ctx.logger.scalars(ctx.state.step, metrics)
     ctx.logger.interval(entry, ctx.cfg.train.steps)
     return metrics

@@ -15,7 +15,7 @@ from clap_core.model.clap import ClapModel
 from clap_core.train import validation
 from clap_core.train.config import load_pretrain_config, resolve_model_config
 from clap_core.train.engine import TrainState
-from clap_core.train.run_log import RunLogger, StepWindow
+from clap_core.train.run_log import RunLogger, StepWindow, duration, step_line
 from clap_core.train.validation import ValidSet, gather_rows, rank_rows
 from clap_core.train.worker import WorkerContext, log_interval
 from tests.fixtures.shards import shard_row, tone
@@ -82,9 +82,12 @@ def test_log_interval_and_run_summary(tiny_cfg, tmp_path, capfd):
     metrics = log_interval(ctx, window)
     assert metrics == {"train/loss": 2.5, "train/temperature": pytest.approx(0.07), "train/lr": 1e-3,
                        "train/samples_per_s": 4.0, "train/data_wait_share": 0.25}
-    assert state.history[-1] == {"step": 10, **{k.removeprefix("train/"): v for k, v in metrics.items()}}
-    assert "step 10/20  loss 2.5000  temperature 0.0700  lr 1.00e-03  4.0 samples/s  data-wait 25%" \
+    # ETA at this interval's pace: 10 steps left at 1 s each
+    assert state.history[-1] == {"step": 10, **{k.removeprefix("train/"): v for k, v in metrics.items()}, "eta_s": 10.0}
+    assert "step 10/20  loss 2.5000  temperature 0.0700  lr 1.00e-03  4.0 samples/s  data-wait 25%  ETA 10s\n" \
         in capfd.readouterr().out
+    assert [duration(s) for s in (42.4, 320, 7500)] == ["42s", "5m20s", "2h05m"]
+    assert "ETA" not in step_line({**state.history[-1], "step": 20}, 20)  # the last line has none
     logger.evaluation(10, {"val/t2a/R@1": 0.5, "val/t2a/R@5": 1.0, "val/a2t/R@1": 0.25, "val/t2a/mAP@10": 0.6})
     assert state.evals == [{"step": 10, "t2a/R@1": 0.5, "t2a/R@5": 1.0, "a2t/R@1": 0.25, "t2a/mAP@10": 0.6}]
     logger.sync()
