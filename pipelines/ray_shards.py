@@ -25,9 +25,12 @@ def read_shards(uris: list[str], columns: list[str] | None = None, include_paths
     fs, _ = storage.resolve_fs(uris[0])
     paths = [storage.resolve_fs(u)[1] for u in uris] * repeat
     ctx = ray.data.DataContext.get_current()
-    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # chosen when the dataset is created, here
+    saved = ctx.use_datasource_v2, ctx.enable_progress_bars
+    # the reader is chosen when the dataset is created, here; the footer sampling it does then would draw a
+    # "Parquet dataset sampling" bar of its own on the console (the job's bars stay as configured)
+    ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
     try:
         ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths)
     finally:
-        ctx.use_datasource_v2 = saved
+        ctx.use_datasource_v2, ctx.enable_progress_bars = saved
     return ds.select_columns(columns) if columns else ds

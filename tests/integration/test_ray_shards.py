@@ -22,7 +22,7 @@ def operator_names(ds) -> set[str]:
     return names
 
 
-def test_read_shards_reads_each_file_once_per_repeat_without_listing_at_execution(ray_local, tmp_path):
+def test_read_shards_reads_each_file_once_per_repeat_without_listing_at_execution(ray_local, tmp_path, capfd):
     rows = []
     for part in range(3):
         part_rows = [shard_row(f"clip-{part}-{i}", tone(220.0 * (i + 1), 0.1), f"tone {i}", "tone", "train")
@@ -33,8 +33,14 @@ def test_read_shards_reads_each_file_once_per_repeat_without_listing_at_executio
     ctx = ray_local.data.DataContext.get_current()
     assert ctx.use_datasource_v2  # Ray's default, which lists files at every execution and reads a repeat once
 
-    ds = read_shards(uris, ["id", "caption"], include_paths=False, repeat=2)
-    assert ctx.use_datasource_v2  # restored: other reads of the process keep Ray's default
+    ctx.enable_progress_bars = True  # as a command's console has it (one bar per dataset)
+    try:
+        capfd.readouterr()
+        ds = read_shards(uris, ["id", "caption"], include_paths=False, repeat=2)
+        assert "Parquet dataset sampling" not in capfd.readouterr().err  # no bar of the reader's own
+        assert ctx.use_datasource_v2 and ctx.enable_progress_bars  # restored: the process keeps its settings
+    finally:
+        ctx.enable_progress_bars = False  # the session's setting (tests/conftest.py)
     assert "ListFiles" not in operator_names(ds)  # no listing (FooterReader actors) per epoch
     expected = sorted([(r["id"], r["caption"]) for r in rows] * 2)
     for _ in range(2):  # every execution (an epoch) reads all of it again
