@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PEERS = REPO.parent.parent / "shared" / "peers" / "peer_bench.py"
+PEERS = REPO.parent / "shared" / "peers" / "peer_bench.py"  # ../shared/peers beside the checkout
 N_CLIPS, SR, SECONDS = 32, 48_000, 10
 
 
@@ -79,7 +79,8 @@ def peer_rows(python: str, runs: int) -> list[dict]:
         out = Path(tmp) / "peers.json"
         subprocess.run([python, str(PEERS), "--repeat", "1", "--runs", str(runs), "--only", "laion_filelist,hf_data",
                         "--laion-python", python, "--hf-python", python, "--json-out", str(out)],
-                       check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=3600)
+                       check=True, timeout=3600, env=dict(os.environ, HF_HUB_OFFLINE="1",  # its offline stand-ins
+                                                          HF_HOME=os.path.expanduser("~/.cache/clap-peers/hf")))
         return json.loads(out.read_text())["rows"]
 
 
