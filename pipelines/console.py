@@ -1,8 +1,9 @@
 """What a `clap` command shows on the console, and where the rest goes.
 
-By default a `clap` job that runs Ray shows one line naming its log file, its own step and summary lines, one
-progress bar per stage (`progress()`, Ray Data's global bar per dataset in a terminal, the sweep's trials bar of
-pipelines/tune_console.py; `clap pretrain`'s step lines: pipelines/train_console.py) and errors, one line each (report_failure; the traceback goes to the log file).
+By default a `clap` job that runs Ray shows one line naming its log file, its own step and summary lines
+(`clap pretrain`'s: pipelines/train_console.py), one progress bar per stage (`progress()`, Ray Data's global bar
+per dataset in a terminal, the sweep's trials bar of pipelines/tune_console.py) and errors, one line each
+(report_failure; the traceback goes to the log file).
 Everything else goes to `<output>/logs/clap-<command>.log` (JobLog): the lines of Ray's Python loggers in the
 driver (`ray`, `ray.data` with its "Running Dataset ... Total Progress" blocks, `ray.train`, `ray.tune`, ...), of
 the chatty client libraries (the demo's local S3 server), of Ray's C++ side, which writes to file descriptor 2
