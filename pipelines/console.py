@@ -314,6 +314,11 @@ def bar(items, total: int, what: str, disable: bool = False):
                 mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
 
 
+def workers_silent() -> bool:
+    """This process started Ray with workers' output off: a worker's print never reaches the console."""
+    return _workers_silent
+
+
 def quiet() -> bool:
     """A command's log file is open and not verbose: library output goes to the log, the console gets bars."""
     return _job_log is not None and not verbose()

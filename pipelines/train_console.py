@@ -15,13 +15,10 @@ from pipelines import console
 
 
 class StepLines:
-    """Rank 0's step and validation lines of `clap pretrain`, printed once by the driver. Workers' output is not
-    forwarded to the console (init_ray), so rank 0 hands each line (clap_core.train.run_log) to the driver
-    through a Ray queue: `lines.sink` is the callable it emits them with (None: inactive, rank 0 prints them on
-    its own stdout, which shows or is meant to stay hidden). Lines do not go through ray.train.report: a
-    report blocks the worker until Ray Train's controller polls it (every 2 s), so the loop reports only
-    with its checkpoints. A Ray Train callback adds "checkpoint N saved" once the controller has registered
-    checkpoint N: from then on a lost worker group restarts from it.
+    """The driver's end of the lines (see the module docstring): `sink` is what rank 0 emits them with (None:
+    inactive, rank 0 prints them on its own stdout, which shows or is meant to stay hidden); `callbacks` adds
+    "checkpoint N saved" once Ray Train's controller has registered checkpoint N, from when on a lost worker
+    group restarts from it.
 
         lines = StepLines()
         trainer = TorchTrainer(..., train_loop_config={..., "step_lines": lines.sink},
@@ -32,7 +29,7 @@ class StepLines:
 
     def __init__(self):
         self.sink, self.queue, self.callbacks = None, None, []
-        if not console._workers_silent:  # rank 0's own stdout reaches the console
+        if not console.workers_silent():  # rank 0's own stdout reaches the console
             return
         import ray
         from ray.util.queue import Queue

@@ -245,8 +245,8 @@ def test_worker_node_lost_during_pretrain(cluster, tmp_path):
     registered = re.compile(rf"^checkpoint {CHECKPOINT_EVERY} saved: ", flags=re.M)
     reported = re.compile(rf"^step {CHECKPOINT_EVERY + 2}/{PRETRAIN_STEPS} ", flags=re.M)
     kill_when_ready = time.monotonic() + 240
-    while not (registered.search(log.read_text()) and reported.search(log.read_text())):
-        assert job.poll() is None and time.monotonic() < kill_when_ready, log.read_text()[-4000:]
+    while not (registered.search(text := log.read_text()) and reported.search(text)):
+        assert job.poll() is None and time.monotonic() < kill_when_ready, text[-4000:]
         time.sleep(0.2)
     assert not (run / "final").exists(), "the run finished before the kill point"
     cluster.kill_worker_node()
