@@ -164,18 +164,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_preprocess_config(args.config, args.overrides)
     for uri in (args.input, args.output):
         storage.check_access(storage.absolute(uri))  # before starting Ray: a refusal costs seconds, not a cluster
-    started = not ray.is_initialized()
-    if started:
+    if not ray.is_initialized():
         plan_log("preprocess", args.output)  # Ray's lines go to OUTPUT/logs/clap-preprocess.log
-        init_ray(data_bars=False)  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
+        # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS); shut down by the CLI's finish_log
+        # after a failure line is printed: shutting down here, while Ray Data's threads still wind down after a
+        # failure, let the core worker end the process (exit 1) before the CLI said why
+        init_ray(data_bars=False)
     try:
         result = preprocess(args.input, args.output, cfg)
     except OutputMismatchError as e:
         print(f"clap preprocess: {e}")
         return 2
-    finally:
-        if started:
-            ray.shutdown()
     print(json.dumps({"output": args.output, "rows_in": result["rows_in"], "rows_out": result["rows_out"],
                       "rejects": result["rejects"]["by_reason"], "splits": result["splits"]}))
     print(summary_line(result))
