@@ -1,13 +1,18 @@
-"""This project's embedding paths side by side with LAION-CLAP and transformers, in one run.
+"""This project's embedding paths and train step side by side with LAION-CLAP and transformers, in one run.
 
     python benchmarks/bench_peers.py                                  # our paths only
     python benchmarks/bench_peers.py --peers-python ~/.cache/clap-peers/venv/bin/python   # + the peers
+    python benchmarks/bench_peers.py --cases train --peers-python ...  # the train step only
 
-Case: 32 wav files of 10 s at 48 kHz (the peers' harness files: noise + a tone, PCM-16), random-init
+Embedding case: 32 wav files of 10 s at 48 kHz (the peers' harness files: noise + a tone, PCM-16), random-init
 HTS-AT tiny + RoBERTa-base, 2 torch threads, `ClapModel.embed_audio(paths, batch_size=8)` with each
 precision / runtime; the peers run /work/shared/peers/peer_bench.py (`laion_filelist`, `hf_data`) in their
 own environment. Each path's accuracy is its minimum cosine to our exact fp32 embeddings on decoded
-MP3/Ogg clips (tests/audio_fixtures). Lines `RESULT {json}` are what peer_bench's --extra reads.
+MP3/Ogg clips (tests/audio_fixtures).
+Train case (peer_bench's `laion_train`): batch 8 of 10 s noise at 48 kHz + random token ids of length 32, the
+log-mel front end inside the step, InfoNCE, backward, AdamW (lr 1e-4, wd 0.01), plain PyTorch on CPU; the mean
+of 5 steps after a warm-up, in fp32 and under bf16 autocast (fp32 weights and optimizer), each with its gradient's
+cosine to the fp32 step's on the same batch. Lines `RESULT {json}` are what peer_bench's --extra reads.
 Machines are noisy: compare only ratios of one run.
 """
 from __future__ import annotations
@@ -73,11 +78,65 @@ def our_paths(paths: list[str], runs: int) -> list[dict]:
     return rows
 
 
-def peer_rows(python: str, runs: int) -> list[dict]:
+TRAIN_BS, TEXT_LEN, VOCAB, TRAIN_STEPS = 8, 32, 50265, 5
+
+
+def our_train_steps(precisions: list[str]) -> list[dict]:
+    """peer_bench's laion_train case on this project's model: s/step per precision + gradient cosine to fp32."""
+    import numpy as np
+    import torch
+
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
+    from clap_core.model.inference import autocast
+    from clap_core.train.loss import ClipLoss
+
+    torch.set_num_threads(2)
+    wave = torch.from_numpy((0.1 * np.random.default_rng(2).standard_normal((TRAIN_BS, SR * SECONDS)))
+                            .astype(np.float32))  # (8, 480000)
+    ids = torch.randint(3, VOCAB, (TRAIN_BS, TEXT_LEN), generator=torch.Generator().manual_seed(0))
+    ids[:, 0], ids[:, -1] = 0, 2  # <s> ... </s>
+    mask = torch.ones_like(ids)
+    loss_fn = ClipLoss()
+    rows, reference = [], None
+    for precision in precisions:
+        torch.manual_seed(0)
+        model = ClapModel(get_model_config("htsat-tiny-roberta", ["text_encoder.pretrained=null",
+                                                                   "text_encoder.tokenizer=bytes"])).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        times, grad = [], None
+        for step in range(1 + TRAIN_STEPS):  # step 0: warm-up, and the gradient compared across precisions
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            torch.manual_seed(step)  # the same random crop / augment draws in every precision
+            with autocast(model, precision):
+                out = model(wave, ids, mask)
+                loss = loss_fn(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
+                               output_dict=False)
+            loss.backward()
+            if step == 0:
+                grad = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+            opt.step()
+            times.append(time.perf_counter() - start)
+        reference = grad if reference is None else reference
+        cosine = float(torch.nn.functional.cosine_similarity(grad.double(), reference.double(), dim=0))  # fp64: 150M terms
+        rows.append(dict(case=f"laion_train_L{TEXT_LEN}", impl=f"clap-at-scale train step {precision}",
+                         metric=f"train step bs{TRAIN_BS}, 10 s audio, text L={TEXT_LEN}", unit="s/step",
+                         median=sum(times[1:]) / TRAIN_STEPS, runs=TRAIN_STEPS,
+                         detail={"steps_s": [round(t, 3) for t in times[1:]],
+                                 "grad_cosine_to_" + precisions[0]: round(cosine, 6),
+                                 "params_M": round(sum(p.numel() for p in params) / 1e6, 2)}))
+    return rows
+
+
+def peer_rows(python: str, runs: int, cases: list[str]) -> list[dict]:
     """The peers' harness with their interpreter for both LAION-CLAP and transformers; rows from its JSON."""
+    only = (["laion_filelist", "hf_data"] if "embed" in cases else []) + (["laion_train"] if "train" in cases else [])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
-        subprocess.run([python, str(PEERS), "--repeat", "1", "--runs", str(runs), "--only", "laion_filelist,hf_data",
+        subprocess.run([python, str(PEERS), "--repeat", "1", "--runs", str(runs), "--only", ",".join(only),
+                        "--steps", str(TRAIN_STEPS), "--text-lens", str(TEXT_LEN),
                         "--laion-python", python, "--hf-python", python, "--json-out", str(out)],
                        check=True, timeout=3600, env=dict(os.environ, HF_HUB_OFFLINE="1",  # its offline stand-ins
                                                           HF_HOME=os.path.expanduser("~/.cache/clap-peers/hf")))
@@ -89,18 +148,25 @@ def main() -> None:
     parser.add_argument("--peers-python", default=None, help="the peers' venv python (see ../shared/peers)")
     parser.add_argument("--paths", default="fp32,bf16", help="our precisions to time")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--cases", default="embed,train", help="embed, train or both")
+    parser.add_argument("--train-precisions", default="fp32,bf16", help="our train step's precisions (fp32 first)")
     args = parser.parse_args()
-    rows = our_paths(args.paths.split(","), args.runs)
+    cases = args.cases.split(",")
+    rows = our_paths(args.paths.split(","), args.runs) if "embed" in cases else []
+    rows += our_train_steps(args.train_precisions.split(",")) if "train" in cases else []
     if args.peers_python:
-        rows += peer_rows(args.peers_python, args.runs)
+        rows += peer_rows(args.peers_python, args.runs, cases)
     for row in rows:
         print("RESULT " + json.dumps(row), flush=True)
-    laion = next((r["median"] for r in rows if r["impl"].startswith("laion_clap")), None)
-    print(f"\n{'impl':48s} {'clips/s':>8s} {'x LAION':>8s}  min cos to fp32")
-    for row in rows:
-        ratio = f"{row['median'] / laion:8.2f}" if laion else "       -"
-        cos = row.get("detail", {}).get("min_cosine_to_fp32", "")
-        print(f"{row['impl'][:48]:48s} {row['median']:8.2f} {ratio}  {cos}")
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case]
+        laion = next((r["median"] for r in mine if r["impl"].startswith("laion_clap")), None)
+        unit = mine[0]["unit"]
+        print(f"\n{'impl':48s} {unit:>8s} {'x LAION':>8s}  detail")
+        for row in mine:
+            ratio = f"{row['median'] / laion:8.2f}" if laion else "       -"
+            detail = {k: v for k, v in row.get("detail", {}).items() if "cosine" in k}
+            print(f"{row['impl'][:48]:48s} {row['median']:8.2f} {ratio}  {detail or ''}")
 
 
 if __name__ == "__main__":

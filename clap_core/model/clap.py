@@ -152,6 +152,9 @@ class ClapModel(nn.Module):
     def encode_mel(self, mel: torch.Tensor, is_longer: torch.Tensor | None = None,
                    normalize: bool = True) -> torch.Tensor:
         """Log-mel (B, C, T, F) -> audio embeddings (B, embed_dim)."""
+        weight = next(self.audio_encoder.parameters(), None)
+        if weight is not None and weight.dtype != mel.dtype:  # a bf16 tower (inference.bf16_copy): fp32 mel in
+            mel = mel.to(weight.dtype)
         if getattr(self.audio_encoder, "takes_is_longer", False):
             feats = self.audio_encoder(mel, is_longer)
         else:

@@ -45,3 +45,34 @@ def test_fp32_is_exact_and_auto_follows_the_hardware(laion_sized_audio):
     assert np.array_equal(auto, model.embed_audio(clips, sample_rate=48_000, precision=expected))
     with pytest.raises(ValueError, match="precision"):
         model.embed_audio(clips, sample_rate=48_000, precision="fp16")
+
+
+def test_bf16_path_runs_a_cached_bf16_copy_that_follows_weight_changes():
+    from clap_core.model.inference import bf16_copy, drop_bf16_copy
+
+    torch.manual_seed(0)
+    model = ClapModel(get_model_config("tiny")).eval()
+    torch.manual_seed(1)
+    other = ClapModel(get_model_config("tiny")).eval()
+    clips = decoded_clips([2.0, 3.0])
+    first = model.embed_audio(clips, sample_rate=48_000, precision="bf16")
+    fast = bf16_copy(model)
+    assert fast is bf16_copy(model)  # cached: one copy per set of weights
+    assert next(fast.audio_encoder.parameters()).dtype == torch.bfloat16
+    assert next(model.audio_encoder.parameters()).dtype == torch.float32  # the model itself is untouched
+    assert not any("bf16" in k for k in model.state_dict())  # not a submodule: never saved or exported
+    model.load_state_dict(other.state_dict())  # new weights: the copy is rebuilt from them
+    assert bf16_copy(model) is not fast
+    after = model.embed_audio(clips, sample_rate=48_000, precision="bf16")
+    assert np.array_equal(after, other.embed_audio(clips, sample_rate=48_000, precision="bf16"))
+    assert not np.allclose(after, first, atol=1e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # a training step changes weights in place
+    model.train()
+    model.encode_audio(torch.from_numpy(clips[0])[None]).sum().backward()
+    optimizer.step()
+    model.eval()
+    stepped = bf16_copy(model)
+    for mine, copied in zip(model.audio_encoder.parameters(), stepped.audio_encoder.parameters()):
+        assert torch.equal(mine.detach().to(torch.bfloat16), copied)
+    drop_bf16_copy(model)
+    assert "_bf16_copy" not in model.__dict__
