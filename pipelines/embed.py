@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -104,15 +105,21 @@ def write_batch_rejects(output: str, attempt: str, rejects: list[Reject]) -> Non
 
 class EmbedBatch:
     def __init__(self, checkpoint: str, batch_size: int, text: bool, precision: str = "auto",
-                 layers: bool = False):
+                 layers: bool = False, threads: int | None = None):
         import torch
 
         from clap_core.model.clap import ClapModel
+
+        if threads:  # a CPU actor (actor_threads): Ray's 1-CPU reservation would pin torch to one thread
+            torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
 
         self.model = ClapModel.from_pretrained(local_copy(checkpoint))
         if torch.cuda.is_available():
             self.model = self.model.cuda()
         self.batch_size, self.text, self.precision = batch_size, text, precision
+        from clap_core.model.inference import runner
+
+        runner(self.model, precision)  # the bf16 copy of the fast path, built while the actor starts
         self.layers = layers and hasattr(self.model.audio_encoder, "layer_features")  # speech towers only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -199,6 +206,17 @@ def actor_pool(cluster_gpus: int, gpus: float | None, concurrency: int | None, m
     return gpus_per_actor, (low, high) if high > low else high
 
 
+def actor_threads(cpus: float, gpus_per_actor: float, pool: int | tuple[int, int]) -> int | None:
+    """Torch threads per CPU embedding actor: the cluster's CPUs shared by the most actors the pool may run
+    (None for GPU actors: Ray's default). Each actor reserves 1 CPU, so Ray would give torch 1 thread and leave
+    the CPUs kept for decoding idle most of the time (decoding costs ~3 ms of CPU per clip, the model ~100 ms):
+    on 2 CPUs that halved the job's throughput. Capped at the actor's node's cores (EmbedBatch)."""
+    if gpus_per_actor or not cpus:
+        return None
+    most = pool[1] if isinstance(pool, tuple) else pool
+    return max(1, int(cpus) // max(1, most))
+
+
 def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
                   concurrency: int | None = None, text: bool = True, precision: str = "auto",
                   layers: bool = False, min_workers: int = 1, max_workers: int | None = None,
@@ -233,7 +251,8 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
                                       cpus=resources.get("CPU", 0))
     ds = read_input(ray, input_uri, split, output, attempt)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output, "attempt": attempt}, batch_size=batch_size)
-    ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision, layers),
+    threads = actor_threads(resources.get("CPU", 0), gpus_per_actor, pool)
+    ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision, layers, threads),
                         batch_size=batch_size, concurrency=pool, num_gpus=gpus_per_actor)
     fs, path = storage.resolve_fs(embeddings.data_path(output))
     names = FilenameProvider(dataset_uuid=attempt, file_format="parquet")  # <attempt>_<write uuid>_<task>.parquet

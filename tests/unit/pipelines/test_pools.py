@@ -2,11 +2,13 @@
 cluster has now), and `clap embed --gpus` asks for GPU actors before a GPU node exists."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from clap_core.config import ConfigError
 from clap_core.preprocess.config import load_preprocess_config
-from pipelines.embed import actor_pool
+from pipelines.embed import EmbedBatch, actor_pool, actor_threads
 from pipelines.preprocess import pool_strategy
 
 
@@ -30,3 +32,29 @@ def test_embed_pool_gpu_setting():
     assert actor_pool(0, 1.0, None, 1, 8) == (1.0, (1, 8))  # --gpus 1 before any GPU node: GPU actors anyway
     assert actor_pool(0, 0.5, 3, 1, None) == (0.5, 3)  # fixed --concurrency
     assert actor_pool(0, 0, None, 2, 2) == (0, 2)  # min == max: a fixed size
+
+
+def test_cpu_embedding_actors_share_the_cluster_cpus_between_their_torch_threads():
+    assert actor_threads(2, 0.0, 1) == 2  # a laptop: one actor, both cores (Ray's reservation alone gives it 1)
+    assert actor_threads(8, 0.0, (1, 2)) == 4  # up to 2 actors: 4 threads each
+    assert actor_threads(3, 0.0, 2) == 1
+    assert actor_threads(16, 1.0, (1, 4)) is None  # GPU actors: Ray's default
+    assert actor_threads(0, 0.0, 2) is None  # no CPU figure: Ray's default
+
+
+def test_embed_actor_sets_its_torch_threads(tmp_path):
+    import torch
+
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
+
+    ClapModel(get_model_config("tiny")).save_pretrained(tmp_path / "ckpt")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        EmbedBatch(str(tmp_path / "ckpt"), 4, text=False, threads=2)
+        assert torch.get_num_threads() == min(2, os.cpu_count())
+        EmbedBatch(str(tmp_path / "ckpt"), 4, text=False, threads=10_000)  # at most the node's cores
+        assert torch.get_num_threads() == os.cpu_count()
+    finally:
+        torch.set_num_threads(before)
