@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(autoscaling clusters). Default: 1 when the cluster has GPUs now, else CPU only")
     parser.add_argument("--no-text", action="store_true", help="skip caption embeddings")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto: bf16 autocast where the hardware has native bf16 (cosine >= 0.999 to fp32), "
-                             "else fp32; fp32: exact")
+                        help="auto: bf16 (a bf16 copy of the encoders, under autocast) where the hardware has "
+                             "native bf16 (cosine >= 0.999 to fp32), else fp32; fp32: exact")
 
 
 # --- stage 1: decode (plain batch function on CPU tasks) ---

@@ -206,7 +206,7 @@ class ClapModel(nn.Module):
                     long_audio: inference.LongAudio = "auto", precision: inference.Precision = "auto") -> np.ndarray:
         """Paths or arrays -> (N, embed_dim) unit embeddings; decodes, resamples and batches by itself.
 
-        precision "auto": bf16 autocast where the device has native bf16, else fp32; "fp32": exact.
+        precision "auto": bf16 (inference.bf16_copy) where the device has native bf16, else fp32; "fp32": exact.
         """
         return inference.embed_audio(self, audio, sample_rate, batch_size, long_audio, precision)
 
