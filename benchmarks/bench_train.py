@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import tempfile
 import time
@@ -166,7 +167,8 @@ def main() -> None:
     import ray
     torch.set_num_threads(1)  # one core per worker in the Ray variants; the same for the plain loop
     plain = plain_torch(args.model, args.batch, args.steps, args.warmup)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # the machine's real CPUs: (d)'s ingest runs on the cores the worker leaves, as `clap pretrain` does on it
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     one = ray_deepspeed(args.model, args.batch, args.steps, args.warmup, 1, 1)
     two = ray_deepspeed(args.model, args.batch, args.steps, args.warmup, 2, 1)
     with tempfile.TemporaryDirectory() as tmp:
