@@ -109,16 +109,14 @@ class EmbedBatch:
         import torch
 
         from clap_core.model.clap import ClapModel
+        from clap_core.model.inference import runner
 
         if threads:  # a CPU actor (actor_threads): Ray's 1-CPU reservation would pin torch to one thread
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
-
         self.model = ClapModel.from_pretrained(local_copy(checkpoint))
         if torch.cuda.is_available():
             self.model = self.model.cuda()
         self.batch_size, self.text, self.precision = batch_size, text, precision
-        from clap_core.model.inference import runner
-
         runner(self.model, precision)  # the bf16 copy of the fast path, built while the actor starts
         self.layers = layers and hasattr(self.model.audio_encoder, "layer_features")  # speech towers only
 
@@ -209,7 +207,7 @@ def actor_pool(cluster_gpus: int, gpus: float | None, concurrency: int | None, m
 def actor_threads(cpus: float, gpus_per_actor: float, pool: int | tuple[int, int]) -> int | None:
     """Torch threads per CPU embedding actor: the cluster's CPUs shared by the most actors the pool may run
     (None for GPU actors: Ray's default). Each actor reserves 1 CPU, so Ray would give torch 1 thread and leave
-    the CPUs kept for decoding idle most of the time (decoding costs ~3 ms of CPU per clip, the model ~100 ms):
+    the CPUs kept for decoding idle most of the time (decoding costs ~3 ms of CPU per clip, HTS-AT + RoBERTa ~60 ms):
     on 2 CPUs that halved the job's throughput. Capped at the actor's node's cores (EmbedBatch)."""
     if gpus_per_actor or not cpus:
         return None
