@@ -62,6 +62,19 @@ INGEST_CPUS = 1.0  # kept free for the Ray Data tasks that read, decode and feed
 # every worker reads all of valid
 
 
+MAX_PASSES = 64  # reads of the training split per Ray Data epoch at most (each pass is a set of read tasks)
+
+
+def epoch_passes(cfg: PretrainConfig, train_rows: int) -> int:
+    """How many times one Ray Data epoch reads the training split. Ray Train's streaming split runs the dataset
+    again at each epoch and the workers wait for its first blocks (44% of a 25-step interval in the demo), so
+    a small corpus is repeated within an epoch: data.min_epoch_rows rows, or by default the whole run's."""
+    wanted = cfg.data.min_epoch_rows
+    if wanted is None:
+        wanted = cfg.train.steps * cfg.train.batch_size * cfg.scaling.num_workers
+    return min(MAX_PASSES, max(1, math.ceil(wanted / max(train_rows, 1))))
+
+
 def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfig,
                    rejects_uri: str | None = None) -> dict[str, ray.data.Dataset]:
     """Train (decoded, tokenized; undecodable rows go to rejects_uri with shard and id) and valid datasets."""
@@ -71,7 +84,7 @@ def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfi
     transform = PairBatchTransform.for_model(model_cfg, training=True, clip_seconds=cfg.data.max_clip_seconds)
     transform.rejects_uri = rejects_uri
     compute = ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks) if cfg.data.decode_tasks else None
-    passes = max(1, math.ceil(cfg.data.min_epoch_rows / max(count_rows(data_uri, cfg.data.train_split), 1)))
+    passes = epoch_passes(cfg, count_rows(data_uri, cfg.data.train_split))
     train = (read_shards(train_files, ["id", "path", "audio", "caption", "captions"], include_paths=True,
                          repeat=passes)
              .randomize_block_order()

@@ -71,8 +71,9 @@ class PretrainDataConfig:
     decode_tasks: int | None = None  # most decode/tokenize tasks at once (None: as many as free CPUs allow)
     max_bad_row_fraction: float = 0.001  # undecodable training rows are skipped and listed in RUN/_rejects/;
     # the run fails once more than this share of the training rows (and more than one row) is bad
-    min_epoch_rows: int = 8192  # a small corpus is read several times per Ray Data epoch (fresh crops and
-    # captions each pass), so the few seconds an epoch boundary costs are not paid every few steps
+    min_epoch_rows: int | None = None  # a small corpus is read several times per Ray Data epoch (fresh crops
+    # and captions each pass), so the seconds an epoch boundary stalls are not paid every few steps; None: the
+    # rows the whole run trains on (steps x batch_size x num_workers): no boundary mid-run. At most MAX_PASSES.
 
 
 @dataclass

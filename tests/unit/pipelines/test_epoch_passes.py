@@ -1,0 +1,25 @@
+"""How many times one Ray Data epoch of `clap pretrain` reads the training split (pipelines.pretrain.epoch_passes):
+by default enough for the whole run, so a small corpus never stalls at an epoch boundary mid-run."""
+from clap_core.train.config import load_pretrain_config
+from pipelines.job_configs import default_config_path
+from pipelines.pretrain import MAX_PASSES, epoch_passes
+
+
+def cfg(*overrides: str):
+    return load_pretrain_config(default_config_path("pretrain"), list(overrides))
+
+
+def test_the_shipped_default_covers_the_whole_run():
+    shipped = cfg("train.steps=300", "train.batch_size=32", "scaling.num_workers=2")
+    assert shipped.data.min_epoch_rows is None
+    assert epoch_passes(shipped, 658) == 30  # the demo: 300 x 32 x 2 = 19,200 rows of a 658-row split
+    assert epoch_passes(shipped, 19_200) == 1
+    assert epoch_passes(shipped, 8_000_000) == 1  # a production corpus: one pass, boundaries once per pass
+
+
+def test_an_explicit_floor_and_the_cap():
+    assert epoch_passes(cfg("data.min_epoch_rows=384"), 48) == 8
+    assert epoch_passes(cfg("data.min_epoch_rows=0"), 48) == 1  # one pass per epoch
+    assert epoch_passes(cfg("data.min_epoch_rows=10"), 0) == 10  # no rows counted: never a division by zero
+    huge = cfg("train.steps=1000000", "train.batch_size=256", "scaling.num_workers=8")
+    assert epoch_passes(huge, 100) == MAX_PASSES  # a tiny corpus and a long run: a bounded read plan
