@@ -62,7 +62,8 @@ INGEST_CPUS = 1.0  # kept free for the Ray Data tasks that read, decode and feed
 # every worker reads all of valid
 
 
-MAX_PASSES = 64  # reads of the training split per Ray Data epoch at most (each pass is a set of read tasks)
+MAX_PASSES = 1024  # reads of the training split per Ray Data epoch at most (1024 passes of a 1-file split:
+# 0.1 s to plan, 2.4 s to count 70k rows on 2 cores)
 
 
 def epoch_passes(cfg: PretrainConfig, train_rows: int) -> int:

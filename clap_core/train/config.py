@@ -73,7 +73,7 @@ class PretrainDataConfig:
     # the run fails once more than this share of the training rows (and more than one row) is bad
     min_epoch_rows: int | None = None  # a small corpus is read several times per Ray Data epoch (fresh crops
     # and captions each pass), so the seconds an epoch boundary stalls are not paid every few steps; None: the
-    # rows the whole run trains on (steps x batch_size x num_workers): no boundary mid-run. At most MAX_PASSES.
+    # rows the whole run trains on (steps x batch_size x num_workers): no boundary mid-run. At most 1024 passes.
 
 
 @dataclass
