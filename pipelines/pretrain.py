@@ -76,16 +76,17 @@ def epoch_passes(cfg: PretrainConfig, train_rows: int) -> int:
     return min(MAX_PASSES, max(1, math.ceil(wanted / max(train_rows, 1))))
 
 
-def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfig,
+def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfig, train_rows: int,
                    rejects_uri: str | None = None) -> dict[str, ray.data.Dataset]:
-    """Train (decoded, tokenized; undecodable rows go to rejects_uri with shard and id) and valid datasets."""
+    """Train (decoded, tokenized; undecodable rows go to rejects_uri with shard and id) and valid datasets;
+    `train_rows`: the training split's rows (count_rows)."""
     train_files = shard_files(data_uri, cfg.data.train_split)  # manifest.json's list: never crash debris
     if not train_files:
         raise FileNotFoundError(f"no training shards at {data_uri.rstrip('/')}/{cfg.data.train_split}")
     transform = PairBatchTransform.for_model(model_cfg, training=True, clip_seconds=cfg.data.max_clip_seconds)
     transform.rejects_uri = rejects_uri
     compute = ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks) if cfg.data.decode_tasks else None
-    passes = epoch_passes(cfg, count_rows(data_uri, cfg.data.train_split))
+    passes = epoch_passes(cfg, train_rows)
     train = (read_shards(train_files, ["id", "path", "audio", "caption", "captions"], include_paths=True,
                          repeat=passes)
              .randomize_block_order()
@@ -239,7 +240,8 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
         dump_yaml(model_cfg, Path(tmp) / "model_config.yaml")
         for name in ("pretrain_config.yaml", "model_config.yaml"):
             storage.upload(Path(tmp) / name, storage.join(output, name))
-    datasets = build_datasets(data, cfg, model_cfg, rejects_uri=storage.join(output, REJECTS_DIR))
+    train_rows = count_rows(data, cfg.data.train_split)  # read once: the epoch's passes and the bad-row bound
+    datasets = build_datasets(data, cfg, model_cfg, train_rows, rejects_uri=storage.join(output, REJECTS_DIR))
     scaling = cfg.scaling
     worker_resources = worker_resources_for(scaling, ray.cluster_resources().get("CPU", 0))
     lines = StepLines()  # rank 0's step lines, printed here (workers' output goes to Ray's logs)
@@ -247,7 +249,7 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
         train_fn_per_worker,
         train_loop_config={"pretrain": to_dict(cfg), "model": to_dict(model_cfg), "run_uri": output,
                            "export_only": export_only, "has_valid": "valid" in datasets,
-                           "train_rows": count_rows(data, cfg.data.train_split), "step_lines": lines.sink},
+                           "train_rows": train_rows, "step_lines": lines.sink},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=worker_resources),
         run_config=run_config(output, cfg, lines.callbacks),
