@@ -10,9 +10,10 @@ precision / runtime; the peers run /work/shared/peers/peer_bench.py (`laion_file
 own environment. Each path's accuracy is its minimum cosine to our exact fp32 embeddings on decoded
 MP3/Ogg clips (tests/audio_fixtures).
 Train case (peer_bench's `laion_train`): batch 8 of 10 s noise at 48 kHz + random token ids of length 32, the
-log-mel front end inside the step, InfoNCE, backward, AdamW (lr 1e-4, wd 0.01), plain PyTorch on CPU; the mean
-of 5 steps after a warm-up, in fp32 and under bf16 autocast (fp32 weights and optimizer), each with its gradient's
-cosine to the fp32 step's on the same batch. Lines `RESULT {json}` are what peer_bench's --extra reads.
+log-mel front end inside the step, InfoNCE, backward, AdamW (lr 1e-4, wd 0.01; ours with build_optimizer's fused
+kernel), plain PyTorch on CPU; the mean of 5 steps after a warm-up, in fp32 and under bf16 autocast (fp32 weights
+and optimizer), each with its gradient's cosine to the fp32 step's on the same batch. Lines `RESULT {json}` are
+what peer_bench's --extra reads.
 Machines are noisy: compare only ratios of one run.
 """
 from __future__ import annotations
@@ -90,6 +91,7 @@ def our_train_steps(precisions: list[str]) -> list[dict]:
     from clap_core.model.config import get_model_config
     from clap_core.model.inference import autocast
     from clap_core.train.loss import ClipLoss
+    from clap_core.train.optim import adamw_kernel
 
     torch.set_num_threads(2)
     wave = torch.from_numpy((0.1 * np.random.default_rng(2).standard_normal((TRAIN_BS, SR * SECONDS)))
@@ -104,7 +106,8 @@ def our_train_steps(precisions: list[str]) -> list[dict]:
         model = ClapModel(get_model_config("htsat-tiny-roberta", ["text_encoder.pretrained=null",
                                                                    "text_encoder.tokenizer=bytes"])).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        # our optimizer's kernel (build_optimizer: fused AdamW), with the peers' hyper-parameters
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **adamw_kernel(model.device))
         times, grad = [], None
         for step in range(1 + TRAIN_STEPS):  # step 0: warm-up, and the gradient compared across precisions
             start = time.perf_counter()

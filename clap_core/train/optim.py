@@ -61,10 +61,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_pretrained
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, lr_pretrained: float | None = None,
                     betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6) -> torch.optim.AdamW:
-    # foreach=False: identical numerics on every device; the fused/foreach kernels only pay off on GPU.
-    foreach = next(model.parameters()).device.type == "cuda"
+    # fused: one vectorised kernel per parameter group on CPU and GPU. The same AdamW update, within float
+    # rounding of the per-parameter loop (tests/unit/train/test_optim.py); on CPU it takes HTS-AT + RoBERTa's
+    # step from ~0.28 s to ~0.05 s (README, "Train step next to LAION-CLAP").
     return torch.optim.AdamW(param_groups(model, lr, weight_decay, lr_pretrained), lr=lr, betas=betas, eps=eps,
-                             foreach=foreach)
+                             **adamw_kernel(next(model.parameters()).device))
+
+
+def adamw_kernel(device: torch.device) -> dict:
+    """AdamW's implementation on `device`: the fused kernel where torch has one (CPU, CUDA), else its default."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

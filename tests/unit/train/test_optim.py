@@ -1,6 +1,7 @@
 """Parameter groups (decay, learning rates, frozen encoders) and the warmup + cosine schedule."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -83,3 +84,24 @@ def test_pretrain_config_unknown_keys_name_the_key():
         load_pretrain_config(None, ["train.batch_size=8", "train.grad_cache_chunk=3"])
     cfg = load_pretrain_config(None, ["model.text_encoder.frozen=true"])
     assert resolve_model_config("tiny", cfg.model).text_encoder.frozen
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_per_parameter_loop(model):
+    """build_optimizer's fused kernel is AdamW itself: after 5 steps on the same gradients, every weight equals
+    the plain per-parameter loop's (torch's reference implementation) within float rounding."""
+    start = {name: param.detach().clone() for name, param in model.named_parameters()}
+    reference, fused_model = copy.deepcopy(model), copy.deepcopy(model)
+    fused = build_optimizer(fused_model, lr=1e-2, weight_decay=0.1, lr_pretrained=1e-3)
+    assert fused.param_groups and all(group["fused"] for group in fused.param_groups)
+    loop = torch.optim.AdamW(param_groups(reference, lr=1e-2, weight_decay=0.1, lr_pretrained=1e-3), lr=1e-2,
+                             betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for param, twin in zip(reference.parameters(), fused_model.parameters()):
+            grad = torch.randn(param.shape, generator=generator)
+            param.grad, twin.grad = grad, grad.clone()
+        loop.step()
+        fused.step()
+    for (name, param), twin in zip(reference.named_parameters(), fused_model.parameters()):
+        assert not torch.equal(param, start[name]), name  # every weight moved: the comparison means something
+        torch.testing.assert_close(twin, param, rtol=1e-5, atol=1e-6, msg=name)
