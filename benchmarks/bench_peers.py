@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,7 +129,8 @@ def our_train_steps(precisions: list[str]) -> list[dict]:
         rows.append(dict(case=f"laion_train_L{TEXT_LEN}", impl=f"clap-at-scale train step {precision}",
                          metric=f"train step bs{TRAIN_BS}, 10 s audio, text L={TEXT_LEN}", unit="s/step",
                          median=sum(times[1:]) / TRAIN_STEPS, runs=TRAIN_STEPS,
-                         detail={"steps_s": [round(t, 3) for t in times[1:]],
+                         detail={"median_s": round(statistics.median(times[1:]), 3),
+                                 "steps_s": [round(t, 3) for t in times[1:]],
                                  "grad_cosine_to_" + precisions[0]: round(cosine, 6),
                                  "params_M": round(sum(p.numel() for p in params) / 1e6, 2)}))
     return rows
@@ -165,13 +167,23 @@ def main() -> None:
     group = {"hf_data": "laion_filelist"}  # transformers' embedding row beside LAION-CLAP's filelist one
     for case in dict.fromkeys(group.get(r["case"], r["case"]) for r in rows):
         mine = [r for r in rows if group.get(r["case"], r["case"]) == case]
-        laion = next((r["median"] for r in mine if r["impl"].startswith("laion_clap")), None)
+        laion = next((r for r in mine if r["impl"].startswith("laion_clap")), None)
+        # train steps: also the median step, which one slow step (a page fault storm, a busy neighbour) leaves alone
+        medians = all("median_s" in r.get("detail", {}) for r in mine)
         unit = mine[0]["unit"]
-        print(f"\n{'impl':48s} {unit:>8s} {'x LAION':>8s}  detail")
+        print(f"\n{'impl':48s} {unit:>8s} {'x LAION':>8s}" + (f" {'median':>8s} {'x LAION':>8s}" if medians else "")
+              + "  detail")
         for row in mine:
-            ratio = f"{row['median'] / laion:8.2f}" if laion else "       -"
+            line = f"{row['impl'][:48]:48s} {row['median']:8.2f} " + _ratio(row["median"], laion and laion["median"])
+            if medians:
+                median = row["detail"]["median_s"]
+                line += f" {median:8.2f} " + _ratio(median, laion and laion["detail"]["median_s"])
             detail = {k: v for k, v in row.get("detail", {}).items() if "cosine" in k}
-            print(f"{row['impl'][:48]:48s} {row['median']:8.2f} {ratio}  {detail or ''}")
+            print(f"{line}  {detail or ''}")
+
+
+def _ratio(value: float, laion: float | None) -> str:
+    return f"{value / laion:8.2f}" if laion else "       -"
 
 
 if __name__ == "__main__":

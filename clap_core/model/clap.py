@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_model, save_model
 from transformers import PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from clap_core.config import CheckpointError, from_dict, to_dict
 from clap_core.eval.metrics import DEFAULT_TEMPLATES
@@ -255,7 +256,8 @@ class ClapModel(nn.Module):
             tokenizer = build_tokenizer(str((path / TOKENIZER_DIR).resolve()), config.text_encoder.max_length)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path / TOKENIZER_DIR}: the tokenizer does not load ({one_line(e)})") from None
-        model = cls(config, tokenizer=tokenizer)
+        with no_init_weights():  # no random init: every parameter and persistent buffer is read just below
+            model = cls(config, tokenizer=tokenizer)
         try:
             load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(map_location))
         except RuntimeError as e:  # shapes or names that do not match config.yaml

@@ -51,6 +51,10 @@ def test_architecture_forward_and_save_load_round_trip(name, tmp_path):
         again = loaded(waves, **loaded.tokenize(["a dog barks", "rain on a tin roof", "ein Hund bellt"]))
     assert torch.equal(again["audio_embeds"], out["audio_embeds"])
     assert torch.equal(again["text_embeds"], out["text_embeds"])
+    # from_pretrained skips random init: the buffers it does not read (mel filterbank, position ids) are built
+    assert [n for n, _ in loaded.named_buffers()] == [n for n, _ in model.named_buffers()]
+    for (name, built), (_, original) in zip(loaded.named_buffers(), model.named_buffers()):
+        assert torch.equal(built, original), name
 
 
 def test_tiny_is_a_few_hundred_thousand_parameters():

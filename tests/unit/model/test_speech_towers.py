@@ -203,6 +203,10 @@ def test_save_pretrained_round_trip_is_self_contained(tmp_path, name):
     _, waves, lengths = speech_16k([30_000, 12_000])
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_audio(waves, lengths=lengths), model.encode_audio(waves, lengths=lengths))
+    # from_pretrained skips random init: the buffers it does not read (mel filterbanks, positions) are built
+    assert [n for n, _ in loaded.named_buffers()] == [n for n, _ in model.named_buffers()]
+    for (name, built), (_, original) in zip(loaded.named_buffers(), model.named_buffers()):
+        assert torch.equal(built, original), name
 
 
 def test_pretrained_wav2vec2_folder_sets_the_front_end_from_its_feature_extractor(tmp_path):
