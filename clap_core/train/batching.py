@@ -130,8 +130,10 @@ class PairBatchTransform:
         return {"waves": waves, "lengths": lengths, **self.tokenize(texts)}
 
     def report_failures(self, batch: dict[str, np.ndarray], failures: dict[int, BaseException]) -> None:
-        """One reject record per bad row (id, and "<shard path>" as source_path), in one Parquet file named by
-        its rows: a row read again in a later pass rewrites the same file, so files count distinct bad rows."""
+        """One reject record per bad row (id, and "<shard path>" as source_path), each in its own Parquet file
+        named by the row: a row read again in a later pass, whatever rows share its batch then, rewrites the same
+        file, so the files count distinct bad rows (check_bad_rows). Files stay few: past
+        data.max_bad_row_fraction of the rows the run stops."""
         records = []
         for i, exc in failures.items():
             row = {"id": str(batch["id"][i]) if "id" in batch else f"row-{i}",
@@ -141,8 +143,8 @@ class PairBatchTransform:
         for r in records:
             warnings.warn(f"skipped an undecodable training row: shard {r['source_path']} id {r['id']}: "
                           f"{r['reason']}: {r['detail'][:200]}")
-        if self.rejects_uri:
-            write_rejects(self.rejects_uri, records)
+            if self.rejects_uri:
+                write_rejects(self.rejects_uri, [r])
 
 
 def trim_padding(input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:

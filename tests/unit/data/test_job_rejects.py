@@ -150,6 +150,10 @@ def test_training_batches_skip_and_name_bad_rows(tmp_path):
     assert {r["source_path"] for r in records} == {"bucket/shards/train/part-0.parquet"}
     transform(batch)  # read again in a later pass: the same file is rewritten, bad rows are counted once
     assert count_reject_rows(str(tmp_path / "_rejects")) == 2
+    for bad in (1, 4):  # a later pass batches the two bad rows apart: still one record each
+        with pytest.warns(UserWarning):
+            transform({k: v[[0, bad]] for k, v in batch.items()})
+    assert count_reject_rows(str(tmp_path / "_rejects")) == 2
 
 
 def test_bad_row_bound_fails_the_run_with_a_pointer(tmp_path):
