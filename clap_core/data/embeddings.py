@@ -127,11 +127,14 @@ def file_prefix(attempt: str) -> str:
 
 def attempt_files(output: str, attempts: list[str]) -> list[str]:
     """The files under data/ and _rejects/ written by these attempts (by name), uncommitted temp files included."""
-    prefixes = tuple(file_prefix(a) for a in attempts)
-    if not prefixes:
+    if not attempts:
         return []
-    found = storage.list_files(data_path(output)) + storage.list_files(rejects_folder(output))
-    return [u for u in found if _named_by(u, prefixes) or _named_by(u, prefixes, temp=True)]
+    return _written_by(storage.list_files(data_path(output)) + storage.list_files(rejects_folder(output)), attempts)
+
+
+def _written_by(listing: list[str], attempts: list[str]) -> list[str]:
+    prefixes = tuple(file_prefix(a) for a in attempts)
+    return [u for u in listing if prefixes and (_named_by(u, prefixes) or _named_by(u, prefixes, temp=True))]
 
 
 def _named_by(uri: str, prefixes: tuple[str, ...], temp: bool = False) -> bool:
@@ -160,13 +163,16 @@ def commit(output: str, attempt: str) -> dict:
         raise OutputConflictError(f"{output} was claimed by another run of this job (attempt "
                                   f"{manifest.get('attempt')}, state {manifest.get('state')!r}) after this one "
                                   f"(attempt {attempt}); this run's files are left to it")
-    for uri in attempt_files(output, [a for a in manifest["attempts"] if a != attempt]):
+    # one listing of each folder (an S3 LIST per 1,000 files) serves both the stale files and this run's own
+    data_listing, reject_listing = storage.list_files(data_path(output)), storage.list_files(rejects_folder(output))
+    stale = _written_by(data_listing + reject_listing, [a for a in manifest["attempts"] if a != attempt])
+    for uri in stale:
         storage.delete(uri)  # stale files of this job's killed attempts that landed since the claim
     rel = len(output.rstrip("/")) + 1
     own = (file_prefix(attempt),)
-    data = [{"path": f[rel:], "rows": _num_rows(f)} for f in storage.list_files(data_path(output))
+    data = [{"path": f[rel:], "rows": _num_rows(f)} for f in data_listing
             if f.endswith(".parquet") and _named_by(f, own)]
-    reject_files = [f for f in rejects.reject_files(rejects_folder(output)) if _named_by(f, own)]
+    reject_files = [f for f in rejects.committed_reject_files(reject_listing) if _named_by(f, own)]
     reasons = rejects.reject_reasons(reject_files)
     manifest.update(state="complete", files=data, rows=sum(d["rows"] for d in data),
                     rejects={"files": [f[rel:] for f in reject_files], "rows": sum(reasons.values()),

@@ -114,8 +114,12 @@ def write_rejects(folder: str, records: list[Reject], name: str | None = None, p
 
 def reject_files(folder: str) -> list[str]:
     """The committed Parquet files of a `_rejects/` folder ([] when it does not exist), never temp files."""
-    return [u for u in storage.list_files(folder)
-            if u.endswith(".parquet") and storage.TEMP_PREFIX not in u.rsplit("/", 1)[-1]]
+    return committed_reject_files(storage.list_files(folder))
+
+
+def committed_reject_files(listing: Iterable[str]) -> list[str]:
+    """The committed reject files of a listing of a `_rejects/` folder (temp files of writes in flight left out)."""
+    return [u for u in listing if u.endswith(".parquet") and storage.TEMP_PREFIX not in u.rsplit("/", 1)[-1]]
 
 
 def read_reject_files(uris: Iterable[str]) -> pa.Table:

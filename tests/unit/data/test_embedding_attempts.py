@@ -14,7 +14,7 @@ def write(path, ids):
     pq.write_table(pa.Table.from_pylist([{"id": i, "audio_embedding": [1.0, 0.0]} for i in ids]), path)
 
 
-def test_a_rerun_deletes_only_its_jobs_earlier_attempts_and_lists_only_its_own(tmp_path):
+def test_a_rerun_deletes_only_its_jobs_earlier_attempts_and_lists_only_its_own(tmp_path, monkeypatch):
     out = str(tmp_path)
     killed = embeddings.claim_output(out, "job", CKPT)["attempt"]
     write(tmp_path / "data" / f"{killed}_w_000000.parquet", ["a", "b"])
@@ -28,7 +28,11 @@ def test_a_rerun_deletes_only_its_jobs_earlier_attempts_and_lists_only_its_own(t
 
     write(tmp_path / "data" / f"{rerun}_w_000000.parquet", ["a", "b"])
     write(tmp_path / "data" / f"{killed}_w_000001.parquet", ["b"])  # the killed run's late write
+    listed = []
+    real_list = storage.list_files
+    monkeypatch.setattr(storage, "list_files", lambda uri: listed.append(uri) or real_list(uri))
     manifest = embeddings.commit(out, rerun)
+    assert sorted(listed) == sorted([embeddings.data_path(out), embeddings.rejects_folder(out)])  # each listed once
     assert [f["path"] for f in manifest["files"]] == [f"data/{rerun}_w_000000.parquet"] and manifest["rows"] == 2
     left = sorted(p.name for p in (tmp_path / "data").iterdir())
     assert left == sorted(["keep.parquet", f"{rerun}_w_000000.parquet"])  # the late write is gone, keep.parquet not
