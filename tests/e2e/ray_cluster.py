@@ -51,11 +51,14 @@ class LocalRayCluster:
     def start(self, timeout_s: float = 120) -> "LocalRayCluster":
         # Ray's socket paths must stay short: a fresh folder directly under /tmp.
         self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # the head's own ports and its components' ports, drawn together: all different
+        head_ports = distinct_free_ports(3 + len(NODE_PORT_NAMES))
+        self.gcs_port, self.dashboard_port, client_port = head_ports[:3]
         try:
             self._spawn(["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                          f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
-                         f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}"], worker_ports=20000)
+                         f"--ray-client-server-port={client_port}", f"--temp-dir={self.temp_dir}"], worker_ports=20000,
+                        node_ports=head_ports[3:])
             self._wait_for_dashboard(timeout_s)
             self._spawn([f"--address=127.0.0.1:{self.gcs_port}"], worker_ports=21000)
             self._wait_for_nodes(2, timeout_s)
@@ -99,10 +102,9 @@ class LocalRayCluster:
             time.sleep(2)
         raise TimeoutError(f"job {submission_id} still running after {timeout_s} s")
 
-    def _spawn(self, args: list[str], worker_ports: int) -> None:
-        names = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
-                 "runtime-env-agent", "metrics-export"]
-        ports = [f"--{name}-port={port}" for name, port in zip(names, distinct_free_ports(len(names)))]
+    def _spawn(self, args: list[str], worker_ports: int, node_ports: list[int] | None = None) -> None:
+        node_ports = node_ports or distinct_free_ports(len(NODE_PORT_NAMES))
+        ports = [f"--{name}-port={port}" for name, port in zip(NODE_PORT_NAMES, node_ports)]
         ports += [f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 999}"]
         cpus = self.head_cpus if "--head" in args and self.head_cpus is not None else self.num_cpus
         cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
@@ -195,6 +197,10 @@ class JobResult:
         """The end of the logs without Ray Data's progress lines (what an assertion message should show)."""
         lines = [line for line in self.logs.splitlines() if "row/s]" not in line and line.strip()]
         return "\n".join(lines)[-4000:]
+
+
+NODE_PORT_NAMES = ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
+                   "runtime-env-agent", "metrics-export")  # `ray start --<name>-port`, one per node component
 
 
 def distinct_free_ports(count: int) -> list[int]:
