@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from clap_core.audio.clips import split_windows
 from clap_core.audio.codec import TARGET_SR, decode_audio, resample
 from clap_core.eval.metrics import DEFAULT_TEMPLATES, format_templates, zero_shot_classifier, zero_shot_predict
+from clap_core.runtime import keep_freed_memory
 
 if TYPE_CHECKING:
     from clap_core.model.clap import ClapModel
@@ -134,6 +135,8 @@ def pad_batch(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 def embed_waveforms(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int = 16,
                     long_audio: LongAudio = "auto", precision: Precision = "auto") -> np.ndarray:
     """48 kHz mono waves -> (N, D) unit embeddings, deterministically."""
+    if model.device.type == "cpu":
+        keep_freed_memory()  # batches reuse the memory the previous one freed (clap_core.runtime)
     was_training = model.training
     model.eval()
     try:
@@ -178,6 +181,8 @@ def embed_audio_layers(model: "ClapModel", waves: Sequence[np.ndarray], batch_si
                          "only speech towers (wav2vec2, whisper) do")
     if not len(waves):
         raise ValueError("embed_audio_layers needs at least one waveform")
+    if model.device.type == "cpu":
+        keep_freed_memory()
     was_training = model.training
     model.eval()
     try:
