@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence, Union
@@ -204,9 +205,28 @@ def embed_audio_layers(model: "ClapModel", waves: Sequence[np.ndarray], batch_si
 
 def embed_audio(model: "ClapModel", audio: AudioInput | Iterable[AudioInput], sample_rate: int | None = None,
                 batch_size: int = 16, long_audio: LongAudio = "auto", precision: Precision = "auto") -> np.ndarray:
-    """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings."""
+    """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings.
+
+    Batch by batch: a thread decodes the next batch while the model embeds this one, and only those two
+    batches' waveforms are in memory, however many paths are given (a file that does not decode raises here,
+    once the batches before it are embedded)."""
     items = [audio] if _is_single_audio(audio) else list(audio)
-    return embed_waveforms(model, [load_waveform(x, sample_rate) for x in items], batch_size, long_audio, precision)
+    chunks = list(batched(items, batch_size))
+    if not chunks:
+        return embed_waveforms(model, [], batch_size, long_audio, precision)
+    out = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clap-decode") as decoder:
+        pending = decoder.submit(_load_waveforms, chunks[0], sample_rate)
+        for i in range(len(chunks)):
+            waves = pending.result()
+            if i + 1 < len(chunks):
+                pending = decoder.submit(_load_waveforms, chunks[i + 1], sample_rate)
+            out.append(embed_waveforms(model, waves, batch_size, long_audio, precision))  # (b, D)
+    return np.concatenate(out)
+
+
+def _load_waveforms(items: Sequence[AudioInput], sample_rate: int | None) -> list[np.ndarray]:
+    return [load_waveform(x, sample_rate) for x in items]
 
 
 def _is_single_audio(audio) -> bool:

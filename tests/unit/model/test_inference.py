@@ -40,6 +40,31 @@ def test_paths_and_arrays_at_other_rates_give_the_same_embedding(model, tmp_path
         model.embed_audio(wave16k)
 
 
+def test_paths_are_decoded_a_batch_ahead_not_all_at_once(model, tmp_path, monkeypatch):
+    """embed_audio(paths) holds at most two batches of waveforms (the one embedded, the next one decoding), gives
+    the embeddings of the decoded waveforms in order, and a file that does not decode raises its error."""
+    from clap_core.model import inference
+
+    paths = []
+    for i in range(11):
+        sf.write(tmp_path / f"{i}.wav", tone(200 + 50 * i, 0.5 + 0.1 * i), 48_000, subtype="FLOAT")
+        paths.append(str(tmp_path / f"{i}.wav"))
+    loaded, loaded_when_embedding = [], []
+    real_load, real_embed = inference.load_waveform, inference.embed_waveforms
+    monkeypatch.setattr(inference, "load_waveform", lambda x, sr: loaded.append(x) or real_load(x, sr))
+    monkeypatch.setattr(inference, "embed_waveforms",
+                        lambda m, waves, *a: loaded_when_embedding.append(len(loaded)) or real_embed(m, waves, *a))
+    out = model.embed_audio(paths, batch_size=3)
+    assert sorted(loaded) == sorted(paths) and len(loaded) == 11  # each file decoded once
+    assert len(loaded_when_embedding) == 4 and all(n <= 3 * (k + 2) for k, n in enumerate(loaded_when_embedding))
+    monkeypatch.undo()
+    waves = [real_load(p, None) for p in paths]
+    assert np.allclose(out, inference.embed_waveforms(model, waves, 3), atol=1e-6)
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not audio")
+    with pytest.raises(Exception, match="bad.wav"):
+        model.embed_audio(paths[:4] + [str(tmp_path / "bad.wav")], batch_size=2)
+
+
 def test_long_audio_window_mean_equals_mean_of_window_embeddings(model):
     clip = np.concatenate([tone(300, 2.0), tone(3000, 2.0), tone(600, 1.0)])  # 5 s -> windows at 0, 2, 3 s
     parts = split_windows(clip, model.frontend.clip_samples)
