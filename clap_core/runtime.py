@@ -3,7 +3,8 @@
 glibc serves large blocks with mmap, unmaps them when they are freed, and trims the top of its heap once more
 than a few tens of MB lie free there. An embedding batch of HTS-AT allocates and frees hundreds of MB of
 activations, so every batch faulted its memory in again, page by page: 1.1 M minor page faults and 2.1 s of
-system time for 160 clips of 10 s on 2 cores, 1.1-1.2x of the whole run (README, "Exact or fast inference").
+system time to embed 160 clips on 2 cores, and embedding took 1.1-1.2x as long as with the settings below
+(README, "Exact or fast inference").
 keep_freed_memory() fixes the mmap threshold at glibc's ceiling (32 MB on 64-bit) and the trim threshold at
 1 GB: blocks up to 32 MB are then reused from the heap, and the process keeps the memory of its largest batch
 (its RSS stays at that peak instead of falling between batches).
