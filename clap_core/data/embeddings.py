@@ -133,8 +133,8 @@ def attempt_files(output: str, attempts: list[str]) -> list[str]:
 
 
 def _written_by(listing: list[str], attempts: list[str]) -> list[str]:
-    prefixes = tuple(file_prefix(a) for a in attempts)
-    return [u for u in listing if prefixes and (_named_by(u, prefixes) or _named_by(u, prefixes, temp=True))]
+    prefixes = tuple(file_prefix(a) for a in attempts)  # none: no name starts with ()
+    return [u for u in listing if _named_by(u, prefixes) or _named_by(u, prefixes, temp=True)]
 
 
 def _named_by(uri: str, prefixes: tuple[str, ...], temp: bool = False) -> bool:
