@@ -10,11 +10,13 @@ Model: random-init HTS-AT tiny + RoBERTa-base (`htsat-tiny-roberta`: no hub weig
 vocabulary fed random ids, the byte-level tokenizer for text; bench_peers' model).
 - embed: `embed_audio` of in-memory 10 s waves at 48 kHz, per precision and batch size; bf16's accuracy is its
   minimum cosine to the exact fp32 embeddings on decoded MP3/Ogg clips (tests/audio_fixtures' generator). Then
-  `embed_audio(paths)` from WAV files, where the CPU decode (one thread, a batch ahead) sets the pace.
+  `embed_audio(paths)` from WAV files per number of decode threads, where the CPU decode sets the pace.
 - train: the plain PyTorch step (log-mel inside the step, InfoNCE, backward, fused AdamW) per batch size and
   precision, with bf16's gradient cosine to fp32 on the same batch.
+- gradcheck: bf16 autocast's and TF32's gradient cosine to exact fp32 on one batch, at random init and after
+  fp32 training steps.
 - engine: `clap_core.train.engine` on a one-rank NCCL group (the path `clap pretrain scaling.use_gpu=true` runs
-  on each GPU worker): DeepSpeed ZeRO 2 and 3, precision auto (bf16 autocast, fp32 master weights), steps/s,
+  on each GPU worker): DeepSpeed ZeRO 1 (the shipped default), 2 and 3, precision auto (bf16 autocast, fp32 master weights), steps/s,
   then write_checkpoint -> a fresh engine's read_checkpoint gives the same consolidated weights.
 - ingest: CPU seconds per 10 s FLAC clip of the training transform (decode, crop, tokenize) on this host, and
   the cores one GPU needs to feed the engine's bf16 rate.
@@ -97,7 +99,7 @@ def peak_gib(device: torch.device) -> float:
 def embed_rows(device: torch.device, quick: bool) -> list[dict]:
     import soundfile as sf
 
-    from clap_core.model.inference import embed_audio
+    from clap_core.model.inference import embed_audio, load_waveform
     from tests.fixtures.audio import decoded_clips
 
     model = build_model(device).eval()
@@ -117,10 +119,12 @@ def embed_rows(device: torch.device, quick: bool) -> list[dict]:
         for i, wave in enumerate(waves[:64]):
             paths.append(str(Path(tmp) / f"clip_{i:03d}.wav"))
             sf.write(paths[-1], wave, SR, subtype="PCM_16")
-        seconds = timed(lambda: embed_audio(model, paths, batch_size=32, precision="bf16"), 2)
-        decode = timed(lambda: [sf.read(p, dtype="float32") for p in paths], 2)
-        rows.append(dict(case="embed files", precision="bf16", batch=32, clips_per_s=len(paths) / seconds,
-                         decode_only_clips_per_s=len(paths) / decode))
+        decode = timed(lambda: [load_waveform(p, None) for p in paths], 2)  # embed_audio's own decode, 1 thread
+        for threads in (1, 4, 8):
+            seconds = timed(lambda: embed_audio(model, paths, batch_size=32, precision="bf16",
+                                                decode_threads=threads), 2)
+            rows.append(dict(case="embed files", precision="bf16", batch=32, decode_threads=threads,
+                             clips_per_s=len(paths) / seconds, one_thread_decode_only_clips_per_s=len(paths) / decode))
     return rows
 
 
@@ -137,9 +141,11 @@ def train_rows(device: torch.device, quick: bool) -> list[dict]:
         reference = None
         for precision in ("fp32", "bf16"):
             model = build_model(device).train()
-            params = [p for p in model.parameters() if p.requires_grad]
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            params = [p for _, p in named]
             opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **adamw_kernel(device))
             loss_fn, grads = ClipLoss(), []
+            parts = sorted({n.split(".")[0] for n, p in named if p.requires_grad})
 
             def step(keep_grad: bool = False):
                 opt.zero_grad(set_to_none=True)
@@ -149,22 +155,106 @@ def train_rows(device: torch.device, quick: bool) -> list[dict]:
                     loss = loss_fn(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
                                    output_dict=False)
                 loss.backward()
-                if keep_grad:
-                    grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).double())
+                if keep_grad:  # {top-level module: its flat gradient}
+                    grads.append({part: torch.cat([p.grad.flatten().double() for n, p in named
+                                                   if n.split(".")[0] == part and p.grad is not None])
+                                  for part in parts})
                 opt.step()
 
-            step(keep_grad=True)  # the first step's gradient, from the same weights in both precisions
+            # The first step's gradient, from the same weights in both precisions, in eval mode: CUDA's dropout
+            # kernels draw different masks for bf16 and fp32 tensors from the same seed (train mode on this GPU
+            # gave cosines of 0.28-0.40), so only eval mode compares precision alone.
+            model.eval()
+            step(keep_grad=True)
+            model.train()
             reference = grads[0] if reference is None else reference
-            cosine = float(torch.nn.functional.cosine_similarity(grads[0], reference, dim=0))
+            by_part = {part: float(torch.nn.functional.cosine_similarity(grads[0][part], reference[part], dim=0))
+                       for part in parts if grads[0][part].numel()}
+            cosine = float(torch.nn.functional.cosine_similarity(torch.cat(list(grads[0].values())),
+                                                                 torch.cat(list(reference.values())), dim=0))
             seconds = timed(step, 5 if quick else 10)
             rows.append(dict(case="train step", precision=precision, batch=batch, s_per_step=seconds,
                              samples_per_s=batch / seconds, grad_cosine_to_fp32=cosine,
+                             grad_cosine_by_module=by_part,
                              peak_gib=peak_gib(device)))  # (the previous model is freed by then)
     return rows
 
 
+def gradcheck_rows(device: torch.device, quick: bool) -> list[dict]:
+    """bf16 autocast's and TF32's gradient cosines to exact fp32 on one batch, at random init and after fp32
+    training steps on another batch; then 40 training steps from the same init in fp32 and in bf16 (eval mode
+    throughout: dropout off, so the two precisions see the same computation)."""
+    from clap_core.model.inference import autocast
+    from clap_core.train.loss import ClipLoss
+
+    batch, steps = 64, 10 if quick else 40
+    wave = torch.from_numpy(np.stack(synth_waves(batch, seed=5))).to(device)  # (B, 480000)
+    ids = token_ids(batch, seed=5).to(device)
+    mask, loss_fn = torch.ones_like(ids), ClipLoss()
+    train_wave = torch.from_numpy(np.stack(synth_waves(batch, seed=6))).to(device)  # the training batch: another
+    train_ids = token_ids(batch, seed=6).to(device)
+
+    def loss_of(model, precision: str, waves, token_ids_, tf32: bool = False) -> tuple[torch.Tensor, dict]:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            with autocast(model, precision):
+                out = model(waves, token_ids_, mask)
+                return loss_fn(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
+                               output_dict=False), out
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def train(model, precision: str, n: int) -> list[float]:
+        opt, losses = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), []
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss, _ = loss_of(model, precision, train_wave, train_ids)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        return losses
+
+    def gradients(model, precision: str, tf32: bool = False) -> tuple[dict, float, dict]:
+        model.zero_grad(set_to_none=True)
+        loss, out = loss_of(model, precision, wave, ids, tf32)
+        loss.backward()
+        parts = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+        grads = {part: torch.cat([p.grad.flatten().double() for n, p in model.named_parameters()
+                                  if n.split(".")[0] == part and p.grad is not None]) for part in sorted(parts)}
+        return grads, float(loss), {k: out[k].detach().float() for k in ("audio_embeds", "text_embeds")}
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+    rows, model = [], build_model(device).eval()
+    for trained in (0, steps):
+        if trained:
+            train(model, "fp32", trained)
+        exact, exact_loss, exact_out = gradients(model, "fp32")
+        flat = torch.cat(list(exact.values()))
+        row = dict(case="gradient precision", batch=batch, fp32_steps_before=trained, loss_fp32=exact_loss)
+        for name, precision, tf32 in (("fp32_again", "fp32", False), ("tf32", "fp32", True), ("bf16", "bf16", False)):
+            grads, loss, out = gradients(model, precision, tf32)
+            row[f"grad_cosine_{name}"] = cosine(torch.cat(list(grads.values())), flat)
+            row[f"loss_{name}"] = loss
+            if name == "bf16":
+                row["bf16_grad_cosine_by_module"] = {k: cosine(grads[k], exact[k]) for k in exact}
+                row["bf16_min_embedding_cosine"] = {
+                    k: float((out[k] * exact_out[k]).sum(1).div(out[k].norm(dim=1) * exact_out[k].norm(dim=1)).min())
+                    for k in out}
+        rows.append(row)
+    trajectories = {}
+    for precision in ("fp32", "bf16"):
+        trajectories[precision] = train(build_model(device).eval(), precision, steps)
+    rows.append(dict(case="training trajectory", batch=batch, steps=steps,
+                     fp32_losses=[round(x, 4) for x in trajectories["fp32"][::max(1, steps // 10)]],
+                     bf16_losses=[round(x, 4) for x in trajectories["bf16"][::max(1, steps // 10)]],
+                     max_abs_loss_gap=max(abs(a - b) for a, b in zip(*trajectories.values()))))
+    return rows
+
+
 def engine_rows(device: torch.device, quick: bool) -> list[dict]:
-    """One-rank NCCL group; ZeRO 2 and 3 under precision auto; a checkpoint round trip per stage."""
+    """One-rank NCCL group; ZeRO 1, 2 and 3 under precision auto; a checkpoint round trip per stage."""
     import torch.distributed as dist
 
     from clap_core.train.config import load_pretrain_config
@@ -192,7 +282,7 @@ def engine_rows(device: torch.device, quick: bool) -> list[dict]:
     ids = token_ids(batch_size, seed=1)
     batch = {"waves": waves.to(device), "lengths": torch.full((batch_size,), waves.shape[1]).to(device),
              "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         cfg = load_pretrain_config(default_config_path("pretrain"), [
             f"train.batch_size={batch_size}", f"deepspeed.zero_stage={stage}", "deepspeed.precision=auto"])
 
@@ -241,7 +331,7 @@ def ingest_row(gpu_samples_per_s: float, clips: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer clips, batch sizes and steps")
-    parser.add_argument("--cases", default="embed,train,engine,ingest")
+    parser.add_argument("--cases", default="embed,train,gradcheck,engine,ingest")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--model", default=MODEL, help="registry name; `tiny --device cpu` dry-runs the script")
     parser.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (a dry run)")
@@ -250,12 +340,15 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs a CUDA device (torch.cuda.is_available() is False)")
     device, cases = torch.device(args.device), args.cases.split(",")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # NCCL's device_id needs the index
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: the exact path the cosines compare with
     torch.backends.cudnn.allow_tf32 = False
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, model {args.model}", flush=True)
     rows: list[dict] = []
-    for name, fn in (("embed", embed_rows), ("train", train_rows), ("engine", engine_rows)):
+    for name, fn in (("embed", embed_rows), ("train", train_rows), ("gradcheck", gradcheck_rows),
+                     ("engine", engine_rows)):
         if name in cases:
             for row in fn(device, args.quick):
                 print("ROW " + json.dumps(row), flush=True)

@@ -204,12 +204,14 @@ class ClapModel(nn.Module):
     # --- inference API (deterministic; see clap_core.model.inference) ---
 
     def embed_audio(self, audio, sample_rate: int | None = None, batch_size: int = 16,
-                    long_audio: inference.LongAudio = "auto", precision: inference.Precision = "auto") -> np.ndarray:
+                    long_audio: inference.LongAudio = "auto", precision: inference.Precision = "auto",
+                    decode_threads: int | None = None) -> np.ndarray:
         """Paths or arrays -> (N, embed_dim) unit embeddings; decodes, resamples and batches by itself.
 
         precision "auto": bf16 (inference.bf16_copy) where the device has native bf16, else fp32; "fp32": exact.
+        decode_threads: threads decoding files a batch ahead (None: 1 on CPU, up to 4 on a GPU).
         """
-        return inference.embed_audio(self, audio, sample_rate, batch_size, long_audio, precision)
+        return inference.embed_audio(self, audio, sample_rate, batch_size, long_audio, precision, decode_threads)
 
     def embed_text(self, texts: str | Sequence[str], batch_size: int = 64,
                    precision: inference.Precision = "auto") -> np.ndarray:

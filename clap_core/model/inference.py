@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -203,30 +204,46 @@ def embed_audio_layers(model: "ClapModel", waves: Sequence[np.ndarray], batch_si
     return sums / np.bincount(owner, minlength=len(waves)).astype(np.float32)[:, None, None]
 
 
+def decode_threads_for(device: torch.device) -> int:
+    """Threads that decode files for embed_audio: 1 on CPU, where the model's own threads need the cores; on a
+    GPU, which embeds far faster than one thread decodes, up to 4 of the process' cores (measured on an H200
+    host: 1, 4 and 8 threads gave 194, 272 and 206 clips/s; past 4 the threads' Python work contends for the GIL)."""
+    if device.type == "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 def embed_audio(model: "ClapModel", audio: AudioInput | Iterable[AudioInput], sample_rate: int | None = None,
-                batch_size: int = 16, long_audio: LongAudio = "auto", precision: Precision = "auto") -> np.ndarray:
+                batch_size: int = 16, long_audio: LongAudio = "auto", precision: Precision = "auto",
+                decode_threads: int | None = None) -> np.ndarray:
     """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings.
 
-    Batch by batch: a thread decodes the next batch while the model embeds this one, and only those two
-    batches' waveforms are in memory, however many paths are given (a file that does not decode raises here,
-    once the batches before it are embedded)."""
+    Batch by batch: `decode_threads` threads (None: decode_threads_for(model.device)) decode the next batch's
+    files while the model embeds this one, and only those two batches' waveforms are in memory, however many
+    paths are given (a file that does not decode raises here, once the batches before it are embedded)."""
     items = [audio] if _is_single_audio(audio) else list(audio)
     chunks = list(batched(items, batch_size))
     if not chunks:
         return embed_waveforms(model, [], batch_size, long_audio, precision)
+    threads = decode_threads if decode_threads is not None else decode_threads_for(model.device)
+    if threads < 1:
+        raise ValueError(f"decode_threads must be >= 1, got {threads}")
     out = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clap-decode") as decoder:
-        pending = decoder.submit(_load_waveforms, chunks[0], sample_rate)
-        for i in range(len(chunks)):
-            waves = pending.result()
-            if i + 1 < len(chunks):
-                pending = decoder.submit(_load_waveforms, chunks[i + 1], sample_rate)
-            out.append(embed_waveforms(model, waves, batch_size, long_audio, precision))  # (b, D)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="clap-decode") as decoder:
+        def submit(chunk: Sequence[AudioInput]) -> list:
+            return [decoder.submit(load_waveform, item, sample_rate) for item in chunk]
+
+        pending = submit(chunks[0])
+        try:
+            for i in range(len(chunks)):
+                waves = [future.result() for future in pending]  # in order: the first bad file raises
+                pending = submit(chunks[i + 1]) if i + 1 < len(chunks) else []
+                out.append(embed_waveforms(model, waves, batch_size, long_audio, precision))  # (b, D)
+        finally:
+            for future in pending:  # an error: the next batch is not decoded further
+                future.cancel()
     return np.concatenate(out)
-
-
-def _load_waveforms(items: Sequence[AudioInput], sample_rate: int | None) -> list[np.ndarray]:
-    return [load_waveform(x, sample_rate) for x in items]
 
 
 def _is_single_audio(audio) -> bool:

@@ -65,6 +65,35 @@ def test_paths_are_decoded_a_batch_ahead_not_all_at_once(model, tmp_path, monkey
         model.embed_audio(paths[:4] + [str(tmp_path / "bad.wav")], batch_size=2)
 
 
+def test_several_decode_threads_give_the_same_embeddings_in_order_and_stay_bounded(model, tmp_path, monkeypatch):
+    """decode_threads=3 decodes each file once, holds at most two batches, returns the one-thread embeddings in
+    input order, and raises the first bad file's error; the default is 1 thread on CPU, at most 4 on a GPU."""
+    from clap_core.model import inference
+
+    paths = []
+    for i in range(10):
+        sf.write(tmp_path / f"{i}.wav", tone(200 + 70 * i, 0.4 + 0.15 * i), 48_000, subtype="FLOAT")
+        paths.append(str(tmp_path / f"{i}.wav"))
+    one = model.embed_audio(paths, batch_size=4, decode_threads=1)
+    loaded, loaded_when_embedding = [], []
+    real_load, real_embed = inference.load_waveform, inference.embed_waveforms
+    monkeypatch.setattr(inference, "load_waveform", lambda x, sr: loaded.append(x) or real_load(x, sr))
+    monkeypatch.setattr(inference, "embed_waveforms",
+                        lambda m, waves, *a: loaded_when_embedding.append(len(loaded)) or real_embed(m, waves, *a))
+    several = model.embed_audio(paths, batch_size=4, decode_threads=3)
+    monkeypatch.undo()
+    assert sorted(loaded) == sorted(paths) and len(loaded) == 10
+    assert len(loaded_when_embedding) == 3 and all(n <= 4 * (k + 2) for k, n in enumerate(loaded_when_embedding))
+    assert np.array_equal(several, one)  # the same waveforms in the same order: the same numbers
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not audio")
+    with pytest.raises(Exception, match="bad.wav"):
+        model.embed_audio(paths[:5] + [str(tmp_path / "bad.wav")] + paths[5:], batch_size=2, decode_threads=3)
+    with pytest.raises(ValueError, match="decode_threads"):
+        model.embed_audio(paths, decode_threads=0)
+    assert inference.decode_threads_for(torch.device("cpu")) == 1
+    assert 1 <= inference.decode_threads_for(torch.device("cuda")) <= 4
+
+
 def test_long_audio_window_mean_equals_mean_of_window_embeddings(model):
     clip = np.concatenate([tone(300, 2.0), tone(3000, 2.0), tone(600, 1.0)])  # 5 s -> windows at 0, 2, 3 s
     parts = split_windows(clip, model.frontend.clip_samples)
