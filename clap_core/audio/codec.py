@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -266,9 +267,10 @@ def checked_blocks(native: NativeStream, mono: bool, out_sr: int, max_seconds: f
         total += block.shape[1]
         if limit is not None and total > limit:
             raise AudioDecodeError("too_long", f"decoded audio passes {max_seconds} s (decoding stopped there)")
-        if not np.isfinite(block).all():
+        # a sum in float64 cannot overflow from float32 samples and keeps any NaN or inf: one pass, no mask array
+        if not math.isfinite(np.add.reduce(block, axis=None, dtype=np.float64)):
             raise AudioDecodeError("nan_or_inf", "decoded samples contain NaN or inf")
-        if mono:
+        if mono and block.shape[0] > 1:
             block = downmix(block)  # downmix first: resampling one channel is cheaper than C
         if resampler is not None:
             out = resampler.resample_chunk(np.ascontiguousarray(block.T))  # (m, C)

@@ -211,6 +211,14 @@ def test_infinite_samples_are_rejected():
     assert info.value.reason == "nan_or_inf"
 
 
+def test_huge_finite_samples_are_not_taken_for_inf_and_mono_passes_through_unchanged():
+    """The finiteness check sums in float64: float32 samples near their maximum overflow a float32 sum, not
+    this one, so loud-but-finite float files are kept; a mono file's samples come back as decoded."""
+    wave = np.array([[3e38, 3e38, -1e38, 0.5] * 100], np.float32)  # (1, 400): sum past float32's 3.4e38
+    out, sr = aio.decode_audio(wav_bytes(wave, 16000, "FLOAT"), target_sr=None)
+    assert sr == 16000 and out.dtype == np.float32 and np.array_equal(out, wave)
+
+
 def test_too_many_channels_is_checked_before_downmix():
     data = encode_audio_file(sine(TONE_HZ, 16000, SECONDS, 6), 16000, "flac")
     with pytest.raises(AudioDecodeError) as info:
