@@ -12,12 +12,14 @@ vocabulary fed random ids, the byte-level tokenizer for text; bench_peers' model
   minimum cosine to the exact fp32 embeddings on decoded MP3/Ogg clips (tests/audio_fixtures' generator). Then
   `embed_audio(paths)` from WAV files per number of decode threads, where the CPU decode sets the pace.
 - train: the plain PyTorch step (log-mel inside the step, InfoNCE, backward, fused AdamW) per batch size and
-  precision, with bf16's gradient cosine to fp32 on the same batch.
+  precision, with bf16's first-step gradient cosine to fp32 on the same batch (in eval mode: see gradcheck).
 - gradcheck: bf16 autocast's and TF32's gradient cosine to exact fp32 on one batch, at random init and after
-  fp32 training steps.
+  fp32 training steps, and 40 steps from one init in each precision (all in eval mode: CUDA's dropout draws
+  other masks for bf16 tensors than for fp32 ones from the same seed).
 - engine: `clap_core.train.engine` on a one-rank NCCL group (the path `clap pretrain scaling.use_gpu=true` runs
-  on each GPU worker): DeepSpeed ZeRO 1 (the shipped default), 2 and 3, precision auto (bf16 autocast, fp32 master weights), steps/s,
-  then write_checkpoint -> a fresh engine's read_checkpoint gives the same consolidated weights.
+  on each GPU worker): DeepSpeed ZeRO 1 (the shipped default), 2 and 3, precision auto (bf16 autocast, fp32
+  master weights), steps/s, then write_checkpoint -> a fresh engine's read_checkpoint gives the same
+  consolidated weights.
 - ingest: CPU seconds per 10 s FLAC clip of the training transform (decode, crop, tokenize) on this host, and
   the cores one GPU needs to feed the engine's bf16 rate.
 GPU timings synchronise the device before reading the clock; each figure is the median of its timed repeats.

@@ -175,8 +175,14 @@ def main() -> None:
         shards = shards_for(Path(tmp), args.clips)
         job = real_job(args.model, args.batch, shards, Path(tmp) / "run", args.job_steps, log_every=10)
         per_clip = ingest_cpu_s_per_clip(args.model, shards, args.batch)
+    # (a) again, last: the machine's speed drifts by +-10% over minutes on a shared host, so the ratios take
+    # the mean of the first and last (a), which bracket the Ray variants in time
+    again = plain_torch(args.model, args.batch, args.steps, args.warmup)
+    first = plain["samples_per_s"]
+    plain = {**plain, "samples_per_s": (first + again["samples_per_s"]) / 2}
     print(f"model {args.model}, batch {args.batch}/worker, {args.steps} steps, CPU fp32")
-    print(f"(a) plain PyTorch, 1 process      {plain['samples_per_s']:8.1f} samples/s")
+    print(f"(a) plain PyTorch, 1 process      {plain['samples_per_s']:8.1f} samples/s   (first {first:.1f}, "
+          f"last {again['samples_per_s']:.1f})")
     print(f"(b) Ray Train + DeepSpeed, 1 worker {one['samples_per_s']:8.1f} samples/s   (b)/(a) = "
           f"{one['samples_per_s'] / plain['samples_per_s']:.2f}  (goal >= 0.9)")
     print(f"(c) Ray Train + DeepSpeed, 2 workers {two['samples_per_s']:7.1f} samples/s   (c)/(b) = "
