@@ -16,6 +16,8 @@ vocabulary fed random ids, the byte-level tokenizer for text; bench_peers' model
 - gradcheck: bf16 autocast's and TF32's gradient cosine to exact fp32 on one batch, at random init and after
   fp32 training steps, and 40 steps from one init in each precision (all in eval mode: CUDA's dropout draws
   other masks for bf16 tensors than for fp32 ones from the same seed).
+- learn: a learnable task (64 tones, each with its own caption) trained from one init in fp32 and in bf16:
+  the two loss curves.
 - engine: `clap_core.train.engine` on a one-rank NCCL group (the path `clap pretrain scaling.use_gpu=true` runs
   on each GPU worker): DeepSpeed ZeRO 1 (the shipped default), 2 and 3, precision auto (bf16 autocast, fp32
   master weights), steps/s, then write_checkpoint -> a fresh engine's read_checkpoint gives the same
@@ -255,6 +257,53 @@ def gradcheck_rows(device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
+LEARN_LR, LEARN_WARMUP = 1e-4, 20  # the learnable task's AdamW learning rate and linear warmup steps
+
+
+def learn_rows(device: torch.device, quick: bool) -> list[dict]:
+    """A learnable task, trained from one init in fp32 and in bf16 autocast (train mode, dropout on): 64 classes,
+    each a tone (220 + 20 c Hz, random phase, fresh noise every step) paired with its own fixed random caption;
+    each batch holds every class once. The loss falls from chance (ln 64) only if the towers learn the pairing;
+    the two precisions' curves say whether bf16 trains like fp32. AdamW at LEARN_LR after a linear warmup of
+    LEARN_WARMUP steps: on the H200, 3e-4 without warmup sent both precisions to exactly chance within 10 steps."""
+    from clap_core.model.inference import autocast
+    from clap_core.train.loss import ClipLoss
+
+    classes, steps = 64, 30 if quick else 150
+    captions = token_ids(classes, seed=7).to(device)  # (64, 32): class c's caption
+    mask, loss_fn = torch.ones_like(captions), ClipLoss()
+    t = torch.arange(SR * SECONDS, device=device) / SR  # (480000,)
+    freqs = (220 + 20 * torch.arange(classes, device=device)).float()[:, None]  # (64, 1)
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        model = build_model(device).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARN_LR)
+        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / LEARN_WARMUP))
+        gen = torch.Generator(device=device).manual_seed(0)  # the same audio in both precisions
+        losses = []
+        for _ in range(steps):
+            phase = torch.rand(classes, 1, device=device, generator=gen) * 6.2832
+            noise = torch.randn(classes, t.numel(), device=device, generator=gen)
+            waves = 0.3 * torch.sin(2 * torch.pi * freqs * t + phase) + 0.1 * noise  # (64, 480000)
+            opt.zero_grad(set_to_none=True)
+            with autocast(model, precision):
+                out = model(waves, captions, mask)
+                loss = loss_fn(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
+                               output_dict=False)
+            loss.backward()
+            opt.step()
+            warmup.step()
+            losses.append(float(loss.detach()))
+        curves[precision] = losses
+    every = max(1, steps // 15)
+    tail = max(1, steps // 10)
+    return [dict(case="learnable task", classes=classes, steps=steps, lr=LEARN_LR, warmup=LEARN_WARMUP,
+                 fp32_losses=[round(x, 3) for x in curves["fp32"][::every]],
+                 bf16_losses=[round(x, 3) for x in curves["bf16"][::every]],
+                 fp32_last_mean=statistics.mean(curves["fp32"][-tail:]),
+                 bf16_last_mean=statistics.mean(curves["bf16"][-tail:]), chance=float(np.log(classes)))]
+
+
 def engine_rows(device: torch.device, quick: bool) -> list[dict]:
     """One-rank NCCL group; ZeRO 1, 2 and 3 under precision auto; a checkpoint round trip per stage."""
     import torch.distributed as dist
@@ -333,7 +382,7 @@ def ingest_row(gpu_samples_per_s: float, clips: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer clips, batch sizes and steps")
-    parser.add_argument("--cases", default="embed,train,gradcheck,engine,ingest")
+    parser.add_argument("--cases", default="embed,train,gradcheck,learn,engine,ingest")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--model", default=MODEL, help="registry name; `tiny --device cpu` dry-runs the script")
     parser.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (a dry run)")
@@ -350,7 +399,7 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}, model {args.model}", flush=True)
     rows: list[dict] = []
     for name, fn in (("embed", embed_rows), ("train", train_rows), ("gradcheck", gradcheck_rows),
-                     ("engine", engine_rows)):
+                     ("learn", learn_rows), ("engine", engine_rows)):
         if name in cases:
             for row in fn(device, args.quick):
                 print("ROW " + json.dumps(row), flush=True)
