@@ -100,6 +100,32 @@ def peak_gib(device: torch.device) -> float:
     return peak
 
 
+def contrastive_loss(model, precision: str, waves: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The model's InfoNCE loss on (waves, ids) under `precision` (the fp32 embeddings of bf16 towers), and the
+    model's outputs."""
+    from clap_core.model.inference import autocast
+    from clap_core.train.loss import ClipLoss
+
+    with autocast(model, precision):
+        out = model(waves, ids, torch.ones_like(ids))
+        loss = ClipLoss()(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
+                          output_dict=False)
+    return loss, out
+
+
+def grads_by_module(model) -> dict[str, torch.Tensor]:
+    """{top-level module: its parameters' gradients, flat, in float64} for the modules that have one."""
+    grads: dict[str, list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            grads.setdefault(name.split(".")[0], []).append(param.grad.flatten().double())
+    return {part: torch.cat(grads[part]) for part in sorted(grads)}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
 def embed_rows(device: torch.device, quick: bool) -> list[dict]:
     import soundfile as sf
 
@@ -133,36 +159,25 @@ def embed_rows(device: torch.device, quick: bool) -> list[dict]:
 
 
 def train_rows(device: torch.device, quick: bool) -> list[dict]:
-    from clap_core.model.inference import autocast
-    from clap_core.train.loss import ClipLoss
     from clap_core.train.optim import adamw_kernel
 
     rows = []
     for batch in ((8, 64) if quick else (8, 64, 128)):
         wave = torch.from_numpy(np.stack(synth_waves(batch, seed=2))).to(device)  # (B, 480000)
         ids = token_ids(batch, seed=0).to(device)
-        mask = torch.ones_like(ids)
         reference = None
         for precision in ("fp32", "bf16"):
             model = build_model(device).train()
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            params = [p for _, p in named]
+            params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **adamw_kernel(device))
-            loss_fn, grads = ClipLoss(), []
-            parts = sorted({n.split(".")[0] for n, p in named if p.requires_grad})
+            grads = []
 
             def step(keep_grad: bool = False):
                 opt.zero_grad(set_to_none=True)
                 torch.manual_seed(0)  # the same random crops in each precision
-                with autocast(model, precision):
-                    out = model(wave, ids, mask)
-                    loss = loss_fn(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
-                                   output_dict=False)
-                loss.backward()
-                if keep_grad:  # {top-level module: its flat gradient}
-                    grads.append({part: torch.cat([p.grad.flatten().double() for n, p in named
-                                                   if n.split(".")[0] == part and p.grad is not None])
-                                  for part in parts})
+                contrastive_loss(model, precision, wave, ids)[0].backward()
+                if keep_grad:
+                    grads.append(grads_by_module(model))
                 opt.step()
 
             # The first step's gradient, from the same weights in both precisions, in eval mode: CUDA's dropout
@@ -172,13 +187,11 @@ def train_rows(device: torch.device, quick: bool) -> list[dict]:
             step(keep_grad=True)
             model.train()
             reference = grads[0] if reference is None else reference
-            by_part = {part: float(torch.nn.functional.cosine_similarity(grads[0][part], reference[part], dim=0))
-                       for part in parts if grads[0][part].numel()}
-            cosine = float(torch.nn.functional.cosine_similarity(torch.cat(list(grads[0].values())),
-                                                                 torch.cat(list(reference.values())), dim=0))
+            by_part = {part: cosine(grads[0][part], reference[part]) for part in grads[0]}
+            whole = cosine(torch.cat(list(grads[0].values())), torch.cat(list(reference.values())))
             seconds = timed(step, 5 if quick else 10)
             rows.append(dict(case="train step", precision=precision, batch=batch, s_per_step=seconds,
-                             samples_per_s=batch / seconds, grad_cosine_to_fp32=cosine,
+                             samples_per_s=batch / seconds, grad_cosine_to_fp32=whole,
                              grad_cosine_by_module=by_part,
                              peak_gib=peak_gib(device)))  # (the previous model is freed by then)
     return rows
@@ -188,23 +201,16 @@ def gradcheck_rows(device: torch.device, quick: bool) -> list[dict]:
     """bf16 autocast's and TF32's gradient cosines to exact fp32 on one batch, at random init and after fp32
     training steps on another batch; then 40 training steps from the same init in fp32 and in bf16 (eval mode
     throughout: dropout off, so the two precisions see the same computation)."""
-    from clap_core.model.inference import autocast
-    from clap_core.train.loss import ClipLoss
-
     batch, steps = 64, 10 if quick else 40
     wave = torch.from_numpy(np.stack(synth_waves(batch, seed=5))).to(device)  # (B, 480000)
     ids = token_ids(batch, seed=5).to(device)
-    mask, loss_fn = torch.ones_like(ids), ClipLoss()
     train_wave = torch.from_numpy(np.stack(synth_waves(batch, seed=6))).to(device)  # the training batch: another
     train_ids = token_ids(batch, seed=6).to(device)
 
     def loss_of(model, precision: str, waves, token_ids_, tf32: bool = False) -> tuple[torch.Tensor, dict]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         try:
-            with autocast(model, precision):
-                out = model(waves, token_ids_, mask)
-                return loss_fn(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
-                               output_dict=False), out
+            return contrastive_loss(model, precision, waves, token_ids_)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
@@ -222,13 +228,8 @@ def gradcheck_rows(device: torch.device, quick: bool) -> list[dict]:
         model.zero_grad(set_to_none=True)
         loss, out = loss_of(model, precision, wave, ids, tf32)
         loss.backward()
-        parts = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
-        grads = {part: torch.cat([p.grad.flatten().double() for n, p in model.named_parameters()
-                                  if n.split(".")[0] == part and p.grad is not None]) for part in sorted(parts)}
-        return grads, float(loss), {k: out[k].detach().float() for k in ("audio_embeds", "text_embeds")}
-
-    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+        embeds = {k: out[k].detach().float() for k in ("audio_embeds", "text_embeds")}
+        return grads_by_module(model), float(loss), embeds
 
     rows, model = [], build_model(device).eval()
     for trained in (0, steps):
@@ -266,12 +267,8 @@ def learn_rows(device: torch.device, quick: bool) -> list[dict]:
     each batch holds every class once. The loss falls from chance (ln 64) only if the towers learn the pairing;
     the two precisions' curves say whether bf16 trains like fp32. AdamW at LEARN_LR after a linear warmup of
     LEARN_WARMUP steps: on the H200, 3e-4 without warmup sent both precisions to exactly chance within 10 steps."""
-    from clap_core.model.inference import autocast
-    from clap_core.train.loss import ClipLoss
-
     classes, steps = 64, 30 if quick else 150
     captions = token_ids(classes, seed=7).to(device)  # (64, 32): class c's caption
-    mask, loss_fn = torch.ones_like(captions), ClipLoss()
     t = torch.arange(SR * SECONDS, device=device) / SR  # (480000,)
     freqs = (220 + 20 * torch.arange(classes, device=device)).float()[:, None]  # (64, 1)
     curves = {}
@@ -286,10 +283,7 @@ def learn_rows(device: torch.device, quick: bool) -> list[dict]:
             noise = torch.randn(classes, t.numel(), device=device, generator=gen)
             waves = 0.3 * torch.sin(2 * torch.pi * freqs * t + phase) + 0.1 * noise  # (64, 480000)
             opt.zero_grad(set_to_none=True)
-            with autocast(model, precision):
-                out = model(waves, captions, mask)
-                loss = loss_fn(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
-                               output_dict=False)
+            loss, _ = contrastive_loss(model, precision, waves, captions)
             loss.backward()
             opt.step()
             warmup.step()
