@@ -40,54 +40,48 @@ def test_paths_and_arrays_at_other_rates_give_the_same_embedding(model, tmp_path
         model.embed_audio(wave16k)
 
 
-def test_paths_are_decoded_a_batch_ahead_not_all_at_once(model, tmp_path, monkeypatch):
-    """embed_audio(paths) holds at most two batches of waveforms (the one embedded, the next one decoding), gives
-    the embeddings of the decoded waveforms in order, and a file that does not decode raises its error."""
+def tone_files(folder, n: int) -> list[str]:
+    """n WAV files of distinct tones and lengths (0.5-1.5 s at 48 kHz)."""
+    paths = []
+    for i in range(n):
+        sf.write(folder / f"{i}.wav", tone(200 + 50 * i, 0.5 + 0.1 * i), 48_000, subtype="FLOAT")
+        paths.append(str(folder / f"{i}.wav"))
+    return paths
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_paths_are_decoded_a_batch_ahead_not_all_at_once(model, tmp_path, monkeypatch, threads):
+    """embed_audio(paths), with 1 or 3 decode threads, decodes each file once, holds at most two batches of
+    waveforms (the one embedded, the next one decoding), gives the embeddings of the decoded waveforms in order,
+    and a file that does not decode raises its error, at the end of the list or inside it."""
     from clap_core.model import inference
 
-    paths = []
-    for i in range(11):
-        sf.write(tmp_path / f"{i}.wav", tone(200 + 50 * i, 0.5 + 0.1 * i), 48_000, subtype="FLOAT")
-        paths.append(str(tmp_path / f"{i}.wav"))
+    paths = tone_files(tmp_path, 11)
     loaded, loaded_when_embedding = [], []
     real_load, real_embed = inference.load_waveform, inference.embed_waveforms
     monkeypatch.setattr(inference, "load_waveform", lambda x, sr: loaded.append(x) or real_load(x, sr))
     monkeypatch.setattr(inference, "embed_waveforms",
                         lambda m, waves, *a: loaded_when_embedding.append(len(loaded)) or real_embed(m, waves, *a))
-    out = model.embed_audio(paths, batch_size=3)
+    out = model.embed_audio(paths, batch_size=3, decode_threads=threads)
     assert sorted(loaded) == sorted(paths) and len(loaded) == 11  # each file decoded once
     assert len(loaded_when_embedding) == 4 and all(n <= 3 * (k + 2) for k, n in enumerate(loaded_when_embedding))
     monkeypatch.undo()
     waves = [real_load(p, None) for p in paths]
     assert np.allclose(out, inference.embed_waveforms(model, waves, 3), atol=1e-6)
     (tmp_path / "bad.wav").write_bytes(b"RIFF not audio")
-    with pytest.raises(Exception, match="bad.wav"):
-        model.embed_audio(paths[:4] + [str(tmp_path / "bad.wav")], batch_size=2)
+    for with_bad in (paths[:4] + [str(tmp_path / "bad.wav")], paths[:5] + [str(tmp_path / "bad.wav")] + paths[5:]):
+        with pytest.raises(Exception, match="bad.wav"):
+            model.embed_audio(with_bad, batch_size=2, decode_threads=threads)
 
 
-def test_several_decode_threads_give_the_same_embeddings_in_order_and_stay_bounded(model, tmp_path, monkeypatch):
-    """decode_threads=3 decodes each file once, holds at most two batches, returns the one-thread embeddings in
-    input order, and raises the first bad file's error; the default is 1 thread on CPU, at most 4 on a GPU."""
+def test_decode_threads_give_the_one_thread_embeddings_and_default_by_device(model, tmp_path):
+    """Several decode threads return the same numbers as one, in input order; the default is 1 thread on CPU
+    and at most 4 on a GPU; fewer than 1 is refused."""
     from clap_core.model import inference
 
-    paths = []
-    for i in range(10):
-        sf.write(tmp_path / f"{i}.wav", tone(200 + 70 * i, 0.4 + 0.15 * i), 48_000, subtype="FLOAT")
-        paths.append(str(tmp_path / f"{i}.wav"))
+    paths = tone_files(tmp_path, 10)
     one = model.embed_audio(paths, batch_size=4, decode_threads=1)
-    loaded, loaded_when_embedding = [], []
-    real_load, real_embed = inference.load_waveform, inference.embed_waveforms
-    monkeypatch.setattr(inference, "load_waveform", lambda x, sr: loaded.append(x) or real_load(x, sr))
-    monkeypatch.setattr(inference, "embed_waveforms",
-                        lambda m, waves, *a: loaded_when_embedding.append(len(loaded)) or real_embed(m, waves, *a))
-    several = model.embed_audio(paths, batch_size=4, decode_threads=3)
-    monkeypatch.undo()
-    assert sorted(loaded) == sorted(paths) and len(loaded) == 10
-    assert len(loaded_when_embedding) == 3 and all(n <= 4 * (k + 2) for k, n in enumerate(loaded_when_embedding))
-    assert np.array_equal(several, one)  # the same waveforms in the same order: the same numbers
-    (tmp_path / "bad.wav").write_bytes(b"RIFF not audio")
-    with pytest.raises(Exception, match="bad.wav"):
-        model.embed_audio(paths[:5] + [str(tmp_path / "bad.wav")] + paths[5:], batch_size=2, decode_threads=3)
+    assert np.array_equal(model.embed_audio(paths, batch_size=4, decode_threads=3), one)
     with pytest.raises(ValueError, match="decode_threads"):
         model.embed_audio(paths, decode_threads=0)
     assert inference.decode_threads_for(torch.device("cpu")) == 1
