@@ -1,0 +1,39 @@
+"""Ray Train's controller unpickles `clap pretrain`'s function per worker, and so imports the module it lives in:
+that module must not bring torch, the model classes or DeepSpeed (about 9 s of CPU per controller on a 2-core
+machine before it asked for any worker). The workers import pipelines.pretrain_worker when the function runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("torch", "transformers", "deepspeed", "clap_core.model.clap", "pipelines.pretrain_worker")
+
+
+def modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport json, sys; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_the_controller_side_imports_none_of_the_workers_modules():
+    # what the controller does with the trainer's function: unpickle it (by reference: pipelines.pretrain)
+    loaded = modules_after(
+        "import ray.cloudpickle as cp, pickle\n"
+        "import pipelines.pretrain as p\n"
+        "blob = cp.dumps((p.train_fn_per_worker, p.fail_fast_policy))\n"
+        "assert b'pipelines.pretrain' in blob\n"
+        "import sys; [sys.modules.pop(m) for m in list(sys.modules) if m.startswith('pipelines')]\n"
+        "pickle.loads(blob)")
+    assert "pipelines.pretrain" in loaded
+    assert not [m for m in HEAVY if m in loaded]
+
+
+def test_the_worker_function_runs_the_worker_module(monkeypatch):
+    from pipelines import pretrain, pretrain_worker
+
+    seen = []
+    monkeypatch.setattr(pretrain_worker, "train_fn_per_worker", seen.append)
+    pretrain.train_fn_per_worker({"run_uri": "x"})
+    assert seen == [{"run_uri": "x"}]
+    assert pretrain_worker.SetupError is pretrain.SetupError  # the policy and `clap pretrain` catch the workers'
