@@ -1,4 +1,4 @@
-"""One training worker's state and the steps of its loop that need no Ray (pipelines/pretrain.py runs the loop).
+"""One training worker's state and the steps of its loop that need no Ray (pipelines/pretrain_worker.py runs the loop).
 
     ctx = WorkerContext(cfg=cfg, model_cfg=model_cfg, engine=engine, loss_fn=loss_fn, state=state, ...)
     for batch, waited in train_batches(shard, cfg, device): ...   # endless, one shuffle per epoch
