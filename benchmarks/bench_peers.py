@@ -162,7 +162,11 @@ def main() -> None:
     cases = args.cases.split(",")
     # bf16 without AVX-512 BF16 / AMX is emulated: 0.26x LAION-CLAP's embedding and a 140 s train step on an
     # AVX2-only EPYC (README), minutes of run for a path that `auto` never takes there. Ask for it by name.
-    default = "fp32,bf16" if native_bf16_cpu() else "fp32"
+    import torch
+
+    from clap_core.model.inference import native_bf16
+
+    default = "fp32,bf16" if native_bf16(torch.device("cpu")) else "fp32"
     args.paths = args.paths or default
     args.train_precisions = args.train_precisions or default
     if default == "fp32":
@@ -190,14 +194,6 @@ def main() -> None:
                 line += f" {median:8.2f} " + _ratio(median, laion and laion["detail"]["median_s"])
             detail = {k: v for k, v in row.get("detail", {}).items() if "cosine" in k}
             print(f"{line}  {detail or ''}")
-
-
-def native_bf16_cpu() -> bool:
-    import torch
-
-    from clap_core.model.inference import native_bf16
-
-    return native_bf16(torch.device("cpu"))
 
 
 def _ratio(value: float, laion: float | None) -> str:
