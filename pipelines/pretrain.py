@@ -126,6 +126,11 @@ def worker_resources_for(scaling, cluster_cpus: float) -> dict | None:
     """The workers' resources: as configured, except that CPU workers on a small Ray share what is left after
     INGEST_CPUS (2 workers x 1 CPU on 2 CPUs would starve the data pipeline and hang the run)."""
     if scaling.resources_per_worker or scaling.use_gpu:
+        left = cluster_cpus - scaling.num_workers * (scaling.resources_per_worker or {}).get("CPU", 0)
+        if left < INGEST_CPUS:  # said: the run itself waits silently for CPUs that never free up
+            print(f"clap pretrain: {scaling.num_workers} workers x {scaling.resources_per_worker} leave {left:g} of "
+                  f"Ray's {cluster_cpus:g} CPUs for data ingest (it needs {INGEST_CPUS:g}): training waits for data "
+                  "until the cluster grows", file=sys.stderr, flush=True)
         return scaling.resources_per_worker or None
     if cluster_cpus >= scaling.num_workers + INGEST_CPUS or cluster_cpus <= INGEST_CPUS:
         return None  # Ray Train's default: 1 CPU each
@@ -152,6 +157,11 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
     for uri in (data, output):
         storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
     model_cfg = resolve_model_config(model, cfg.model)
+    # Imports torch: in the driver only, not at module level (see above), and before ray.init: a `ray job submit`
+    # driver that loads torch after connecting dies in torch's MKL loader (std::bad_alloc, "Intel oneMKL FATAL
+    # ERROR: Cannot load libtorch_cpu.so"; Ray 2.60, torch 2.11).
+    from ray.train.torch import TorchTrainer
+
     init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     with tempfile.TemporaryDirectory() as tmp:
         dump_yaml(cfg, Path(tmp) / "pretrain_config.yaml")
@@ -162,7 +172,6 @@ def pretrain(data: str, output: str, model: str, cfg: PretrainConfig, export_onl
     datasets = build_datasets(data, cfg, model_cfg, train_rows, rejects_uri=storage.join(output, REJECTS_DIR))
     scaling = cfg.scaling
     worker_resources = worker_resources_for(scaling, ray.cluster_resources().get("CPU", 0))
-    from ray.train.torch import TorchTrainer  # imports torch: the driver only, not at module level (see above)
 
     lines = StepLines()  # rank 0's step lines, printed here (workers' output goes to Ray's logs)
     trainer = TorchTrainer(

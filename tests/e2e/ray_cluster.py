@@ -48,6 +48,13 @@ class LocalRayCluster:
         token = self.env.get("RAY_AUTH_TOKEN") if self.env.get("RAY_AUTH_MODE") == "token" else None
         return {"Authorization": f"Bearer {token}"} if token else {}
 
+    def __post_init__(self) -> None:
+        # The head declares a lost node dead after 3 failed health checks 1 s apart (Ray's defaults: 5 checks 3 s
+        # apart, 15 s of a node-loss test spent waiting). A killed node refuses the check at once; a live but
+        # busy one has 5 s to answer each check, so a loaded 2-core machine does not lose a node that is there.
+        for name, value in (("period_ms", "1000"), ("timeout_ms", "5000"), ("failure_threshold", "3")):
+            self.env.setdefault(f"RAY_health_check_{name}", value)
+
     def start(self, timeout_s: float = 120) -> "LocalRayCluster":
         # Ray's socket paths must stay short: a fresh folder directly under /tmp.
         self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")

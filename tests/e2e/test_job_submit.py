@@ -35,7 +35,7 @@ def cluster(s3_server, tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     c = LocalRayCluster(env=env).start()
     yield c
-    c.stop(grace_s=5)  # the module's own cluster: its jobs have ended
+    c.stop(grace_s=1)  # the module's own cluster, its jobs ended: nothing to flush (SIGTERM alone takes ~15 s)
 
 
 def test_submission_without_the_token_is_refused(cluster):

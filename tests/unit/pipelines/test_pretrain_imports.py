@@ -37,3 +37,23 @@ def test_the_worker_function_runs_the_worker_module(monkeypatch):
     pretrain.train_fn_per_worker({"run_uri": "x"})
     assert seen == [{"run_uri": "x"}]
     assert pretrain_worker.SetupError is pretrain.SetupError  # the policy and `clap pretrain` catch the workers'
+
+
+
+def test_the_driver_loads_torch_before_it_connects_to_ray(tmp_path):
+    # A `ray job submit` driver that first loads torch after ray.init dies in torch's MKL loader (seen with
+    # `clap pretrain --data <a local folder>`: "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so").
+    (tmp_path / "shards").mkdir()
+    code = (
+        "import sys\n"
+        "import pipelines.pretrain as p\n"
+        "from clap_core.train.config import load_pretrain_config\n"
+        "assert 'torch' not in sys.modules\n"
+        "def init_ray(**kwargs):\n"
+        "    print('torch loaded at ray.init:', 'torch' in sys.modules)\n"
+        "    raise SystemExit(0)\n"
+        "p.init_ray = init_ray\n"
+        f"p.pretrain({str(tmp_path / 'shards')!r}, {str(tmp_path / 'run')!r}, 'tiny', "
+        "load_pretrain_config(p.DEFAULT_CONFIG, []))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.splitlines()[-1] == "torch loaded at ray.init: True"
