@@ -41,6 +41,10 @@ def run(shards: Path, out: Path, overrides: list[str]) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+# The losses themselves run through the DeepSpeed engine (ZeRO 0/2/3) in CI's unit tier
+# (tests/unit/train/test_losses_under_deepspeed.py) and Ray Train around them is the same for every loss: the two
+# runs through Ray Train (~40 s each on 2 cores) are in the slow tier, for CI's budget.
+@pytest.mark.slow
 def test_siglip_trains_under_deepspeed(ray_local, shards, tmp_path):
     """ZeRO-2 through Ray Train (ZeRO 0, 2 and 3 through the DeepSpeed engine in one process:
     tests/unit/train/test_losses_under_deepspeed.py)."""
@@ -56,6 +60,7 @@ def test_siglip_trains_under_deepspeed(ray_local, shards, tmp_path):
     assert metrics["history"][-1]["temperature"] == pytest.approx(1 / 12.0, rel=1e-4)
 
 
+@pytest.mark.slow  # see test_siglip_trains_under_deepspeed
 def test_per_modality_temperatures_are_both_logged(ray_local, shards, tmp_path, capfd):
     metrics = run(shards, tmp_path / "run", ["deepspeed.zero_stage=2", "model.temperature.per_modality=true",
                                              "train.lr=0.05"])
