@@ -39,7 +39,6 @@ def test_the_worker_function_runs_the_worker_module(monkeypatch):
     assert pretrain_worker.SetupError is pretrain.SetupError  # the policy and `clap pretrain` catch the workers'
 
 
-
 def test_the_driver_loads_torch_before_it_connects_to_ray(tmp_path):
     # A `ray job submit` driver that first loads torch after ray.init dies in torch's MKL loader (seen with
     # `clap pretrain --data <a local folder>`: "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so").
