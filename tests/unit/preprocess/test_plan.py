@@ -27,14 +27,14 @@ MESSY_JSONL = ("\ufeff" + json.dumps({"id": "a", "audio_path": "a.wav", "caption
 
 def chunked_rows(uri: str, cfg, chunk_mb: float) -> list[dict]:
     chunks = planner.input_chunks(uri, cfg, chunk_mb)
-    counts = [planner.count_chunk(c, cfg) for c in chunks]
-    lines = [planner.count_lines(c, cfg)[1] for c in chunks]  # each chunk counted once: 3-byte chunks are many
+    counted = [planner.count_lines(c, cfg) for c in chunks]  # (rows, lines) of each chunk, counted once
+    counts = [n for n, _ in counted]
     for i, chunk in enumerate(chunks):  # as pipelines/preprocess_plan.py numbers lines
-        chunk["first_line"] = 1 + sum(lines[j] for j in range(i) if chunks[j]["uri"] == chunk["uri"])
+        chunk["first_line"] = 1 + sum(counted[j][1] for j in range(i) if chunks[j]["uri"] == chunk["uri"])
     rows = []
-    for chunk, first in zip(chunks, [sum(counts[:i]) for i in range(len(counts))]):
+    for chunk, count, first in zip(chunks, counts, [sum(counts[:i]) for i in range(len(counts))]):
         part = planner.read_chunk(chunk, first, cfg)
-        assert len(part) == planner.count_chunk(chunk, cfg)
+        assert len(part) == count == planner.count_chunk(chunk, cfg)
         rows += part
     return rows
 
