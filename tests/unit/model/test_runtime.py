@@ -12,9 +12,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 
 # Allocates and frees 6 blocks of 8-30 MB, 18 times over (an embedding batch's activations), twice; prints the
-# minor page faults of the second round. `setup` runs first.
+# minor page faults of the second round. `setup` runs first. Transparent huge pages are off for the process
+# (prctl PR_SET_THP_DISABLE): where the machine sets them to "always" (as CI's did), one fault maps 2 MB instead
+# of 4 KB and the default churn shows ~8k faults instead of ~46k, so the count would no longer measure bytes.
 CHURN = """
-import resource, sys, torch
+import ctypes, resource, sys
+assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0  # PR_SET_THP_DISABLE, before any large allocation
+import torch
 {setup}
 def churn():
     for size_mb in (24, 8, 16, 30, 12, 20) * 3:
