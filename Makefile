@@ -16,10 +16,17 @@ install: $(STAMP)
 # The dev extra includes the demo extra (moto's local S3 server) and the onnx one. The runtime closure is
 # constrained to cluster/requirements.lock, so tests run on exactly what the cluster image installs, whatever
 # the index released since (to move a pin: install without `-c`, then `python cluster/lock.py`).
+# uv installs the same closure as pip in about a fifth of the time (the CUDA wheels torch pulls are ~4 GB: 42 s
+# against ~200 s on a fresh 2-core machine, which is CI's budget); where uv cannot be installed, pip does it.
+UV_VERSION ?= 0.13.9
 $(STAMP): pyproject.toml cluster/requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]' -c cluster/requirements.lock
+	if $(BIN)/pip install --quiet uv==$(UV_VERSION); then \
+	  $(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' -c cluster/requirements.lock; \
+	else \
+	  $(BIN)/pip install --quiet -e '.[dev]' -c cluster/requirements.lock; \
+	fi
 	touch $(STAMP)
 
 demo: $(STAMP)
