@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml cluster/requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	if $(BIN)/pip install --quiet uv==$(UV_VERSION); then \
-	  $(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' -c cluster/requirements.lock; \
+	  env -u PYTHONDONTWRITEBYTECODE $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]' -c cluster/requirements.lock; \
 	else \
 	  $(BIN)/pip install --quiet -e '.[dev]' -c cluster/requirements.lock; \
 	fi

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tempfile
 
-import ray
 import ray.train
 import ray.train.torch
 import torch
