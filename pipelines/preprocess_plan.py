@@ -59,11 +59,9 @@ def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan,
 
     # 0. rows per chunk -> where each chunk's rows start in input order
     counted = run_tasks(lambda c: dict(zip(("rows", "lines"), planner.count_lines(c, cfg))), chunks, cfg)
-    counts = [r["rows"] for r in counted]
-    firsts = [sum(counts[:i]) for i in range(len(counts))]
-    for i, chunk in enumerate(chunks):  # file line number of each JSONL chunk's first line (reject details)
-        chunk["first_line"] = 1 + sum(counted[j]["lines"] for j in range(i) if chunks[j]["uri"] == chunk["uri"])
-    rows_in, groups = sum(counts), planner.group_count(sum(counts), cfg)
+    firsts = planner.chunk_starts(chunks, [(r["rows"], r["lines"]) for r in counted])  # and each first_line
+    rows_in = sum(r["rows"] for r in counted)
+    groups = planner.group_count(rows_in, cfg)
 
     # 1. read + validate each chunk, write its rows per planning group
     def route(item: dict) -> dict:

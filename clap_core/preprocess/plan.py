@@ -8,7 +8,7 @@ stages as parallel Ray tasks, each touching a bounded part of the input, and bot
 units and hashes:
 
     chunks = input_chunks(input_uri, cfg)               # byte ranges of JSONL, one tar each, or the whole input
-    n = count_chunk(chunk, cfg)                         # 0. rows per chunk -> global row offsets, row total
+    firsts = chunk_starts(chunks, [count_lines(c, cfg) for c in chunks])  # 0. rows per chunk -> row offsets
     route_rows(read_chunk(chunk, first, cfg), G, cfg)   # 1. validate (check_row), route each row by a hash of its id
     resolve_group(staged, offsets, size, cfg)           # 2. per group: duplicates, env partners, unit of each row
     assemble_plan(resolved, units_per_split, rows, cfg) # the driver: units from the groups' piece summaries
@@ -197,6 +197,18 @@ def count_lines(chunk: dict, cfg: PreprocessConfig) -> tuple[int, int]:
                     raw.decode(enc, errors="surrogateescape")).strip())
         return rows, data.count(b"\n")
     return len(read_chunk(chunk, 0, cfg)), 0
+
+
+def chunk_starts(chunks: list[dict], counted: list[tuple[int, int]]) -> list[int]:
+    """Stage 0's (rows, newline bytes) of each chunk -> where each chunk's rows start in input order (returned),
+    and each chunk's "first_line": the file line number of its first line (reject details), counted per file."""
+    firsts, rows, lines_before = [], 0, {}
+    for chunk, (n, lines) in zip(chunks, counted, strict=True):
+        firsts.append(rows)
+        chunk["first_line"] = 1 + lines_before.get(chunk["uri"], 0)
+        rows += n
+        lines_before[chunk["uri"]] = lines_before.get(chunk["uri"], 0) + lines
+    return firsts
 
 
 # -------------------------------------------------------------------------------------------------

@@ -28,11 +28,9 @@ MESSY_JSONL = ("\ufeff" + json.dumps({"id": "a", "audio_path": "a.wav", "caption
 def chunked_rows(uri: str, cfg, chunk_mb: float) -> list[dict]:
     chunks = planner.input_chunks(uri, cfg, chunk_mb)
     counted = [planner.count_lines(c, cfg) for c in chunks]  # (rows, lines) of each chunk, counted once
-    counts = [n for n, _ in counted]
-    for i, chunk in enumerate(chunks):  # as pipelines/preprocess_plan.py numbers lines
-        chunk["first_line"] = 1 + sum(counted[j][1] for j in range(i) if chunks[j]["uri"] == chunk["uri"])
+    firsts = planner.chunk_starts(chunks, counted)  # as pipelines/preprocess_plan.py: row offsets, first lines
     rows = []
-    for chunk, count, first in zip(chunks, counts, [sum(counts[:i]) for i in range(len(counts))]):
+    for chunk, (count, _), first in zip(chunks, counted, firsts):
         part = planner.read_chunk(chunk, first, cfg)
         assert len(part) == count == planner.count_chunk(chunk, cfg)
         rows += part
