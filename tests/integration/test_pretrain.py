@@ -122,8 +122,10 @@ def corpus(ray_local, tmp_path_factory) -> Path:
 def test_pretraining_learns_and_exports(ray_local, corpus, tmp_path):
     """tiny, 2 workers, ZeRO-1, fixed seeds: held-out text->audio R@1 >= 3x chance; the export equals the engine."""
     run = tmp_path / "learn"
+    # The corpus' clips last 1 s: tiny's 2 s windows would only repeat them (and double each step's conv work).
     cfg = config(["train.steps=120", "train.batch_size=16", "train.lr=2e-3", "train.eval_every=60",
-                  "train.checkpoint_every=60", "train.log_every=10", "deepspeed.zero_stage=1"])
+                  "train.checkpoint_every=60", "train.log_every=10", "deepspeed.zero_stage=1",
+                  "model.audio.clip_seconds=1.0"])
     result = pretrain(str(corpus), str(run), "tiny", cfg)
     assert result.error is None
 
