@@ -215,7 +215,7 @@ def actors_on_worker_node(cluster: LocalRayCluster) -> list[str]:
             if a.node_id in workers and "MapWorker" in a.class_name]
 
 
-PRETRAIN_STEPS, CHECKPOINT_EVERY = 32, 4  # the kill lands a few steps after step 4 (registration takes up to 2 s)
+PRETRAIN_STEPS, CHECKPOINT_EVERY = 16, 4  # the kill lands a few steps after step 4 (registration: one Train poll)
 
 
 @pytest.mark.timeout(600)  # bounded, the module's cluster start included: kill point <= 240 s, end <= 300 s after
@@ -236,7 +236,7 @@ def test_worker_node_lost_during_pretrain(cluster, tmp_path):
                f"train.steps={PRETRAIN_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.batch_size=4",
                "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "data.valid_split=null",
                "data.decode_tasks=1", "data.shuffle_buffer=0",
-               "data.min_epoch_rows=384"]  # 8 reads of the 48 rows: no epoch boundary in 32 steps
+               "data.min_epoch_rows=384"]  # 8 reads of the 48 rows: no epoch boundary in the run
     # scaling: the shipped defaults (2 workers, max_failures 3)
     log = tmp_path / "pretrain.log"
     job = start(cluster, *command, log=log)

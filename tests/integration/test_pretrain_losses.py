@@ -82,7 +82,8 @@ def test_deterministic_setup_error_is_not_retried(ray_local, shards, tmp_path):
     # an optimizer setting DeepSpeed rejects at initialize: the same on every try
     start = time.monotonic()
     with pytest.raises(ray.train.TrainingFailedError) as failure:
-        cfg = load_pretrain_config(DEFAULT_CONFIG, FAST + ["scaling.max_failures=3", "train.betas=[0.9, 1.5]"])
+        cfg = load_pretrain_config(DEFAULT_CONFIG, FAST + ["scaling.num_workers=1", "scaling.max_failures=3",
+                                                           "train.betas=[0.9, 1.5]"])
         pretrain(str(shards), str(tmp_path / "run"), "tiny", cfg)
     errors = list(failure.value.worker_failures.values())
     assert errors and any(isinstance(e, SetupError) for e in errors)
