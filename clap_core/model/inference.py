@@ -133,25 +133,33 @@ def pad_batch(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
+@contextlib.contextmanager
+def evaluating(model: "ClapModel") -> Iterator[None]:
+    """The model in eval mode for the block (no dropout, batch norm's running statistics: deterministic), the
+    caller's mode restored after. On CPU, glibc's malloc is set once per process to reuse the memory one batch
+    frees for the next (clap_core.runtime)."""
+    if model.device.type == "cpu":
+        keep_freed_memory()
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def embed_waveforms(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int = 16,
                     long_audio: LongAudio = "auto", precision: Precision = "auto") -> np.ndarray:
     """48 kHz mono waves -> (N, D) unit embeddings, deterministically."""
-    if model.device.type == "cpu":
-        keep_freed_memory()  # batches reuse the memory the previous one freed (clap_core.runtime)
-    was_training = model.training
-    model.eval()
-    try:
-        mode = long_audio
-        if mode == "auto":
-            mode = "fusion" if model.config.audio.fusion else "window_mean"
-        with autocast(model, precision):
-            encoder = runner(model, precision)
-            if mode == "window_mean":
-                return _embed_window_mean(encoder, waves, batch_size)
-            return _embed_direct(encoder, waves, batch_size)  # fusion or centre crop happen in the front end
-    finally:
-        model.train(was_training)
+    mode = long_audio
+    if mode == "auto":
+        mode = "fusion" if model.config.audio.fusion else "window_mean"
+    with evaluating(model), autocast(model, precision):
+        encoder = runner(model, precision)
+        if mode == "window_mean":
+            return _embed_window_mean(encoder, waves, batch_size)
+        return _embed_direct(encoder, waves, batch_size)  # fusion or centre crop happen in the front end
 
 
 def _embed_direct(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
@@ -183,20 +191,14 @@ def embed_audio_layers(model: "ClapModel", waves: Sequence[np.ndarray], batch_si
                          "only speech towers (wav2vec2, whisper) do")
     if not len(waves):
         raise ValueError("embed_audio_layers needs at least one waveform")
-    if model.device.type == "cpu":
-        keep_freed_memory()
-    was_training = model.training
-    model.eval()
-    try:
-        pieces = [split_windows(w, model.frontend.clip_samples) for w in waves]
-        flat = [w for p in pieces for w in p]
-        out = []
+    pieces = [split_windows(w, model.frontend.clip_samples) for w in waves]
+    flat = [w for p in pieces for w in p]
+    out = []
+    with evaluating(model):
         for chunk in batched(flat, batch_size):
             padded, lengths = pad_batch(chunk)
             fixed, valid = model.frontend.fixed_waveforms(padded.to(model.device), lengths)
             out.append(tower.layer_features(fixed, valid).float().cpu())  # (b, L, H)
-    finally:
-        model.train(was_training)
     feats = torch.cat(out).numpy()
     owner = np.repeat(np.arange(len(waves)), [len(p) for p in pieces])  # window -> clip index
     sums = np.zeros((len(waves),) + feats.shape[1:], np.float32)
@@ -257,15 +259,10 @@ def embed_text(model: "ClapModel", texts: str | Sequence[str], batch_size: int =
                precision: Precision = "auto") -> np.ndarray:
     """Captions -> (N, D) unit embeddings."""
     texts = [texts] if isinstance(texts, str) else list(texts)
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(model, precision):
-            encoder = runner(model, precision)
-            out = [F.normalize(encoder.encode_text(**model.tokenize(chunk), normalize=False).float(), dim=-1).cpu()
-                   for chunk in batched(texts, batch_size)]
-    finally:
-        model.train(was_training)
+    with evaluating(model), autocast(model, precision):
+        encoder = runner(model, precision)
+        out = [F.normalize(encoder.encode_text(**model.tokenize(chunk), normalize=False).float(), dim=-1).cpu()
+               for chunk in batched(texts, batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.embed_dim), np.float32)
 
 
