@@ -125,12 +125,9 @@ class LocalRayCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
-            request = urllib.request.Request(f"{self.dashboard_url}/api/version", headers=self.auth_headers)
-            try:
-                with urllib.request.urlopen(request, timeout=2):
-                    return
-            except OSError:
-                time.sleep(1)
+            if self._dashboard_json("/api/version", timeout_s=2) is not None:
+                return
+            time.sleep(1)
         raise TimeoutError(f"Ray dashboard did not come up in {timeout_s} s: {self.logs()}")
 
     def _wait_for_nodes(self, count: int, timeout_s: float, exact: bool = False) -> None:
@@ -146,15 +143,19 @@ class LocalRayCluster:
         raise TimeoutError(f"{count} Ray nodes did not register in {timeout_s} s: {self.logs()}")
 
     def alive_nodes(self) -> list[dict]:
-        """The cluster's ALIVE nodes, from the dashboard's state API (authenticated as a user's client is)."""
-        request = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=1000&detail=0",
-                                         headers=self.auth_headers)
+        """The cluster's ALIVE nodes, from the dashboard's state API (none while it does not answer)."""
+        answer = self._dashboard_json("/api/v0/nodes?limit=1000&detail=0", timeout_s=10)
+        return [n for n in answer["data"]["result"]["result"] if n["state"] == "ALIVE"] if answer else []
+
+    def _dashboard_json(self, path: str, timeout_s: float) -> dict | None:
+        """GET a dashboard API path, authenticated as a user's client is; None while the dashboard is starting,
+        restarting or too busy to answer."""
+        request = urllib.request.Request(f"{self.dashboard_url}{path}", headers=self.auth_headers)
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                nodes = json.loads(response.read())["data"]["result"]["result"]
-        except OSError:  # the dashboard restarting or busy: ask again
-            return []
-        return [n for n in nodes if n["state"] == "ALIVE"]
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
 
     def _check_alive(self) -> None:
         for proc in self.procs:
