@@ -24,6 +24,7 @@ from clap_core.preprocess.plan import plan_units
 from clap_core.preprocess.unit import process_unit
 from pipelines.job_configs import default_config_path
 from tests.e2e.ray_cluster import LocalRayCluster
+from tests.fixtures.leaks import assert_no_secret, files_under
 from tests.integration.test_pretrain import write_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,9 +131,5 @@ def assert_no_credential(cluster: LocalRayCluster, bucket: str, printed: list[st
     secrets = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"], RAY_TOKEN]
     objects = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     written = {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in objects}
-    written.update({str(p): p.read_bytes() for p in Path(cluster.temp_dir).rglob("*")
-                    if p.is_file() and "runtime_resources" not in p.parts})
-    for secret in secrets:
-        assert not [text for text in printed if secret in text]
-        leaked = [k for k, data in written.items() if secret.encode() in data]
-        assert not leaked, f"a credential appears in {leaked[:5]}"
+    written.update(files_under(Path(cluster.temp_dir), skip="runtime_resources"))  # the uploaded working dir
+    assert_no_secret(secrets, written, printed)

@@ -31,6 +31,7 @@ from clap_core.preprocess.config import load_preprocess_config
 from clap_core.preprocess.plan import plan_units
 from clap_core.preprocess.unit import process_unit
 from clap_demo.synth import write_corpus
+from tests.fixtures.leaks import assert_no_secret, files_under
 
 pytestmark = pytest.mark.integration
 FAULT_RATE, SEED = 0.08, 13
@@ -209,16 +210,14 @@ def test_pipeline_under_random_faults_equals_fault_free_run(ray_local, s3_faults
     assert all(n > 0 for n in survived.values()), report
 
     # No credential in anything the jobs wrote (every object of the bucket, local reports) or printed.
-    secrets = [os.environ["AWS_ACCESS_KEY_ID"].encode(), os.environ["AWS_SECRET_ACCESS_KEY"].encode()]
+    secrets = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]]
     written = {uri: storage.read_bytes(uri) for uri in storage.list_files(root)}
-    written.update({str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "corpus" not in p.parts})
+    written.update(files_under(tmp_path, skip="corpus"))
     assert any("tfevents" in k for k in written) and any(k.endswith(".pt") for k in written)
     ray_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"  # every worker's output
-    written.update({str(p): p.read_bytes() for p in ray_logs.rglob("*") if p.is_file()})
+    written.update(files_under(ray_logs))
     printed = capfd.readouterr()
-    for secret in secrets:
-        assert not [k for k, data in written.items() if secret in data]
-        assert secret.decode() not in printed.out + printed.err
+    assert_no_secret(secrets, written, [printed.out, printed.err])
     with capfd.disabled():
         print(f"\nS3 faults at {FAULT_RATE:.0%} (seed {SEED}), all survived, rows lost 0: " + "; ".join(
             f"{phase} {survived[phase]} of {s['requests']} requests "
