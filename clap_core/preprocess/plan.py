@@ -182,10 +182,6 @@ def read_chunk(chunk: dict, first_index: int, cfg: PreprocessConfig) -> list[Inp
     return read_inputs(chunk["uri"], enc, cfg.input.audio_dir)
 
 
-def count_chunk(chunk: dict, cfg: PreprocessConfig) -> int:
-    return count_lines(chunk, cfg)[0]
-
-
 def count_lines(chunk: dict, cfg: PreprocessConfig) -> tuple[int, int]:
     """(rows, newline bytes) of a chunk; JSONL lines are counted without parsing them, by the rule of
     jsonl_block_rows (newline bytes only; blank lines are no rows)."""
