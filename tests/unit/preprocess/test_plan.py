@@ -32,7 +32,7 @@ def chunked_rows(uri: str, cfg, chunk_mb: float) -> list[dict]:
     rows = []
     for chunk, (count, _), first in zip(chunks, counted, firsts):
         part = planner.read_chunk(chunk, first, cfg)
-        assert len(part) == count  # stage 0's count without parsing = the rows stage 2 reads
+        assert len(part) == count  # stage 0's count without parsing = the rows stage 1 reads
         rows += part
     return rows
 
