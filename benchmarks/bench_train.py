@@ -208,36 +208,36 @@ def main() -> None:
     import ray
     # the machine's real CPUs: (d)'s ingest runs on the cores the worker leaves, as `clap pretrain` does on it
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    tmp = tempfile.TemporaryDirectory()
-    shards = shards_for(Path(tmp.name), args.clips)  # (d) reads them; (a)-(c) train on their decoded rows
-    plain = plain_torch_alone(args.model, shards, args.batch, args.steps, args.warmup)
-    one = ray_deepspeed(args.model, shards, args.batch, args.steps, args.warmup, 1, 1)
-    two = ray_deepspeed(args.model, shards, args.batch, args.steps, args.warmup, 2, 1)
-    job = real_job(args.model, args.batch, shards, Path(tmp.name) / "run", args.job_steps, log_every=10)
-    per_clip = ingest_cpu_s_per_clip(args.model, shards, args.batch)
-    # (a) again, last: the machine's speed drifts by +-10% over minutes on a shared host, so the ratios take
-    # the mean of the first and last (a), which bracket the Ray variants in time
-    again = plain_torch_alone(args.model, shards, args.batch, args.steps, args.warmup)
-    first = plain["samples_per_s"]
-    plain = {**plain, "samples_per_s": (first + again["samples_per_s"]) / 2}
-    print(f"model {args.model}, batch {args.batch}/worker, {args.steps} steps, CPU fp32")
-    print(f"(a) plain PyTorch, 1 process      {plain['samples_per_s']:8.1f} samples/s   (first {first:.1f}, "
-          f"last {again['samples_per_s']:.1f})")
-    print(f"(b) Ray Train + DeepSpeed, 1 worker {one['samples_per_s']:8.1f} samples/s   (b)/(a) = "
-          f"{one['samples_per_s'] / plain['samples_per_s']:.2f}  (goal >= 0.9)")
-    print(f"(c) Ray Train + DeepSpeed, 2 workers {two['samples_per_s']:7.1f} samples/s   (c)/(b) = "
-          f"{two['samples_per_s'] / one['samples_per_s']:.2f}")
-    print(f"(d) clap pretrain on shards, 1 worker {job['samples_per_s']:6.1f} samples/s   (d)/(a) = "
-          f"{job['samples_per_s'] / plain['samples_per_s']:.2f}  (goal >= 0.9); data-wait "
-          f"{job['data_wait_share']:.1%} over {job['intervals']} intervals of 10 steps (worst "
-          f"{job['worst_interval_wait']:.0%}; goal < 5%)")
-    print(f"ingest: {per_clip * 1e3:.1f} ms of CPU per clip -> one core feeds {1 / per_clip:.0f} clips/s")
-    print(f"peak RSS per process: plain {plain['peak_rss_mb']:.0f} MB")
-    for stage in args.stages:
-        stats = two if stage == 1 else ray_deepspeed(args.model, shards, args.batch, 3, 1, 2, stage)
-        print(f"  ZeRO-{stage}, 2 workers: rank-0 peak RSS {stats['peak_rss_mb']:.0f} MB")
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = shards_for(Path(tmp), args.clips)  # (d) reads them; (a)-(c) train on their decoded rows
+        plain = plain_torch_alone(args.model, shards, args.batch, args.steps, args.warmup)
+        one = ray_deepspeed(args.model, shards, args.batch, args.steps, args.warmup, 1, 1)
+        two = ray_deepspeed(args.model, shards, args.batch, args.steps, args.warmup, 2, 1)
+        job = real_job(args.model, args.batch, shards, Path(tmp) / "run", args.job_steps, log_every=10)
+        per_clip = ingest_cpu_s_per_clip(args.model, shards, args.batch)
+        # (a) again, last: the machine's speed drifts by +-10% over minutes on a shared host, so the ratios take
+        # the mean of the first and last (a), which bracket the Ray variants in time
+        again = plain_torch_alone(args.model, shards, args.batch, args.steps, args.warmup)
+        first = plain["samples_per_s"]
+        plain = {**plain, "samples_per_s": (first + again["samples_per_s"]) / 2}
+        print(f"model {args.model}, batch {args.batch}/worker, {args.steps} steps, CPU fp32")
+        print(f"(a) plain PyTorch, 1 process      {plain['samples_per_s']:8.1f} samples/s   (first {first:.1f}, "
+              f"last {again['samples_per_s']:.1f})")
+        print(f"(b) Ray Train + DeepSpeed, 1 worker {one['samples_per_s']:8.1f} samples/s   (b)/(a) = "
+              f"{one['samples_per_s'] / plain['samples_per_s']:.2f}  (goal >= 0.9)")
+        print(f"(c) Ray Train + DeepSpeed, 2 workers {two['samples_per_s']:7.1f} samples/s   (c)/(b) = "
+              f"{two['samples_per_s'] / one['samples_per_s']:.2f}")
+        print(f"(d) clap pretrain on shards, 1 worker {job['samples_per_s']:6.1f} samples/s   (d)/(a) = "
+              f"{job['samples_per_s'] / plain['samples_per_s']:.2f}  (goal >= 0.9), (d)/(b) = "
+              f"{job['samples_per_s'] / one['samples_per_s']:.2f} (the ingest alone); data-wait "
+              f"{job['data_wait_share']:.1%} over {job['intervals']} intervals of 10 steps (worst "
+              f"{job['worst_interval_wait']:.0%}; goal < 5%)")
+        print(f"ingest: {per_clip * 1e3:.1f} ms of CPU per clip -> one core feeds {1 / per_clip:.0f} clips/s")
+        print(f"peak RSS per process: plain {plain['peak_rss_mb']:.0f} MB")
+        for stage in args.stages:
+            stats = two if stage == 1 else ray_deepspeed(args.model, shards, args.batch, 3, 1, 2, stage)
+            print(f"  ZeRO-{stage}, 2 workers: rank-0 peak RSS {stats['peak_rss_mb']:.0f} MB")
     ray.shutdown()
-    tmp.cleanup()
 
 
 if __name__ == "__main__":
