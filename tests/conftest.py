@@ -3,7 +3,7 @@
 Integration tests take the `ray_local` fixture: the first one starts Ray (about 4 s), the rest reuse
 it. Ray gets more logical CPUs than the machine has so train workers cannot starve Ray Data ingest on
 2 cores. The cluster is shut down at the end by `ray.shutdown()`, which ends only the processes this
-session started (never `ray stop`).
+session started (never the CLI's machine-wide stop command).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Ray's local autoscaling cluster (the fake multi-node provider) without `ray stop`.
+"""Ray's local autoscaling cluster (the fake multi-node provider) without Ray's machine-wide stop command.
 
-`ray.cluster_utils.AutoscalingCluster` runs `ray stop --force` on start and shutdown (that would end
+`ray.cluster_utils.AutoscalingCluster` runs the CLI's `stop --force` on start and shutdown (that would end
 every Ray process on the machine, other test sessions' included) and reads a base config the wheel
 does not ship. This helper writes the whole autoscaler config itself and runs the head as
 `ray start --head --block` in its own process group: the autoscaler (autoscaler v2, as the KubeRay

@@ -5,8 +5,8 @@ Token authentication is on when `env` says so (RAY_AUTH_MODE=token, RAY_AUTH_TOK
 
 Both nodes bind to 127.0.0.1 on free ports and run `ray start --block` in their own process groups;
 stopping sends SIGTERM to exactly those groups (what `ray start --block` turns into stopping the
-processes it started), then SIGKILL after a grace period. Never `ray stop`: it would end every Ray
-process on the machine, including other test sessions'.
+processes it started), then SIGKILL after a grace period. Never the CLI's machine-wide stop command: it
+would end every Ray process on the machine, including other test sessions'.
 """
 from __future__ import annotations
 
