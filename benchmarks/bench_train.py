@@ -38,11 +38,9 @@ DISTINCT_BATCHES = 4  # the in-memory batches (a)-(c) cycle through
 
 def training_rows(shards: str) -> dict:
     """The columns the training transform reads, of the first training shard, as numpy."""
-    import pyarrow.parquet as pq
+    from clap_core.data.shards import read_parquet_file, shard_files
 
-    from clap_core.data.shards import shard_files
-
-    table = pq.read_table(shard_files(shards, "train")[0], columns=["id", "audio", "caption", "captions"])
+    table = read_parquet_file(shard_files(shards, "train")[0], columns=["id", "audio", "caption", "captions"])
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
