@@ -9,8 +9,8 @@ keep_freed_memory() fixes the mmap threshold at glibc's ceiling (32 MB on 64-bit
 1 GB: blocks up to 32 MB are then reused from the heap, and the process keeps the memory of its largest batch
 (its RSS stays at that peak instead of falling between batches).
 
-The embedding paths call it on CPU (clap_core.model.inference.evaluating). It changes nothing where malloc is not glibc's
-(macOS, musl, Windows, an LD_PRELOADed jemalloc or tcmalloc keeps its own policy) or where the user chose
+The embedding paths call it on CPU (clap_core.model.inference.evaluating). It changes nothing where malloc is not
+glibc's (macOS, musl, Windows, an LD_PRELOADed jemalloc or tcmalloc keeps its own policy) or where the user chose
 glibc's malloc settings already (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or glibc.malloc tunables).
 """
 from __future__ import annotations

@@ -21,8 +21,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray Train's controller polls its workers every 2 s: a finished or failed worker group, or a report that finds the
-# previous one still queued, waits up to that long to be seen. Every Ray Train run of the session (drivers and `clap` processes inherit this) is polled 4x as
-# often: seconds per run, on the ~20 runs of the suite.
+# previous one still queued, waits up to that long to be seen. Every Ray Train run of the session (drivers and
+# `clap` processes inherit this) is polled 4x as often: seconds per run, on the ~20 runs of the suite.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Workers must import the project from this checkout even when it is not pip-installed.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
