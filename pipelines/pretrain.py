@@ -29,7 +29,7 @@ import ray
 import ray.train
 
 from clap_core import storage
-from clap_core.config import dump_yaml, to_dict
+from clap_core.config import dump_yaml, from_dict, to_dict
 from clap_core.data.rejects import REJECTS_DIR
 from clap_core.data.shards import count_rows, shard_files
 from clap_core.model.config import ClapModelConfig
@@ -70,7 +70,8 @@ def build_datasets(data_uri: str, cfg: PretrainConfig, model_cfg: ClapModelConfi
     train_files = shard_files(data_uri, cfg.data.train_split)  # manifest.json's list: never crash debris
     if not train_files:
         raise FileNotFoundError(f"no training shards at {data_uri.rstrip('/')}/{cfg.data.train_split}")
-    transform = PairBatchTransform.for_model(model_cfg, training=True, clip_seconds=cfg.data.max_clip_seconds)
+    transform = PairBatchTransform.for_model(model_cfg, training=True,
+                                             clip_seconds=cfg.data.max_clip_seconds).ship_tokenizer()
     transform.rejects_uri = rejects_uri
     compute = ray.data.TaskPoolStrategy(size=cfg.data.decode_tasks) if cfg.data.decode_tasks else None
     passes = epoch_passes(cfg, train_rows)
@@ -97,10 +98,24 @@ class SetupError(RuntimeError):
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train's function per worker. It imports the worker side when it runs: Ray Train's controller
     unpickles this function and so imports this module, which must stay light (no torch, no model classes:
-    they cost the controller ~9 s of CPU on a 2-core machine before it asked for the workers)."""
+    they cost the controller ~9 s of CPU on a 2-core machine before it asked for the workers).
+
+    The training data is asked for first (clap_core.train.feed.FeedAhead): Ray Data starts reading and
+    decoding while the worker imports the model code and builds its engine (~12 s on 2 cores), instead of after."""
+    feed = None if config.get("export_only") else start_feed(config)
     from pipelines.pretrain_worker import train_fn_per_worker as run_worker
 
-    run_worker(config)
+    run_worker(config, feed)
+
+
+def start_feed(config: dict):
+    """This worker's training batches, the first one already asked for (a FeedAhead)."""
+    import ray.train.torch  # torch: already loaded in a Ray Train torch worker (its process group)
+
+    from clap_core.train.feed import FeedAhead, train_batches
+
+    cfg = from_dict(PretrainConfig, config["pretrain"])
+    return FeedAhead(train_batches(ray.train.get_dataset_shard("train"), cfg, ray.train.torch.get_device()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Ray Train's controller, which unpickles that function, imports only the light dr
 from __future__ import annotations
 
 import tempfile
+from typing import Iterator
 
 import ray.train
 import ray.train.torch
@@ -20,6 +21,7 @@ from clap_core.model.clap import ClapModel
 from clap_core.model.config import ClapModelConfig
 from clap_core.train.config import PretrainConfig
 from clap_core.train.engine import TrainState, init_engine, read_checkpoint, train_step, write_checkpoint
+from clap_core.train.feed import train_batches
 from clap_core.train.loss import build_loss
 from clap_core.train.run_log import RunLogger, StepWindow, console_line
 from clap_core.train.validation import ValidSet, evaluate
@@ -29,12 +31,13 @@ from clap_core.train.worker import (
     export_run,
     log_interval,
     maybe_inject_fault,
-    train_batches,
 )
 from pipelines.pretrain import SetupError
 
 
-def train_fn_per_worker(config: dict) -> None:
+def train_fn_per_worker(config: dict, feed: Iterator[tuple[dict, float]] | None = None) -> None:
+    """`feed`: the training batches if already started (pipelines.pretrain starts them before importing this
+    module: clap_core.train.feed.FeedAhead); else they start when the loop first asks."""
     cfg = from_dict(PretrainConfig, config["pretrain"])
     model_cfg = from_dict(ClapModelConfig, config["model"])
     run_uri, export_only = config["run_uri"], config.get("export_only", False)
@@ -62,13 +65,14 @@ def train_fn_per_worker(config: dict) -> None:
                         world=world, device=device, run_uri=run_uri, train_rows=config.get("train_rows", 0))
 
     if not export_only and state.step < cfg.train.steps:
-        train_loop(ctx)
+        train_loop(ctx, feed)
     export_run(ctx)  # final/ (consolidated weights), engine_probe.npz, metrics.json, curves.png
 
 
-def train_loop(ctx: WorkerContext) -> None:
+def train_loop(ctx: WorkerContext, batches: Iterator[tuple[dict, float]] | None = None) -> None:
     train = ctx.cfg.train
-    batches = train_batches(ray.train.get_dataset_shard("train"), ctx.cfg, ctx.device)
+    if batches is None:
+        batches = train_batches(ray.train.get_dataset_shard("train"), ctx.cfg, ctx.device)
     ctx.engine.train()
     window = StepWindow()
     while ctx.state.step < train.steps:

@@ -1,7 +1,6 @@
 """One training worker's state and the steps of its loop that need no Ray (pipelines/pretrain_worker.py runs the loop).
 
     ctx = WorkerContext(cfg=cfg, model_cfg=model_cfg, engine=engine, loss_fn=loss_fn, state=state, ...)
-    for batch, waited in train_batches(shard, cfg, device): ...   # endless, one shuffle per epoch
     metrics = log_interval(ctx, window)        # mean over ranks -> history, console, TensorBoard
     check_bad_rows(cfg, run_uri, train_rows)   # past data.max_bad_row_fraction undecodable rows: BadRowsError
     maybe_inject_fault(ctx)                    # train.kill_worker_at_step: the last rank dies once (tests)
@@ -18,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,27 +53,6 @@ class WorkerContext:
     device: torch.device  # cuda:<local rank> or cpu
     run_uri: str  # the run folder: absolute path or s3:// prefix
     train_rows: int = 0  # rows of the training split (bounds the undecodable ones)
-
-
-def train_batches(shard, cfg: PretrainConfig, device: torch.device) -> Iterator[tuple[dict, float]]:
-    """Endless (batch, seconds waited) pairs of a Ray Data shard (anything with `iter_torch_batches`); each
-    pass over the shard is one epoch with its own local shuffle."""
-    while True:
-        empty = True
-        iterator = iter(shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, drop_last=True, device=device,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches))
-        while True:
-            start = time.perf_counter()
-            batch = next(iterator, None)
-            waited = time.perf_counter() - start
-            if batch is None:
-                break
-            empty = False
-            yield batch, waited
-        if empty:
-            raise ValueError(f"the training split holds fewer than train.batch_size={cfg.train.batch_size} "
-                             "rows per worker: lower the batch size or the number of workers")
 
 
 def all_mean(values: list[float], device: torch.device, world: int) -> list[float]:

@@ -33,9 +33,11 @@ def test_the_worker_function_runs_the_worker_module(monkeypatch):
     from pipelines import pretrain, pretrain_worker
 
     seen = []
-    monkeypatch.setattr(pretrain_worker, "train_fn_per_worker", seen.append)
+    monkeypatch.setattr(pretrain_worker, "train_fn_per_worker", lambda *args: seen.append(args))
+    monkeypatch.setattr(pretrain, "start_feed", lambda config: f"feed of {config['run_uri']}")
     pretrain.train_fn_per_worker({"run_uri": "x"})
-    assert seen == [{"run_uri": "x"}]
+    pretrain.train_fn_per_worker({"run_uri": "y", "export_only": True})  # nothing to train on: no data started
+    assert seen == [({"run_uri": "x"}, "feed of x"), ({"run_uri": "y", "export_only": True}, None)]
     assert pretrain_worker.SetupError is pretrain.SetupError  # the policy and `clap pretrain` catch the workers'
 
 

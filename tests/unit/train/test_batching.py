@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from clap_core.audio.codec import TARGET_SR, encode_flac
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
-from clap_core.train.batching import PairBatchTransform, crop_or_pad, pick_captions, trim_padding
+from clap_core.model.encoders.text import build_tokenizer
+from clap_core.train.batching import FixedLengthTokens, PairBatchTransform, crop_or_pad, pick_captions, trim_padding
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def ramp(seconds: float) -> np.ndarray:
@@ -74,3 +81,65 @@ def test_transform_pickles_without_its_tokenizer():
     clone = pickle.loads(pickle.dumps(transform))
     assert clone._tokenizer is None and clone.clip_samples == transform.clip_samples
     assert clone(rows([1.0]))["waves"].shape == (1, transform.clip_samples)
+    shipped = pickle.loads(pickle.dumps(transform.ship_tokenizer()))  # the backend travels as JSON, parsed on use
+    assert shipped._tokenizer is None and shipped.tokens._backend is None
+    for key, value in clone.tokenize(["a dog", "rain"]).items():
+        np.testing.assert_array_equal(shipped.tokenize(["a dog", "rain"])[key], value)
+
+
+TEXTS = ["", "a dog", "  Glas zerbricht auf Stein — 玻璃碎了 🐕  ", "the sound of " * 20, "Rain.\nThunder!"]
+
+
+def bpe_tokenizer_folder(tmp_path: Path, kind: str) -> str:
+    """A RoBERTa- or GPT-2-style tokenizer (byte-level BPE trained here on a few lines), saved as transformers
+    saves one: what `text_encoder.tokenizer=<folder>` loads. RoBERTa: <s> ... </s>, a pad token; GPT-2: no special
+    tokens around the text and no pad token (build_tokenizer pads with EOS)."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=kind == "roberta")
+    bpe.train_from_iterator(["a dog barks", "the sound of rain on a roof", "glass breaking"] * 20, vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<|endoftext|>"])
+    backend = bpe._tokenizer  # the `tokenizers.Tokenizer` inside
+    if kind == "roberta":
+        backend.post_processor = processors.RobertaProcessing(("</s>", backend.token_to_id("</s>")),
+                                                              ("<s>", backend.token_to_id("<s>")))
+        specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    else:
+        specials = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(tmp_path / kind)
+    return str(tmp_path / kind)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "roberta", "gpt2"])
+def test_fixed_length_tokens_equal_the_transformers_tokenizer(kind, tmp_path):
+    name = kind if kind == "bytes" else bpe_tokenizer_folder(tmp_path, kind)
+    max_length = 12  # the long captions are truncated, the short ones padded
+    tokenizer = build_tokenizer(name, max_length)
+    tokens = pickle.loads(pickle.dumps(FixedLengthTokens.from_tokenizer(tokenizer, max_length)))  # as a task gets it
+    assert tokenizer.backend_tokenizer.padding is None  # the model's own tokenizer is left alone (a copy was set)
+    want = tokenizer(TEXTS, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    got = tokens(TEXTS)
+    assert got["input_ids"].dtype == got["attention_mask"].dtype == np.int64
+    np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    np.testing.assert_array_equal(got["attention_mask"], want["attention_mask"])
+    lengths = got["attention_mask"].sum(1)
+    assert lengths[1] < max_length == lengths[3] and len(set(got["input_ids"][:, 1])) > 2  # padded, truncated, real
+    assert tokens([])["input_ids"].shape == (0, max_length)
+
+
+def test_a_decode_task_loads_neither_torch_nor_transformers(tmp_path):
+    """What a Ray Data task does with the training transform: unpickle it, call it on shard rows."""
+    transform = PairBatchTransform.for_model(get_model_config("tiny"), training=True, seed=0).ship_tokenizer()
+    (tmp_path / "transform.pkl").write_bytes(pickle.dumps(transform))
+    (tmp_path / "rows.pkl").write_bytes(pickle.dumps(rows([0.5, 1.0])))
+    code = ("import pickle, sys\n"
+            f"transform = pickle.loads(open({str(tmp_path / 'transform.pkl')!r}, 'rb').read())\n"
+            f"batch = transform(pickle.loads(open({str(tmp_path / 'rows.pkl')!r}, 'rb').read()))\n"
+            "print(batch['input_ids'].tolist(), [m for m in ('torch', 'transformers') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ids, loaded = out.stdout.strip().rsplit(" [", 1)
+    assert loaded == "]", f"the decode task loaded {loaded}"
+    expected = transform(rows([0.5, 1.0]))["input_ids"]  # the seed fixes the caption choice
+    assert ids == str(expected.tolist())
