@@ -39,8 +39,8 @@ from pipelines.embed import EmbedBatch, decode_row, manifest_item
 from tests.e2e.ray_cluster import LocalRayCluster
 from tests.fixtures.shards import TONES, shard_row, tone
 
-# CI runs the nodes lost during embed and during pretrain (~2.5 min with the cluster); the killed embed and
-# tune-probe drivers are in the slow tier (`make test-all`), for CI's budget
+# CI runs the node lost during pretrain (~2 min with the cluster); the node lost during embed and the killed
+# embed and tune-probe drivers are in the slow tier (`make test-all`), for CI's budget
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 CLIPS = 24
@@ -188,6 +188,8 @@ def test_killed_tune_probe_driver_then_same_command(cluster, tmp_path):
         assert epochs == list(range(1, len(epochs) + 1)), (folder.name, epochs)  # no epoch reported twice
 
 
+@pytest.mark.slow  # ~1 min; CI keeps an embedding run's exactly-once commit after a kill in
+# tests/integration/test_embed_search.py::test_late_files_of_a_killed_run_are_never_read
 def test_worker_node_lost_during_embed(cluster, corpus, tmp_path):
     """The worker node is SIGKILLed as soon as an embedding actor is alive on it; the job waits for the
     replacement node (as an autoscaler adds one) and finishes there."""

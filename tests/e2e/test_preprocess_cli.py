@@ -22,6 +22,10 @@ def clap(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+# slow tier, for CI's budget (~1 min: two `clap` processes, each with its own Ray): CI runs `clap preprocess` as a
+# cluster job (tests/e2e/test_job_submit.py) and the crash-and-resume in-process
+# (tests/integration/test_preprocess.py, tests/integration/test_preprocess_scale.py)
+@pytest.mark.slow
 def test_cli_crash_then_rerun_resumes(tmp_path):
     manifest = write_corpus(tmp_path / "corpus", 10, seed=7, seconds=(0.6, 1.0))
     out = str(tmp_path / "shards")

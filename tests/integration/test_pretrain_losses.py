@@ -78,6 +78,9 @@ def test_siglip_rejects_per_modality_temperature():
         get_model_config("tiny", ["loss=siglip", "temperature.per_modality=true"])
 
 
+# slow tier, for CI's budget (a Ray Train run): CI checks the policy's decisions themselves
+# (tests/unit/pipelines/test_pretrain_failure_policy.py)
+@pytest.mark.slow
 def test_deterministic_setup_error_is_not_retried(ray_local, shards, tmp_path):
     # an optimizer setting DeepSpeed rejects at initialize: the same on every try
     start = time.monotonic()

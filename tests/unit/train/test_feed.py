@@ -46,9 +46,9 @@ def slow_batches(started: threading.Event, first_after_s: float, error: Exceptio
 
 def test_the_first_batch_is_asked_for_at_once_and_only_the_loops_own_wait_counts():
     started = threading.Event()
-    feed = FeedAhead(slow_batches(started, first_after_s=0.3))
+    feed = FeedAhead(slow_batches(started, first_after_s=0.2))
     assert started.wait(5)  # asked for before the loop's first `next`
-    time.sleep(0.6)  # the worker builds its model meanwhile; the batch arrived after 0.3 s
+    time.sleep(1.2)  # the worker builds its model meanwhile; the batch arrived after 0.2 s
     batch, waited = next(feed)
     assert batch == "batch 0" and waited < 0.1  # the loop did not wait: the thread did
     assert list(feed) == [("batch 1", 0.01), ("batch 2", 0.02)]  # the rest straight from the iterator
