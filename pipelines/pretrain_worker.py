@@ -1,7 +1,7 @@
 """The worker side of `clap pretrain`: what each Ray Train worker runs (pipelines/pretrain.py is the driver).
 
-    train_fn_per_worker(config)    # the model in a DeepSpeed engine, resume, train_loop, export_run
-    train_loop(ctx)                # steps, console lines, validation, checkpoints (every rank reports)
+    train_fn_per_worker(config, feed)  # the model in a DeepSpeed engine, resume, train_loop, export_run
+    train_loop(ctx, feed)          # steps, console lines, validation, checkpoints (every rank reports)
 
 Only the workers import this module: it brings torch, the model classes and DeepSpeed (about 7 s of CPU per
 process on a 2-core machine). pipelines.pretrain hands Ray Train a function that imports it when it runs, so
@@ -21,7 +21,6 @@ from clap_core.model.clap import ClapModel
 from clap_core.model.config import ClapModelConfig
 from clap_core.train.config import PretrainConfig
 from clap_core.train.engine import TrainState, init_engine, read_checkpoint, train_step, write_checkpoint
-from clap_core.train.feed import train_batches
 from clap_core.train.loss import build_loss
 from clap_core.train.run_log import RunLogger, StepWindow, console_line
 from clap_core.train.validation import ValidSet, evaluate
@@ -35,9 +34,9 @@ from clap_core.train.worker import (
 from pipelines.pretrain import SetupError
 
 
-def train_fn_per_worker(config: dict, feed: Iterator[tuple[dict, float]] | None = None) -> None:
-    """`feed`: the training batches if already started (pipelines.pretrain starts them before importing this
-    module: clap_core.train.feed.FeedAhead); else they start when the loop first asks."""
+def train_fn_per_worker(config: dict, feed: Iterator[tuple[dict, float]] | None) -> None:
+    """`feed`: the training batches, already asked for (pipelines.pretrain starts them before importing this
+    module: clap_core.train.feed.FeedAhead); None for --export-only, which trains nothing."""
     cfg = from_dict(PretrainConfig, config["pretrain"])
     model_cfg = from_dict(ClapModelConfig, config["model"])
     run_uri, export_only = config["run_uri"], config.get("export_only", False)
@@ -69,10 +68,8 @@ def train_fn_per_worker(config: dict, feed: Iterator[tuple[dict, float]] | None 
     export_run(ctx)  # final/ (consolidated weights), engine_probe.npz, metrics.json, curves.png
 
 
-def train_loop(ctx: WorkerContext, batches: Iterator[tuple[dict, float]] | None = None) -> None:
+def train_loop(ctx: WorkerContext, batches: Iterator[tuple[dict, float]]) -> None:
     train = ctx.cfg.train
-    if batches is None:
-        batches = train_batches(ray.train.get_dataset_shard("train"), ctx.cfg, ctx.device)
     ctx.engine.train()
     window = StepWindow()
     while ctx.state.step < train.steps:
