@@ -20,7 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -172,10 +172,16 @@ def _embed_direct(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: i
 
 
 def _embed_window_mean(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
-    window = model.frontend.clip_samples
+    return window_mean(lambda windows: _embed_direct(model, windows, batch_size), waves, model.frontend.clip_samples)
+
+
+def window_mean(encode: Callable[[list[np.ndarray]], np.ndarray], waves: Sequence[np.ndarray],
+                window: int) -> np.ndarray:
+    """Clips -> (N, D): each clip's consecutive windows (split_windows) embedded by `encode` (a list of at most
+    window-long waves -> (n, D) unit embeddings, in one call), then averaged per clip and renormalised."""
     pieces = [split_windows(w, window) for w in waves]
     owner = np.repeat(np.arange(len(waves)), [len(p) for p in pieces])  # window -> clip index
-    flat = _embed_direct(model, [w for p in pieces for w in p], batch_size)  # (total windows, D)
+    flat = encode([w for p in pieces for w in p])  # (total windows, D)
     sums = np.zeros((len(waves), flat.shape[1]), np.float32)
     np.add.at(sums, owner, flat)
     return F.normalize(torch.from_numpy(sums), dim=-1).numpy()
@@ -219,16 +225,24 @@ def decode_threads_for(device: torch.device) -> int:
 def embed_audio(model: "ClapModel", audio: AudioInput | Iterable[AudioInput], sample_rate: int | None = None,
                 batch_size: int = 16, long_audio: LongAudio = "auto", precision: Precision = "auto",
                 decode_threads: int | None = None) -> np.ndarray:
-    """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings.
+    """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings, decoded a batch ahead
+    (decode_ahead) with `decode_threads` threads (None: decode_threads_for(model.device))."""
+    threads = decode_threads if decode_threads is not None else decode_threads_for(model.device)
+    return decode_ahead(audio, sample_rate, batch_size, threads,
+                        lambda waves: embed_waveforms(model, waves, batch_size, long_audio, precision))
 
-    Batch by batch: `decode_threads` threads (None: decode_threads_for(model.device)) decode the next batch's
-    files while the model embeds this one, and only those two batches' waveforms are in memory, however many
-    paths are given (a file that does not decode raises here, once the batches before it are embedded)."""
+
+def decode_ahead(audio: AudioInput | Iterable[AudioInput], sample_rate: int | None, batch_size: int,
+                 threads: int, embed: Callable[[list[np.ndarray]], np.ndarray]) -> np.ndarray:
+    """Paths or arrays -> `embed` (48 kHz mono waves -> (b, D)) batch by batch -> (N, D).
+
+    `threads` threads decode the next batch's files while `embed` runs on this one, and only those two batches'
+    waveforms are in memory, however many paths are given (a file that does not decode raises here, once the
+    batches before it are embedded). The one loop of ClapModel.embed_audio and OnnxTowers.embed_audio."""
     items = [audio] if _is_single_audio(audio) else list(audio)
     chunks = list(batched(items, batch_size))
     if not chunks:
-        return embed_waveforms(model, [], batch_size, long_audio, precision)
-    threads = decode_threads if decode_threads is not None else decode_threads_for(model.device)
+        return embed([])
     if threads < 1:
         raise ValueError(f"decode_threads must be >= 1, got {threads}")
     out = []
@@ -241,7 +255,7 @@ def embed_audio(model: "ClapModel", audio: AudioInput | Iterable[AudioInput], sa
             for i in range(len(chunks)):
                 waves = [future.result() for future in pending]  # in order: the first bad file raises
                 pending = submit(chunks[i + 1]) if i + 1 < len(chunks) else []
-                out.append(embed_waveforms(model, waves, batch_size, long_audio, precision))  # (b, D)
+                out.append(embed(waves))  # (b, D)
         finally:
             for future in pending:  # an error: the next batch is not decoded further
                 future.cancel()

@@ -1,7 +1,9 @@
 """ONNX export of the two towers, and an ONNX Runtime runner that reads the export back.
 
     export_onnx(model, "out/", audio_input="mel")        # out/audio.onnx, out/text.onnx, out/onnx_export.json
+    export_onnx(model, "q/", quantize="int8")              # the same, the linear layers in dynamic int8
     towers = OnnxTowers("out/")
+    towers.embed_audio(["dog.wav", "rain.mp3"])            # (2, D) from files, like ClapModel.embed_audio
     towers.encode_mel(mel, is_longer)                      # (B, D) unit embeddings, like ClapModel.encode_mel
     towers.encode_text(input_ids, attention_mask)          # (B, D)
 
@@ -9,12 +11,23 @@ Both graphs have a dynamic batch axis. The audio graph takes log-mel (B, C, T, F
 (audio_input="waveform") fixed-length 48 kHz waveforms (B, clip_samples) already cropped/padded to the
 model's window (clap_core.model.frontend.crop_or_pad_tensor), with the STFT and mel filterbank inside the graph.
 Text ids may be up to max_length long (dynamic sequence axis). This module owns the folder's format.
+
+quantize="int8" is ONNX Runtime's dynamic quantization of the towers' nn.Linear layers that run per patch or
+per token (MatMul nodes, found by their weights in the graph): int8 weights per output channel in a 7-bit
+range (the u8 x s8 kernels of AVX2 CPUs without VNNI saturate a 16-bit sum otherwise), uint8 activations
+scaled per batch. The layers that run once per clip or caption (projection heads, a pooler: Gemm nodes, which
+ORT's dynamic quantization does not cover, and a negligible share of the time), the STFT, the mel filterbank,
+convolutions and the attention products stay fp32. README ("Exact or fast inference") has the measured speed
+and cosines.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
 import torch
@@ -22,10 +35,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    import onnx
+
     from clap_core.model.clap import ClapModel
 
 AUDIO_FILE, TEXT_FILE, META_FILE = "audio.onnx", "text.onnx", "onnx_export.json"
 AudioInput = Literal["mel", "waveform"]
+Quantize = Optional[Literal["int8"]]
 
 
 class MelAudioTower(nn.Module):
@@ -84,10 +100,14 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
     program.save(str(path))
 
 
-def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput = "mel", opset: int = 18) -> Path:
-    """Write audio.onnx, text.onnx and onnx_export.json (input layout, window, embedding size) into `output`."""
+def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput = "mel", opset: int = 18,
+                quantize: Quantize = None) -> Path:
+    """Write audio.onnx, text.onnx and onnx_export.json (input layout, front end, window, embedding size,
+    quantization) into `output`; quantize="int8" stores the per-token linear layers in dynamic int8."""
     if audio_input not in ("mel", "waveform"):
         raise ValueError(f"audio_input must be 'mel' or 'waveform', got {audio_input!r}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     if getattr(model.audio_encoder, "takes_waveform", False):
         raise ValueError(f"cannot export the {model.config.audio_encoder.type} speech tower to ONNX: it computes its "
                          "own 16 kHz features from waveforms with per-clip lengths (resampling, masks), which "
@@ -95,27 +115,83 @@ def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput 
     if model.config.audio.fusion:
         raise ValueError("cannot export a fused HTS-AT to ONNX: its fusion branch picks clips by is_longer, a "
                          "data-dependent index torch.export cannot trace; export the unfused variant")
+    if quantize:
+        import onnxruntime.quantization  # noqa: F401  (the `onnx` extra; fail before the export's minutes)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     with torch.no_grad():
         if audio_input == "mel":
-            _export(MelAudioTower(model), example_audio_inputs(model, "mel"), output / AUDIO_FILE,
+            audio_tower = MelAudioTower(model).eval()
+            _export(audio_tower, example_audio_inputs(model, "mel"), output / AUDIO_FILE,
                     ["mel", "is_longer"], {"mel": [0], "is_longer": [0]}, opset)
         else:
-            _export(WaveformAudioTower(model), example_audio_inputs(model, "waveform"), output / AUDIO_FILE,
+            audio_tower = WaveformAudioTower(model).eval()
+            _export(audio_tower, example_audio_inputs(model, "waveform"), output / AUDIO_FILE,
                     ["waves"], {"waves": [0]}, opset)
         batch = model.tokenize(["a dog barks in the rain", "glass"])
-        _export(TextTower(model), (batch["input_ids"], batch["attention_mask"]), output / TEXT_FILE,
+        text_tower = TextTower(model).eval()
+        _export(text_tower, (batch["input_ids"], batch["attention_mask"]), output / TEXT_FILE,
                 ["input_ids", "attention_mask"],
                 {"input_ids": [0, 1], "attention_mask": [0, 1]}, opset)
+    quantized = None
+    if quantize:
+        quantized = {"audio": quantize_linears(output / AUDIO_FILE, audio_tower),
+                     "text": quantize_linears(output / TEXT_FILE, text_tower)}
     meta = {"audio_input": audio_input, "embed_dim": model.config.embed_dim,
             "sample_rate": model.config.audio.sample_rate, "clip_samples": model.frontend.clip_samples,
             "frames": model.frontend.frames, "n_mels": model.config.audio.n_mels,
             "views": 4 if model.config.audio.fusion else 1, "max_length": model.config.text_encoder.max_length,
-            "model": model.config.name, "opset": opset}
+            "model": model.config.name, "opset": opset,
+            "audio": dataclasses.asdict(model.config.audio),  # the front end's arguments (OnnxTowers.embed_audio)
+            "quantize": quantize, "quantized_linears": quantized}
     (output / META_FILE).write_text(json.dumps(meta, indent=2))
     return output
+
+
+def linear_matmuls(graph: "onnx.ModelProto", module: nn.Module) -> list[str]:
+    """Names of the graph's MatMul nodes that are `module`'s nn.Linear layers: those whose constant right-hand
+    side equals a layer's transposed weight (the exporter folds the transpose into the initializer). A linear
+    layer on 2-d inputs is exported as a Gemm instead, and is not listed."""
+    from onnx import numpy_helper
+
+    weights: dict[tuple, list[np.ndarray]] = {}
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            w = layer.weight.detach().cpu().float().numpy().T  # (in, out), as MatMul takes it
+            weights.setdefault(w.shape, []).append(w)
+    constants = {t.name: t for t in graph.graph.initializer}
+    names = []
+    for node in graph.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in constants:
+            continue
+        rhs = numpy_helper.to_array(constants[node.input[1]])
+        if any(np.array_equal(rhs, w) for w in weights.get(rhs.shape, [])):
+            names.append(node.name)
+    return names
+
+
+def quantize_linears(path: Path, module: nn.Module) -> int:
+    """Rewrite the graph at `path` with `module`'s linear layers that are MatMul nodes (linear_matmuls) in dynamic
+    int8 (ONNX Runtime's quantize_dynamic: int8 weights per output channel, 7-bit range; uint8 activations);
+    returns their number."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    names = linear_matmuls(onnx.load(str(path)), module)
+    if not names:
+        return 0
+    staged = path.with_name(path.stem + ".int8.tmp")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to run ORT's shape pre-processing first goes to the root logger
+    try:
+        quantize_dynamic(str(path), str(staged), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=True, op_types_to_quantize=["MatMul"], nodes_to_quantize=names)
+    finally:
+        root.setLevel(level)
+    os.replace(staged, path)
+    return len(names)
 
 
 class OnnxTowers:
@@ -148,6 +224,37 @@ class OnnxTowers:
             raise ValueError(f"waves must be (batch, {self.meta['clip_samples']}), got {waves.shape}: "
                              "crop or pad to the model's window first (clap_core.model.frontend.crop_or_pad_tensor)")
         return self.audio.run(None, {"waves": waves})[0]
+
+    def embed_audio(self, audio, sample_rate: int | None = None, batch_size: int = 8,
+                    decode_threads: int = 1) -> np.ndarray:
+        """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings, computed as
+        ClapModel.embed_audio(long_audio="window_mean") computes them: decoded a batch ahead, a clip longer than
+        the window as the renormalised mean of its windows, the window padded as the model pads it; the log-mel
+        of a mel graph by the model's own front end (torch, fp32), then this graph."""
+        from clap_core.model import inference
+        from clap_core.model.frontend import AudioFrontend
+
+        if "audio" not in self.meta:
+            raise ValueError("this export predates embed_audio (its onnx_export.json has no front-end settings): "
+                             "export the checkpoint again")
+        frontend = AudioFrontend(**self.meta["audio"]).eval()
+
+        def encode_windows(windows: list[np.ndarray]) -> np.ndarray:  # at most window-long waves -> (n, D)
+            out = []
+            for chunk in inference.batched(windows, batch_size):
+                padded, lengths = inference.pad_batch(chunk)  # (b, max N), (b,)
+                with torch.no_grad():
+                    if self.meta["audio_input"] == "mel":
+                        mel, is_longer = frontend(padded, lengths)  # (b, 1, T, F), (b, 1)
+                        out.append(self.encode_mel(mel.numpy(), is_longer.numpy()))
+                    else:
+                        fixed, _ = frontend.fixed_waveforms(padded, lengths)  # (b, clip_samples)
+                        out.append(self.encode_waveform(fixed.numpy()))
+            return np.concatenate(out) if out else np.zeros((0, self.meta["embed_dim"]), np.float32)
+
+        return inference.decode_ahead(
+            audio, sample_rate, batch_size, decode_threads,
+            lambda waves: inference.window_mean(encode_windows, waves, self.meta["clip_samples"]))
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(B, L) ids and mask -> (B, D)."""
