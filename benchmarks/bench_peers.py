@@ -6,8 +6,8 @@
 
 Embedding case: 32 wav files of 10 s at 48 kHz (the peers' harness files: noise + a tone, PCM-16), random-init
 HTS-AT tiny + RoBERTa-base, 2 torch threads, `ClapModel.embed_audio(paths, batch_size=8)` with each
-precision / runtime; the peers run /work/shared/peers/peer_bench.py (`laion_filelist`, `hf_data`) in their
-own environment. Each path's accuracy is its minimum cosine to our exact fp32 embeddings on decoded
+precision, and `OnnxTowers.embed_audio` on the model's ONNX export, fp32 and int8; the peers run
+/work/shared/peers/peer_bench.py (`laion_filelist`, `hf_data`) in their own environment. Each path's accuracy is its minimum cosine to our exact fp32 embeddings on decoded
 MP3/Ogg clips (tests/audio_fixtures).
 Train case (peer_bench's `laion_train`): batch 8 of 10 s noise at 48 kHz + random token ids of length 32, the
 log-mel front end inside the step, InfoNCE, backward, AdamW (lr 1e-4, wd 0.01; ours with build_optimizer's fused
@@ -49,6 +49,9 @@ def make_wavs(folder: Path) -> list[str]:
 
 
 def our_paths(paths: list[str], runs: int) -> list[dict]:
+    """embed_audio from the 32 files per path: a precision of ClapModel ("fp32", "bf16", "auto"), or ONNX Runtime
+    on this model's `clap export --format onnx` ("onnx": fp32; "onnx-int8": --quantize int8) through
+    OnnxTowers.embed_audio (log-mel graph, 2 threads; the export is timed apart, before)."""
     import torch
 
     from clap_core.model.clap import ClapModel
@@ -64,20 +67,38 @@ def our_paths(paths: list[str], runs: int) -> list[dict]:
         clips = decoded_clips([10.0, 7.0, 10.0, 4.0, 10.0, 13.0])
         exact = model.embed_audio(clips, sample_rate=SR, precision="fp32")
         rows = []
-        for precision in paths:
-            model.embed_audio(files[:8], batch_size=8, precision=precision)  # warm-up
+        for path in paths:
+            embed, detail = _embedder(model, path, Path(tmp))
+            embed(files[:8])  # warm-up
             times = []
             for _ in range(runs):
                 start = time.perf_counter()
-                out = model.embed_audio(files, batch_size=8, precision=precision)
+                out = embed(files)
                 times.append(time.perf_counter() - start)
             assert out.shape == (N_CLIPS, 512)
-            cosine = float((exact * model.embed_audio(clips, sample_rate=SR, precision=precision)).sum(1).min())
-            rows.append(dict(case="laion_filelist", impl=f"clap-at-scale embed_audio {precision}",
+            cosine = float((exact * embed(clips, sample_rate=SR)).sum(1).min())
+            impl = f"clap-at-scale embed_audio {path}" if not path.startswith("onnx") else \
+                f"clap-at-scale OnnxTowers.embed_audio {path}"
+            rows.append(dict(case="laion_filelist", impl=impl,
                              metric="audio embed from 32 wav files", unit="clips/s",
                              median=N_CLIPS / sorted(times)[len(times) // 2], runs=runs,
-                             detail={"min_cosine_to_fp32": round(cosine, 6)}))
+                             detail={"min_cosine_to_fp32": round(cosine, 6), **detail}))
     return rows
+
+
+def _embedder(model, path: str, tmp: Path):
+    """(embed(audio, sample_rate=None) -> (N, D), detail) for one of our_paths' paths."""
+    if not path.startswith("onnx"):
+        return (lambda audio, sample_rate=None:
+                model.embed_audio(audio, sample_rate=sample_rate, batch_size=8, precision=path)), {}
+    from clap_core.model.onnx_export import OnnxTowers, export_onnx
+
+    start = time.perf_counter()
+    folder = export_onnx(model, tmp / path, quantize="int8" if path == "onnx-int8" else None)
+    detail = {"export_s": round(time.perf_counter() - start, 1),
+              "audio_onnx_MB": round((folder / "audio.onnx").stat().st_size / 2**20, 1)}
+    towers = OnnxTowers(folder, threads=2)
+    return (lambda audio, sample_rate=None: towers.embed_audio(audio, sample_rate=sample_rate, batch_size=8)), detail
 
 
 TRAIN_BS, TEXT_LEN, VOCAB, TRAIN_STEPS = 8, 32, 50265, 5
@@ -153,7 +174,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers-python", default=None, help="the peers' venv python (see ../shared/peers)")
     parser.add_argument("--paths", default=None,
-                        help="our precisions to time (default: fp32, and bf16 where the CPU computes it natively)")
+                        help="our paths to time: precisions (fp32, bf16, auto) and onnx, onnx-int8 (default: fp32, "
+                             "bf16 where the CPU computes it natively, and the onnx paths where onnxruntime is "
+                             "installed)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--cases", default="embed,train", help="embed, train or both")
     parser.add_argument("--train-precisions", default=None,
@@ -167,7 +190,12 @@ def main() -> None:
     from clap_core.model.inference import native_bf16
 
     default = "fp32,bf16" if native_bf16(torch.device("cpu")) else "fp32"
-    args.paths = args.paths or default
+    try:
+        import onnxruntime  # noqa: F401  (the `onnx` extra)
+        onnx_paths = ",onnx,onnx-int8"
+    except ImportError:
+        onnx_paths = ""
+    args.paths = args.paths or default + onnx_paths
     args.train_precisions = args.train_precisions or default
     if default == "fp32":
         print("bench_peers: this CPU has no native bf16 (precision auto = fp32 here): bf16 is not timed unless "

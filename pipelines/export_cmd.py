@@ -25,12 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="local folder to create (must not exist or be empty)")
     parser.add_argument("--audio-input", choices=["mel", "waveform"], default="mel",
                         help="onnx: the audio graph's input, log-mel (B,C,T,F) or 48 kHz waveforms (B, window)")
-    parser.add_argument("--opset", type=int, default=18, help="onnx: opset version")
+    parser.add_argument("--opset", type=int, default=20, help="onnx: opset version (20: GELU as one op)")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="onnx: the linear layers in dynamic int8 (ONNX Runtime; not exact, see README)")
 
 
-def export(checkpoint: str, fmt: str, output: str, audio_input: str = "mel", opset: int = 18,
+def export(checkpoint: str, fmt: str, output: str, audio_input: str = "mel", opset: int = 20,
            quantize: str | None = None) -> Path:
     if quantize and fmt != "onnx":
         raise ValueError(f"--quantize applies to --format onnx, not {fmt}")
