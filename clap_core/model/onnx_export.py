@@ -117,7 +117,10 @@ def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput 
         raise ValueError("cannot export a fused HTS-AT to ONNX: its fusion branch picks clips by is_longer, a "
                          "data-dependent index torch.export cannot trace; export the unfused variant")
     if quantize:
-        import onnxruntime.quantization  # noqa: F401  (the `onnx` extra; fail before the export's minutes)
+        try:  # the `onnx` extra; fail before the export's minutes, not after
+            import onnxruntime.quantization  # noqa: F401
+        except ImportError as e:
+            raise ValueError("quantize='int8' needs ONNX Runtime: pip install 'clap-at-scale[onnx]'") from e
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -189,6 +192,9 @@ def quantize_linears(path: Path, module: nn.Module) -> int:
     try:
         quantize_dynamic(str(path), str(staged), weight_type=QuantType.QInt8, per_channel=True,
                          reduce_range=True, op_types_to_quantize=["MatMul"], nodes_to_quantize=names)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
     finally:
         root.setLevel(level)
     os.replace(staged, path)
