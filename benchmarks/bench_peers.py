@@ -7,8 +7,8 @@
 Embedding case: 32 wav files of 10 s at 48 kHz (the peers' harness files: noise + a tone, PCM-16), random-init
 HTS-AT tiny + RoBERTa-base, 2 torch threads, `ClapModel.embed_audio(paths, batch_size=8)` with each
 precision, and `OnnxTowers.embed_audio` on the model's ONNX export, fp32 and int8; the peers run
-/work/shared/peers/peer_bench.py (`laion_filelist`, `hf_data`) in their own environment. Each path's accuracy is its minimum cosine to our exact fp32 embeddings on decoded
-MP3/Ogg clips (tests/audio_fixtures).
+/work/shared/peers/peer_bench.py (`laion_filelist`, `hf_data`) in their own environment. Each path's accuracy
+is its minimum cosine to our exact fp32 embeddings on decoded MP3/Ogg clips (tests/audio_fixtures).
 Train case (peer_bench's `laion_train`): batch 8 of 10 s noise at 48 kHz + random token ids of length 32, the
 log-mel front end inside the step, InfoNCE, backward, AdamW (lr 1e-4, wd 0.01; ours with build_optimizer's fused
 kernel), plain PyTorch on CPU; the mean of 5 steps after a warm-up, in fp32 and under bf16 autocast (fp32 weights
