@@ -22,10 +22,12 @@ and cosines.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
@@ -94,10 +96,26 @@ def example_audio_inputs(model: "ClapModel", audio_input: AudioInput, batch: int
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], dynamic: dict, opset: int) -> None:
     # torch.export (dynamo) keeps batch and token axes symbolic; the TorchScript tracer baked them in.
     dims = {name: {axis: torch.export.Dim.DYNAMIC for axis in axes} for name, axes in dynamic.items()}
-    program = torch.onnx.export(module, args, input_names=input_names, output_names=["embeddings"],
-                                dynamic_shapes=tuple(dims.get(n, {}) for n in input_names), opset_version=opset,
-                                dynamo=True, optimize=True, verbose=False)
+    with _quiet_exporter():
+        program = torch.onnx.export(module, args, input_names=input_names, output_names=["embeddings"],
+                                    dynamic_shapes=tuple(dims.get(n, {}) for n in input_names),
+                                    opset_version=opset, dynamo=True, optimize=True, verbose=False)
     program.save(str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's notes that concern neither the graph nor the user (torchvision's detection ops are not
+    registered; a pytree deprecation inside torch.export), kept off the console for the export only."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput = "mel", opset: int = 20,
