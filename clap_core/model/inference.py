@@ -163,12 +163,19 @@ def embed_waveforms(model: "ClapModel", waves: Sequence[np.ndarray], batch_size:
 
 
 def _embed_direct(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
-    out = []
-    for chunk in batched(list(waves), batch_size):
-        padded, lengths = pad_batch(chunk)
-        emb = model.encode_audio(padded, lengths=lengths, normalize=False)  # (B, D), bf16 under autocast
-        out.append(F.normalize(emb.float(), dim=-1).cpu())  # normalised in fp32 either way
-    return torch.cat(out).numpy() if out else np.zeros((0, model.config.embed_dim), np.float32)
+    def encode(padded: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
+        emb = model.encode_audio(padded, lengths=lengths, normalize=False)  # (b, D), bf16 under autocast
+        return F.normalize(emb.float(), dim=-1).cpu().numpy()  # normalised in fp32 either way
+
+    return embed_batches(encode, waves, batch_size, model.config.embed_dim)
+
+
+def embed_batches(encode: Callable[[torch.Tensor, torch.Tensor], np.ndarray], waves: Sequence[np.ndarray],
+                  batch_size: int, dim: int) -> np.ndarray:
+    """Waves -> (N, dim): zero-padded batches of `batch_size` (pad_batch) through `encode(padded (b, max N),
+    lengths (b,)) -> (b, dim)`; (0, dim) for no waves. ClapModel's and OnnxTowers' audio paths both batch here."""
+    out = [encode(*pad_batch(chunk)) for chunk in batched(list(waves), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 
 def _embed_window_mean(model: "ClapModel", waves: Sequence[np.ndarray], batch_size: int) -> np.ndarray:

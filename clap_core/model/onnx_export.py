@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     import onnx
 
     from clap_core.model.clap import ClapModel
+    from clap_core.model.frontend import AudioFrontend
 
 AUDIO_FILE, TEXT_FILE, META_FILE = "audio.onnx", "text.onnx", "onnx_export.json"
 AudioInput = Literal["mel", "waveform"]
@@ -107,15 +109,21 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
 def _quiet_exporter():
     """The exporter's notes that concern neither the graph nor the user (torchvision's detection ops are not
     registered; a pytree deprecation inside torch.export), kept off the console for the export only."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    with _logger_at(logging.getLogger("torch.onnx._internal.exporter._registration"), logging.ERROR), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def _logger_at(logger: logging.Logger, level: int):
+    """`logger` at `level` for the block, its own level restored after."""
+    before = logger.level
+    logger.setLevel(level)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated", category=FutureWarning)
-            yield
+        yield
     finally:
-        registration.setLevel(level)
+        logger.setLevel(before)
 
 
 def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput = "mel", opset: int = 20,
@@ -200,21 +208,19 @@ def quantize_linears(path: Path, module: nn.Module) -> int:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    names = linear_matmuls(onnx.load(str(path)), module)
+    graph = onnx.load(str(path))
+    names = linear_matmuls(graph, module)
     if not names:
         return 0
     staged = path.with_name(path.stem + ".int8.tmp")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its advice to run ORT's shape pre-processing first goes to the root logger
-    try:
-        quantize_dynamic(str(path), str(staged), weight_type=QuantType.QInt8, per_channel=True,
-                         reduce_range=True, op_types_to_quantize=["MatMul"], nodes_to_quantize=names)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    finally:
-        root.setLevel(level)
+    # its advice to run ORT's shape pre-processing first goes to the root logger
+    with _logger_at(logging.getLogger(), logging.ERROR):
+        try:
+            quantize_dynamic(graph, str(staged), weight_type=QuantType.QInt8, per_channel=True,
+                             reduce_range=True, op_types_to_quantize=["MatMul"], nodes_to_quantize=names)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
     os.replace(staged, path)
     return len(names)
 
@@ -257,29 +263,33 @@ class OnnxTowers:
         the window as the renormalised mean of its windows, the window padded as the model pads it; the log-mel
         of a mel graph by the model's own front end (torch, fp32), then this graph."""
         from clap_core.model import inference
+
+        frontend = self.frontend
+
+        @torch.no_grad()
+        def encode(padded: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:  # (b, max N), (b,) -> (b, D)
+            if self.meta["audio_input"] == "mel":
+                mel, is_longer = frontend(padded, lengths)  # (b, 1, T, F), (b, 1)
+                return self.encode_mel(mel.numpy(), is_longer.numpy())
+            fixed, _ = frontend.fixed_waveforms(padded, lengths)  # (b, clip_samples)
+            return self.encode_waveform(fixed.numpy())
+
+        def encode_windows(windows: list[np.ndarray]) -> np.ndarray:  # at most window-long waves -> (n, D)
+            return inference.embed_batches(encode, windows, batch_size, self.meta["embed_dim"])
+
+        return inference.decode_ahead(
+            audio, sample_rate, batch_size, decode_threads,
+            lambda waves: inference.window_mean(encode_windows, waves, self.meta["clip_samples"]))
+
+    @functools.cached_property
+    def frontend(self) -> "AudioFrontend":
+        """The model's log-mel front end and window padding, rebuilt from the export's settings (eval mode)."""
         from clap_core.model.frontend import AudioFrontend
 
         if "audio" not in self.meta:
             raise ValueError("this export predates embed_audio (its onnx_export.json has no front-end settings): "
                              "export the checkpoint again")
-        frontend = AudioFrontend(**self.meta["audio"]).eval()
-
-        def encode_windows(windows: list[np.ndarray]) -> np.ndarray:  # at most window-long waves -> (n, D)
-            out = []
-            for chunk in inference.batched(windows, batch_size):
-                padded, lengths = inference.pad_batch(chunk)  # (b, max N), (b,)
-                with torch.no_grad():
-                    if self.meta["audio_input"] == "mel":
-                        mel, is_longer = frontend(padded, lengths)  # (b, 1, T, F), (b, 1)
-                        out.append(self.encode_mel(mel.numpy(), is_longer.numpy()))
-                    else:
-                        fixed, _ = frontend.fixed_waveforms(padded, lengths)  # (b, clip_samples)
-                        out.append(self.encode_waveform(fixed.numpy()))
-            return np.concatenate(out) if out else np.zeros((0, self.meta["embed_dim"]), np.float32)
-
-        return inference.decode_ahead(
-            audio, sample_rate, batch_size, decode_threads,
-            lambda waves: inference.window_mean(encode_windows, waves, self.meta["clip_samples"]))
+        return AudioFrontend(**self.meta["audio"]).eval()
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(B, L) ids and mask -> (B, D)."""
