@@ -102,7 +102,8 @@ def test_preprocess_job_survives_a_lost_worker_node(cluster, shards):
     assert_no_credential(cluster, bucket, [job.logs])
 
 
-@pytest.mark.slow  # ~2 min more on 2 cores; CI runs the node lost during `clap pretrain` as a driver (test_faults_embed_probe.py)
+# ~2 min more on 2 cores; CI runs the node lost during `clap pretrain` as a driver (test_faults_embed_probe.py)
+@pytest.mark.slow
 def test_pretrain_and_embed_as_submitted_jobs(cluster, shards):
     bucket, _, _ = shards
     s3, root = boto3.client("s3"), f"s3://{bucket}"
