@@ -2,10 +2,12 @@
 
     clap embed --checkpoint runs/a/final --input data/manifest.jsonl --output embeddings/
     clap embed --checkpoint s3://bucket/runs/a/final --input s3://bucket/shards --split test --output s3://bucket/emb
+    clap embed --checkpoint onnx-int8/ --input data/manifest.jsonl --output embeddings/   # a `clap export` folder
 
 Stages: rows -> decode (CPU tasks; unreadable rows go to OUTPUT/_rejects/, never a crash) -> embed
 (an autoscaling actor pool of --min-workers..--max-workers: the model is loaded once per actor, on a
-GPU with --gpus, or when the cluster has one) -> Parquet of
+GPU with --gpus, or when the cluster has one; a `clap export --format onnx` folder runs on CPU actors through
+ONNX Runtime, at the precision it was exported in) -> Parquet of
 `id`, `audio_embedding`, `text_embedding` and the input's metadata (with `layers=True` and a speech tower,
 also `audio_layers`: every tower layer pooled, for layer-wise probes), in the format of clap_core.data.embeddings
 (OUTPUT/embeddings.json lists the files and the checkpoint's identity). OUTPUT must be empty or an earlier
@@ -23,6 +25,7 @@ import numpy as np
 
 from clap_core import storage
 from clap_core.audio.codec import TARGET_SR, decode_audio
+from clap_core.config import ConfigError
 from clap_core.data import embeddings
 from clap_core.data.input_rows import audio_source, row_id
 from clap_core.data.inputs import read_inputs
@@ -30,6 +33,7 @@ from clap_core.data.rejects import Reject, failure_reject, reject, write_rejects
 from clap_core.data.shards import is_shard_folder, shard_files
 from clap_core.eval.sources import MAX_CLIP_SECONDS
 from clap_core.io_faults import retry_transient
+from clap_core.model.onnx_export import check_export, is_onnx_export
 from clap_core.storage import local_copy
 from pipelines.console import init_ray, plan_log
 from pipelines.ray_shards import read_shards
@@ -38,7 +42,8 @@ META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="save_pretrained folder (local or s3://)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="save_pretrained folder, or a `clap export --format onnx` folder (local or s3://)")
     parser.add_argument("--input", required=True, help="manifest (JSONL/CSV) or shard folder (local or s3://)")
     parser.add_argument("--output", required=True, help="output folder (local or s3://)")
     parser.add_argument("--split", default=None, help="only rows of this split")
@@ -55,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-text", action="store_true", help="skip caption embeddings")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 (a bf16 copy of the encoders, under autocast) where the hardware has "
-                             "native bf16 (cosine >= 0.999 to fp32), else fp32; fp32: exact")
+                             "native bf16 (cosine >= 0.999 to fp32), else fp32; fp32: exact. An ONNX export "
+                             "runs at the precision it was exported in (auto only)")
 
 
 # --- stage 1: decode (plain batch function on CPU tasks) ---
@@ -110,13 +116,20 @@ class EmbedBatch:
 
         from clap_core.model.clap import ClapModel
         from clap_core.model.inference import runner
+        from clap_core.model.onnx_export import OnnxTowers
 
         if threads:  # a CPU actor (actor_threads): Ray's 1-CPU reservation would pin torch to one thread
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
-        self.model = ClapModel.from_pretrained(local_copy(checkpoint))
+        folder = local_copy(checkpoint)
+        self.batch_size, self.text, self.precision = batch_size, text, precision
+        self.onnx = is_onnx_export(folder)
+        if self.onnx:  # ONNX Runtime on this CPU actor, as many threads as torch (which computes the log-mel)
+            self.model = OnnxTowers(folder, threads=torch.get_num_threads())
+            self.layers = False
+            return
+        self.model = ClapModel.from_pretrained(folder)
         if torch.cuda.is_available():
             self.model = self.model.cuda()
-        self.batch_size, self.text, self.precision = batch_size, text, precision
         runner(self.model, precision)  # the bf16 copy of the fast path, built while the actor starts
         self.layers = layers and hasattr(self.model.audio_encoder, "layer_features")  # speech towers only
 
@@ -125,15 +138,19 @@ class EmbedBatch:
 
         waves = list(batch.pop("wave"))
         batch["duration_s"] = np.array([len(w) / TARGET_SR for w in waves])
-        batch["audio_embedding"] = embed_waveforms(self.model, waves, self.batch_size,
-                                                   precision=self.precision)  # (B, D)
+        if self.onnx:  # windows of a long clip averaged, as embed_waveforms does for an unfused model
+            batch["audio_embedding"] = self.model.embed_audio(waves, TARGET_SR, self.batch_size)  # (B, D)
+        else:
+            batch["audio_embedding"] = embed_waveforms(self.model, waves, self.batch_size,
+                                                       precision=self.precision)  # (B, D)
         if self.layers:  # every tower layer pooled, flattened (B, L * H), for layer-wise probes
             feats = embed_audio_layers(self.model, waves, self.batch_size)  # (B, L, H)
             batch["audio_layers"] = feats.reshape(len(waves), -1)
             batch["audio_layer_count"] = np.full(len(waves), feats.shape[1], dtype=np.int64)
         if self.text and "caption" in batch:
             captions = [str(c or "") for c in batch["caption"]]
-            batch["text_embedding"] = embed_text(self.model, captions, precision=self.precision)
+            batch["text_embedding"] = self.model.embed_text(captions) if self.onnx \
+                else embed_text(self.model, captions, precision=self.precision)
         batch["id"] = batch["id"].astype(str)
         return batch
 
@@ -229,11 +246,15 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     checkpoint, input_uri, output = (storage.absolute(u) for u in (checkpoint, input_uri, output))
     for uri in (checkpoint, input_uri, output):
         storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
-    if not storage.is_s3(checkpoint):
+    folder = local_copy(checkpoint)  # an s3:// folder: downloaded once into a cache
+    if is_onnx_export(folder):
+        check_onnx_job(folder, precision, layers, gpus)
+        gpus = 0.0  # CPU actors even on a GPU cluster: ONNX Runtime's CPU provider
+    elif not storage.is_s3(checkpoint):
         from clap_core.model.clap import check_checkpoint
 
         check_checkpoint(checkpoint)  # a broken folder fails here in one line, not in every actor
-    identity = embeddings.checkpoint_identity(local_copy(checkpoint))
+    identity = embeddings.checkpoint_identity(folder)
     job = embeddings.job_hash(identity, input_uri, split, text, precision, layers)
     claim = embeddings.claim_output(output, job, {"uri": checkpoint, "identity": identity})
     if claim["state"] == "complete":  # this very job already finished here: its output stands, written once
@@ -256,6 +277,20 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     names = FilenameProvider(dataset_uuid=attempt, file_format="parquet")  # <attempt>_<write uuid>_<task>.parquet
     ds.write_parquet(path, filesystem=fs, filename_provider=names)
     return embeddings.summary(embeddings.commit(output, attempt))
+
+
+def check_onnx_job(folder: str, precision: str, layers: bool, gpus: float | None) -> None:
+    """An ONNX export (clap_core.model.onnx_export) runs on CPU actors at the precision it was exported in, and
+    holds no speech tower's layers: refuse the options it cannot honour before any actor starts."""
+    check_export(folder)  # a broken or outdated export fails here in one line, not in every actor
+    if precision != "auto":
+        raise ConfigError(f"precision={precision} applies to checkpoints: an ONNX export runs at the precision it "
+                          "was exported in (clap export --quantize); embed with the checkpoint for fp32 or bf16")
+    if layers:
+        raise ConfigError("layers=True needs a checkpoint with a speech tower, not an ONNX export")
+    if gpus:
+        raise ConfigError("an ONNX export runs on CPU actors (ONNX Runtime's CPU provider): drop --gpus, or embed "
+                          "with the checkpoint on GPUs")
 
 
 def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: int = 16,

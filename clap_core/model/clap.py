@@ -32,7 +32,7 @@ from clap_core.model.encoders.conv import TinyConvEncoder
 from clap_core.model.encoders.htsat import HTSATEncoder
 from clap_core.model.encoders.perceiver import PerceiverAudioEncoder
 from clap_core.model.encoders.speech import architecture_config
-from clap_core.model.encoders.text import TextEncoder, build_text_backbone, build_tokenizer
+from clap_core.model.encoders.text import TextEncoder, build_text_backbone, build_tokenizer, tokenize
 from clap_core.model.encoders.wav2vec2 import Wav2Vec2Encoder
 from clap_core.model.encoders.whisper import WhisperAudioEncoder
 from clap_core.model.frontend import AudioFrontend
@@ -106,11 +106,8 @@ class ClapModel(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Captions -> {'input_ids', 'attention_mask'} (B, L), truncated to max_length, on the model's device."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError("tokenize expects a list of strings")
-        batch = self.tokenizer(list(texts), padding=True, truncation=True,
-                               max_length=self.config.text_encoder.max_length, return_tensors="pt")
-        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+        batch = tokenize(self.tokenizer, texts, self.config.text_encoder.max_length)
+        return {name: ids.to(self.device) for name, ids in batch.items()}
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:

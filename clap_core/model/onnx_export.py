@@ -4,13 +4,16 @@
     export_onnx(model, "q/", quantize="int8")              # the same, the linear layers in dynamic int8
     towers = OnnxTowers("out/")
     towers.embed_audio(["dog.wav", "rain.mp3"])            # (2, D) from files, like ClapModel.embed_audio
+    towers.embed_text(["a dog barks"])                     # (1, D), tokenized by the export's tokenizer/
     towers.encode_mel(mel, is_longer)                      # (B, D) unit embeddings, like ClapModel.encode_mel
     towers.encode_text(input_ids, attention_mask)          # (B, D)
 
 Both graphs have a dynamic batch axis. The audio graph takes log-mel (B, C, T, F) + is_longer (B, 1), or
 (audio_input="waveform") fixed-length 48 kHz waveforms (B, clip_samples) already cropped/padded to the
 model's window (clap_core.model.frontend.crop_or_pad_tensor), with the STFT and mel filterbank inside the graph.
-Text ids may be up to max_length long (dynamic sequence axis). This module owns the folder's format.
+Text ids may be up to max_length long (dynamic sequence axis). The folder also holds the model's tokenizer/, so
+that it embeds audio and captions on its own: `clap embed --checkpoint EXPORT` and `clap search --checkpoint
+EXPORT` take it in place of a checkpoint (load_embedder). This module owns the folder's format.
 
 quantize="int8" is ONNX Runtime's dynamic quantization of the towers' nn.Linear layers that run per patch or
 per token (MatMul nodes, found by their weights in the graph): int8 weights per output channel in a 7-bit
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
     from clap_core.model.clap import ClapModel
     from clap_core.model.frontend import AudioFrontend
 
-AUDIO_FILE, TEXT_FILE, META_FILE = "audio.onnx", "text.onnx", "onnx_export.json"
+AUDIO_FILE, TEXT_FILE, META_FILE, TOKENIZER_DIR = "audio.onnx", "text.onnx", "onnx_export.json", "tokenizer"
 AudioInput = Literal["mel", "waveform"]
 Quantize = Optional[Literal["int8"]]
 
@@ -128,8 +131,8 @@ def _logger_at(logger: logging.Logger, level: int):
 
 def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput = "mel", opset: int = 20,
                 quantize: Quantize = None) -> Path:
-    """Write audio.onnx, text.onnx and onnx_export.json (input layout, front end, window, embedding size,
-    quantization) into `output`; quantize="int8" stores the per-token linear layers in dynamic int8. Opset 20
+    """Write audio.onnx, text.onnx, tokenizer/ and onnx_export.json (input layout, front end, window, embedding
+    size, quantization) into `output`; quantize="int8" stores the per-token linear layers in dynamic int8. Opset 20
     (the default) has GELU as one operator, which ONNX Runtime runs 5-10% faster than opset 18's erf expansion."""
     if audio_input not in ("mel", "waveform"):
         raise ValueError(f"audio_input must be 'mel' or 'waveform', got {audio_input!r}")
@@ -164,6 +167,7 @@ def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput 
         _export(text_tower, (batch["input_ids"], batch["attention_mask"]), output / TEXT_FILE,
                 ["input_ids", "attention_mask"],
                 {"input_ids": [0, 1], "attention_mask": [0, 1]}, opset)
+    model.tokenizer.save_pretrained(str(output / TOKENIZER_DIR))
     quantized = None
     if quantize:
         quantized = {"audio": quantize_linears(output / AUDIO_FILE, audio_tower),
@@ -174,7 +178,7 @@ def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput 
             "views": 4 if model.config.audio.fusion else 1, "max_length": model.config.text_encoder.max_length,
             "model": model.config.name, "opset": opset,
             "audio": dataclasses.asdict(model.config.audio),  # the front end's arguments (OnnxTowers.embed_audio)
-            "quantize": quantize, "quantized_linears": quantized}
+            "tokenizer": TOKENIZER_DIR, "quantize": quantize, "quantized_linears": quantized}
     (output / META_FILE).write_text(json.dumps(meta, indent=2))
     return output
 
@@ -225,13 +229,51 @@ def quantize_linears(path: Path, module: nn.Module) -> int:
     return len(names)
 
 
+def is_onnx_export(path: str | Path) -> bool:
+    """Whether the local folder `path` is an export_onnx folder (it has onnx_export.json), not a checkpoint."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def check_export(path: str | Path) -> dict:
+    """Check an export_onnx folder without opening its graphs; returns its onnx_export.json. Raises
+    CheckpointError naming the path and the problem: unreadable settings, a missing graph, or an export from
+    before exports embedded files and captions (no front-end settings or tokenizer/)."""
+    from clap_core.config import CheckpointError
+    from clap_core.model.clap import one_line
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / META_FILE}: unreadable ({one_line(e)})") from None
+    for name in (AUDIO_FILE, TEXT_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing (export_onnx writes it)")
+    if not isinstance(meta, dict) or "audio" not in meta or not (path / TOKENIZER_DIR).is_dir():
+        raise CheckpointError(f"{path}: this ONNX export predates embedding files and captions (no front-end "
+                              f"settings or {TOKENIZER_DIR}/): run clap export again")
+    return meta
+
+
+def load_embedder(path: str | Path, threads: int | None = None):
+    """What embeds audio and captions from the local folder `path`: OnnxTowers (ONNX Runtime, `threads` intra-op
+    threads) for an export_onnx folder, else ClapModel.from_pretrained (a save_pretrained checkpoint or a
+    transformers CLAP folder). Both have embed_audio(audio, sample_rate, batch_size) and embed_text(texts)."""
+    if is_onnx_export(path):
+        check_export(path)
+        return OnnxTowers(path, threads=threads)
+    from clap_core.model.clap import ClapModel
+
+    return ClapModel.from_pretrained(path)
+
+
 class OnnxTowers:
     """ONNX Runtime sessions over an export_onnx folder; numpy in, numpy out."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime as ort  # optional dependency: the `onnx` extra
 
-        path = Path(path)
+        self.path = path = Path(path)
         self.meta = json.loads((path / META_FILE).read_text())
         options = ort.SessionOptions()
         if threads:
@@ -290,6 +332,28 @@ class OnnxTowers:
             raise ValueError("this export predates embed_audio (its onnx_export.json has no front-end settings): "
                              "export the checkpoint again")
         return AudioFrontend(**self.meta["audio"]).eval()
+
+    def embed_text(self, texts, batch_size: int = 64) -> np.ndarray:
+        """Captions -> (N, D) unit embeddings, tokenized as the model tokenizes them (the export's tokenizer/),
+        like ClapModel.embed_text."""
+        from clap_core.model.encoders.text import tokenize
+        from clap_core.model.inference import batched
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = [self.encode_text(**{name: ids.numpy() for name, ids in
+                                   tokenize(self.tokenizer, chunk, self.meta["max_length"]).items()})
+               for chunk in batched(texts, batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.meta["embed_dim"]), np.float32)
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The model's tokenizer, saved in the export's tokenizer/."""
+        from clap_core.model.encoders.text import build_tokenizer
+
+        folder = self.path / TOKENIZER_DIR
+        if not folder.is_dir():
+            raise ValueError(f"this export predates embed_text (no {TOKENIZER_DIR}/): export the checkpoint again")
+        return build_tokenizer(str(folder.resolve()), self.meta["max_length"])
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(B, L) ids and mask -> (B, D)."""

@@ -8,6 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from clap_core.config import ConfigError
 from clap_core.data import embeddings
 from clap_core.data.embeddings import OutputConflictError
 from clap_core.eval.probe import load_embeddings
@@ -75,6 +76,39 @@ def test_search_finds_the_query_clip_first(embedded, checkpoint, tmp_path):
     text_hits = search(model, index, "a clip of a buzz", k=6)
     scores = index.audio @ model.embed_text(["a clip of a buzz"])[0]
     assert text_hits[0]["id"] == index.ids[int(np.argmax(scores))]
+
+
+def test_embed_and_search_run_from_an_onnx_export(embedded, checkpoint, tmp_path, capsys):
+    """A `clap export --format onnx` folder in place of the checkpoint: the same rows and rejects, embeddings
+    equal to the fp32 model's within 1e-4, `clap search` takes the export (and refuses the checkpoint for its
+    index); options an export cannot honour are refused before anything is written."""
+    pytest.importorskip("onnxruntime")
+    root, rows, _ = embedded
+    export = tmp_path / "onnx"
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(export)]) == 0
+    out = tmp_path / "emb"
+    summary = embed_dataset(str(export), str(root / "shards"), str(out), batch_size=4, concurrency=1)
+    assert summary == {"rows": 6, "rejects": 1, "reject_reasons": {"undecodable": 1}}
+    written = {r["id"]: r for r in read_rows(out)}
+    assert set(written) == {r["id"] for r in rows if not r["id"].startswith("corrupt")}
+    model = ClapModel.from_pretrained(checkpoint)
+    for row in rows[:6]:
+        expected = model.embed_audio(shard_row_to_item(row).wave, sample_rate=48_000, precision="fp32")[0]
+        assert np.abs(np.asarray(written[row["id"]]["audio_embedding"]) - expected).max() < 1e-4
+        expected = model.embed_text(row["caption"], precision="fp32")[0]
+        assert np.abs(np.asarray(written[row["id"]]["text_embedding"]) - expected).max() < 1e-4
+    index = load_index(str(out))
+    best = index.ids[int(np.argmax(index.audio @ model.embed_text(["a clip of a buzz"], precision="fp32")[0]))]
+    capsys.readouterr()
+    assert cli.main(["search", "a clip of a buzz", "--index", str(out), "--checkpoint", str(export), "-k", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[2] == best  # rank 1's id
+    assert cli.main(["search", "a buzz", "--index", str(out), "--checkpoint", str(checkpoint)]) == 2
+    assert "was embedded by checkpoint" in capsys.readouterr().err
+    for option, words in (({"precision": "fp32"}, "precision=fp32 applies to checkpoints"),
+                          ({"layers": True}, "not an ONNX export"), ({"gpus": 1.0}, "runs on CPU actors")):
+        with pytest.raises(ConfigError, match=words):
+            embed_dataset(str(export), str(root / "shards"), str(tmp_path / "refused"), **option)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_rerun_of_a_finished_job_keeps_its_output(embedded, checkpoint):

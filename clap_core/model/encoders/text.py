@@ -7,7 +7,7 @@ download and covers every language (used by the `tiny` model).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -109,6 +109,15 @@ def byte_level_tokenizer(max_length: int = 77) -> PreTrainedTokenizerFast:
 
 
 BUILTIN_TOKENIZERS: dict[str, Callable[[int], PreTrainedTokenizerBase]] = {"bytes": byte_level_tokenizer}
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Captions -> {'input_ids', 'attention_mask'} (B, L): padded to the longest, truncated to max_length. The one
+    tokenization of ClapModel.tokenize and of an ONNX export's text graph (OnnxTowers.embed_text)."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ValueError("tokenize expects a list of strings")
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def build_tokenizer(name: str, max_length: int) -> PreTrainedTokenizerBase:

@@ -56,6 +56,10 @@ def test_onnx_runtime_equals_pytorch(arch, audio_input, tmp_path):
     paths = wav_files(tmp_path, decoded_clips([0.4, 2.5, 1.0]))
     expected = model.embed_audio(paths, batch_size=2, long_audio="window_mean", precision="fp32")
     assert np.abs(towers.embed_audio(paths, batch_size=2) - expected).max() < 1e-4
+    # from captions, tokenized by the tokenizer/ the export holds, in batches of 2 (padded per batch)
+    expected = model.embed_text(CAPTIONS, precision="fp32")
+    assert np.abs(towers.embed_text(CAPTIONS, batch_size=2) - expected).max() < 1e-4
+    assert towers.embed_text([]).shape == (0, model.config.embed_dim)
 
 
 def test_onnx_export_refuses_fused_models_and_wrong_inputs(tmp_path):
