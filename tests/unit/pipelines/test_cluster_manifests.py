@@ -410,13 +410,16 @@ def test_image_installs_exactly_the_lock_file():
     import tomllib
     from packaging.requirements import Requirement
 
-    for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
-        req = Requirement(dep)
-        name = re.sub(r"[-_.]+", "-", req.name).lower()
-        assert name in lock and req.specifier.contains(lock[name]), f"{dep}: lock has {lock.get(name)}"
     spec = importlib.util.spec_from_file_location("cluster_lock", CLUSTER / "lock.py")
     locker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(locker)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    image = locker.image_requirements(project)
+    assert "onnxruntime==1.32.0" in image and set(project["dependencies"]) <= set(image)  # clap embed of exports
+    for dep in image:
+        req = Requirement(dep)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in lock and req.specifier.contains(lock[name]), f"{dep}: lock has {lock.get(name)}"
     assert locker.render() == (CLUSTER / "requirements.lock").read_text(), "run `python cluster/lock.py`"
 
 
