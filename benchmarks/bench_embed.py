@@ -2,6 +2,7 @@
 
     python benchmarks/bench_embed.py                 # 160 generated clips of 2-6 s, `tiny`
     python benchmarks/bench_embed.py --clips 400 --model htsat-tiny-roberta
+    python benchmarks/bench_embed.py --onnx none     # without the ONNX export's lines (they need onnxruntime)
 
 The baseline decodes and embeds one file per model call, the way LAION-CLAP's
 `get_audio_embedding_from_filelist` is used; (b) is the same model in one process with batching
@@ -11,6 +12,10 @@ fixed cost (starting the actor process, importing torch and transformers, loadin
 job run right after the measured one, in the same warm session; it is taken out for the steady-state line,
 since it vanishes at corpus scale. (The session's first job costs more: Ray Data's first use; it is printed
 beside it, and taking it out instead would overstate the steady state.)
+With --onnx int8 (the default) or fp32, the checkpoint is also exported (`clap export --format onnx
+[--quantize int8]`, timed once: an export is made once and reused) and (b) and (c) run again from the export:
+OnnxTowers.embed_audio in one process, and `clap embed --checkpoint EXPORT`; the export's embeddings are
+compared with the checkpoint's fp32 ones (min cosine over the clips).
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=160)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--onnx", choices=["int8", "fp32", "none"], default="int8",
+                        help="also time an ONNX export of the checkpoint (int8: --quantize int8); none: skip")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -56,14 +63,28 @@ def main() -> None:
         model.embed_audio(paths, batch_size=args.batch_size)  # (b) batched, one process
         batched = len(paths) / (time.perf_counter() - start)
 
+        if args.onnx != "none":  # (b) from the export: ONNX Runtime in this process
+            from clap_core.model.onnx_export import OnnxTowers, export_onnx
+
+            start = time.perf_counter()
+            export_onnx(model, tmp / "onnx", quantize="int8" if args.onnx == "int8" else None)
+            export_seconds = time.perf_counter() - start
+            towers = OnnxTowers(tmp / "onnx", threads=torch.get_num_threads())
+            start = time.perf_counter()
+            onnx_emb = towers.embed_audio(paths, batch_size=args.batch_size)  # (N, D)
+            onnx_batched = len(paths) / (time.perf_counter() - start)
+            reference = model.embed_audio(paths, batch_size=args.batch_size, precision="fp32")  # (N, D)
+            cosine = float((onnx_emb * reference).sum(1).min())
+            del towers
+
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         one = manifest.with_name("one.jsonl")  # beside the manifest: same relative audio paths
         one.write_text(manifest.read_text().splitlines()[0] + "\n")
 
-        def one_clip_job(name: str) -> float:  # a job's fixed cost: actor process, imports, model load
+        def one_clip_job(name: str, checkpoint: str = "ckpt") -> float:  # a job's fixed cost: actor, imports, load
             start = time.perf_counter()
-            embed_manifest(str(tmp / "ckpt"), str(one), str(tmp / name), batch_size=args.batch_size, text=False)
+            embed_manifest(str(tmp / checkpoint), str(one), str(tmp / name), batch_size=args.batch_size, text=False)
             return time.perf_counter() - start
 
         cold = one_clip_job("emb_cold")  # the session's first job also pays Ray Data's first-use costs
@@ -73,6 +94,13 @@ def main() -> None:
         seconds = time.perf_counter() - start
         fixed = one_clip_job("emb_warm")  # the same conditions as the job above: what it paid before its rows
         job, steady = summary["rows"] / seconds, summary["rows"] / max(seconds - fixed, 1e-9)
+        if args.onnx != "none":  # (c) from the export, after the checkpoint's jobs: as warm a session
+            start = time.perf_counter()
+            rows = embed_manifest(str(tmp / "onnx"), str(manifest), str(tmp / "emb_onnx"),
+                                  batch_size=args.batch_size, text=False)["rows"]
+            onnx_seconds = time.perf_counter() - start
+            onnx_fixed = one_clip_job("emb_onnx_warm", "onnx")
+            onnx_job, onnx_steady = rows / onnx_seconds, rows / max(onnx_seconds - onnx_fixed, 1e-9)
         ray.shutdown()
 
     print(f"model {args.model}, {len(paths)} clips of 2-6 s in mixed formats, {os.cpu_count()} cores")
@@ -83,6 +111,13 @@ def main() -> None:
     print(f"| (c) clap embed (Ray Data, actor pool), end to end | {job:.1f} | {job / loop:.2f} |")
     print(f"| (c) without the {fixed:.1f} s fixed cost of a job (steady state; the session's first job: "
           f"{cold:.1f} s) | {steady:.1f} | {steady / loop:.2f} |")
+    if args.onnx != "none":
+        name = f"the {args.onnx} ONNX export (made once in {export_seconds:.0f} s; min cosine to fp32 {cosine:.5f})"
+        print(f"| (b) OnnxTowers.embed_audio from {name}, batch {args.batch_size} | {onnx_batched:.1f} | "
+              f"{onnx_batched / loop:.2f} |")
+        print(f"| (c) clap embed --checkpoint EXPORT, end to end | {onnx_job:.1f} | {onnx_job / loop:.2f} |")
+        print(f"| (c) the same without its {onnx_fixed:.1f} s fixed cost (steady state) | {onnx_steady:.1f} | "
+              f"{onnx_steady / loop:.2f} |")
 
 
 if __name__ == "__main__":
