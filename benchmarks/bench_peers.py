@@ -6,7 +6,9 @@
 
 Embedding case: 32 wav files of 10 s at 48 kHz (the peers' harness files: noise + a tone, PCM-16), random-init
 HTS-AT tiny + RoBERTa-base, 2 torch threads, `ClapModel.embed_audio(paths, batch_size=8)` with each
-precision, and `OnnxTowers.embed_audio` on the model's ONNX export, fp32 and int8; the peers run
+precision, `OnnxTowers.embed_audio` on the model's ONNX export, fp32 and int8, and `clap embed` itself (the
+Ray Data job, default precision; "job-onnx-int8": from the int8 export) on the same files listed JOB_COPIES times,
+end to end and in steady state (less a one-clip job's fixed cost, run right after it); the peers run
 /work/shared/peers/peer_bench.py (`laion_filelist`, `hf_data`) in their own environment. Each path's accuracy
 is its minimum cosine to our exact fp32 embeddings on decoded MP3/Ogg clips (tests/audio_fixtures).
 Train case (peer_bench's `laion_train`): batch 8 of 10 s noise at 48 kHz + random token ids of length 32, the
@@ -32,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PEERS = REPO.parent / "shared" / "peers" / "peer_bench.py"  # ../shared/peers beside the checkout
 N_CLIPS, SR, SECONDS = 32, 48_000, 10
+JOB_COPIES = 4  # `clap embed` rows: the 32 files 4 times (128 ids), so that a job's steady state is measurable
 
 
 def make_wavs(folder: Path) -> list[str]:
@@ -68,6 +71,9 @@ def our_paths(paths: list[str], runs: int) -> list[dict]:
         exact = model.embed_audio(clips, sample_rate=SR, precision="fp32")
         rows = []
         for path in paths:
+            if path.startswith("job"):
+                rows += _job_rows(model, path, files, Path(tmp), runs)
+                continue
             embed, detail = _embedder(model, path, Path(tmp))
             embed(files[:8])  # warm-up
             times = []
@@ -99,6 +105,59 @@ def _embedder(model, path: str, tmp: Path):
               "audio_onnx_MB": round((folder / "audio.onnx").stat().st_size / 2**20, 1)}
     towers = OnnxTowers(folder, threads=2)
     return (lambda audio, sample_rate=None: towers.embed_audio(audio, sample_rate=sample_rate, batch_size=8)), detail
+
+
+def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[dict]:
+    """`clap embed` (pipelines.embed.embed_manifest) on a manifest of the files JOB_COPIES times, in a local Ray
+    of this machine's CPUs, as `clap embed` starts it: a row end to end and a row in steady state (each job less
+    the fixed cost of a one-clip job run right after it: actor start, imports, model load), medians of
+    min(runs, 3) jobs after a warm-up job (Ray Data's first use). "job": the checkpoint at the default
+    precision; "job-onnx-int8": the int8 ONNX export. Min cosine of the job's embeddings to our exact fp32."""
+    import numpy as np
+    import ray
+
+    from clap_core.eval.search import load_index
+    from pipelines.embed import embed_manifest
+
+    checkpoint = tmp / path
+    if path == "job-onnx-int8":
+        from clap_core.model.onnx_export import export_onnx
+
+        export_onnx(model, checkpoint, quantize="int8")
+    else:
+        model.save_pretrained(checkpoint)
+    manifest, one = tmp / f"{path}.jsonl", tmp / f"{path}-one.jsonl"
+    lines = [json.dumps({"id": f"c{k}-{i:02d}", "audio_path": f, "caption": ""})
+             for k in range(JOB_COPIES) for i, f in enumerate(files)]
+    manifest.write_text("\n".join(lines) + "\n")
+    one.write_text(lines[0] + "\n")
+    exact = dict(zip((f"c0-{i:02d}" for i in range(N_CLIPS)), model.embed_audio(files, precision="fp32")))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        embed_manifest(str(checkpoint), str(one), str(tmp / f"{path}-out-warm"), batch_size=8, text=False)
+        whole, steady = [], []
+        for r in range(min(runs, 3)):
+            start = time.perf_counter()
+            summary = embed_manifest(str(checkpoint), str(manifest), str(tmp / f"{path}-out{r}"), batch_size=8,
+                                     text=False)
+            seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            embed_manifest(str(checkpoint), str(one), str(tmp / f"{path}-out{r}-one"), batch_size=8, text=False)
+            fixed = time.perf_counter() - start
+            whole.append(summary["rows"] / seconds)
+            steady.append(summary["rows"] / max(seconds - fixed, 1e-9))
+        index = load_index(str(tmp / f"{path}-out0"))
+    finally:
+        ray.shutdown()
+    cosine = min(float(np.dot(index.audio[i], exact[name])) for i, name in enumerate(index.ids) if name in exact)
+    impl = "clap-at-scale clap embed" + (" (int8 ONNX export)" if path == "job-onnx-int8" else "")
+    detail = {"min_cosine_to_fp32": round(cosine, 6), "rows": len(lines)}
+    return [dict(case="laion_filelist", impl=f"{impl} end to end", metric=f"audio embed of {len(lines)} wav files",
+                 unit="clips/s", median=statistics.median(whole), runs=len(whole), detail=detail),
+            dict(case="laion_filelist", impl=f"{impl} steady state", metric=f"audio embed of {len(lines)} wav files",
+                 unit="clips/s", median=statistics.median(steady), runs=len(steady), detail=detail)]
 
 
 TRAIN_BS, TEXT_LEN, VOCAB, TRAIN_STEPS = 8, 32, 50265, 5
@@ -174,9 +233,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers-python", default=None, help="the peers' venv python (see ../shared/peers)")
     parser.add_argument("--paths", default=None,
-                        help="our paths to time: precisions (fp32, bf16, auto) and onnx, onnx-int8 (default: fp32, "
-                             "bf16 where the CPU computes it natively, and the onnx paths where onnxruntime is "
-                             "installed)")
+                        help="our paths to time: precisions (fp32, bf16, auto), onnx, onnx-int8, and the clap embed "
+                             "job, job-onnx-int8 (default: fp32, bf16 where the CPU computes it natively, job, and "
+                             "the onnx paths where onnxruntime is installed)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--cases", default="embed,train", help="embed, train or both")
     parser.add_argument("--train-precisions", default=None,
@@ -192,10 +251,10 @@ def main() -> None:
     default = "fp32,bf16" if native_bf16(torch.device("cpu")) else "fp32"
     try:
         import onnxruntime  # noqa: F401  (the `onnx` extra)
-        onnx_paths = ",onnx,onnx-int8"
+        onnx_paths = ",onnx,onnx-int8,job-onnx-int8"
     except ImportError:
         onnx_paths = ""
-    args.paths = args.paths or default + onnx_paths
+    args.paths = args.paths or default + ",job" + onnx_paths
     args.train_precisions = args.train_precisions or default
     if default == "fp32":
         print("bench_peers: this CPU has no native bf16 (precision auto = fp32 here): bf16 is not timed unless "
