@@ -43,7 +43,6 @@ def main() -> None:
     from clap_core.model.clap import ClapModel
     from clap_core.model.config import get_model_config
     from clap_demo.synth import write_corpus
-    from pipelines.console import local_ray_defaults
     from pipelines.embed import embed_manifest
 
     offline = [] if args.model == "tiny" else ["text_encoder.pretrained=null", "text_encoder.tokenizer=bytes"]
@@ -78,7 +77,6 @@ def main() -> None:
             cosine = float((onnx_emb * reference).sum(1).min())
             del towers
 
-        local_ray_defaults()  # the local Ray `clap embed` starts (workers at nice 0)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         one = manifest.with_name("one.jsonl")  # beside the manifest: same relative audio paths

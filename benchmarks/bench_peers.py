@@ -117,7 +117,6 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
     import ray
 
     from clap_core.eval.search import load_index
-    from pipelines.console import local_ray_defaults
     from pipelines.embed import embed_manifest
 
     checkpoint = tmp / path
@@ -134,7 +133,6 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
     one.write_text(lines[0] + "\n")
     exact = dict(zip((f"c0-{i:02d}" for i in range(N_CLIPS)), model.embed_audio(files, precision="fp32")))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    local_ray_defaults()  # the local Ray `clap embed` starts (workers at nice 0)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

@@ -204,10 +204,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-
-    from pipelines.console import local_ray_defaults
-
-    local_ray_defaults()  # as `clap pretrain` starts a local Ray (workers at nice 0)
     # the machine's real CPUs: (d)'s ingest runs on the cores the worker leaves, as `clap pretrain` does on it
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,12 +35,6 @@ CHATTY_LOGGERS = ("werkzeug", "moto", "botocore", "urllib3", "s3transfer",  # a 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.util")  # Ray's driver-side loggers
 LOG_DIR = "logs"  # <output>/logs/clap-<command>.log
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-# Ray starts its worker processes at nice 15, below the driver and Ray's own processes. A worker whose torch
-# threads meet at a barrier in every operator (an embedding actor) then stalls whenever anything at nice 0
-# runs: on 2 cores `clap embed`'s actor took 671 ms a batch at nice 0 against 787 ms at 15 (six alternating
-# runs; README, Benchmarks). A local Ray that a `clap` command starts runs its workers at nice 0, as Ray's job
-# supervisor runs a submitted job's driver; a cluster's raylets keep their own setting.
-WORKER_NICENESS_ENV, LOCAL_WORKER_NICENESS = "RAY_worker_niceness", "0"
 # Ray's words for lost work, most telling first: the failure line quotes the sentence holding the first one found
 SYSTEM_FAILURES = ("low on memory", "killed due to memory pressure", "OUT_OF_MEMORY", "died unexpectedly",
                    "worker process has died", "is dead or unavailable")
@@ -225,7 +219,6 @@ def init_ray(worker_output: bool = False, data_bars: bool = True, **kwargs):
     if _job_log is not None:
         _catch_raylet_messages()
     if not ray.is_initialized():
-        local_ray_defaults()
         if quiet():
             kwargs.setdefault("log_to_driver", worker_output)
             kwargs.setdefault("logging_format", LOG_FORMAT)  # ray.init re-formats the "ray" handlers: ours too
@@ -242,12 +235,6 @@ def init_ray(worker_output: bool = False, data_bars: bool = True, **kwargs):
             logging.getLogger("ray").info("clap: the workers' output is in Ray's session logs: %s",
                                           ray_logs_folder(ray))
     return context
-
-
-def local_ray_defaults() -> None:
-    """Settings of a Ray that ray.init starts here, read by its raylet from the environment (no effect when
-    ray.init connects to a running cluster; a value the user set is kept): workers at nice 0."""
-    os.environ.setdefault(WORKER_NICENESS_ENV, LOCAL_WORKER_NICENESS)
 
 
 def _catch_raylet_messages() -> None:

@@ -3,8 +3,7 @@
 The shared test Ray has 8 logical CPUs, which hides starvation: with the defaults, 2 train workers (or 2
 embedding actors) took both CPUs of a 2-CPU Ray and the Ray Data tasks that read the shards waited forever.
 Here a subprocess starts its own Ray with num_cpus=2 and runs both commands with the shipped scaling and data
-settings (only the step count and batch size are made small); a hang fails the test at its timeout. The Ray is
-started as a `clap` command starts one (pipelines.console.init_ray: its workers at nice 0). The paths
+settings (only the step count and batch size are made small); a hang fails the test at its timeout. The paths
 are relative, as a user types them: Ray workers run in other folders, so the jobs must resolve them first.
 """
 from __future__ import annotations
@@ -26,12 +25,9 @@ pytestmark = [pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
-    import os, sys, ray
+    import sys, ray
     from pipelines import cli
-    from pipelines.console import init_ray
-    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)  # as a `clap` command starts a local Ray
-    if ray.get(ray.remote(lambda: os.nice(0)).remote()) != 0:  # Ray's default is 15 (pipelines.console)
-        sys.exit("workers are not at nice 0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     data, run, emb = sys.argv[1:4]
     rc = cli.main(["pretrain", "--data", data, "--output", run, "--model", "tiny", "train.steps=4",
                    "train.batch_size=4", "train.log_every=2", "train.eval_every=0", "train.checkpoint_every=4",

@@ -362,12 +362,3 @@ def test_tune_output_silences_tunes_reporter_unless_verbose(tmp_path, monkeypatc
     assert shown.verbose == 1 and shown.callbacks == []
     assert "Trial status" in tune_reporter_output(shown)  # --verbose: Tune's own tables
     console.finish_log()
-
-
-def test_a_local_ray_runs_its_workers_at_nice_0_unless_the_user_chose(monkeypatch):
-    monkeypatch.setattr(os, "environ", {})  # this process' own environment stays as it was
-    console.local_ray_defaults()
-    assert os.environ == {console.WORKER_NICENESS_ENV: "0"}  # Ray's own default is 15
-    os.environ[console.WORKER_NICENESS_ENV] = "10"
-    console.local_ray_defaults()
-    assert os.environ == {console.WORKER_NICENESS_ENV: "10"}
