@@ -10,7 +10,8 @@ precision, `OnnxTowers.embed_audio` on the model's ONNX export, fp32 and int8, a
 Ray Data job, default precision; "job-onnx-int8": from the int8 export) on the same files listed JOB_COPIES times,
 end to end and in steady state (less a one-clip job's fixed cost, run right after it); the peers run
 /work/shared/peers/peer_bench.py (`laion_filelist`, `hf_data`) in their own environment. Each path's accuracy
-is its minimum cosine to our exact fp32 embeddings on decoded MP3/Ogg clips (tests/audio_fixtures).
+is its minimum cosine to our exact fp32 embeddings on decoded MP3/Ogg clips (tests/audio_fixtures; the
+`clap embed` rows: on the 32 wav files).
 Train case (peer_bench's `laion_train`): batch 8 of 10 s noise at 48 kHz + random token ids of length 32, the
 log-mel front end inside the step, InfoNCE, backward, AdamW (lr 1e-4, wd 0.01; ours with build_optimizer's fused
 kernel), plain PyTorch on CPU; the mean of 5 steps after a warm-up, in fp32 and under bf16 autocast (fp32 weights

@@ -2,12 +2,15 @@
 other than the ones the graphs were exported with, and embeds files as ClapModel.embed_audio does; the int8
 export quantizes exactly the linear layers and keeps cosine >= 0.999 to the fp32 model on decoded audio."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
+from clap_core.config import CheckpointError
+from clap_core.model import onnx_export
 from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_core.model.frontend import crop_or_pad_tensor
@@ -60,6 +63,11 @@ def test_onnx_runtime_equals_pytorch(arch, audio_input, tmp_path):
     expected = model.embed_text(CAPTIONS, precision="fp32")
     assert np.abs(towers.embed_text(CAPTIONS, batch_size=2) - expected).max() < 1e-4
     assert towers.embed_text([]).shape == (0, model.config.embed_dim)
+    # what `clap embed` / `clap search` load from the folder; an export without its tokenizer is refused by name
+    assert isinstance(onnx_export.load_embedder(tmp_path), OnnxTowers)
+    shutil.rmtree(tmp_path / onnx_export.TOKENIZER_DIR)
+    with pytest.raises(CheckpointError, match="predates embedding files and captions"):
+        onnx_export.load_embedder(tmp_path)
 
 
 def test_onnx_export_refuses_fused_models_and_wrong_inputs(tmp_path):
