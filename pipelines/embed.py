@@ -139,7 +139,7 @@ class EmbedBatch:
         waves = list(batch.pop("wave"))
         batch["duration_s"] = np.array([len(w) / TARGET_SR for w in waves])
         if self.onnx:  # windows of a long clip averaged, as embed_waveforms does for an unfused model
-            batch["audio_embedding"] = self.model.embed_audio(waves, TARGET_SR, self.batch_size)  # (B, D)
+            batch["audio_embedding"] = self.model.embed_waveforms(waves, self.batch_size)  # (B, D)
         else:
             batch["audio_embedding"] = embed_waveforms(self.model, waves, self.batch_size,
                                                        precision=self.precision)  # (B, D)

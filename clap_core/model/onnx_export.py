@@ -4,6 +4,7 @@
     export_onnx(model, "q/", quantize="int8")              # the same, the linear layers in dynamic int8
     towers = OnnxTowers("out/")
     towers.embed_audio(["dog.wav", "rain.mp3"])            # (2, D) from files, like ClapModel.embed_audio
+    towers.embed_waveforms(waves_48k)                      # (N, D) from decoded clips, like embed_waveforms
     towers.embed_text(["a dog barks"])                     # (1, D), tokenized by the export's tokenizer/
     towers.encode_mel(mel, is_longer)                      # (B, D) unit embeddings, like ClapModel.encode_mel
     towers.encode_text(input_ids, attention_mask)          # (B, D)
@@ -301,9 +302,17 @@ class OnnxTowers:
     def embed_audio(self, audio, sample_rate: int | None = None, batch_size: int = 8,
                     decode_threads: int = 1) -> np.ndarray:
         """Paths or arrays (any rate when sample_rate is given) -> (N, D) unit embeddings, computed as
-        ClapModel.embed_audio(long_audio="window_mean") computes them: decoded a batch ahead, a clip longer than
-        the window as the renormalised mean of its windows, the window padded as the model pads it; the log-mel
-        of a mel graph by the model's own front end (torch, fp32), then this graph."""
+        ClapModel.embed_audio(long_audio="window_mean") computes them: decoded a batch ahead, then
+        embed_waveforms."""
+        from clap_core.model import inference
+
+        return inference.decode_ahead(audio, sample_rate, batch_size, decode_threads,
+                                      lambda waves: self.embed_waveforms(waves, batch_size))
+
+    def embed_waveforms(self, waves, batch_size: int = 8) -> np.ndarray:
+        """48 kHz mono waves -> (N, D) unit embeddings, as inference.embed_waveforms computes them for an unfused
+        model: a clip longer than the window as the renormalised mean of its windows, the window padded as the
+        model pads it; the log-mel of a mel graph by the model's own front end (torch, fp32), then this graph."""
         from clap_core.model import inference
 
         frontend = self.frontend
@@ -319,9 +328,7 @@ class OnnxTowers:
         def encode_windows(windows: list[np.ndarray]) -> np.ndarray:  # at most window-long waves -> (n, D)
             return inference.embed_batches(encode, windows, batch_size, self.meta["embed_dim"])
 
-        return inference.decode_ahead(
-            audio, sample_rate, batch_size, decode_threads,
-            lambda waves: inference.window_mean(encode_windows, waves, self.meta["clip_samples"]))
+        return inference.window_mean(encode_windows, waves, self.meta["clip_samples"])
 
     @functools.cached_property
     def frontend(self) -> "AudioFrontend":
