@@ -118,13 +118,20 @@ class EmbedBatch:
         from clap_core.model.inference import runner
         from clap_core.model.onnx_export import OnnxTowers
 
-        if threads:  # a CPU actor (actor_threads): Ray's 1-CPU reservation would pin torch to one thread
-            torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
+        # A CPU actor's torch threads (actor_threads; None: Ray's, one per reserved CPU). Ray runs this constructor
+        # and the batches on two different threads, and each thread that opens a parallel region gets an OpenMP
+        # team of its own: with a second team on the node's cores, libgomp's workers stop spinning between
+        # regions and sleep and wake at every op (on 2 cores a batch of 8 10-s clips took 0.92-0.95 s against
+        # 0.78-0.80 s, medians). So the model loads on one thread, and only the batches' thread runs parallel
+        # regions (__call__).
+        self.threads = max(1, min(threads, os.cpu_count() or threads)) if threads else None
+        if self.threads:
+            torch.set_num_threads(1)
         folder = local_copy(checkpoint)
         self.batch_size, self.text, self.precision = batch_size, text, precision
         self.onnx = is_onnx_export(folder)
         if self.onnx:  # ONNX Runtime on this CPU actor, as many threads as torch (which computes the log-mel)
-            self.model = OnnxTowers(folder, threads=torch.get_num_threads())
+            self.model = OnnxTowers(folder, threads=self.threads or torch.get_num_threads())
             self.layers = False
             return
         self.model = ClapModel.from_pretrained(folder)
@@ -134,8 +141,12 @@ class EmbedBatch:
         self.layers = layers and hasattr(self.model.audio_encoder, "layer_features")  # speech towers only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         from clap_core.model.inference import embed_audio_layers, embed_text, embed_waveforms
 
+        if self.threads:
+            torch.set_num_threads(self.threads)  # this thread's own setting (OpenMP's is per thread)
         waves = list(batch.pop("wave"))
         batch["duration_s"] = np.array([len(w) / TARGET_SR for w in waves])
         if self.onnx:  # windows of a long clip averaged, as embed_waveforms does for an unfused model

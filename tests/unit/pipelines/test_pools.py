@@ -42,19 +42,43 @@ def test_cpu_embedding_actors_share_the_cluster_cpus_between_their_torch_threads
     assert actor_threads(0, 0.0, 2) is None  # no CPU figure: Ray's default
 
 
-def test_embed_actor_sets_its_torch_threads(tmp_path):
+def test_embed_actor_runs_its_torch_threads_on_the_batches_thread(tmp_path):
+    """Ray calls an actor's constructor and its batches on two different threads, and OpenMP gives each thread
+    that opens a parallel region a team of its own: the model loads on one thread (no team on the
+    constructor's), and each batch sets the actor's thread count on the thread it runs on."""
+    import threading
+
+    import numpy as np
     import torch
 
     from clap_core.model.clap import ClapModel
     from clap_core.model.config import get_model_config
 
     ClapModel(get_model_config("tiny")).save_pretrained(tmp_path / "ckpt")
+    wave = np.array([np.zeros(24_000, np.float32), None], dtype=object)[:1]  # one 0.5 s clip, a column of arrays
+
+    def batch_on_a_thread_of_its_own(actor: EmbedBatch) -> tuple[int, tuple]:
+        seen = {}
+
+        def run():
+            out = actor({"id": np.array(["a"]), "wave": wave.copy()})
+            seen.update(threads=torch.get_num_threads(), shape=out["audio_embedding"].shape)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return seen["threads"], seen["shape"]
+
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        EmbedBatch(str(tmp_path / "ckpt"), 4, text=False, threads=2)
-        assert torch.get_num_threads() == min(2, os.cpu_count())
-        EmbedBatch(str(tmp_path / "ckpt"), 4, text=False, threads=10_000)  # at most the node's cores
-        assert torch.get_num_threads() == os.cpu_count()
+        torch.set_num_threads(4)
+        actor = EmbedBatch(str(tmp_path / "ckpt"), 4, text=False, threads=2)
+        assert torch.get_num_threads() == 1  # the constructor's thread loaded the model on one thread
+        assert batch_on_a_thread_of_its_own(actor) == (min(2, os.cpu_count()), (1, actor.model.config.embed_dim))
+        actor = EmbedBatch(str(tmp_path / "ckpt"), 4, text=False, threads=10_000)  # at most the node's cores
+        assert batch_on_a_thread_of_its_own(actor)[0] == os.cpu_count()
+        torch.set_num_threads(3)
+        EmbedBatch(str(tmp_path / "ckpt"), 4, text=False, threads=None)  # a GPU actor: Ray's setting stands
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
