@@ -121,9 +121,9 @@ class EmbedBatch:
         # A CPU actor's torch threads (actor_threads; None: Ray's, one per reserved CPU). Ray runs this constructor
         # and the batches on two different threads, and each thread that opens a parallel region gets an OpenMP
         # team of its own: with a second team on the node's cores, libgomp's workers stop spinning between
-        # regions and sleep and wake at every op (on 2 cores a batch of 8 10-s clips took 0.92-0.95 s against
-        # 0.78-0.80 s, medians). So the model loads on one thread, and only the batches' thread runs parallel
-        # regions (__call__).
+        # regions and sleep and wake at every op (on 2 cores a batch of 8 10-s clips took 1.17x as long: the
+        # median of five alternating pairs of jobs, README). So the model loads on one thread, and only the
+        # batches' thread runs parallel regions (__call__).
         self.threads = max(1, min(threads, os.cpu_count() or threads)) if threads else None
         if self.threads:
             torch.set_num_threads(1)
