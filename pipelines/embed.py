@@ -24,16 +24,15 @@ import sys
 import numpy as np
 
 from clap_core import storage
-from clap_core.audio.codec import TARGET_SR, decode_audio
+from clap_core.audio.codec import MAX_CLIP_SECONDS, TARGET_SR, decode_audio
 from clap_core.config import ConfigError
 from clap_core.data import embeddings
 from clap_core.data.input_rows import audio_source, row_id
 from clap_core.data.inputs import read_inputs
 from clap_core.data.rejects import Reject, failure_reject, reject, write_rejects
 from clap_core.data.shards import is_shard_folder, shard_files
-from clap_core.eval.sources import MAX_CLIP_SECONDS
 from clap_core.io_faults import retry_transient
-from clap_core.model.onnx_export import check_export, is_onnx_export
+from clap_core.model.folders import check_checkpoint, check_export, is_onnx_export
 from clap_core.storage import local_copy
 from pipelines.console import init_ray, plan_log
 from pipelines.ray_shards import read_shards
@@ -262,8 +261,6 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
         check_onnx_job(folder, precision, layers, gpus)
         gpus = 0.0  # CPU actors even on a GPU cluster: ONNX Runtime's CPU provider
     elif not storage.is_s3(checkpoint):
-        from clap_core.model.clap import check_checkpoint
-
         check_checkpoint(checkpoint)  # a broken folder fails here in one line, not in every actor
     identity = embeddings.checkpoint_identity(folder)
     job = embeddings.job_hash(identity, input_uri, split, text, precision, layers)

@@ -32,6 +32,8 @@ import soundfile as sf
 import soxr
 
 TARGET_SR = 48_000
+MAX_CLIP_SECONDS = 1800.0  # evaluate / embed: a longer clip (declared or decoded) is too_long; decoded audio is
+# held for the model, so this bounds a worker's memory (~0.35 GB at 48 kHz float32)
 RESAMPLE_QUALITY = "VHQ"  # soxr's best preset; resampling is a small share of preprocessing cost
 
 # -----------------------------------------------------------------------------

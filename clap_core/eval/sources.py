@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from clap_core.audio.codec import TARGET_SR, decode_audio
+from clap_core.audio.codec import MAX_CLIP_SECONDS, TARGET_SR, decode_audio
 from clap_core.data.input_rows import audio_source, row_id
 from clap_core.data.inputs import read_inputs
 from clap_core.data.rejects import Reject, failure_reject, reject
 from clap_core.data.shards import is_augmented_copy, is_shard_folder, iter_shard_rows
 from clap_core.eval.evaluation import EvalItem
 from clap_core.io_faults import retry_transient
-
-MAX_CLIP_SECONDS = 1800.0  # evaluate / embed: a longer clip (declared or decoded) is too_long; decoded audio is
-# held for the model, so this bounds a worker's memory (~0.35 GB at 48 kHz float32)
 
 
 def shard_row_to_item(row: dict, max_seconds: float | None = MAX_CLIP_SECONDS) -> EvalItem:

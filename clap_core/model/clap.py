@@ -23,7 +23,7 @@ from safetensors.torch import load_model, save_model
 from transformers import PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from clap_core.config import CheckpointError, from_dict, to_dict
+from clap_core.config import CheckpointError, to_dict
 from clap_core.eval.metrics import DEFAULT_TEMPLATES
 from clap_core.model import inference
 from clap_core.model.config import ClapModelConfig, ProjectionConfig
@@ -35,6 +35,7 @@ from clap_core.model.encoders.speech import architecture_config
 from clap_core.model.encoders.text import TextEncoder, build_text_backbone, build_tokenizer, tokenize
 from clap_core.model.encoders.wav2vec2 import Wav2Vec2Encoder
 from clap_core.model.encoders.whisper import WhisperAudioEncoder
+from clap_core.model.folders import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, check_checkpoint, one_line  # noqa: F401
 from clap_core.model.frontend import AudioFrontend
 from clap_core.train.loss import LogitScale, SigmoidLogitScale
 
@@ -42,7 +43,6 @@ AUDIO_ENCODERS: dict[str, type[nn.Module]] = {"conv": TinyConvEncoder, "cnn14": 
                                               "perceiver": PerceiverAudioEncoder, "htsat": HTSATEncoder,
                                               "wav2vec2": Wav2Vec2Encoder, "whisper": WhisperAudioEncoder}
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.yaml", "model.safetensors", "tokenizer"
 
 
 def build_audio_encoder(encoder_cfg: Any, audio_cfg: Any) -> nn.Module:
@@ -281,41 +281,3 @@ class ClapModel(nn.Module):
             raise ValueError(f"LAION-CLAP import mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.load_state_dict({n: t for n, t in folder.state.items() if n in ours}, strict=False)
         return model.eval()
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def check_checkpoint(path: str | Path) -> ClapModelConfig:
-    """Check a save_pretrained folder without building the model; returns its config. Raises CheckpointError
-    naming the path and the problem: no folder, no or broken config.yaml, no tokenizer/, no or truncated
-    model.safetensors."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder (a checkpoint is the folder save_pretrained wrote)")
-    if not (path / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{path}: holds no {CONFIG_FILE} (nor a transformers config.json): not a "
-                              "checkpoint folder")
-    try:
-        config = from_dict(ClapModelConfig, yaml.safe_load((path / CONFIG_FILE).read_text()))
-    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: not a valid model config ({one_line(e)})") from None
-    if not (path / TOKENIZER_DIR).is_dir():
-        raise CheckpointError(f"{path / TOKENIZER_DIR}: missing (save_pretrained writes the tokenizer there)")
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            names = list(f.keys())
-            for name in names[-1:]:  # the last tensor ends at the end of the file: truncation shows here
-                f.get_slice(name)
-    except Exception as e:  # SafetensorError, OSError: header too large, incomplete, not safetensors
-        raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({one_line(e)})") from None
-    return config

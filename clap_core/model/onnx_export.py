@@ -14,7 +14,8 @@ Both graphs have a dynamic batch axis. The audio graph takes log-mel (B, C, T, F
 model's window (clap_core.model.frontend.crop_or_pad_tensor), with the STFT and mel filterbank inside the graph.
 Text ids may be up to max_length long (dynamic sequence axis). The folder also holds the model's tokenizer/, so
 that it embeds audio and captions on its own: `clap embed --checkpoint EXPORT` and `clap search --checkpoint
-EXPORT` take it in place of a checkpoint (load_embedder). This module owns the folder's format.
+EXPORT` take it in place of a checkpoint (load_embedder). This module writes and reads the folder; its file
+names and the check that reads no graph are clap_core.model.folders'.
 
 quantize="int8" is ONNX Runtime's dynamic quantization of the towers' nn.Linear layers that run per patch or
 per token (MatMul nodes, found by their weights in the graph): int8 weights per output channel in a 7-bit
@@ -41,13 +42,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clap_core.model.folders import AUDIO_FILE, META_FILE, TEXT_FILE, TOKENIZER_DIR, check_export, is_onnx_export  # noqa: F401
+
 if TYPE_CHECKING:
     import onnx
 
     from clap_core.model.clap import ClapModel
     from clap_core.model.frontend import AudioFrontend
 
-AUDIO_FILE, TEXT_FILE, META_FILE, TOKENIZER_DIR = "audio.onnx", "text.onnx", "onnx_export.json", "tokenizer"
 AudioInput = Literal["mel", "waveform"]
 Quantize = Optional[Literal["int8"]]
 
@@ -228,32 +230,6 @@ def quantize_linears(path: Path, module: nn.Module) -> int:
             raise
     os.replace(staged, path)
     return len(names)
-
-
-def is_onnx_export(path: str | Path) -> bool:
-    """Whether the local folder `path` is an export_onnx folder (it has onnx_export.json), not a checkpoint."""
-    return (Path(path) / META_FILE).is_file()
-
-
-def check_export(path: str | Path) -> dict:
-    """Check an export_onnx folder without opening its graphs; returns its onnx_export.json. Raises
-    CheckpointError naming the path and the problem: unreadable settings, a missing graph, or an export from
-    before exports embedded files and captions (no front-end settings or tokenizer/)."""
-    from clap_core.config import CheckpointError
-    from clap_core.model.clap import one_line
-
-    path = Path(path)
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / META_FILE}: unreadable ({one_line(e)})") from None
-    for name in (AUDIO_FILE, TEXT_FILE):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing (export_onnx writes it)")
-    if not isinstance(meta, dict) or "audio" not in meta or not (path / TOKENIZER_DIR).is_dir():
-        raise CheckpointError(f"{path}: this ONNX export predates embedding files and captions (no front-end "
-                              f"settings or {TOKENIZER_DIR}/): run clap export again")
-    return meta
 
 
 def load_embedder(path: str | Path, threads: int | None = None):

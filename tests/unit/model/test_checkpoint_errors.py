@@ -30,6 +30,14 @@ def broken(saved, tmp_path, how: str):
         (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif how == "header_only_weights":
         (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:6])
+    elif how in ("one_byte_short", "trailing_bytes", "header_claims_too_much", "header_not_json"):
+        data = (path / "model.safetensors").read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        data = {"one_byte_short": data[:-1], "trailing_bytes": data + b"\0",
+                # a header length of 2**62: read as far as the file goes, never allocated
+                "header_claims_too_much": (2**62).to_bytes(8, "little") + data[8:],
+                "header_not_json": data[:8] + b"\xff" * length + data[8 + length:]}[how]
+        (path / "model.safetensors").write_bytes(data)
     elif how == "no_weights":
         (path / "model.safetensors").unlink()
     elif how == "bad_config":
@@ -42,7 +50,10 @@ def broken(saved, tmp_path, how: str):
 
 
 CASES = {"no_tokenizer": ("tokenizer", "missing"), "truncated_weights": ("model.safetensors", "truncated"),
-         "header_only_weights": ("model.safetensors", "truncated"), "no_weights": ("model.safetensors", "missing"),
+         "header_only_weights": ("model.safetensors", "truncated"),
+         "one_byte_short": ("model.safetensors", "truncated"), "trailing_bytes": ("model.safetensors", "truncated"),
+         "header_claims_too_much": ("model.safetensors", "truncated"),
+         "header_not_json": ("model.safetensors", "not a safetensors file"), "no_weights": ("model.safetensors", "missing"),
          "bad_config": ("config.yaml", "not a valid model config"), "no_config": ("", "holds no config.yaml"),
          "missing_folder": ("", "no such checkpoint folder")}
 
@@ -72,3 +83,17 @@ def test_cli_prints_one_line_and_exits_2(saved, tmp_path, capsys):
 
 def test_good_checkpoint_passes_the_check(saved):
     assert check_checkpoint(saved).audio.sample_rate == 48000
+
+
+def test_folder_checks_and_the_embed_job_module_import_neither_torch_nor_transformers(saved):
+    """A job's driver checks its checkpoint and its decode workers import pipelines.embed: neither loads a model,
+    and importing torch + transformers costs ~5 s on 2 cores."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipelines.embed; from clap_core.model.folders import check_checkpoint; "
+            f"check_checkpoint({str(saved)!r}); "
+            "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
