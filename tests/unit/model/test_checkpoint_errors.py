@@ -50,10 +50,12 @@ def broken(saved, tmp_path, how: str):
 
 
 CASES = {"no_tokenizer": ("tokenizer", "missing"), "truncated_weights": ("model.safetensors", "truncated"),
-         "header_only_weights": ("model.safetensors", "truncated"),
-         "one_byte_short": ("model.safetensors", "truncated"), "trailing_bytes": ("model.safetensors", "truncated"),
-         "header_claims_too_much": ("model.safetensors", "truncated"),
-         "header_not_json": ("model.safetensors", "not a safetensors file"), "no_weights": ("model.safetensors", "missing"),
+         "header_only_weights": ("model.safetensors", "truncated"), "no_weights": ("model.safetensors", "missing"),
+         # the check's own account of the damage, after the one-line prefix every weights problem shares
+         "one_byte_short": ("model.safetensors", "the file holds"),
+         "trailing_bytes": ("model.safetensors", "the file holds"),
+         "header_claims_too_much": ("model.safetensors", f"its header claims {2**62} bytes"),
+         "header_not_json": ("model.safetensors", "can't decode byte 0xff"),
          "bad_config": ("config.yaml", "not a valid model config"), "no_config": ("", "holds no config.yaml"),
          "missing_folder": ("", "no such checkpoint folder")}
 
