@@ -32,7 +32,13 @@ from clap_core.data.inputs import read_inputs
 from clap_core.data.rejects import Reject, failure_reject, reject, write_rejects
 from clap_core.data.shards import is_shard_folder, shard_files
 from clap_core.io_faults import retry_transient
-from clap_core.model.folders import check_checkpoint, check_export, is_onnx_export
+from clap_core.model.folders import (
+    check_checkpoint,
+    check_export,
+    check_transformers_folder,
+    is_onnx_export,
+    is_transformers_folder,
+)
 from clap_core.storage import local_copy
 from pipelines.console import init_ray, plan_log
 from pipelines.ray_shards import read_shards
@@ -260,6 +266,8 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     if is_onnx_export(folder):
         check_onnx_job(folder, precision, layers, gpus)
         gpus = 0.0  # CPU actors even on a GPU cluster: ONNX Runtime's CPU provider
+    elif is_transformers_folder(folder):  # released LAION-CLAP weights: the actors import them (from_pretrained)
+        check_transformers_folder(folder)
     elif not storage.is_s3(checkpoint):
         check_checkpoint(checkpoint)  # a broken folder fails here in one line, not in every actor
     identity = embeddings.checkpoint_identity(folder)

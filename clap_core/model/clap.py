@@ -35,7 +35,14 @@ from clap_core.model.encoders.speech import architecture_config
 from clap_core.model.encoders.text import TextEncoder, build_text_backbone, build_tokenizer, tokenize
 from clap_core.model.encoders.wav2vec2 import Wav2Vec2Encoder
 from clap_core.model.encoders.whisper import WhisperAudioEncoder
-from clap_core.model.folders import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, check_checkpoint, one_line  # noqa: F401
+from clap_core.model.folders import (  # noqa: F401
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    check_checkpoint,
+    is_transformers_folder,
+    one_line,
+)
 from clap_core.model.frontend import AudioFrontend
 from clap_core.train.loss import LogitScale, SigmoidLogitScale
 
@@ -248,7 +255,7 @@ class ClapModel(nn.Module):
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "ClapModel":
         """Load a folder written by save_pretrained, or a transformers LAION-CLAP folder (imported)."""
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file() and (path / "config.json").is_file():
+        if is_transformers_folder(path):
             return cls.from_laion(path)
         config = check_checkpoint(path)
         try:  # a local folder only (checked above): never read as a hub id

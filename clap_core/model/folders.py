@@ -1,8 +1,9 @@
-"""The two model folders a `clap` command takes: a checkpoint (ClapModel.save_pretrained) and an ONNX export
-(`clap export --format onnx`): their file names, and checks of both that read no tensor and import neither
-torch nor transformers.
+"""The model folders a `clap` command takes: a checkpoint (ClapModel.save_pretrained), a transformers CLAP folder
+(imported by ClapModel.from_pretrained) and an ONNX export (`clap export --format onnx`): their file names, and
+checks that read no tensor and import neither torch nor transformers.
 
     check_checkpoint("runs/a/final")   # -> its ClapModelConfig, or CheckpointError naming the path and problem
+    is_transformers_folder("laion-clap-hf/"), check_transformers_folder("laion-clap-hf/")  # config.json folders
     is_onnx_export("onnx-int8/")       # True for an export folder
     check_export("onnx-int8/")         # -> its onnx_export.json, or CheckpointError
 
@@ -23,6 +24,7 @@ from clap_core.config import CheckpointError, from_dict
 from clap_core.model.config import ClapModelConfig
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.yaml", "model.safetensors", "tokenizer"  # a checkpoint
+HF_CONFIG_FILE = "config.json"  # a transformers LAION-CLAP folder (ClapModel.from_pretrained imports it)
 AUDIO_FILE, TEXT_FILE, META_FILE = "audio.onnx", "text.onnx", "onnx_export.json"  # an export (+ TOKENIZER_DIR)
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own bound on a file's JSON header
 
@@ -58,6 +60,34 @@ def check_checkpoint(path: str | Path) -> ClapModelConfig:
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: a header of deeply nested JSON
         raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({one_line(e)})") from None
     return config
+
+
+def is_transformers_folder(path: str | Path) -> bool:
+    """Whether the local folder `path` is a transformers CLAP folder (config.json and no config.yaml): released
+    LAION-CLAP weights or `clap export --format transformers`, which ClapModel.from_pretrained imports."""
+    path = Path(path)
+    return not (path / CONFIG_FILE).is_file() and (path / HF_CONFIG_FILE).is_file()
+
+
+def check_transformers_folder(path: str | Path) -> None:
+    """Check a transformers CLAP folder without building the model: config.json a JSON object of model_type
+    "clap", and its model.safetensors, where it has one, whole (transformers reads the weights itself)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / HF_CONFIG_FILE).read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path / HF_CONFIG_FILE}: unreadable ({one_line(e)})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "clap":
+        raise CheckpointError(f"{path / HF_CONFIG_FILE}: model_type {model_type!r}, not a transformers CLAP model "
+                              "('clap')")
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        try:
+            check_safetensors(weights)
+        except (OSError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({one_line(e)})") \
+                from None
 
 
 def check_safetensors(path: Path) -> None:

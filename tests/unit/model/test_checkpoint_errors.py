@@ -99,3 +99,43 @@ def test_folder_checks_and_the_embed_job_module_import_neither_torch_nor_transfo
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_a_transformers_clap_folder_is_checked_as_one_and_clap_embed_takes_it(saved, tmp_path, monkeypatch):
+    """Released LAION-CLAP weights come as transformers folders (config.json, no config.yaml), which
+    from_pretrained imports: `clap embed`'s driver checks them as such instead of refusing them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import pipelines.embed as embed_job
+    from clap_core.model.folders import check_transformers_folder, is_transformers_folder
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "clap"}))
+    save_file({"w": torch.zeros(3)}, str(folder / "model.safetensors"))
+    assert is_transformers_folder(folder) and not is_transformers_folder(saved)
+    check_transformers_folder(folder)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio_path": "a.wav", "caption": "x"}) + "\n")
+
+    class ChecksPassed(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise ChecksPassed
+
+    monkeypatch.setattr(embed_job, "init_ray", stop)  # the driver's checks come before Ray starts
+    with pytest.raises(ChecksPassed):
+        embed_job.embed_dataset(str(folder), str(manifest), str(tmp_path / "out"))
+
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match=r"config.json: model_type 'bert', not a transformers CLAP model"):
+        embed_job.embed_dataset(str(folder), str(manifest), str(tmp_path / "out2"))
+    assert not (tmp_path / "out2").exists()  # refused before anything was written
+    (folder / "config.json").write_text(json.dumps({"model_type": "clap"}))
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-1])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: unreadable, truncated .*the file holds"):
+        check_transformers_folder(folder)
