@@ -55,10 +55,7 @@ def check_checkpoint(path: str | Path) -> ClapModelConfig:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")
-    try:
-        check_safetensors(weights)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: a header of deeply nested JSON
-        raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({one_line(e)})") from None
+    check_safetensors(weights)
     return config
 
 
@@ -83,14 +80,18 @@ def check_transformers_folder(path: str | Path) -> None:
                               "('clap')")
     weights = path / WEIGHTS_FILE
     if weights.is_file():
-        try:
-            check_safetensors(weights)
-        except (OSError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({one_line(e)})") \
-                from None
+        check_safetensors(weights)
 
 
 def check_safetensors(path: Path) -> None:
+    """CheckpointError naming `path` unless it is a whole safetensors file (safetensors_problems)."""
+    try:
+        safetensors_problems(path)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: a header of deeply nested JSON
+        raise CheckpointError(f"{path}: unreadable, truncated or not a safetensors file ({one_line(e)})") from None
+
+
+def safetensors_problems(path: Path) -> None:
     """Raise ValueError unless `path` is a whole safetensors file: an 8-byte little-endian header length, a JSON
     header of at most MAX_SAFETENSORS_HEADER bytes, and tensor data that ends exactly at the end of the file
     (a truncated copy shows there). Reads the header only, and no more of it than the file holds."""
