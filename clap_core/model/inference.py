@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Sequenc
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from clap_core.audio.clips import split_windows
@@ -84,12 +86,20 @@ def bf16_copy(model: "ClapModel") -> "ClapModel":
     if cached is not None and cached[0] == key:
         return cached[1]
     model.__dict__.pop(BF16_COPY, None)  # not into the deepcopy
-    fast = copy.deepcopy(model).eval()
-    towers = [fast.text_encoder, fast.text_projection, fast.audio_projection]
-    if not getattr(fast.audio_encoder, "takes_waveform", False):
-        towers.append(fast.audio_encoder)  # encode_mel hands it the fp32 log-mel cast to its dtype
+    towers = [model.text_encoder, model.text_projection, model.audio_projection]
+    if not getattr(model.audio_encoder, "takes_waveform", False):
+        towers.append(model.audio_encoder)  # encode_mel hands it the fp32 log-mel cast to its dtype
+    # The deepcopy takes each of the towers' float tensors already cast (its memo): one pass over the weights and
+    # never a second fp32 copy of them. Deepcopy then .to() took 0.8 s against 0.35 s for HTS-AT + RoBERTa-base
+    # and peaked at a whole fp32 copy (+614 MB against +307 MB). A tensor two towers share stays shared.
+    memo: dict[int, torch.Tensor] = {}
     for tower in towers:
-        tower.to(torch.bfloat16)
+        for tensor in itertools.chain(tower.parameters(), tower.buffers()):
+            if tensor.is_floating_point() and id(tensor) not in memo:
+                cast = tensor.detach().to(torch.bfloat16)
+                memo[id(tensor)] = nn.Parameter(cast, tensor.requires_grad) \
+                    if isinstance(tensor, nn.Parameter) else cast
+    fast = copy.deepcopy(model, memo).eval()
     model.__dict__[BF16_COPY] = (key, fast)
     return fast
 

@@ -76,3 +76,32 @@ def test_bf16_path_runs_a_cached_bf16_copy_that_follows_weight_changes():
         assert torch.equal(mine.detach().to(torch.bfloat16), copied)
     drop_bf16_copy(model)
     assert "_bf16_copy" not in model.__dict__
+
+
+def test_bf16_copy_casts_the_towers_in_one_pass_and_leaves_the_rest_fp32():
+    import copy
+
+    from clap_core.model.inference import bf16_copy
+
+    torch.manual_seed(0)
+    model = ClapModel(get_model_config("tiny")).eval()
+    model.audio_projection.shared = model.text_projection  # a module two towers hold: it stays one module
+    for p in model.parameters():  # a model mid-training: its gradients are not copied into the inference copy
+        p.grad = torch.ones_like(p)
+    reference = copy.deepcopy(model)  # what the copy must equal: the towers cast with .to(), the rest untouched
+    for tower in (reference.text_encoder, reference.text_projection, reference.audio_projection,
+                  reference.audio_encoder):
+        tower.to(torch.bfloat16)
+    fast = bf16_copy(model)
+    expected, got = reference.state_dict(keep_vars=True), fast.state_dict(keep_vars=True)
+    assert got.keys() == expected.keys()
+    for name, tensor in got.items():
+        assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
+        assert type(tensor) is type(expected[name]), name  # parameters stay parameters, buffers plain tensors
+    mel_buffers = list(fast.frontend.buffers())  # the log-mel front end stays fp32
+    assert mel_buffers and all(t.dtype == torch.float32 for t in mel_buffers)
+    original = {t.data_ptr() for t in model.state_dict().values()}
+    assert not original & {t.data_ptr() for t in got.values()}  # nothing shared with the fp32 model
+    assert fast.audio_projection.shared is fast.text_projection
+    assert all(p.grad is None for p in fast.text_encoder.parameters())
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
