@@ -287,8 +287,9 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     ds = read_input(ray, input_uri, split, output, attempt)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output, "attempt": attempt}, batch_size=batch_size)
     threads = actor_threads(resources.get("CPU", 0), gpus_per_actor, pool)
+    sizes = {"min_size": pool[0], "max_size": pool[1]} if isinstance(pool, tuple) else {"size": pool}
     ds = ds.map_batches(EmbedBatch, fn_constructor_args=(checkpoint, batch_size, text, precision, layers, threads),
-                        batch_size=batch_size, concurrency=pool, num_gpus=gpus_per_actor)
+                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(**sizes), num_gpus=gpus_per_actor)
     fs, path = storage.resolve_fs(embeddings.data_path(output))
     names = FilenameProvider(dataset_uuid=attempt, file_format="parquet")  # <attempt>_<write uuid>_<task>.parquet
     ds.write_parquet(path, filesystem=fs, filename_provider=names)

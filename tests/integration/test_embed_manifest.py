@@ -1,5 +1,6 @@
 """`clap embed` and `clap evaluate` on a JSONL manifest: relative paths, missing and broken files rejected."""
 import json
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -32,8 +33,17 @@ def test_manifest_rows_are_embedded_or_rejected(ray_local, tmp_path):
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     upstream = [reject({"id": "csv/line9", "source_path": "m.csv:9"}, "read_meld", "bad_ids", "x")]  # the caller's
-    summary = embed_manifest(str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"), str(tmp_path / "emb"), batch_size=2,
-                             input_rejects=upstream)
+    ray_data_lines = []  # what Ray Data logs while planning the job: no deprecated argument of ours
+    handler = logging.Handler()
+    handler.emit = lambda record: ray_data_lines.append(record.getMessage())
+    logging.getLogger("ray.data").addHandler(handler)
+    try:
+        summary = embed_manifest(str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"), str(tmp_path / "emb"),
+                                 batch_size=2, input_rejects=upstream)
+    finally:
+        logging.getLogger("ray.data").removeHandler(handler)
+    deprecated = [line for line in ray_data_lines if "deprecated" in line]
+    assert ray_data_lines and not deprecated, deprecated
     assert summary["rows"] == 3 and summary["rejects"] == 3
     assert summary["reject_reasons"] == {"missing_file": 1, "undecodable": 1, "bad_ids": 1}
     assert sorted(embeddings.read_rejects(str(tmp_path / "emb")).column("id").to_pylist()) == [
