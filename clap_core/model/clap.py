@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from transformers import PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
@@ -75,20 +76,26 @@ def build_projection(in_dim: int, out_dim: int, cfg: ProjectionConfig) -> nn.Mod
 
 
 class ClapModel(nn.Module):
-    def __init__(self, config: ClapModelConfig, tokenizer: PreTrainedTokenizerBase | None = None):
+    def __init__(self, config: ClapModelConfig, tokenizer: PreTrainedTokenizerBase | None = None,
+                 text_tower: bool = True):
+        """text_tower=False builds the audio side only (front end, audio tower and projection, temperature), as
+        from_pretrained(path, text_tower=False) loads it for audio-only jobs; its text methods raise."""
         super().__init__()
         self.config = config
         text_cfg = config.text_encoder
-        self.tokenizer = tokenizer or build_tokenizer(text_cfg.tokenizer, text_cfg.max_length)
         self.frontend = AudioFrontend(**dataclasses.asdict(config.audio))
         self.audio_encoder = build_audio_encoder(config.audio_encoder, config.audio)
-        backbone = build_text_backbone(text_cfg.pretrained, text_cfg.hf_config, self.tokenizer)
-        self.text_encoder = TextEncoder(backbone, text_cfg.pooling)
         self.audio_projection = build_projection(self.audio_encoder.out_dim, config.embed_dim, config.audio_projection)
-        self.text_projection = build_projection(self.text_encoder.out_dim, config.embed_dim, config.text_projection)
+        self.tokenizer = self.text_encoder = self.text_projection = None
+        if text_tower:
+            self.tokenizer = tokenizer or build_tokenizer(text_cfg.tokenizer, text_cfg.max_length)
+            backbone = build_text_backbone(text_cfg.pretrained, text_cfg.hf_config, self.tokenizer)
+            self.text_encoder = TextEncoder(backbone, text_cfg.pooling)
+            self.text_projection = build_projection(self.text_encoder.out_dim, config.embed_dim,
+                                                    config.text_projection)
+            if text_cfg.frozen:
+                self.text_encoder.requires_grad_(False)
         self.logit_scale = self._build_logit_scale(config)
-        if text_cfg.frozen:
-            self.text_encoder.requires_grad_(False)
 
     @staticmethod
     def _build_logit_scale(config: ClapModelConfig) -> nn.Module:
@@ -101,7 +108,7 @@ class ClapModel(nn.Module):
 
     def train(self, mode: bool = True) -> "ClapModel":
         super().train(mode)
-        if self.config.text_encoder.frozen:
+        if self.config.text_encoder.frozen and self.text_encoder is not None:
             self.text_encoder.eval()  # a frozen encoder keeps its dropout off too
         return self
 
@@ -111,14 +118,25 @@ class ClapModel(nn.Module):
 
     # --- text ---
 
+    @property
+    def has_text_tower(self) -> bool:
+        return self.text_encoder is not None
+
+    def require_text_tower(self, what: str) -> None:
+        if self.text_encoder is None:
+            raise ValueError(f"{what} needs the text tower, and this model was loaded without it "
+                             "(from_pretrained(..., text_tower=False)): load the checkpoint whole")
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Captions -> {'input_ids', 'attention_mask'} (B, L), truncated to max_length, on the model's device."""
+        self.require_text_tower("tokenize")
         batch = tokenize(self.tokenizer, texts, self.config.text_encoder.max_length)
         return {name: ids.to(self.device) for name, ids in batch.items()}
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
         """Token ids (B, L) -> text embeddings (B, embed_dim), L2-normalised by default."""
+        self.require_text_tower("encode_text")
         self._check_token_ids(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -235,6 +253,7 @@ class ClapModel(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.yaml, model.safetensors and tokenizer/ into `path`."""
+        self.require_text_tower("save_pretrained")  # a checkpoint is the whole model, or nothing
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(yaml.safe_dump(self._self_contained_config(), sort_keys=False))
@@ -252,29 +271,40 @@ class ClapModel(nn.Module):
         return cfg
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "ClapModel":
-        """Load a folder written by save_pretrained, or a transformers LAION-CLAP folder (imported)."""
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu",
+                        text_tower: bool = True) -> "ClapModel":
+        """Load a folder written by save_pretrained, or a transformers LAION-CLAP folder (imported).
+
+        text_tower=False loads the audio side only, as transformers' ClapAudioModelWithProjection does: for
+        audio-only jobs (`clap embed --no-text`), which then neither read nor hold the text tower's weights
+        (RoBERTa-base: 500 MB of the 614 MB of htsat-tiny-roberta)."""
         path = Path(path)
         if is_transformers_folder(path):
-            return cls.from_laion(path)
+            return cls.from_laion(path, text_tower=text_tower)
         config = check_checkpoint(path)
+        tokenizer = None
         try:  # a local folder only (checked above): never read as a hub id
-            tokenizer = build_tokenizer(str((path / TOKENIZER_DIR).resolve()), config.text_encoder.max_length)
+            if text_tower:
+                tokenizer = build_tokenizer(str((path / TOKENIZER_DIR).resolve()), config.text_encoder.max_length)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path / TOKENIZER_DIR}: the tokenizer does not load ({one_line(e)})") from None
         with no_init_weights():  # no random init: every parameter and persistent buffer is read just below
-            model = cls(config, tokenizer=tokenizer)
+            model = cls(config, tokenizer=tokenizer, text_tower=text_tower)
         try:
-            load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(map_location))
+            if text_tower:
+                load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(map_location))
+            else:  # only the tensors this model holds are read from the file
+                model.load_state_dict(read_weights(path / WEIGHTS_FILE, model.state_dict(), map_location))
         except RuntimeError as e:  # shapes or names that do not match config.yaml
             raise CheckpointError(f"{path / WEIGHTS_FILE}: the weights do not match {CONFIG_FILE} "
                                   f"({one_line(e)})") from None
         return model.eval()
 
     @classmethod
-    def from_laion(cls, path: str | Path, max_length: int = 77) -> "ClapModel":
+    def from_laion(cls, path: str | Path, max_length: int = 77, text_tower: bool = True) -> "ClapModel":
         """Build `htsat-tiny-roberta` from a transformers LAION-CLAP folder (clap_core.model.laion reads it);
-        returns the model in eval mode. Also `clap_core.import_laion_clap(path)`."""
+        returns the model in eval mode. Also `clap_core.import_laion_clap(path)`. text_tower=False: the audio
+        side only (the folder is read whole, then the text tower dropped)."""
         from clap_core.model.laion import read_laion_folder  # transformers' CLAP classes load only when asked
 
         folder = read_laion_folder(path, max_length)
@@ -287,4 +317,16 @@ class ClapModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"LAION-CLAP import mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.load_state_dict({n: t for n, t in folder.state.items() if n in ours}, strict=False)
+        if not text_tower:
+            model.tokenizer = model.text_encoder = model.text_projection = None
         return model.eval()
+
+
+def read_weights(file: Path, expected: dict[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file named in `expected` (a state_dict), read one by one: the file's other
+    tensors are never read. A name the file lacks raises as load_state_dict would (RuntimeError)."""
+    with safe_open(str(file), framework="pt", device=str(device)) as weights:
+        missing = sorted(set(expected) - set(weights.keys()))
+        if missing:
+            raise RuntimeError(f"missing key(s) in the file: {', '.join(missing[:5])}")
+        return {name: weights.get_tensor(name) for name in expected}

@@ -86,7 +86,7 @@ def bf16_copy(model: "ClapModel") -> "ClapModel":
     if cached is not None and cached[0] == key:
         return cached[1]
     model.__dict__.pop(BF16_COPY, None)  # not into the deepcopy
-    towers = [model.text_encoder, model.text_projection, model.audio_projection]
+    towers = [model.audio_projection] + ([model.text_encoder, model.text_projection] if model.has_text_tower else [])
     if not getattr(model.audio_encoder, "takes_waveform", False):
         towers.append(model.audio_encoder)  # encode_mel hands it the fp32 log-mel cast to its dtype
     # The deepcopy takes each of the towers' float tensors already cast (its memo): one pass over the weights and
@@ -289,6 +289,7 @@ def _is_single_audio(audio) -> bool:
 def embed_text(model: "ClapModel", texts: str | Sequence[str], batch_size: int = 64,
                precision: Precision = "auto") -> np.ndarray:
     """Captions -> (N, D) unit embeddings."""
+    model.require_text_tower("embed_text")
     texts = [texts] if isinstance(texts, str) else list(texts)
     with evaluating(model), autocast(model, precision):
         encoder = runner(model, precision)

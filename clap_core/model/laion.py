@@ -190,6 +190,7 @@ def transformers_state_dict(model: "ClapModel") -> dict[str, torch.Tensor]:
 
 def export_transformers(model: "ClapModel", output: str | Path) -> Path:
     """Write `model` as a transformers ClapModel folder: config.json, weights, tokenizer, preprocessor config."""
+    model.require_text_tower("export_transformers")
     problems = transformers_export_problems(model)
     if problems:
         raise ValueError("cannot export this model to the transformers ClapModel format: " + "; ".join(problems))

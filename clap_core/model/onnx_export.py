@@ -141,6 +141,7 @@ def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput 
         raise ValueError(f"audio_input must be 'mel' or 'waveform', got {audio_input!r}")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    model.require_text_tower("export_onnx")  # an export holds both towers
     if getattr(model.audio_encoder, "takes_waveform", False):
         raise ValueError(f"cannot export the {model.config.audio_encoder.type} speech tower to ONNX: it computes its "
                          "own 16 kHz features from waveforms with per-clip lengths (resampling, masks), which "

@@ -105,3 +105,12 @@ def test_imported_model_round_trips_through_save_pretrained(laion_folder, tmp_pa
         assert torch.equal(again.encode_text(**batch), ours.encode_text(**batch))
         mel = torch.randn(1, ours.frontend(torch.zeros(1, 100))[0].shape[1], 64, 64)
         assert torch.equal(again.encode_mel(mel), ours.encode_mel(mel))
+
+
+def test_the_audio_side_of_a_laion_folder_alone(laion_folder):
+    path, _, _ = laion_folder
+    whole, audio = ClapModel.from_pretrained(path), ClapModel.from_pretrained(path, text_tower=False)
+    assert not audio.has_text_tower and not any(k.startswith("text_") for k in audio.state_dict())
+    mel = torch.randn(1, whole.frontend(torch.zeros(1, 100))[0].shape[1], 64, 64)
+    with torch.no_grad():
+        assert torch.equal(audio.encode_mel(mel), whole.encode_mel(mel))

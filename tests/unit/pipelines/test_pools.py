@@ -74,6 +74,7 @@ def test_embed_actor_runs_its_torch_threads_on_the_batches_thread(tmp_path):
         torch.set_num_threads(4)
         actor = EmbedBatch(str(tmp_path / "ckpt"), 4, text=False, threads=2)
         assert torch.get_num_threads() == 1  # the constructor's thread loaded the model on one thread
+        assert not actor.model.has_text_tower  # no captions to embed: the text tower is never read
         assert batch_on_a_thread_of_its_own(actor) == (min(2, os.cpu_count()), (1, actor.model.config.embed_dim))
         actor = EmbedBatch(str(tmp_path / "ckpt"), 4, text=False, threads=10_000)  # at most the node's cores
         assert batch_on_a_thread_of_its_own(actor)[0] == os.cpu_count()
