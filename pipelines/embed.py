@@ -25,7 +25,7 @@ import numpy as np
 
 from clap_core import storage
 from clap_core.audio.codec import MAX_CLIP_SECONDS, TARGET_SR, decode_audio
-from clap_core.config import ConfigError
+from clap_core.config import CheckpointError, ConfigError
 from clap_core.data import embeddings
 from clap_core.data.input_rows import audio_source, row_id
 from clap_core.data.inputs import read_inputs
@@ -265,13 +265,16 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     for uri in (checkpoint, input_uri, output):
         storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
     folder = local_copy(checkpoint)  # an s3:// folder: downloaded once into a cache
-    if is_onnx_export(folder):
-        check_onnx_job(folder, precision, layers, gpus)
-        gpus = 0.0  # CPU actors even on a GPU cluster: ONNX Runtime's CPU provider
-    elif is_transformers_folder(folder):  # released LAION-CLAP weights: the actors import them (from_pretrained)
-        check_transformers_folder(folder)
-    elif not storage.is_s3(checkpoint):
-        check_checkpoint(checkpoint)  # a broken folder fails here in one line, not in every actor
+    try:  # a broken folder fails here in one line, not in every actor; an s3:// one is named by its URI
+        if is_onnx_export(folder):
+            check_onnx_job(folder, precision, layers, gpus)
+            gpus = 0.0  # CPU actors even on a GPU cluster: ONNX Runtime's CPU provider
+        elif is_transformers_folder(folder):  # released LAION-CLAP weights: the actors import them
+            check_transformers_folder(folder)
+        else:
+            check_checkpoint(folder)
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace(folder, checkpoint)) from None
     identity = embeddings.checkpoint_identity(folder)
     job = embeddings.job_hash(identity, input_uri, split, text, precision, layers)
     claim = embeddings.claim_output(output, job, {"uri": checkpoint, "identity": identity})

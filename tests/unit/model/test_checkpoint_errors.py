@@ -139,3 +139,35 @@ def test_a_transformers_clap_folder_is_checked_as_one_and_clap_embed_takes_it(sa
     (folder / "model.safetensors").write_bytes(data[:-1])
     with pytest.raises(CheckpointError, match=r"model.safetensors: unreadable, truncated .*the file holds"):
         check_transformers_folder(folder)
+
+
+def test_an_s3_checkpoint_is_checked_in_the_driver_and_named_by_its_uri(saved, tmp_path, s3_bucket, monkeypatch):
+    """The driver downloads an s3:// checkpoint once (storage.local_copy) and checks that copy, as it checks a
+    local folder: a broken one fails in one line naming its URI (not the cache), before Ray or any actor starts."""
+    import json
+
+    import boto3
+
+    import pipelines.embed as embed_job
+
+    s3 = boto3.client("s3")
+    for name, folder in (("good", saved), ("bad", broken(saved, tmp_path, "truncated_weights"))):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            s3.upload_file(str(path), s3_bucket, f"{name}/{path.relative_to(folder).as_posix()}")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio_path": "a.wav", "caption": "x"}) + "\n")
+
+    class ChecksPassed(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise ChecksPassed
+
+    monkeypatch.setattr(embed_job, "init_ray", stop)  # the driver's checks come before Ray starts
+    with pytest.raises(ChecksPassed):
+        embed_job.embed_dataset(f"s3://{s3_bucket}/good", str(manifest), str(tmp_path / "out"))
+    with pytest.raises(CheckpointError) as refused:
+        embed_job.embed_dataset(f"s3://{s3_bucket}/bad", str(manifest), str(tmp_path / "out2"))
+    assert str(refused.value).startswith(f"s3://{s3_bucket}/bad/model.safetensors: unreadable, truncated")
+    assert "clap-cache" not in str(refused.value)
+    assert not (tmp_path / "out2").exists()  # refused before anything was written
