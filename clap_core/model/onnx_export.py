@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clap_core.config import CheckpointError
 from clap_core.model.folders import AUDIO_FILE, META_FILE, TEXT_FILE, TOKENIZER_DIR, check_export, is_onnx_export  # noqa: F401
 
 if TYPE_CHECKING:
@@ -312,9 +313,9 @@ class OnnxTowers:
         """The model's log-mel front end and window padding, rebuilt from the export's settings (eval mode)."""
         from clap_core.model.frontend import AudioFrontend
 
-        if "audio" not in self.meta:
-            raise ValueError("this export predates embed_audio (its onnx_export.json has no front-end settings): "
-                             "export the checkpoint again")
+        if "audio" not in self.meta:  # what folders.check_export refuses too, named as it names it
+            raise CheckpointError(f"{self.path / META_FILE}: this export predates embed_audio (no front-end "
+                                  "settings): run clap export again")
         return AudioFrontend(**self.meta["audio"]).eval()
 
     def embed_text(self, texts, batch_size: int = 64) -> np.ndarray:
@@ -336,7 +337,7 @@ class OnnxTowers:
 
         folder = self.path / TOKENIZER_DIR
         if not folder.is_dir():
-            raise ValueError(f"this export predates embed_text (no {TOKENIZER_DIR}/): export the checkpoint again")
+            raise CheckpointError(f"{folder}: missing, this export predates embed_text: run clap export again")
         return build_tokenizer(str(folder.resolve()), self.meta["max_length"])
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -68,6 +68,9 @@ def test_onnx_runtime_equals_pytorch(arch, audio_input, tmp_path):
     shutil.rmtree(tmp_path / onnx_export.TOKENIZER_DIR)
     with pytest.raises(CheckpointError, match="predates embedding files and captions"):
         onnx_export.load_embedder(tmp_path)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / onnx_export.TOKENIZER_DIR}: missing, this export "
+                                              "predates embed_text"):  # OnnxTowers opened directly
+        OnnxTowers(tmp_path).embed_text(CAPTIONS)
 
 
 def test_onnx_export_refuses_fused_models_and_wrong_inputs(tmp_path):
