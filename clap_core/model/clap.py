@@ -83,19 +83,23 @@ class ClapModel(nn.Module):
         super().__init__()
         self.config = config
         text_cfg = config.text_encoder
-        self.frontend = AudioFrontend(**dataclasses.asdict(config.audio))
-        self.audio_encoder = build_audio_encoder(config.audio_encoder, config.audio)
-        self.audio_projection = build_projection(self.audio_encoder.out_dim, config.embed_dim, config.audio_projection)
         self.tokenizer = self.text_encoder = self.text_projection = None
         if text_tower:
             self.tokenizer = tokenizer or build_tokenizer(text_cfg.tokenizer, text_cfg.max_length)
+        # Built and registered in this order, whatever the towers: a seed gives the same weights, and the
+        # parameters' order (optimizer state, ZeRO's flat buffers in saved runs) stays that of earlier versions.
+        self.frontend = AudioFrontend(**dataclasses.asdict(config.audio))
+        self.audio_encoder = build_audio_encoder(config.audio_encoder, config.audio)
+        if text_tower:
             backbone = build_text_backbone(text_cfg.pretrained, text_cfg.hf_config, self.tokenizer)
             self.text_encoder = TextEncoder(backbone, text_cfg.pooling)
+        self.audio_projection = build_projection(self.audio_encoder.out_dim, config.embed_dim, config.audio_projection)
+        if text_tower:
             self.text_projection = build_projection(self.text_encoder.out_dim, config.embed_dim,
                                                     config.text_projection)
-            if text_cfg.frozen:
-                self.text_encoder.requires_grad_(False)
         self.logit_scale = self._build_logit_scale(config)
+        if text_tower and text_cfg.frozen:
+            self.text_encoder.requires_grad_(False)
 
     @staticmethod
     def _build_logit_scale(config: ClapModelConfig) -> nn.Module:

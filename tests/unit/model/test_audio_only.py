@@ -69,3 +69,20 @@ def test_exports_refuse_a_model_without_its_text_tower(tmp_path):
         with pytest.raises(ValueError, match=r"needs the text tower"):
             export(audio, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_the_towers_keep_their_build_order_with_or_without_the_text_side():
+    """Optimizer state and ZeRO's flat buffers in saved runs follow the parameters' order, and a seed's weights
+    follow the build order: both stay audio tower, text tower, audio projection, text projection, temperature."""
+    def towers(model: ClapModel) -> list[str]:
+        names = [name.split(".")[0] for name, _ in model.named_parameters()]
+        return [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+
+    torch.manual_seed(0)
+    whole = ClapModel(get_model_config("tiny"))
+    assert towers(whole) == ["audio_encoder", "text_encoder", "audio_projection", "text_projection", "logit_scale"]
+    torch.manual_seed(0)
+    audio = ClapModel(get_model_config("tiny"), text_tower=False)
+    assert towers(audio) == ["audio_encoder", "audio_projection", "logit_scale"]
+    assert torch.equal(audio.audio_encoder.state_dict()[next(iter(audio.audio_encoder.state_dict()))],
+                       whole.audio_encoder.state_dict()[next(iter(whole.audio_encoder.state_dict()))])
