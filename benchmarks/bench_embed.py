@@ -7,11 +7,9 @@
 The baseline decodes and embeds one file per model call, the way LAION-CLAP's
 `get_audio_embedding_from_filelist` is used; (b) is the same model in one process with batching
 (`ClapModel.embed_audio(paths, batch_size=16)`); (c) is the Ray job on all cores. Same files, same
-checkpoint, same machine, in one run: the ratios are what to read, not the absolute clips/s. A job's
-fixed cost (starting the actor process, importing torch and transformers, loading the model) is a one-clip
-job run right after the measured one, in the same warm session; it is taken out for the steady-state line,
-since it vanishes at corpus scale. (The session's first job costs more: Ray Data's first use; it is printed
-beside it, and taking it out instead would overstate the steady state.)
+checkpoint, same machine, in one run: the ratios are what to read, not the absolute clips/s. The job is timed
+as benchmarks/embed_jobs.py times it: end to end, and in steady state, less a one-clip job's fixed cost (actor
+start, imports, model load) run right after it (the session's first, warm-up job is printed beside it).
 With --onnx int8 (the default) or fp32, the checkpoint is also exported (`clap export --format onnx
 [--quantize int8]`, timed once: an export is made once and reused) and (b) and (c) run again from the export:
 OnnxTowers.embed_audio in one process, and `clap embed --checkpoint EXPORT`; the export's embeddings are
@@ -39,11 +37,11 @@ def main() -> None:
 
     import ray
     import torch
+    from embed_jobs import time_job, warm_up
 
     from clap_core.model.clap import ClapModel
     from clap_core.model.config import get_model_config
     from clap_demo.synth import write_corpus
-    from pipelines.embed import embed_manifest
 
     offline = [] if args.model == "tiny" else ["text_encoder.pretrained=null", "text_encoder.tokenizer=bytes"]
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
@@ -79,28 +77,12 @@ def main() -> None:
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        one = manifest.with_name("one.jsonl")  # beside the manifest: same relative audio paths
-        one.write_text(manifest.read_text().splitlines()[0] + "\n")
-
-        def one_clip_job(name: str, checkpoint: str = "ckpt") -> float:  # a job's fixed cost: actor, imports, load
-            start = time.perf_counter()
-            embed_manifest(str(tmp / checkpoint), str(one), str(tmp / name), batch_size=args.batch_size, text=False)
-            return time.perf_counter() - start
-
-        cold = one_clip_job("emb_cold")  # the session's first job also pays Ray Data's first-use costs
-        start = time.perf_counter()
-        summary = embed_manifest(str(tmp / "ckpt"), str(manifest), str(tmp / "emb"), batch_size=args.batch_size,
-                                 text=False)
-        seconds = time.perf_counter() - start
-        fixed = one_clip_job("emb_warm")  # the same conditions as the job above: what it paid before its rows
-        job, steady = summary["rows"] / seconds, summary["rows"] / max(seconds - fixed, 1e-9)
+        cold = warm_up(tmp / "ckpt", manifest, tmp / "emb_cold", args.batch_size)  # Ray Data's first use
+        timed = time_job(tmp / "ckpt", manifest, tmp / "emb", args.batch_size)
+        job, steady, fixed = timed.end_to_end, timed.steady, timed.fixed
         if args.onnx != "none":  # (c) from the export, after the checkpoint's jobs: as warm a session
-            start = time.perf_counter()
-            rows = embed_manifest(str(tmp / "onnx"), str(manifest), str(tmp / "emb_onnx"),
-                                  batch_size=args.batch_size, text=False)["rows"]
-            onnx_seconds = time.perf_counter() - start
-            onnx_fixed = one_clip_job("emb_onnx_warm", "onnx")
-            onnx_job, onnx_steady = rows / onnx_seconds, rows / max(onnx_seconds - onnx_fixed, 1e-9)
+            timed = time_job(tmp / "onnx", manifest, tmp / "emb_onnx", args.batch_size)
+            onnx_job, onnx_steady, onnx_fixed = timed.end_to_end, timed.steady, timed.fixed
         ray.shutdown()
 
     print(f"model {args.model}, {len(paths)} clips of 2-6 s in mixed formats, {os.cpu_count()} cores")

@@ -116,9 +116,9 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
     precision; "job-onnx-int8": the int8 ONNX export. Min cosine of the job's embeddings to our exact fp32."""
     import numpy as np
     import ray
+    from embed_jobs import time_job, warm_up
 
     from clap_core.eval.search import load_index
-    from pipelines.embed import embed_manifest
 
     checkpoint = tmp / path
     if path == "job-onnx-int8":
@@ -127,28 +127,18 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
         export_onnx(model, checkpoint, quantize="int8")
     else:
         model.save_pretrained(checkpoint)
-    manifest, one = tmp / f"{path}.jsonl", tmp / f"{path}-one.jsonl"
+    manifest = tmp / f"{path}.jsonl"
     lines = [json.dumps({"id": f"c{k}-{i:02d}", "audio_path": f, "caption": ""})
              for k in range(JOB_COPIES) for i, f in enumerate(files)]
     manifest.write_text("\n".join(lines) + "\n")
-    one.write_text(lines[0] + "\n")
     exact = dict(zip((f"c0-{i:02d}" for i in range(N_CLIPS)), model.embed_audio(files, precision="fp32")))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        embed_manifest(str(checkpoint), str(one), str(tmp / f"{path}-out-warm"), batch_size=8, text=False)
-        whole, steady = [], []
-        for r in range(min(runs, 3)):
-            start = time.perf_counter()
-            summary = embed_manifest(str(checkpoint), str(manifest), str(tmp / f"{path}-out{r}"), batch_size=8,
-                                     text=False)
-            seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            embed_manifest(str(checkpoint), str(one), str(tmp / f"{path}-out{r}-one"), batch_size=8, text=False)
-            fixed = time.perf_counter() - start
-            whole.append(summary["rows"] / seconds)
-            steady.append(summary["rows"] / max(seconds - fixed, 1e-9))
+        warm_up(checkpoint, manifest, tmp / f"{path}-out-warm", batch_size=8)
+        jobs = [time_job(checkpoint, manifest, tmp / f"{path}-out{r}", batch_size=8) for r in range(min(runs, 3))]
+        whole, steady = [j.end_to_end for j in jobs], [j.steady for j in jobs]
         index = load_index(str(tmp / f"{path}-out0"))
     finally:
         ray.shutdown()
