@@ -12,6 +12,27 @@ from clap_core.model.config import get_model_config
 from pipelines.cli import main
 
 
+class ChecksPassed(Exception):
+    """Raised where `clap embed`'s driver would start Ray: every check before it passed."""
+
+
+@pytest.fixture
+def embed_driver(tmp_path, monkeypatch):
+    """(pipelines.embed with Ray's start replaced by ChecksPassed, a one-row manifest): runs the driver's checks
+    of a checkpoint, which come before Ray starts, and nothing after them."""
+    import json
+
+    import pipelines.embed as embed_job
+
+    def stop(*args, **kwargs):
+        raise ChecksPassed
+
+    monkeypatch.setattr(embed_job, "init_ray", stop)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio_path": "a.wav", "caption": "x"}) + "\n")
+    return embed_job, manifest
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     torch.manual_seed(0)
@@ -101,14 +122,13 @@ def test_folder_checks_and_the_embed_job_module_import_neither_torch_nor_transfo
     assert out.stdout.strip() == "[]"
 
 
-def test_a_transformers_clap_folder_is_checked_as_one_and_clap_embed_takes_it(saved, tmp_path, monkeypatch):
+def test_a_transformers_clap_folder_is_checked_as_one_and_clap_embed_takes_it(saved, tmp_path, embed_driver):
     """Released LAION-CLAP weights come as transformers folders (config.json, no config.yaml), which
     from_pretrained imports: `clap embed`'s driver checks them as such instead of refusing them."""
     import json
 
     from safetensors.torch import save_file
 
-    import pipelines.embed as embed_job
     from clap_core.model.folders import check_transformers_folder, is_transformers_folder
 
     folder = tmp_path / "hf"
@@ -117,16 +137,7 @@ def test_a_transformers_clap_folder_is_checked_as_one_and_clap_embed_takes_it(sa
     save_file({"w": torch.zeros(3)}, str(folder / "model.safetensors"))
     assert is_transformers_folder(folder) and not is_transformers_folder(saved)
     check_transformers_folder(folder)
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"id": "a", "audio_path": "a.wav", "caption": "x"}) + "\n")
-
-    class ChecksPassed(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise ChecksPassed
-
-    monkeypatch.setattr(embed_job, "init_ray", stop)  # the driver's checks come before Ray starts
+    embed_job, manifest = embed_driver
     with pytest.raises(ChecksPassed):
         embed_job.embed_dataset(str(folder), str(manifest), str(tmp_path / "out"))
 
@@ -141,29 +152,16 @@ def test_a_transformers_clap_folder_is_checked_as_one_and_clap_embed_takes_it(sa
         check_transformers_folder(folder)
 
 
-def test_an_s3_checkpoint_is_checked_in_the_driver_and_named_by_its_uri(saved, tmp_path, s3_bucket, monkeypatch):
+def test_an_s3_checkpoint_is_checked_in_the_driver_and_named_by_its_uri(saved, tmp_path, s3_bucket, embed_driver):
     """The driver downloads an s3:// checkpoint once (storage.local_copy) and checks that copy, as it checks a
     local folder: a broken one fails in one line naming its URI (not the cache), before Ray or any actor starts."""
-    import json
-
     import boto3
-
-    import pipelines.embed as embed_job
 
     s3 = boto3.client("s3")
     for name, folder in (("good", saved), ("bad", broken(saved, tmp_path, "truncated_weights"))):
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             s3.upload_file(str(path), s3_bucket, f"{name}/{path.relative_to(folder).as_posix()}")
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"id": "a", "audio_path": "a.wav", "caption": "x"}) + "\n")
-
-    class ChecksPassed(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise ChecksPassed
-
-    monkeypatch.setattr(embed_job, "init_ray", stop)  # the driver's checks come before Ray starts
+    embed_job, manifest = embed_driver
     with pytest.raises(ChecksPassed):
         embed_job.embed_dataset(f"s3://{s3_bucket}/good", str(manifest), str(tmp_path / "out"))
     with pytest.raises(CheckpointError) as refused:
