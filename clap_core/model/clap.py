@@ -112,7 +112,7 @@ class ClapModel(nn.Module):
 
     def train(self, mode: bool = True) -> "ClapModel":
         super().train(mode)
-        if self.config.text_encoder.frozen and self.text_encoder is not None:
+        if self.config.text_encoder.frozen and self.has_text_tower:
             self.text_encoder.eval()  # a frozen encoder keeps its dropout off too
         return self
 
