@@ -8,8 +8,9 @@ The baseline decodes and embeds one file per model call, the way LAION-CLAP's
 `get_audio_embedding_from_filelist` is used; (b) is the same model in one process with batching
 (`ClapModel.embed_audio(paths, batch_size=16)`); (c) is the Ray job on all cores. Same files, same
 checkpoint, same machine, in one run: the ratios are what to read, not the absolute clips/s. The job is timed
-as benchmarks/embed_jobs.py times it: end to end, and in steady state, less a one-clip job's fixed cost (actor
-start, imports, model load) run right after it (the session's first, warm-up job is printed beside it).
+as benchmarks/embed_jobs.py times it: end to end; its fixed cost, a one-clip job (actor start, imports, model
+load) run right after it (the session's first, warm-up job is printed beside it); and the steady state, the
+marginal rate between a job of the first quarter of the clips and the whole.
 With --onnx int8 (the default) or fp32, the checkpoint is also exported (`clap export --format onnx
 [--quantize int8]`, timed once: an export is made once and reused) and (b) and (c) run again from the export:
 OnnxTowers.embed_audio in one process, and `clap embed --checkpoint EXPORT`; the export's embeddings are
@@ -91,14 +92,14 @@ def main() -> None:
     print(f"| (a) one file per call (LAION-CLAP style) | {loop:.1f} | 1.00 |")
     print(f"| (b) ClapModel.embed_audio, batch {args.batch_size} | {batched:.1f} | {batched / loop:.2f} |")
     print(f"| (c) clap embed (Ray Data, actor pool), end to end | {job:.1f} | {job / loop:.2f} |")
-    print(f"| (c) without the {fixed:.1f} s fixed cost of a job (steady state; the session's first job: "
-          f"{cold:.1f} s) | {steady:.1f} | {steady / loop:.2f} |")
+    print(f"| (c) fixed cost: a one-clip job {fixed:.1f} s (the session's first job: {cold:.1f} s) | | |")
+    print(f"| (c) steady state: past the first quarter of the clips | {steady:.1f} | {steady / loop:.2f} |")
     if args.onnx != "none":
         name = f"the {args.onnx} ONNX export (made once in {export_seconds:.0f} s; min cosine to fp32 {cosine:.5f})"
         print(f"| (b) OnnxTowers.embed_audio from {name}, batch {args.batch_size} | {onnx_batched:.1f} | "
               f"{onnx_batched / loop:.2f} |")
         print(f"| (c) clap embed --checkpoint EXPORT, end to end | {onnx_job:.1f} | {onnx_job / loop:.2f} |")
-        print(f"| (c) the same without its {onnx_fixed:.1f} s fixed cost (steady state) | {onnx_steady:.1f} | "
+        print(f"| (c) the same in steady state (its one-clip job: {onnx_fixed:.1f} s) | {onnx_steady:.1f} | "
               f"{onnx_steady / loop:.2f} |")
 
 

@@ -8,7 +8,8 @@ Embedding case: 32 wav files of 10 s at 48 kHz (the peers' harness files: noise 
 HTS-AT tiny + RoBERTa-base, 2 torch threads, `ClapModel.embed_audio(paths, batch_size=8)` with each
 precision, `OnnxTowers.embed_audio` on the model's ONNX export, fp32 and int8, and `clap embed` itself (the
 Ray Data job, default precision; "job-onnx-int8": from the int8 export) on the same files listed JOB_COPIES times,
-end to end and in steady state (less a one-clip job's fixed cost, run right after it); the peers run
+end to end and in steady state (benchmarks/embed_jobs.py: the marginal rate between a job of the first quarter of
+the rows and the whole; the one-clip job's fixed cost in the row's detail); the peers run
 /work/shared/peers/peer_bench.py (`laion_filelist`, `hf_data`) in their own environment. Each path's accuracy
 is its minimum cosine to our exact fp32 embeddings on decoded MP3/Ogg clips (tests/audio_fixtures; the
 `clap embed` rows: on the 32 wav files).
@@ -110,8 +111,9 @@ def _embedder(model, path: str, tmp: Path):
 
 def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[dict]:
     """`clap embed` (pipelines.embed.embed_manifest) on a manifest of the files JOB_COPIES times, in a local Ray
-    of this machine's CPUs, as `clap embed` starts it: a row end to end and a row in steady state (each job less
-    the fixed cost of a one-clip job run right after it: actor start, imports, model load), medians of
+    of this machine's CPUs, as `clap embed` starts it: a row end to end and a row in steady state (embed_jobs:
+    the marginal rate past the first quarter of the rows), with a one-clip job's fixed cost (actor start,
+    imports, model load) in the detail; medians of
     min(runs, 3) jobs after a warm-up job (Ray Data's first use). "job": the checkpoint at the default
     precision; "job-onnx-int8": the int8 ONNX export. Min cosine of the job's embeddings to our exact fp32."""
     import numpy as np
@@ -144,7 +146,8 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
         ray.shutdown()
     cosine = min(float(np.dot(index.audio[i], exact[name])) for i, name in enumerate(index.ids) if name in exact)
     impl = "clap-at-scale clap embed" + (" (int8 ONNX export)" if path == "job-onnx-int8" else "")
-    detail = {"min_cosine_to_fp32": round(cosine, 6), "rows": len(lines)}
+    detail = {"min_cosine_to_fp32": round(cosine, 6), "rows": len(lines),
+              "fixed_s": round(statistics.median(j.fixed for j in jobs), 2)}
     return [dict(case="laion_filelist", impl=f"{impl} end to end", metric=f"audio embed of {len(lines)} wav files",
                  unit="clips/s", median=statistics.median(whole), runs=len(whole), detail=detail),
             dict(case="laion_filelist", impl=f"{impl} steady state", metric=f"audio embed of {len(lines)} wav files",
