@@ -44,6 +44,12 @@ def test_manifest_rows_are_embedded_or_rejected(ray_local, tmp_path):
         logging.getLogger("ray.data").removeHandler(handler)
     deprecated = [line for line in ray_data_lines if "deprecated" in line]
     assert ray_data_lines and not deprecated, deprecated
+    # Decoding ran in tasks of its own, not fused into the embedding actors (whose class name would then read
+    # "MapWorker(MapBatches(decode_batch)->MapBatches(EmbedBatch))"). The GCS lists finished actors too.
+    from ray._private.state import actors
+
+    embedders = [a["ActorClassName"] for a in actors().values() if "EmbedBatch" in a["ActorClassName"]]
+    assert embedders and set(embedders) == {"MapWorker(MapBatches(EmbedBatch))"}, embedders
     assert summary["rows"] == 3 and summary["rejects"] == 3
     assert summary["reject_reasons"] == {"missing_file": 1, "undecodable": 1, "bad_ids": 1}
     assert sorted(embeddings.read_rejects(str(tmp_path / "emb")).column("id").to_pylist()) == [
