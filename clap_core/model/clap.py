@@ -127,7 +127,7 @@ class ClapModel(nn.Module):
         return self.text_encoder is not None
 
     def require_text_tower(self, what: str) -> None:
-        if self.text_encoder is None:
+        if not self.has_text_tower:
             raise ValueError(f"{what} needs the text tower, and this model was loaded without it "
                              "(from_pretrained(..., text_tower=False)): load the checkpoint whole")
 
