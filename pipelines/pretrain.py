@@ -56,10 +56,13 @@ MAX_PASSES = 1024  # reads of the training split per Ray Data epoch at most (102
 def epoch_passes(cfg: PretrainConfig, train_rows: int) -> int:
     """How many times one Ray Data epoch reads the training split. Ray Train's streaming split runs the dataset
     again at each epoch and the workers wait for its first blocks (44% of a 25-step interval in the demo), so
-    a small corpus is repeated within an epoch: data.min_epoch_rows rows, or by default the whole run's."""
+    a small corpus is repeated within an epoch: data.min_epoch_rows rows, or by default the whole run's and what
+    each worker's feed reads ahead of its last step (shuffle buffer, the batch taken ahead, Ray Data's prefetch
+    and the batch on its way), so a run never starts a second epoch for rows it will not train on."""
     wanted = cfg.data.min_epoch_rows
     if wanted is None:
-        wanted = cfg.train.steps * cfg.train.batch_size * cfg.scaling.num_workers
+        ahead = cfg.data.shuffle_buffer + (cfg.data.prefetch_batches + 3) * cfg.train.batch_size  # per worker
+        wanted = (cfg.train.steps * cfg.train.batch_size + ahead) * cfg.scaling.num_workers
     return min(MAX_PASSES, max(1, math.ceil(wanted / max(train_rows, 1))))
 
 
@@ -100,22 +103,26 @@ def train_fn_per_worker(config: dict) -> None:
     unpickles this function and so imports this module, which must stay light (no torch, no model classes:
     they cost the controller ~9 s of CPU on a 2-core machine before it asked for the workers).
 
-    The training data is asked for first (clap_core.train.feed.FeedAhead): Ray Data starts reading and
+    The training data is asked for first (clap_core.train.feed.Feed's reader thread): Ray Data starts reading and
     decoding while the worker imports the model code and builds its engine (~12 s on 2 cores), instead of after."""
     feed = None if config.get("export_only") else start_feed(config)
-    from pipelines.pretrain_worker import train_fn_per_worker as run_worker
+    try:
+        from pipelines.pretrain_worker import train_fn_per_worker as run_worker
 
-    run_worker(config, feed)
+        run_worker(config, feed)
+    finally:  # the reader thread stops asking Ray Data for rows (it would wait on a full buffer otherwise)
+        if feed is not None:
+            feed.close()
 
 
 def start_feed(config: dict):
-    """This worker's training batches, the first one already asked for (a FeedAhead)."""
+    """This worker's training batches, already being read into its shuffle buffer (a clap_core.train.feed.Feed)."""
     import ray.train.torch  # torch: already loaded in a Ray Train torch worker (its process group)
 
-    from clap_core.train.feed import FeedAhead, train_batches
+    from clap_core.train.feed import train_feed
 
     cfg = from_dict(PretrainConfig, config["pretrain"])
-    return FeedAhead(train_batches(ray.train.get_dataset_shard("train"), cfg, ray.train.torch.get_device()))
+    return train_feed(ray.train.get_dataset_shard("train"), cfg, ray.train.torch.get_device())
 
 
 # ---------------------------------------------------------------------------------------------

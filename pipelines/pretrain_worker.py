@@ -36,7 +36,7 @@ from pipelines.pretrain import SetupError
 
 def train_fn_per_worker(config: dict, feed: Iterator[tuple[dict, float]] | None) -> None:
     """`feed`: the training batches, already asked for (pipelines.pretrain starts them before importing this
-    module: clap_core.train.feed.FeedAhead); None for --export-only, which trains nothing."""
+    module: clap_core.train.feed.Feed); None for --export-only, which trains nothing."""
     cfg = from_dict(PretrainConfig, config["pretrain"])
     model_cfg = from_dict(ClapModelConfig, config["model"])
     run_uri, export_only = config["run_uri"], config.get("export_only", False)

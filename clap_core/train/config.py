@@ -63,7 +63,8 @@ class PretrainScalingConfig:
 class PretrainDataConfig:
     train_split: str = "train"  # folder of training shards under --data
     valid_split: str | None = "valid"  # folder of validation shards (None: no evaluation)
-    shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (reshuffled every epoch)
+    shuffle_buffer: int = 1024  # rows in each worker's shuffle buffer: rows stream through it across epochs and
+    # each step takes batch_size random ones (clap_core/train/feed.py); 0: the stream's order
     prefetch_batches: int = 4  # batches each worker prepares ahead of the step
     max_clip_seconds: float | None = None  # training crop length (None: the model's clip_seconds)
     max_valid_clips: int = 1024  # evaluate on at most this many validation clips
@@ -73,7 +74,8 @@ class PretrainDataConfig:
     # the run fails once more than this share of the training rows (and more than one row) is bad
     min_epoch_rows: int | None = None  # a small corpus is read several times per Ray Data epoch (fresh crops
     # and captions each pass), so the seconds an epoch boundary stalls are not paid every few steps; None: the
-    # rows the whole run trains on (steps x batch_size x num_workers): no boundary mid-run. At most 1024 passes.
+    # rows the whole run trains on (steps x batch_size x num_workers) and its feeds read ahead: no boundary
+    # mid-run. At most 1024 passes.
 
 
 @dataclass

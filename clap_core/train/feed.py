@@ -1,76 +1,196 @@
 """A training worker's feed: endless (batch, seconds waited) pairs from its share of the training data.
 
-    feed = FeedAhead(train_batches(shard, cfg, device))   # asks for the first batch at once, in a thread
-    ...                                                    # import the model code, build the engine, restore
-    for batch, waited in feed: ...                         # `waited`: what the loop itself blocked on
+    feed = Feed(passes, batch_size=16, buffer_rows=1024, to_device=...)  # a reader thread starts streaming at once
+    ...                                                                    # import the model code, build the engine
+    for batch, waited in feed: ...                                         # `waited`: what the loop itself blocked on
 
-Ray Data starts a training dataset when a worker first asks its shard for a batch: it starts the split
-coordinator and the decode tasks (each a fresh process that imports the tokenizer's stack), then decodes.
-On 2 cores that took ~14 s before the first step, after the ~12 s in which the worker imported the model code
-and built its DeepSpeed engine. FeedAhead asks first, so the two overlap. Light on purpose (no torch import):
+A reader thread streams the shard's passes (epochs) into a ShuffleBuffer of `buffer_rows` rows; each step takes
+`batch_size` random rows out of it. Rows flow through at the stream's pace, one batch in for each batch out once
+the buffer is full, so the ingest is never asked for a whole buffer at once. Ray Data's own local shuffle
+(`iter_batches(local_shuffle_buffer_size=N)`, its ShufflingBatcher) builds shuffled generations instead: a new one
+once fewer than N/2 rows of the current are left, and none before 1.5 N + batch rows are in hand; on 2 cores the
+training loop waited 0-37% of a 10-step interval at each generation (every ~65 steps at N=1024, batch 16), though
+the ingest kept up on average (README, "Training benchmark"). Here the buffer also spans epochs, so the seconds a
+new pass takes to start are served from the rows already buffered, and a stall of the stream is absorbed while
+rows last. The loop takes as soon as a batch's rows are in: a buffer the ingest cannot keep full mixes less, and
+never makes the loop wait longer than the ingest's own pace.
+
+Ray Data starts a training dataset when a worker first asks its shard for a batch: the split coordinator and the
+decode tasks (each a fresh process that imports the tokenizer's stack) start, then decode. On 2 cores that took
+~14 s before the first step, after the ~12 s in which the worker imported the model code and built its DeepSpeed
+engine: the reader thread asks first, so the two overlap. Light on purpose (numpy only; no torch, no ray):
 pipelines/pretrain.py starts the feed before it imports the worker side.
 """
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterator
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]  # column -> (rows, ...) array; every column has the same number of rows
 
 
-def train_batches(shard, cfg, device) -> Iterator[tuple[dict, float]]:
-    """Endless (batch, seconds waited) pairs of a Ray Data shard (anything with `iter_torch_batches`); each
-    pass over the shard is one epoch with its own local shuffle. `cfg`: the PretrainConfig; `device`: a
-    torch.device the batches are moved to."""
-    while True:
-        empty = True
-        iterator = iter(shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, drop_last=True, device=device,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches))
-        while True:
-            start = time.perf_counter()
-            batch = next(iterator, None)
-            waited = time.perf_counter() - start
-            if batch is None:
-                break
-            empty = False
-            yield batch, waited
-        if empty:
-            raise ValueError(f"the training split holds fewer than train.batch_size={cfg.train.batch_size} "
-                             "rows per worker: lower the batch size or the number of workers")
+class ShuffleBuffer:
+    """Rows of fixed-shape columns in preallocated arrays: `add` appends a batch's rows, `take(n)` removes n rows,
+    at random (or the oldest first without an rng) and returns them as a new batch. Removal moves the buffer's
+    last rows into the holes, so each call copies O(rows added or taken), never the whole buffer. Not thread-safe:
+    Feed holds its lock around every call."""
+
+    def __init__(self, rng: np.random.Generator | None, reserve_rows: int = 0):
+        self.rng = rng  # None: first in, first out (data.shuffle_buffer=0)
+        self.reserve_rows = reserve_rows  # rows allocated at the first add: growing a full buffer copies all of it
+        self.columns: dict[str, np.ndarray] = {}  # column -> (capacity, ...) storage; rows [0, len) hold data
+        self.rows = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def add(self, batch: Batch) -> None:
+        n = len(next(iter(batch.values()))) if batch else 0
+        if n == 0:
+            return
+        if not self.columns:  # shapes and dtypes of the first batch; grown by doubling past reserve_rows
+            rows = max(self.reserve_rows, 4 * n, 64)  # np.empty: pages are touched as rows arrive
+            self.columns = {k: np.empty((rows, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+        if batch.keys() != self.columns.keys():
+            raise ValueError(f"a batch with columns {sorted(batch)} after {sorted(self.columns)}")
+        capacity = len(next(iter(self.columns.values())))
+        if self.rows + n > capacity:
+            grown = max(2 * capacity, self.rows + n)
+            for k, old in self.columns.items():
+                new = np.empty((grown, *old.shape[1:]), old.dtype)
+                new[:self.rows] = old[:self.rows]
+                self.columns[k] = new
+        for k, v in batch.items():
+            self.columns[k][self.rows:self.rows + n] = v  # raises on a row shape that differs from the first batch's
+        self.rows += n
+
+    def take(self, n: int) -> Batch:
+        if n > self.rows:
+            raise ValueError(f"take({n}) from a buffer of {self.rows} rows")
+        if self.rng is None:  # the oldest rows, in order; the rest move to the front (FIFO is for buffer 0: few rows)
+            out = {k: v[:n].copy() for k, v in self.columns.items()}
+            for v in self.columns.values():
+                v[:self.rows - n] = v[n:self.rows].copy()
+            self.rows -= n
+            return out
+        picked = self.rng.choice(self.rows, size=n, replace=False)  # (n,) distinct row indices, in random order
+        out = {k: v[picked] for k, v in self.columns.items()}  # fancy indexing: copies
+        last = self.rows - n
+        holes = np.sort(picked[picked < last])  # taken rows below the new end, refilled ...
+        tail = np.setdiff1d(np.arange(last, self.rows), picked, assume_unique=True)  # ... by kept rows above it
+        for v in self.columns.values():
+            v[holes] = v[tail]
+        self.rows = last
+        return out
 
 
-class FeedAhead:
-    """Wraps an iterator of (batch, seconds waited) pairs and takes its first item in a background thread from
-    construction on. The first `next` returns that item with the time it blocked for it (not the time the thread
-    waited) and re-raises what the thread raised; later ones go straight to the wrapped iterator, in the caller's
-    thread (the thread has ended by then: never two threads in the iterator at once)."""
+class Feed:
+    """Endless (batch, seconds waited) pairs: a daemon reader thread calls `passes()` for each pass over the
+    shard and adds its numpy batches to a ShuffleBuffer, waiting while the buffer holds `buffer_rows` rows or more;
+    each `next` takes `batch_size` rows (random ones when buffer_rows > 0), passes them through `to_device` and
+    returns them with the seconds it waited for them. Between reads the reader also takes the next batch ahead
+    (`ready`), so the loop finds its rows gathered (a 16-row batch of 10-s clips is 30 MB to copy); while the
+    reader waits on the stream, the loop takes from the buffer itself. An error of the stream, or a pass with
+    fewer than batch_size rows, is raised by the next `next` (the rows still buffered are not trained on)."""
 
-    def __init__(self, batches: Iterator[tuple[Any, float]]):
-        self._batches = batches
-        self._first: tuple[Any, float] | None = None
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = threading.Thread(target=self._take_first, name="clap-feed-ahead",
-                                                                 daemon=True)  # never keeps a finished worker alive
-        self._thread.start()
+    def __init__(self, passes: Callable[[], Iterable[Batch]], batch_size: int, buffer_rows: int,
+                 to_device: Callable[[Batch], object] = lambda batch: batch, seed: int | None = None):
+        self.passes = passes
+        self.batch_size = batch_size
+        self.buffer_rows = max(buffer_rows, batch_size)  # the reader adds while fewer are buffered
+        self.to_device = to_device
+        self.buffer = ShuffleBuffer(np.random.default_rng(seed) if buffer_rows > 0 else None,
+                                    reserve_rows=self.buffer_rows + 2 * batch_size)  # + a batch of the stream
+        self.ready: Batch | None = None  # the next batch, taken out of the buffer ahead by the reader
+        self.lock = threading.Condition()  # guards buffer, ready, error, closed; notified on every change
+        self.error: BaseException | None = None
+        self.closed = False
+        self.rows_read = 0  # rows the reader has added (tests, logs)
+        self.thread = threading.Thread(target=self._read, name="clap-feed-reader", daemon=True)
+        self.thread.start()
 
-    def _take_first(self) -> None:
+    def _read(self) -> None:
         try:
-            self._first = next(self._batches)
-        except BaseException as e:  # StopIteration included: handed to the loop's first `next`
-            self._error = e
+            while True:
+                rows = 0
+                for batch in self.passes():
+                    n = len(next(iter(batch.values()))) if batch else 0
+                    with self.lock:
+                        while not self._room():  # full: wait for the loop's next take
+                            self.lock.wait()
+                        if self.closed:
+                            return
+                        self.buffer.add(batch)
+                        self.rows_read += n
+                        self._take_ahead()
+                        self.lock.notify_all()
+                    rows += n
+                if rows < self.batch_size:
+                    raise ValueError(f"the training split holds fewer than train.batch_size={self.batch_size} rows "
+                                     f"per worker ({rows} in a pass): lower the batch size or the number of workers")
+        except BaseException as e:  # handed to the loop's next `next`
+            with self.lock:
+                self.error = e
+                self.lock.notify_all()
 
-    def __iter__(self) -> "FeedAhead":
+    def _room(self) -> bool:
+        """Under the lock: may the reader add a batch now? Takes the next batch ahead first where it can."""
+        self._take_ahead()
+        return self.closed or len(self.buffer) < self.buffer_rows
+
+    def _take_ahead(self) -> None:
+        """Under the lock: gathers the next batch once the buffer is full (before: the loop takes as rows come,
+        while mixing builds up) or, first in first out, as soon as a batch is in."""
+        full = self.buffer_rows if self.buffer.rng is not None else self.batch_size
+        if self.ready is None and len(self.buffer) >= full:
+            self.ready = self.buffer.take(self.batch_size)
+
+    def __iter__(self) -> "Feed":
         return self
 
-    def __next__(self) -> tuple[Any, float]:
-        if self._thread is None:
-            return next(self._batches)
+    def __next__(self) -> tuple[object, float]:
         start = time.perf_counter()
-        self._thread.join()
+        with self.lock:
+            while self.error is None and self.ready is None and len(self.buffer) < self.batch_size:
+                self.lock.wait()
+            if self.error is not None:
+                raise self.error
+            if self.ready is not None:
+                rows, self.ready = self.ready, None
+            else:  # the reader is waiting on the stream: take what it left
+                rows = self.buffer.take(self.batch_size)
+            self.lock.notify_all()
         waited = time.perf_counter() - start
-        self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        (batch, _), self._first = self._first, None
-        return batch, waited
+        return self.to_device(rows), waited
+
+    def close(self) -> None:
+        """Stops the reader once its current batch arrives (the thread is a daemon: it never keeps a process)."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+
+
+def shard_passes(shard, batch_size: int, prefetch_batches: int) -> Callable[[], Iterator[Batch]]:
+    """`passes` for Feed from a Ray Data shard (anything with `iter_batches`): each call is one epoch of numpy
+    batches, in the shard's order (the Feed shuffles)."""
+    return lambda: iter(shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                           prefetch_batches=prefetch_batches))
+
+
+def torch_batch(device) -> Callable[[Batch], dict]:
+    """numpy batch -> dict of torch tensors on `device` (the arrays are fresh copies: no tensor shares a buffer)."""
+    import torch
+
+    def convert(batch: Batch) -> dict:
+        return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+    return convert
+
+
+def train_feed(shard, cfg, device) -> Feed:
+    """The Feed of a training worker: `cfg` the PretrainConfig, `device` a torch.device."""
+    batch_size = cfg.train.batch_size
+    return Feed(shard_passes(shard, batch_size, cfg.data.prefetch_batches), batch_size, cfg.data.shuffle_buffer,
+                torch_batch(device))

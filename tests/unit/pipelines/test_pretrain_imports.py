@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch", "transformers", "deepspeed", "clap_core.model.clap", "pipelines.pretrain_worker")
 
 
@@ -32,12 +34,27 @@ def test_the_controller_side_imports_none_of_the_workers_modules():
 def test_the_worker_function_runs_the_worker_module(monkeypatch):
     from pipelines import pretrain, pretrain_worker
 
-    seen = []
+    class FakeFeed:
+        def __init__(self, run_uri):
+            self.run_uri, self.closed = run_uri, False
+
+        def close(self):
+            self.closed = True
+
+    seen, feeds = [], []
     monkeypatch.setattr(pretrain_worker, "train_fn_per_worker", lambda *args: seen.append(args))
-    monkeypatch.setattr(pretrain, "start_feed", lambda config: f"feed of {config['run_uri']}")
+    monkeypatch.setattr(pretrain, "start_feed", lambda config: feeds.append(FakeFeed(config["run_uri"])) or feeds[-1])
     pretrain.train_fn_per_worker({"run_uri": "x"})
     pretrain.train_fn_per_worker({"run_uri": "y", "export_only": True})  # nothing to train on: no data started
-    assert seen == [({"run_uri": "x"}, "feed of x"), ({"run_uri": "y", "export_only": True}, None)]
+    assert seen == [({"run_uri": "x"}, feeds[0]), ({"run_uri": "y", "export_only": True}, None)]
+    assert len(feeds) == 1 and feeds[0].run_uri == "x" and feeds[0].closed  # its reader stopped after the run
+
+    def failing_worker(*args):
+        raise RuntimeError("lost the engine")
+    monkeypatch.setattr(pretrain_worker, "train_fn_per_worker", failing_worker)
+    with pytest.raises(RuntimeError, match="lost the engine"):
+        pretrain.train_fn_per_worker({"run_uri": "z"})
+    assert feeds[1].run_uri == "z" and feeds[1].closed  # closed on an error too
     assert pretrain_worker.SetupError is pretrain.SetupError  # the policy and `clap pretrain` catch the workers'
 
 

@@ -1,68 +1,212 @@
-"""A training worker's feed: endless epochs of its shard, and the first batch asked for ahead of the loop."""
+"""A training worker's feed: a reader thread streams endless passes of its shard into a shuffle buffer, and each
+step takes a batch of random rows out of it, at the stream's pace."""
 from __future__ import annotations
 
 import threading
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from clap_core.train.config import load_pretrain_config
-from clap_core.train.feed import FeedAhead, train_batches
+from clap_core.train.feed import Feed, ShuffleBuffer, shard_passes, torch_batch, train_feed
+
+
+def rows(ids) -> dict[str, np.ndarray]:
+    """A batch whose every column is a function of the row id, so a row's columns can be checked to travel together."""
+    ids = np.asarray(ids, np.int64)
+    return {"id": ids, "wave": np.stack([np.full(3, i, np.float32) for i in ids]) if len(ids) else
+            np.zeros((0, 3), np.float32)}
+
+
+def assert_rows_intact(batch):
+    assert np.array_equal(batch["wave"], np.repeat(batch["id"][:, None], 3, axis=1).astype(np.float32))
+
+
+def test_the_buffer_returns_every_row_once_with_its_columns_and_grows_past_its_first_allocation():
+    buffer = ShuffleBuffer(np.random.default_rng(0))
+    taken = []
+    for start in range(0, 1000, 50):  # 50 in, 30 out: the buffer grows to 400 rows, past its first 200
+        buffer.add(rows(range(start, start + 50)))
+        batch = buffer.take(30)
+        assert_rows_intact(batch)
+        taken.extend(batch["id"].tolist())
+    assert len(buffer) == 400
+    rest = buffer.take(400)
+    assert_rows_intact(rest)
+    assert sorted(taken + rest["id"].tolist()) == list(range(1000)) and len(buffer) == 0
+    assert taken != sorted(taken)  # shuffled: not the order they came in
+    with pytest.raises(ValueError, match=r"take\(1\) from a buffer of 0 rows"):
+        buffer.take(1)
+    with pytest.raises(ValueError, match="columns"):
+        buffer.add({"id": np.arange(2)})
+
+
+def test_a_reserved_buffer_never_reallocates_up_to_its_reserve():
+    buffer = ShuffleBuffer(np.random.default_rng(0), reserve_rows=100)
+    buffer.add(rows(range(10)))
+    storage = buffer.columns["wave"]
+    for start in range(10, 100, 10):
+        buffer.add(rows(range(start, start + 10)))
+    assert buffer.columns["wave"] is storage and len(storage) == 100  # a full buffer is never copied to grow
+    buffer.add(rows(range(100, 101)))
+    assert len(buffer.columns["wave"]) == 200 and sorted(buffer.take(101)["id"].tolist()) == list(range(101))
+
+
+def test_without_an_rng_the_buffer_is_first_in_first_out():
+    buffer = ShuffleBuffer(None)
+    buffer.add(rows(range(5)))
+    buffer.add(rows(range(5, 9)))
+    assert buffer.take(4)["id"].tolist() == [0, 1, 2, 3]
+    batch = buffer.take(4)
+    assert batch["id"].tolist() == [4, 5, 6, 7]
+    assert_rows_intact(batch)
+    assert len(buffer) == 1
+
+
+class Passes:
+    """`passes` for Feed: pass p yields rows p*1000 .. p*1000 + rows_per_pass - 1 in batches; pass `stall_pass`
+    waits for `release` before its first batch (a new epoch's stream that takes long to start)."""
+
+    def __init__(self, rows_per_pass: int, batch: int, stall_pass: int | None = None):
+        self.rows_per_pass, self.batch, self.stall_pass = rows_per_pass, batch, stall_pass
+        self.release = threading.Event()
+        self.started = 0
+
+    def __call__(self):
+        p, self.started = self.started, self.started + 1
+        if p == self.stall_pass:
+            assert self.release.wait(10)
+        for start in range(0, self.rows_per_pass, self.batch):
+            yield rows(range(p * 1000 + start, p * 1000 + min(start + self.batch, self.rows_per_pass)))
+
+
+def wait_until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_rows_stream_through_a_bounded_buffer_each_once_and_shuffled_across_passes():
+    passes = Passes(rows_per_pass=100, batch=8)
+    feed = Feed(passes, batch_size=8, buffer_rows=32, seed=1)
+    wait_until(lambda: feed.rows_read >= 32)  # read before any `next`: the stream starts with the feed
+    time.sleep(0.05)
+    assert 32 <= feed.rows_read <= 32 + 2 * 8  # then the reader waits: a full buffer (+ the batch taken ahead)
+    seen = []
+    for step in range(60):  # 480 rows: four passes and more
+        batch, waited = next(feed)
+        assert_rows_intact(batch)
+        assert len(batch["id"]) == 8
+        seen.extend(batch["id"].tolist())
+        assert feed.rows_read - len(seen) <= 32 + 2 * 8  # one batch in for one out: never more rows in hand
+    assert len(seen) == len(set(seen))  # no row twice
+    first_three_passes = {p * 1000 + i for p in range(3) for i in range(100)}
+    assert first_three_passes <= set(seen)  # nothing stays behind: every row of the early passes came out
+    displacement = np.abs(np.argsort(seen) - np.arange(len(seen))).mean()  # position out vs in (rows are read in id order)
+    assert displacement > 4 and seen != sorted(seen)
+    assert any(b // 1000 != a // 1000 for a, b in zip(seen[::8], seen[7::8]))  # batches mix rows of two passes
+    feed.close()
+
+
+def test_the_reader_gathers_the_next_batch_ahead_once_the_buffer_is_full():
+    feed = Feed(Passes(rows_per_pass=100, batch=8), batch_size=8, buffer_rows=32, seed=3)
+    wait_until(lambda: feed.ready is not None)
+    ahead = feed.ready["id"].copy()
+    assert feed.rows_read >= 32
+    batch, waited = next(feed)
+    assert np.array_equal(batch["id"], ahead)  # the loop got the gathered batch
+    wait_until(lambda: feed.ready is not None)  # and the reader gathers the next one
+    feed.close()
+
+
+def test_the_loop_is_served_from_the_buffer_while_a_new_pass_starts():
+    passes = Passes(rows_per_pass=64, batch=8, stall_pass=1)
+    feed = Feed(passes, batch_size=8, buffer_rows=32, seed=2)
+    while passes.started < 2:  # take until the reader has read the first pass and waits for the second's start
+        next(feed)
+        time.sleep(0.05)  # the reader refills after each take
+    assert len(feed.buffer) >= 24
+    stalled = []
+    for _ in range(3):  # the stream gives nothing now, yet the buffered rows are: three batches without waiting
+        start = time.perf_counter()
+        batch, waited = next(feed)
+        stalled.append(time.perf_counter() - start)
+        assert all(i < 1000 for i in batch["id"])
+    assert max(stalled) < 0.5 and not passes.release.is_set()
+    passes.release.set()
+    later = np.concatenate([next(feed)[0]["id"] for _ in range(4)])  # the second pass flows in again
+    assert (later >= 1000).any()
+    feed.close()
+
+
+def test_buffer_zero_streams_the_batches_in_order():
+    feed = Feed(Passes(rows_per_pass=24, batch=8), batch_size=8, buffer_rows=0)
+    assert [next(feed)[0]["id"].tolist() for _ in range(4)] == [
+        list(range(8)), list(range(8, 16)), list(range(16, 24)), list(range(1000, 1008))]
+    feed.close()
+
+
+def test_a_short_pass_and_a_stream_error_reach_the_loop():
+    feed = Feed(Passes(rows_per_pass=5, batch=8), batch_size=8, buffer_rows=0)
+    with pytest.raises(ValueError, match=r"fewer than train.batch_size=8 rows per worker \(5 in a pass\)"):
+        next(feed)
+
+    def broken():
+        yield rows(range(8))
+        raise OSError("the shard's read failed")
+    feed = Feed(broken, batch_size=4, buffer_rows=0)
+    wait_until(lambda: feed.error is not None)
+    with pytest.raises(OSError, match="the shard's read failed"):  # raised even though rows are still buffered
+        next(feed)
+    with pytest.raises(OSError):
+        next(feed)
+
+
+def test_the_loop_waits_only_for_what_is_not_there_yet():
+    def slow():
+        time.sleep(0.4)
+        yield rows(range(8))
+        yield rows(range(8, 16))
+    feed = Feed(slow, batch_size=8, buffer_rows=0)
+    batch, waited = next(feed)
+    assert 0.2 < waited < 5
+    time.sleep(0.1)  # the reader has added the second batch meanwhile
+    batch, waited = next(feed)
+    assert batch["id"].tolist() == list(range(8, 16)) and waited < 0.05
+    feed.close()
+
+
+def test_close_stops_a_reader_that_waits_on_a_full_buffer():
+    feed = Feed(Passes(rows_per_pass=100, batch=8), batch_size=8, buffer_rows=16)
+    wait_until(lambda: feed.rows_read >= 16)
+    feed.close()
+    feed.thread.join(5)
+    assert not feed.thread.is_alive()
 
 
 class FakeShard:
-    """What `ray.train.get_dataset_shard` returns, as far as train_batches uses it: one pass per iterator."""
+    """What `ray.train.get_dataset_shard` returns, as far as the feed uses it: one pass per iter_batches call."""
 
     def __init__(self, batches: list):
         self.batches = batches
         self.passes = []  # the kwargs of each pass
 
-    def iter_torch_batches(self, **kwargs):
+    def iter_batches(self, **kwargs):
         self.passes.append(kwargs)
         return iter(self.batches)
 
 
-def test_train_batches_repeat_the_shard_one_pass_per_epoch():
+def test_train_feed_reads_numpy_passes_of_the_shard_and_hands_torch_tensors():
     cfg = load_pretrain_config(None, ["train.batch_size=4", "data.shuffle_buffer=0", "data.prefetch_batches=2"])
-    shard = FakeShard(["a", "b"])
-    batches = train_batches(shard, cfg, "cpu")
-    assert [next(batches)[0] for _ in range(5)] == ["a", "b", "a", "b", "a"]
-    assert len(shard.passes) == 3
-    assert shard.passes[0] == {"batch_size": 4, "drop_last": True, "device": "cpu", "local_shuffle_buffer_size": None,
-                               "prefetch_batches": 2}
-    with pytest.raises(ValueError, match="fewer than train.batch_size=4 rows per worker"):
-        next(train_batches(FakeShard([]), cfg, "cpu"))
-
-
-def slow_batches(started: threading.Event, first_after_s: float, error: Exception | None = None):
-    """(batch, waited) pairs as train_batches yields them; the first one takes first_after_s to arrive."""
-    started.set()
-    time.sleep(first_after_s)
-    if error is not None:
-        raise error
-    for i in range(3):
-        yield f"batch {i}", 0.01 * i
-
-
-def test_the_first_batch_is_asked_for_at_once_and_only_the_loops_own_wait_counts():
-    started = threading.Event()
-    feed = FeedAhead(slow_batches(started, first_after_s=0.2))
-    assert started.wait(5)  # asked for before the loop's first `next`
-    time.sleep(1.2)  # the worker builds its model meanwhile; the batch arrived after 0.2 s
-    batch, waited = next(feed)
-    assert batch == "batch 0" and waited < 0.1  # the loop did not wait: the thread did
-    assert list(feed) == [("batch 1", 0.01), ("batch 2", 0.02)]  # the rest straight from the iterator
-
-
-def test_a_first_batch_still_on_its_way_is_waited_for():
-    feed = FeedAhead(slow_batches(threading.Event(), first_after_s=0.5))
-    batch, waited = next(feed)
-    assert batch == "batch 0" and 0.3 < waited < 5
-
-
-def test_what_the_thread_raised_reaches_the_loop():
-    feed = FeedAhead(slow_batches(threading.Event(), 0.0, error=ValueError("the training split is empty")))
-    with pytest.raises(ValueError, match="the training split is empty"):
-        next(feed)
-    with pytest.raises(StopIteration):  # the generator ended with its error, as it would without FeedAhead
-        next(feed)
+    shard = FakeShard([rows(range(4)), rows(range(4, 8))])
+    feed = train_feed(shard, cfg, torch.device("cpu"))
+    batches = [next(feed)[0] for _ in range(3)]
+    assert [b["id"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
+    assert batches[0]["wave"].dtype == torch.float32 and batches[0]["id"].dtype == torch.int64
+    assert shard.passes[0] == {"batch_size": 4, "batch_format": "numpy", "prefetch_batches": 2}
+    feed.close()
+    assert torch_batch("cpu")({"x": np.ones((2, 3), np.float32)})["x"].shape == (2, 3)
+    assert list(shard_passes(FakeShard([rows(range(2))]), 2, 1)())[0]["id"].tolist() == [0, 1]
