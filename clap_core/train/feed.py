@@ -92,8 +92,9 @@ class Feed:
     shard and adds its numpy batches to a ShuffleBuffer, waiting while the buffer holds `buffer_rows` rows or more;
     each `next` takes `batch_size` rows (random ones when buffer_rows > 0), passes them through `to_device` and
     returns them with the seconds it waited for them. Between reads the reader also takes the next batch ahead
-    (`ready`), so the loop finds its rows gathered (a 16-row batch of 10-s clips is 30 MB to copy); while the
-    reader waits on the stream, the loop takes from the buffer itself. An error of the stream, or a pass with
+    and puts it through `to_device` (`ready`), so the loop finds its rows gathered and on its device (a 16-row
+    batch of 10-s clips is 30 MB to copy, as Ray Data's iterator did in its own threads); while the reader waits
+    on the stream, the loop takes from the buffer itself. An error of the stream, or a pass with
     fewer than batch_size rows, is raised by the next `next` (the rows still buffered are not trained on)."""
 
     def __init__(self, passes: Callable[[], Iterable[Batch]], batch_size: int, buffer_rows: int,
@@ -104,8 +105,9 @@ class Feed:
         self.to_device = to_device
         self.buffer = ShuffleBuffer(np.random.default_rng(seed) if buffer_rows > 0 else None,
                                     reserve_rows=self.buffer_rows + 2 * batch_size)  # + a batch of the stream
-        self.ready: Batch | None = None  # the next batch, taken out of the buffer ahead by the reader
-        self.lock = threading.Condition()  # guards buffer, ready, error, closed; notified on every change
+        self.ready: object | None = None  # the next batch, taken out of the buffer and through to_device ahead
+        self.preparing = False  # the reader is putting a taken batch through to_device (the loop waits for it)
+        self.lock = threading.Condition()  # guards buffer, ready, preparing, error, closed; notified on changes
         self.error: BaseException | None = None
         self.closed = False
         self.rows_read = 0  # rows the reader has added (tests, logs)
@@ -117,36 +119,38 @@ class Feed:
             while True:
                 rows = 0
                 for batch in self.passes():
-                    n = len(next(iter(batch.values()))) if batch else 0
-                    with self.lock:
-                        while not self._room():  # full: wait for the loop's next take
-                            self.lock.wait()
-                        if self.closed:
-                            return
-                        self.buffer.add(batch)
-                        self.rows_read += n
-                        self._take_ahead()
-                        self.lock.notify_all()
-                    rows += n
+                    if not self._add(batch):
+                        return
+                    rows += len(next(iter(batch.values()))) if batch else 0
                 if rows < self.batch_size:
                     raise ValueError(f"the training split holds fewer than train.batch_size={self.batch_size} rows "
                                      f"per worker ({rows} in a pass): lower the batch size or the number of workers")
         except BaseException as e:  # handed to the loop's next `next`
             with self.lock:
-                self.error = e
+                self.error, self.preparing = e, False
                 self.lock.notify_all()
 
-    def _room(self) -> bool:
-        """Under the lock: may the reader add a batch now? Takes the next batch ahead first where it can."""
-        self._take_ahead()
-        return self.closed or len(self.buffer) < self.buffer_rows
-
-    def _take_ahead(self) -> None:
-        """Under the lock: gathers the next batch once the buffer is full (before: the loop takes as rows come,
-        while mixing builds up) or, first in first out, as soon as a batch is in."""
-        full = self.buffer_rows if self.buffer.rng is not None else self.batch_size
-        if self.ready is None and len(self.buffer) >= full:
-            self.ready = self.buffer.take(self.batch_size)
+    def _add(self, batch: Batch) -> bool:
+        """Adds the batch once there is room, preparing the next batch ahead meanwhile; False once closed."""
+        while True:
+            with self.lock:
+                if self.closed:
+                    return False
+                full = self.buffer_rows if self.buffer.rng is not None else self.batch_size
+                if self.ready is None and len(self.buffer) >= full:  # gather the next batch (once the buffer is
+                    rows, self.preparing = self.buffer.take(self.batch_size), True  # full: mixing builds up first)
+                elif len(self.buffer) < self.buffer_rows:
+                    self.buffer.add(batch)
+                    self.rows_read += len(next(iter(batch.values()))) if batch else 0
+                    self.lock.notify_all()
+                    return True
+                else:  # full, and a batch is ready: wait for the loop's next take
+                    self.lock.wait()
+                    continue
+            ready = self.to_device(rows)  # outside the lock: a device copy here overlaps the step
+            with self.lock:
+                self.ready, self.preparing = ready, False
+                self.lock.notify_all()
 
     def __iter__(self) -> "Feed":
         return self
@@ -154,17 +158,16 @@ class Feed:
     def __next__(self) -> tuple[object, float]:
         start = time.perf_counter()
         with self.lock:
-            while self.error is None and self.ready is None and len(self.buffer) < self.batch_size:
+            while self.error is None and self.ready is None and (self.preparing or len(self.buffer) < self.batch_size):
                 self.lock.wait()
             if self.error is not None:
                 raise self.error
-            if self.ready is not None:
-                rows, self.ready = self.ready, None
-            else:  # the reader is waiting on the stream: take what it left
+            rows, batch, self.ready = None, self.ready, None
+            if batch is None:  # the reader is waiting on the stream: take what it left
                 rows = self.buffer.take(self.batch_size)
             self.lock.notify_all()
         waited = time.perf_counter() - start
-        return self.to_device(rows), waited
+        return (self.to_device(rows) if batch is None else batch), waited
 
     def close(self) -> None:
         """Stops the reader once its current batch arrives (the thread is a daemon: it never keeps a process)."""

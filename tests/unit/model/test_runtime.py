@@ -61,5 +61,7 @@ def test_a_cpu_embedding_call_makes_later_batches_reuse_freed_memory():
     default, embedded, user_setting = page_faults(("", {}), (EMBED_ONCE, {}),
                                                   (EMBED_ONCE, {"MALLOC_TRIM_THRESHOLD_": "134217728"}))
     assert default > 10_000  # the churn faults its blocks in again by default (46k-110k faults here)
-    assert embedded < default / 20  # after one embedding call: reused (0 here)
+    # after one embedding call: reused (0 here, most runs); a clean clone on 2026-12-02 counted 7,680 (30 MiB:
+    # one of the churn's 30-MB blocks placed past the first round's heap top), so a block or two may fault again
+    assert embedded <= 2 * 7680 and embedded < default / 3
     assert user_setting > default / 4  # the user's own malloc settings are left alone

@@ -122,6 +122,25 @@ def test_the_reader_gathers_the_next_batch_ahead_once_the_buffer_is_full():
     feed.close()
 
 
+def test_the_batches_taken_ahead_go_to_the_device_in_the_reader_thread():
+    threads = []
+
+    def to_device(batch):
+        threads.append(threading.current_thread().name)
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+    feed = Feed(Passes(rows_per_pass=100, batch=8), batch_size=8, buffer_rows=32, to_device=to_device, seed=4)
+    wait_until(lambda: feed.ready is not None)
+    seen = []
+    for _ in range(20):
+        batch, waited = next(feed)
+        assert isinstance(batch["id"], torch.Tensor)
+        seen.extend(batch["id"].tolist())
+        time.sleep(0.01)  # a step: the reader prepares the next batch meanwhile
+    assert len(seen) == len(set(seen)) == 160
+    assert threads.count("clap-feed-reader") >= 18  # the loop's thread converted at most the odd one
+    feed.close()
+
+
 def test_the_loop_is_served_from_the_buffer_while_a_new_pass_starts():
     passes = Passes(rows_per_pass=64, batch=8, stall_pass=1)
     feed = Feed(passes, batch_size=8, buffer_rows=32, seed=2)
