@@ -43,6 +43,7 @@ class ShuffleBuffer:
         self.reserve_rows = reserve_rows  # rows allocated at the first add: growing a full buffer copies all of it
         self.columns: dict[str, np.ndarray] = {}  # column -> (capacity, ...) storage; rows [0, len) hold data
         self.rows = 0
+        self.touched = 0  # storage rows [0, touched) have had their pages faulted in (np.empty maps them lazily)
 
     def __len__(self) -> int:
         return self.rows
@@ -52,8 +53,9 @@ class ShuffleBuffer:
         if n == 0:
             return
         if not self.columns:  # shapes and dtypes of the first batch; grown by doubling past reserve_rows
-            rows = max(self.reserve_rows, 4 * n, 64)  # np.empty: pages are touched as rows arrive
+            rows = max(self.reserve_rows, 4 * n, 64)
             self.columns = {k: np.empty((rows, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+            self.touched = 0
         if batch.keys() != self.columns.keys():
             raise ValueError(f"a batch with columns {sorted(batch)} after {sorted(self.columns)}")
         capacity = len(next(iter(self.columns.values())))
@@ -66,6 +68,20 @@ class ShuffleBuffer:
         for k, v in batch.items():
             self.columns[k][self.rows:self.rows + n] = v  # raises on a row shape that differs from the first batch's
         self.rows += n
+        self.touched = max(self.touched, self.rows)
+
+    def touch(self, n: int) -> None:
+        """Faults in the pages of the next n storage rows past those touched: Feed's reader calls it outside its
+        lock, so a later `add` under the lock only copies (a 16-row batch of 10-s rows into fresh pages took
+        ~10 ms more, the loop waiting on the lock; faulting the whole reserve at the first add, ~2 GB, kept the
+        loop from its first batch for seconds). Rows at or past `touched` hold no data: only this thread writes
+        there, in `add`, after this call."""
+        if not self.columns:
+            return
+        end = min(self.touched + n, len(next(iter(self.columns.values()))))
+        for v in self.columns.values():
+            v[self.touched:end] = 0  # numpy releases the GIL for large assignments
+        self.touched = max(self.touched, end)
 
     def take(self, n: int) -> Batch:
         if n > self.rows:
@@ -132,18 +148,18 @@ class Feed:
 
     def _add(self, batch: Batch) -> bool:
         """Adds the batch once there is room, preparing the next batch ahead meanwhile; False once closed."""
+        n = len(next(iter(batch.values()))) if batch else 0
         while True:
             with self.lock:
                 if self.closed:
                     return False
-                full = self.buffer_rows if self.buffer.rng is not None else self.batch_size
-                if self.ready is None and len(self.buffer) >= full:  # gather the next batch (once the buffer is
-                    rows, self.preparing = self.buffer.take(self.batch_size), True  # full: mixing builds up first)
+                if self.ready is None and len(self.buffer) >= self.batch_size:  # gather the next batch ahead
+                    rows, self.preparing = self.buffer.take(self.batch_size), True
                 elif len(self.buffer) < self.buffer_rows:
                     self.buffer.add(batch)
-                    self.rows_read += len(next(iter(batch.values()))) if batch else 0
+                    self.rows_read += n
                     self.lock.notify_all()
-                    return True
+                    break
                 else:  # full, and a batch is ready: wait for the loop's next take
                     self.lock.wait()
                     continue
@@ -151,6 +167,9 @@ class Feed:
             with self.lock:
                 self.ready, self.preparing = ready, False
                 self.lock.notify_all()
+        if self.buffer.touched < self.buffer.reserve_rows:  # outside the lock: the next adds' pages (only this
+            self.buffer.touch(2 * n)  # thread writes past the buffered rows)
+        return True
 
     def __iter__(self) -> "Feed":
         return self

@@ -50,8 +50,30 @@ def test_a_reserved_buffer_never_reallocates_up_to_its_reserve():
     for start in range(10, 100, 10):
         buffer.add(rows(range(start, start + 10)))
     assert buffer.columns["wave"] is storage and len(storage) == 100  # a full buffer is never copied to grow
+    taken = buffer.take(50)
+    buffer.touch(30)  # faults in rows past the highest ever held, never the 50 held now
+    assert buffer.touched == 100 and len(buffer) == 50
+    assert_rows_intact(taken)
+    assert_rows_intact(held := buffer.take(50))
+    assert sorted(taken["id"].tolist() + held["id"].tolist()) == list(range(100))
+    buffer.add(rows(range(10)))
+    buffer.add(rows(range(10, 100)))
     buffer.add(rows(range(100, 101)))
     assert len(buffer.columns["wave"]) == 200 and sorted(buffer.take(101)["id"].tolist()) == list(range(101))
+
+
+def test_touching_ahead_never_writes_over_buffered_rows():
+    buffer = ShuffleBuffer(np.random.default_rng(1), reserve_rows=64)
+    buffer.add(rows(range(8)))
+    assert buffer.touched == 8
+    buffer.touch(16)
+    assert buffer.touched == 24
+    buffer.add(rows(range(8, 16)))  # into touched rows
+    buffer.touch(1000)  # up to the storage's end
+    assert buffer.touched == 64
+    batch = buffer.take(16)
+    assert_rows_intact(batch)
+    assert sorted(batch["id"].tolist()) == list(range(16))
 
 
 def test_without_an_rng_the_buffer_is_first_in_first_out():
@@ -111,11 +133,10 @@ def test_rows_stream_through_a_bounded_buffer_each_once_and_shuffled_across_pass
     feed.close()
 
 
-def test_the_reader_gathers_the_next_batch_ahead_once_the_buffer_is_full():
+def test_the_reader_gathers_the_next_batch_ahead():
     feed = Feed(Passes(rows_per_pass=100, batch=8), batch_size=8, buffer_rows=32, seed=3)
-    wait_until(lambda: feed.ready is not None)
+    wait_until(lambda: feed.ready is not None and feed.rows_read >= 32)  # the buffer fills meanwhile
     ahead = feed.ready["id"].copy()
-    assert feed.rows_read >= 32
     batch, waited = next(feed)
     assert np.array_equal(batch["id"], ahead)  # the loop got the gathered batch
     wait_until(lambda: feed.ready is not None)  # and the reader gathers the next one
