@@ -36,7 +36,7 @@ class ShuffleBuffer:
     """Rows of fixed-shape columns in preallocated arrays: `add` appends a batch's rows, `take(n)` removes n rows,
     at random (or the oldest first without an rng) and returns them as a new batch. Removal moves the buffer's
     last rows into the holes, so each call copies O(rows added or taken), never the whole buffer. Not thread-safe:
-    Feed holds its lock around every call."""
+    Feed holds its lock around `add` and `take`; `touch` runs outside it, on storage past any row held."""
 
     def __init__(self, rng: np.random.Generator | None, reserve_rows: int = 0):
         self.rng = rng  # None: first in, first out (data.shuffle_buffer=0)
