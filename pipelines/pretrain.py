@@ -36,6 +36,7 @@ from clap_core.model.config import ClapModelConfig
 from clap_core.storage import resolve_fs
 from clap_core.train.batching import PairBatchTransform
 from clap_core.train.config import PretrainConfig, load_pretrain_config, resolve_model_config
+from clap_core.train.feed import buffer_rows_for
 from pipelines.console import init_ray, plan_log
 from pipelines.ray_shards import read_shards
 from pipelines.train_console import StepLines
@@ -61,7 +62,8 @@ def epoch_passes(cfg: PretrainConfig, train_rows: int) -> int:
     and the batch on its way), so a run never starts a second epoch for rows it will not train on."""
     wanted = cfg.data.min_epoch_rows
     if wanted is None:
-        ahead = cfg.data.shuffle_buffer + (cfg.data.prefetch_batches + 3) * cfg.train.batch_size  # per worker
+        buffered = buffer_rows_for(cfg.data.shuffle_buffer, train_rows, cfg.scaling.num_workers)
+        ahead = buffered + (cfg.data.prefetch_batches + 3) * cfg.train.batch_size  # per worker
         wanted = (cfg.train.steps * cfg.train.batch_size + ahead) * cfg.scaling.num_workers
     return min(MAX_PASSES, max(1, math.ceil(wanted / max(train_rows, 1))))
 
@@ -122,7 +124,7 @@ def start_feed(config: dict):
     from clap_core.train.feed import train_feed
 
     cfg = from_dict(PretrainConfig, config["pretrain"])
-    return train_feed(ray.train.get_dataset_shard("train"), cfg, ray.train.torch.get_device())
+    return train_feed(ray.train.get_dataset_shard("train"), cfg, ray.train.torch.get_device(), config["train_rows"])
 
 
 # ---------------------------------------------------------------------------------------------

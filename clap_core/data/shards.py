@@ -45,6 +45,7 @@ from clap_core.data.rejects import REJECTS_DIR, read_rejects  # OUT/_rejects/: o
 
 INDEX_FILE = "manifest.json"  # OUT/manifest.json: the index (its name predates "index"; it stays)
 INDEX_FORMAT = "clap-shards/1"  # the index's "format" field
+AUGMENTED_SUFFIX = re.compile(r"#aug\d+$")  # what an augmented copy's id adds to its source row's id
 
 SHARD_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),  # unique row id; augmented copies get "<id>#aug<k>"
@@ -243,10 +244,16 @@ def count_rows(uri: str, split: str) -> int:
     return total
 
 
+def source_clip_id(row_id: str) -> str:
+    """The id of the clip a row was made from: an augmented copy's id less its "#aug<k>" (a segment of a long
+    clip, "<id>#seg<i>", is other audio: a clip of its own)."""
+    return AUGMENTED_SUFFIX.sub("", row_id)
+
+
 def is_augmented_copy(row: dict) -> bool:
     """An augmented copy (its `augment` record has "copy"; older shards: an id ending in #aug<k>), not a source clip."""
     record = json.loads(row.get("augment") or "{}")
-    return "copy" in record or re.search(r"#aug\d+$", str(row.get("id", ""))) is not None
+    return "copy" in record or AUGMENTED_SUFFIX.search(str(row.get("id", ""))) is not None
 
 
 def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:

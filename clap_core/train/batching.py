@@ -6,6 +6,7 @@
     batch["lengths"]         # (B,) int64 real samples per row (the model repeat-pads short clips itself)
     batch["input_ids"]       # (B, max_length) int64, padded to max_length so batches stack
     batch["attention_mask"]  # (B, max_length) int64
+    batch["clip_key"]        # (B,) int64 key of each row's source clip (given an "id" column; see clip_keys)
 
 Runs inside Ray Data tasks, so it is a plain picklable callable. It tokenizes with the model's tokenizer's
 fast backend alone (FixedLengthTokens: the `tokenizers` library, shipped as JSON), so a decode task loads
@@ -16,6 +17,7 @@ and the main caption.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,6 +25,7 @@ import numpy as np
 from clap_core.audio.clips import crop_or_pad
 from clap_core.audio.codec import decode_audio
 from clap_core.data.rejects import failure_reject, write_rejects
+from clap_core.data.shards import source_clip_id
 from clap_core.model.config import ClapModelConfig
 
 SHARD_CLIP_MAX_SECONDS = 600.0  # a shard row decoding past this is rejected (too_long): bounds a task's memory
@@ -173,10 +176,11 @@ class PairBatchTransform:
         fallback = batch.get("caption")
         texts = pick_captions([captions[i] for i in keep], None if fallback is None else [fallback[i] for i in keep],
                               rng)
+        keys = {"clip_key": clip_keys([batch["id"][i] for i in keep])} if "id" in batch else {}
         if not keep:
             empty = np.zeros((0, self.max_length), np.int64)
-            return {"waves": waves, "lengths": lengths, "input_ids": empty, "attention_mask": empty}
-        return {"waves": waves, "lengths": lengths, **self.tokenize(texts)}
+            return {"waves": waves, "lengths": lengths, "input_ids": empty, "attention_mask": empty, **keys}
+        return {"waves": waves, "lengths": lengths, **self.tokenize(texts), **keys}
 
     def report_failures(self, batch: dict[str, np.ndarray], failures: dict[int, BaseException]) -> None:
         """One reject record per bad row (id, and "<shard path>" as source_path), each in its own Parquet file
@@ -194,6 +198,14 @@ class PairBatchTransform:
                           f"{r['reason']}: {r['detail'][:200]}")
             if self.rejects_uri:
                 write_rejects(self.rejects_uri, [r])
+
+
+def clip_keys(ids: Sequence[str]) -> np.ndarray:
+    """(B,) int64 keys of the rows' source clips: equal for a clip and its augmented copies (shards.source_clip_id),
+    the same in every process (blake2b, not Python's salted hash). The training feed keeps rows of one key out of
+    the same batch: in a contrastive batch a second copy of a clip is a false negative."""
+    return np.array([int.from_bytes(hashlib.blake2b(source_clip_id(str(i)).encode(), digest_size=8).digest(),
+                                    "little", signed=True) for i in ids], dtype=np.int64).reshape(len(ids))
 
 
 def trim_padding(input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:

@@ -43,6 +43,23 @@ def test_shapes_lengths_and_padding():
     assert batch["input_ids"].dtype == np.int64
 
 
+def test_each_row_carries_the_key_of_its_source_clip():
+    """An augmented copy ("<id>#aug<k>") has its source's key, a segment ("<id>#seg<i>") and another clip their
+    own; a row that does not decode takes its key with it; the key is the same in another process."""
+    transform = PairBatchTransform.for_model(get_model_config("tiny"), training=True, seed=0)
+    batch = rows([0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    batch["id"] = np.array(["a", "a#aug1", "a#aug12", "a#seg1", "a#seg1#aug2", "b"], dtype=object)
+    batch["audio"][1] = b"not flac"  # rejected: its key leaves with it
+    keys = transform(batch)["clip_key"]
+    assert keys.dtype == np.int64 and keys.shape == (5,)
+    a, a12, seg, seg_aug, b = keys.tolist()
+    assert a == a12 and seg == seg_aug and len({a, seg, b}) == 3
+    code = "from clap_core.train.batching import clip_keys; print(clip_keys(['a#aug3'])[0])"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert int(other.stdout) == a  # blake2b, not the salted hash(): every decode task agrees
+    assert "clip_key" not in transform(rows([0.5]))  # no id column, no key
+
+
 def test_random_crop_in_training_centre_crop_in_eval():
     cfg = get_model_config("tiny")
     source = ramp(3.5)

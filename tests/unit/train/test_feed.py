@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clap_core.train.config import load_pretrain_config
-from clap_core.train.feed import Feed, ShuffleBuffer, shard_passes, torch_batch, train_feed
+from clap_core.train.feed import Feed, ShuffleBuffer, buffer_rows_for, shard_passes, torch_batch, train_feed
 
 
 def rows(ids) -> dict[str, np.ndarray]:
@@ -241,8 +241,8 @@ class FakeShard:
 
 def test_train_feed_reads_numpy_passes_of_the_shard_and_hands_torch_tensors():
     cfg = load_pretrain_config(None, ["train.batch_size=4", "data.shuffle_buffer=0", "data.prefetch_batches=2"])
-    shard = FakeShard([rows(range(4)), rows(range(4, 8))])
-    feed = train_feed(shard, cfg, torch.device("cpu"))
+    shard = FakeShard([keyed_rows(range(4), range(4)), keyed_rows(range(4, 8), range(4, 8))])
+    feed = train_feed(shard, cfg, torch.device("cpu"), train_rows=8)
     batches = [next(feed)[0] for _ in range(3)]
     assert [b["id"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
     assert batches[0]["wave"].dtype == torch.float32 and batches[0]["id"].dtype == torch.int64
@@ -250,3 +250,61 @@ def test_train_feed_reads_numpy_passes_of_the_shard_and_hands_torch_tensors():
     feed.close()
     assert torch_batch("cpu")({"x": np.ones((2, 3), np.float32)})["x"].shape == (2, 3)
     assert list(shard_passes(FakeShard([rows(range(2))]), 2, 1)())[0]["id"].tolist() == [0, 1]
+
+
+def keyed_rows(ids, keys) -> dict[str, np.ndarray]:
+    return {**rows(ids), "clip_key": np.asarray(keys, np.int64)}
+
+
+def test_a_keyed_take_never_puts_one_clip_twice_in_a_batch():
+    """A 40-clip split read again and again: ~10 copies of each clip held at once. Every take of 32 holds 32
+    distinct clips; plain random takes from the same stream do not (so the check can fail)."""
+    def takes(key):
+        buffer, rng, ids = ShuffleBuffer(np.random.default_rng(5), key=key), np.random.default_rng(6), iter(range(10**6))
+        buffer.add(keyed_rows([next(ids) for _ in range(400)], rng.integers(0, 40, 400)))
+        for _ in range(60):  # a batch of the stream in for each batch out
+            yield buffer.take(32)
+            buffer.add(keyed_rows([next(ids) for _ in range(32)], rng.integers(0, 40, 32)))
+
+    for batch in takes("clip_key"):
+        assert_rows_intact(batch)
+        assert len(set(batch["clip_key"].tolist())) == 32
+    assert min(len(set(b["clip_key"].tolist())) for b in takes(None)) < 32
+
+
+def test_a_keyed_take_from_fewer_clips_than_a_batch_takes_each_then_repeats():
+    buffer = ShuffleBuffer(np.random.default_rng(7), key="clip_key")
+    buffer.add(keyed_rows(range(20), [i % 5 for i in range(20)]))  # 5 clips, 4 copies each
+    batch = buffer.take(8)
+    assert_rows_intact(batch)
+    assert sorted(set(batch["clip_key"].tolist())) == [0, 1, 2, 3, 4] and len(buffer) == 12
+    rest = buffer.take(12)
+    assert sorted(batch["id"].tolist() + rest["id"].tolist()) == list(range(20))
+
+
+def test_the_feed_of_a_small_split_repeated_keeps_its_clips_apart():
+    """What the demo's run reads: a split smaller than the buffer, repeated within one Ray Data epoch in blocks
+    of random order (epoch_passes, randomize_block_order). No batch of 32 holds a clip twice."""
+    rng = np.random.default_rng(8)
+
+    def epoch():
+        blocks = [np.arange(s, s + 30) for s in range(0, 90, 30)] * 12  # 90 clips, 12 passes
+        stream = np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
+        for s in range(0, len(stream), 32):
+            yield keyed_rows(stream[s:s + 32], stream[s:s + 32] % 90)
+
+    feed = Feed(epoch, batch_size=32, buffer_rows=1024, seed=9, key="clip_key")
+    for _, (batch, _) in zip(range(100), feed):
+        assert len(set(batch["clip_key"].tolist())) == 32
+    feed.close()
+
+
+def test_a_worker_buffers_at_most_its_share_of_the_split():
+    assert buffer_rows_for(1024, train_rows=90, num_workers=1) == 180  # two passes of the worker's share
+    assert buffer_rows_for(1024, train_rows=657, num_workers=2) == 658
+    assert buffer_rows_for(1024, train_rows=10**6, num_workers=8) == 1024
+    assert buffer_rows_for(0, train_rows=10**6, num_workers=1) == 0  # no shuffle asked: none
+    cfg = load_pretrain_config(None, ["train.batch_size=4", "scaling.num_workers=2"])
+    feed = train_feed(FakeShard([keyed_rows(range(4), range(4))]), cfg, torch.device("cpu"), train_rows=9)
+    assert feed.buffer_rows == 10 and feed.buffer.key == "clip_key"
+    feed.close()
