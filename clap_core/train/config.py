@@ -64,8 +64,9 @@ class PretrainDataConfig:
     train_split: str = "train"  # folder of training shards under --data
     valid_split: str | None = "valid"  # folder of validation shards (None: no evaluation)
     shuffle_buffer: int = 1024  # rows in each worker's shuffle buffer: rows stream through it across epochs and
-    # each step takes batch_size random ones (clap_core/train/feed.py); 0: the stream's order. Memory: a row of
-    # 10 s at 48 kHz is 1.92 MB, so 1024 rows hold ~2 GB in each worker
+    # each step takes batch_size random ones of distinct clips (clap_core/train/feed.py); at most two passes of
+    # the worker's share of the split; 0: the stream's order. Memory: a row of 10 s at 48 kHz is 1.92 MB, so
+    # 1024 rows hold ~2 GB in each worker
     prefetch_batches: int = 4  # batches each worker prepares ahead of the step
     max_clip_seconds: float | None = None  # training crop length (None: the model's clip_seconds)
     max_valid_clips: int = 1024  # evaluate on at most this many validation clips
