@@ -13,7 +13,7 @@ training loop waited 0-37% of a 10-step interval at each generation (every ~65 s
 the ingest kept up on average (README, "Training benchmark"). Here the buffer also spans epochs, so the seconds a
 new pass takes to start are served from the rows already buffered, and a stall of the stream is absorbed while
 rows last. The loop takes as soon as a batch's rows are in: a buffer the ingest cannot keep full mixes less, and
-never makes the loop wait longer than the ingest's own pace.
+never makes the loop wait longer than the ingest's own pace (for a batch of distinct clips: see ShuffleBuffer).
 
 Ray Data starts a training dataset when a worker first asks its shard for a batch: the split coordinator and the
 decode tasks (each a fresh process that imports the tokenizer's stack) start, then decode. On 2 cores that took
@@ -147,8 +147,8 @@ class ShuffleBuffer:
 class Feed:
     """Endless (batch, seconds waited) pairs: a daemon reader thread calls `passes()` for each pass over the
     shard and adds its numpy batches to a ShuffleBuffer, waiting while the buffer holds `buffer_rows` rows or more;
-    each `next` takes `batch_size` rows (random ones when buffer_rows > 0), passes them through `to_device` and
-    returns them with the seconds it waited for them. Between reads the reader also takes the next batch ahead
+    each `next` takes `batch_size` rows (random ones when buffer_rows > 0; with a `key`, of distinct keys), passes
+    them through `to_device` and returns them with the seconds it waited for them. Between reads the reader also takes the next batch ahead
     and puts it through `to_device` (`ready`), so the loop finds its rows gathered and on its device (a 16-row
     batch of 10-s clips is 30 MB to copy, as Ray Data's iterator did in its own threads); while the reader waits
     on the stream, the loop takes from the buffer itself. An error of the stream, or a pass with
