@@ -148,11 +148,11 @@ class Feed:
     """Endless (batch, seconds waited) pairs: a daemon reader thread calls `passes()` for each pass over the
     shard and adds its numpy batches to a ShuffleBuffer, waiting while the buffer holds `buffer_rows` rows or more;
     each `next` takes `batch_size` rows (random ones when buffer_rows > 0; with a `key`, of distinct keys), passes
-    them through `to_device` and returns them with the seconds it waited for them. Between reads the reader also takes the next batch ahead
-    and puts it through `to_device` (`ready`), so the loop finds its rows gathered and on its device (a 16-row
-    batch of 10-s clips is 30 MB to copy, as Ray Data's iterator did in its own threads); while the reader waits
-    on the stream, the loop takes from the buffer itself. An error of the stream, or a pass with
-    fewer than batch_size rows, is raised by the next `next` (the rows still buffered are not trained on)."""
+    them through `to_device` and returns them with the seconds it waited for them. Between reads the reader also
+    takes the next batch ahead and puts it through `to_device` (`ready`), so the loop finds its rows gathered and
+    on its device (a 16-row batch of 10-s clips is 30 MB to copy, as Ray Data's iterator did in its own threads);
+    while the reader waits on the stream, the loop takes from the buffer itself. An error of the stream, or a pass
+    with fewer than batch_size rows, is raised by the next `next` (the rows still buffered are not trained on)."""
 
     def __init__(self, passes: Callable[[], Iterable[Batch]], batch_size: int, buffer_rows: int,
                  to_device: Callable[[Batch], object] = lambda batch: batch, seed: int | None = None,
