@@ -7,7 +7,8 @@
 Embedding case: 32 wav files of 10 s at 48 kHz (the peers' harness files: noise + a tone, PCM-16), random-init
 HTS-AT tiny + RoBERTa-base, 2 torch threads, `ClapModel.embed_audio(paths, batch_size=8)` with each
 precision, `OnnxTowers.embed_audio` on the model's ONNX export, fp32 and int8, and `clap embed` itself (the
-Ray Data job, default precision; "job-onnx-int8": from the int8 export) on the same files listed JOB_COPIES times,
+Ray Data job, default precision; "job-onnx-int8": from the int8 export; "job-local": in process, no Ray, what
+it runs for a small manifest with no cluster) on the same files listed JOB_COPIES times,
 end to end and in steady state (benchmarks/embed_jobs.py: the marginal rate between a job of the first quarter of
 the rows and the whole; the one-clip job's fixed cost in the row's detail); the peers run
 /work/shared/peers/peer_bench.py (`laion_filelist`, `hf_data`) in their own environment. Each path's accuracy
@@ -115,7 +116,9 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
     the marginal rate past the first quarter of the rows), with a one-clip job's fixed cost (actor start,
     imports, model load) in the detail; medians of
     min(runs, 3) jobs after a warm-up job (Ray Data's first use). "job": the checkpoint at the default
-    precision; "job-onnx-int8": the int8 ONNX export. Min cosine of the job's embeddings to our exact fp32."""
+    precision; "job-onnx-int8": the int8 ONNX export; "job-local": the checkpoint with `--runner local`, in this
+    process and no Ray (what `clap embed` runs for a manifest of <= 1024 rows when no cluster is given). Min
+    cosine of the job's embeddings to our exact fp32."""
     import numpy as np
     import ray
     from embed_jobs import time_job, warm_up
@@ -134,18 +137,23 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
              for k in range(JOB_COPIES) for i, f in enumerate(files)]
     manifest.write_text("\n".join(lines) + "\n")
     exact = dict(zip((f"c0-{i:02d}" for i in range(N_CLIPS)), model.embed_audio(files, precision="fp32")))
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    runner = "local" if path == "job-local" else "ray"
+    if runner == "ray":
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        warm_up(checkpoint, manifest, tmp / f"{path}-out-warm", batch_size=8)
-        jobs = [time_job(checkpoint, manifest, tmp / f"{path}-out{r}", batch_size=8) for r in range(min(runs, 3))]
+        warm_up(checkpoint, manifest, tmp / f"{path}-out-warm", batch_size=8, runner=runner)
+        jobs = [time_job(checkpoint, manifest, tmp / f"{path}-out{r}", batch_size=8, runner=runner)
+                for r in range(min(runs, 3))]
         whole, steady = [j.end_to_end for j in jobs], [j.steady for j in jobs]
         index = load_index(str(tmp / f"{path}-out0"))
     finally:
-        ray.shutdown()
+        if runner == "ray":
+            ray.shutdown()
     cosine = min(float(np.dot(index.audio[i], exact[name])) for i, name in enumerate(index.ids) if name in exact)
-    impl = "clap-at-scale clap embed" + (" (int8 ONNX export)" if path == "job-onnx-int8" else "")
+    impl = "clap-at-scale clap embed" + {"job-onnx-int8": " (int8 ONNX export)",
+                                         "job-local": " in process (--runner local)"}.get(path, "")
     detail = {"min_cosine_to_fp32": round(cosine, 6), "rows": len(lines),
               "fixed_s": round(statistics.median(j.fixed for j in jobs), 2)}
     return [dict(case="laion_filelist", impl=f"{impl} end to end", metric=f"audio embed of {len(lines)} wav files",
@@ -227,9 +235,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers-python", default=None, help="the peers' venv python (see ../shared/peers)")
     parser.add_argument("--paths", default=None,
-                        help="our paths to time: precisions (fp32, bf16, auto), onnx, onnx-int8, and the clap embed "
-                             "job, job-onnx-int8 (default: fp32, bf16 where the CPU computes it natively, job, and "
-                             "the onnx paths where onnxruntime is installed)")
+                        help="our paths to time: precisions (fp32, bf16, auto), onnx, onnx-int8, and clap embed: "
+                             "job-local (in process), job (the Ray job), job-onnx-int8 (default: fp32, bf16 where "
+                             "the CPU computes it natively, job-local, job, and the onnx paths where onnxruntime "
+                             "is installed)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--cases", default="embed,train", help="embed, train or both")
     parser.add_argument("--train-precisions", default=None,
@@ -248,7 +257,7 @@ def main() -> None:
         onnx_paths = ",onnx,onnx-int8,job-onnx-int8"
     except ImportError:
         onnx_paths = ""
-    args.paths = args.paths or default + ",job" + onnx_paths
+    args.paths = args.paths or default + ",job-local,job" + onnx_paths
     args.train_precisions = args.train_precisions or default
     if default == "fp32":
         print("bench_peers: this CPU has no native bf16 (precision auto = fp32 here): bf16 is not timed unless "

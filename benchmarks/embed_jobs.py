@@ -2,6 +2,8 @@
 bench_embed.py and bench_peers.py alike. Each measurement is three jobs of the same checkpoint, run one after the
 other in the same conditions: the whole manifest (end to end), a one-clip job (the fixed cost: starting the
 actor process, importing torch and transformers, loading the model) and a job of the manifest's first quarter.
+Either runner of `clap embed`: "ray" (the Ray Data job: decode tasks, an actor pool) or "local" (in the
+benchmark's own process, pipelines.embed_local: what `clap embed` runs for a small manifest with no cluster).
 
 The steady state is the marginal rate between the quarter and the whole: (rows - quarter rows) / (seconds -
 quarter seconds), the rate a long job runs at once it is going, which is what remains at corpus scale. Taking
@@ -43,29 +45,33 @@ def first_rows_manifest(manifest: Path, n: int) -> Path:
     return part
 
 
-def run_job(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int) -> tuple[int, float]:
-    """(rows, seconds) of one `clap embed --no-text` job."""
+def run_job(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int,
+            runner: str = "ray") -> tuple[int, float]:
+    """(rows, seconds) of one `clap embed --no-text --runner RUNNER` job ("ray": the Ray Data job; "local": in
+    this process, what `clap embed` runs for a small manifest when no Ray cluster is given)."""
     from pipelines.embed import embed_manifest
 
     start = time.perf_counter()
-    summary = embed_manifest(str(checkpoint), str(manifest), str(output), batch_size=batch_size, text=False)
+    summary = embed_manifest(str(checkpoint), str(manifest), str(output), batch_size=batch_size, text=False,
+                             runner=runner)
     return summary["rows"], time.perf_counter() - start
 
 
-def warm_up(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int) -> float:
+def warm_up(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int, runner: str = "ray") -> float:
     """The session's first job, on one clip (Ray Data's first use); returns its seconds."""
-    return run_job(checkpoint, first_rows_manifest(manifest, 1), output, batch_size)[1]
+    return run_job(checkpoint, first_rows_manifest(manifest, 1), output, batch_size, runner)[1]
 
 
-def time_job(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int) -> TimedJob:
+def time_job(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int,
+             runner: str = "ray") -> TimedJob:
     """A job on the whole manifest into `output`, then a one-clip job into `output`-one and a job on the first
     quarter of the rows (whole batches, at least one) into `output`-part."""
-    rows, seconds = run_job(checkpoint, manifest, output, batch_size)
+    rows, seconds = run_job(checkpoint, manifest, output, batch_size, runner)
     _, fixed = run_job(checkpoint, first_rows_manifest(manifest, 1), output.with_name(f"{output.name}-one"),
-                       batch_size)
+                       batch_size, runner)
     quarter = max(batch_size, rows // 4 // batch_size * batch_size)
     if quarter >= rows:
         raise ValueError(f"a job of {rows} rows has no steady state to time at batch size {batch_size}")
     part_rows, part_seconds = run_job(checkpoint, first_rows_manifest(manifest, quarter),
-                                      output.with_name(f"{output.name}-part"), batch_size)
+                                      output.with_name(f"{output.name}-part"), batch_size, runner)
     return TimedJob(rows, seconds, fixed, part_rows, part_seconds)

@@ -99,7 +99,16 @@ def plan_log(command: str, output: str) -> None:
     _planned_log = (command, output)
 
 
-def start_log(command: str, output: str) -> JobLog:
+def open_planned_log(what: str = "logs") -> None:
+    """Open the planned log file (plan_log) now, for a command that runs without Ray (`clap embed`'s in-process
+    runner): the chatty libraries' lines and native stderr go to it as they would in a Ray job."""
+    global _planned_log
+    if _planned_log is not None:
+        start_log(*_planned_log, what=what)
+        _planned_log = None
+
+
+def start_log(command: str, output: str, what: str = "Ray's logs") -> JobLog:
     """Open the command's log file, send Ray's and the chatty libraries' loggers to it (and only to it unless
     verbose), say where it is, in one line on stderr, and (unless verbose) point fd 2 at it: native code's lines
     go there, `sys.stderr` stays on the terminal."""
@@ -110,7 +119,7 @@ def start_log(command: str, output: str) -> JobLog:
     if _job_log is None:
         _job_log = JobLog(command, output)
         atexit.register(_job_log.close)
-        print(f"clap {command}: Ray's logs in {_job_log.where}"
+        print(f"clap {command}: {what} in {_job_log.where}"
               f"{'' if verbose() else ' (--verbose shows them here)'}", file=sys.stderr, flush=True)
         if not verbose():
             _job_log.native_stderr.start()

@@ -41,6 +41,7 @@ from clap_core.model.folders import (
 )
 from clap_core.storage import local_copy
 from pipelines.console import init_ray, plan_log
+from pipelines.embed_local import RUNNERS, choose_runner, embed_in_process
 from pipelines.ray_shards import read_shards
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
@@ -63,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPUs per embedding actor; > 0 asks for GPU actors even before a GPU node exists "
                              "(autoscaling clusters). Default: 1 when the cluster has GPUs now, else CPU only")
     parser.add_argument("--no-text", action="store_true", help="skip caption embeddings")
+    parser.add_argument("--runner", choices=RUNNERS, default="auto",
+                        help="ray: a Ray Data job; local: in this process, without Ray (manifests only); auto "
+                             "(default): local for a manifest of at most 1024 rows when no Ray cluster is given "
+                             "(RAY_ADDRESS) and no actor-pool option is set, else ray")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 (a bf16 copy of the encoders, under autocast) where the hardware has "
                              "native bf16 (cosine >= 0.999 to fp32), else fp32; fp32: exact. An ONNX export "
@@ -176,15 +181,23 @@ class EmbedBatch:
 # --- the job ---
 
 
-def read_input(ray, input_uri: str, split: str | None, output: str, attempt: str):
-    """A Ray Dataset of rows with id, audio bytes (shards) or where to read them (manifest), and metadata.
-    A manifest id seen before is embedded once; its later rows go to OUTPUT/_rejects/ as duplicate_id."""
+def manifest_items(input_uri: str, split: str | None, output: str, attempt: str) -> list[dict] | None:
+    """The rows of a manifest as items with id, where to read the audio, and metadata (None for a shard
+    folder: Ray Data reads its Parquet). A manifest id seen before is embedded once; its later rows go to
+    OUTPUT/_rejects/ as duplicate_id."""
     if is_shard_folder(input_uri):
-        columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
-        return read_shards(shard_files(input_uri, split), columns)
+        return None
     rows = [r for r in read_inputs(input_uri) if not split or r.get("split") in (None, "", split)]
     items, duplicates = unique_items([manifest_item(r) for r in rows])
     write_batch_rejects(output, attempt, duplicates)
+    return items
+
+
+def read_input(ray, input_uri: str, split: str | None, items: list[dict] | None):
+    """A Ray Dataset of rows with id, audio bytes (shards) or where to read them (manifest items), and metadata."""
+    if items is None:
+        columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
+        return read_shards(shard_files(input_uri, split), columns)
     return ray.data.from_items(items)
 
 
@@ -263,13 +276,13 @@ def decode_cpus(gpus_per_actor: float) -> float:
 def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, batch_size: int = 16,
                   concurrency: int | None = None, text: bool = True, precision: str = "auto",
                   layers: bool = False, min_workers: int = 1, max_workers: int | None = None,
-                  gpus: float | None = None, input_rejects: list[Reject] = ()) -> dict:
-    """Run the embedding job (Ray must be reachable: local or the submitted-to cluster); returns a summary.
+                  gpus: float | None = None, input_rejects: list[Reject] = (), runner: str = "auto") -> dict:
+    """Run the embedding job; returns a summary. `runner`: "ray", a Ray Data job (a local Ray, or the cluster
+    of RAY_ADDRESS); "local", this process (pipelines.embed_local); "auto", local for a small manifest when
+    no Ray cluster is given, else ray (embed_local.choose_runner).
 
     `input_rejects`: rows the caller's own reader already rejected (e.g. MELD CSV lines that are not a clip),
     stored in OUTPUT/_rejects/ with the job's own, so the output accounts for every row of the corpus."""
-    import ray
-    from ray.data.datasource import FilenameProvider
 
     checkpoint, input_uri, output = (storage.absolute(u) for u in (checkpoint, input_uri, output))
     for uri in (checkpoint, input_uri, output):
@@ -294,12 +307,23 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     if input_rejects:
         write_rejects(embeddings.rejects_folder(output), list(input_rejects), name="input.parquet",
                       prefix=embeddings.file_prefix(attempt))
+    items = manifest_items(input_uri, split, output, attempt)
+    cluster_options = bool(concurrency or max_workers or gpus or min_workers != 1)
+    if choose_runner(runner, None if items is None else len(items), cluster_options=cluster_options) == "local":
+        print(f"clap embed: {len(items)} rows and no Ray cluster given: embedding in this process "
+              "(--runner ray for a Ray job)", file=sys.stderr, flush=True)
+        embed_in_process(items, output, attempt, checkpoint=checkpoint, batch_size=batch_size, text=text,
+                         precision=precision, layers=layers)
+        return embeddings.summary(embeddings.commit(output, attempt))
+
+    import ray
+    from ray.data.datasource import FilenameProvider
 
     init_ray()  # a local Ray, or the cluster this job was submitted to (RAY_ADDRESS)
     resources = ray.cluster_resources()
     gpus_per_actor, pool = actor_pool(int(resources.get("GPU", 0)), gpus, concurrency, min_workers, max_workers,
                                       cpus=resources.get("CPU", 0))
-    ds = read_input(ray, input_uri, split, output, attempt)
+    ds = read_input(ray, input_uri, split, items)
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output, "attempt": attempt}, batch_size=batch_size,
                         num_cpus=decode_cpus(gpus_per_actor))
     threads = actor_threads(resources.get("CPU", 0), gpus_per_actor, pool)
@@ -328,9 +352,9 @@ def check_onnx_job(folder: str, precision: str, layers: bool, gpus: float | None
 
 def embed_manifest(checkpoint: str, manifest: str, output: str, *, batch_size: int = 16,
                    concurrency: int | None = None, text: bool = True, layers: bool = False,
-                   input_rejects: list[Reject] = ()) -> dict:
+                   input_rejects: list[Reject] = (), runner: str = "auto") -> dict:
     return embed_dataset(checkpoint, manifest, output, batch_size=batch_size, concurrency=concurrency, text=text,
-                         layers=layers, input_rejects=input_rejects)
+                         layers=layers, input_rejects=input_rejects, runner=runner)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -339,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         summary = embed_dataset(args.checkpoint, args.input, args.output, split=args.split,
                                 batch_size=args.batch_size, concurrency=args.concurrency, text=not args.no_text,
                                 precision=args.precision, min_workers=args.min_workers,
-                                max_workers=args.max_workers, gpus=args.gpus)
+                                max_workers=args.max_workers, gpus=args.gpus, runner=args.runner)
     except embeddings.OutputConflictError as e:
         print(f"clap embed: {e}", file=sys.stderr)
         return 2

@@ -181,6 +181,32 @@ def commit(output: str, attempt: str) -> dict:
     return manifest
 
 
+def write_data_file(output: str, attempt: str, name: str, batches: list[dict[str, np.ndarray]]) -> str:
+    """Embedded rows as one Parquet file OUTPUT/data/<attempt>_<name>.parquet, written atomically; returns its
+    URI. The in-process runner's writer (pipelines.embed_local); a Ray job writes the same columns with Ray
+    Data's write_parquet. `batches`: the embedding stage's outputs, dicts of equal-length numpy columns: 1-D
+    (ids, metadata, durations) or 2-D (B, D) embeddings, stored as fixed-size lists of float32."""
+    columns: dict[str, list[pa.Array]] = {}
+    for batch in batches:
+        for key, values in batch.items():
+            columns.setdefault(key, []).append(_arrow(values))
+    table = pa.table({key: pa.concat_arrays(arrays) for key, arrays in columns.items()})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    uri = storage.join(data_path(output), f"{file_prefix(attempt)}{name}.parquet")
+    storage.put_atomic(uri, buf.getvalue().to_pybytes())
+    return uri
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    if values.ndim == 2:  # (B, D) -> B fixed-size lists of D float32
+        flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    if values.dtype.kind in "OUS":  # numpy strings or Python objects (None, str): Arrow strings
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+    return pa.array(values)
+
+
 def remove_output(output: str) -> None:
     """Delete an embedding output that the caller owns: the files of every attempt its index records, the files
     it lists, then the index."""

@@ -13,13 +13,13 @@ from pipelines.cli import main
 
 
 class ChecksPassed(Exception):
-    """Raised where `clap embed`'s driver would start Ray: every check before it passed."""
+    """Raised where `clap embed`'s driver would start Ray or embed in process: every check before it passed."""
 
 
 @pytest.fixture
 def embed_driver(tmp_path, monkeypatch):
-    """(pipelines.embed with Ray's start replaced by ChecksPassed, a one-row manifest): runs the driver's checks
-    of a checkpoint, which come before Ray starts, and nothing after them."""
+    """(pipelines.embed with Ray's start and the in-process runner replaced by ChecksPassed, a one-row manifest):
+    runs the driver's checks of a checkpoint, which come before either runner starts, and nothing after them."""
     import json
 
     import pipelines.embed as embed_job
@@ -28,6 +28,7 @@ def embed_driver(tmp_path, monkeypatch):
         raise ChecksPassed
 
     monkeypatch.setattr(embed_job, "init_ray", stop)
+    monkeypatch.setattr(embed_job, "embed_in_process", stop)
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "a", "audio_path": "a.wav", "caption": "x"}) + "\n")
     return embed_job, manifest

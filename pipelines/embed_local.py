@@ -1,0 +1,87 @@
+"""`clap embed` in this process, without Ray: the runner for a small manifest on a machine with no cluster.
+
+A Ray job pays a fixed cost before its first clip: starting Ray (3-5 s from the command line on 2 cores), a
+worker process for the embedding actor, and that process importing torch and transformers (3.5-4 s), on a
+2-core machine longer than embedding 64 clips one file at a time (~5 s). On one machine the job's steady state
+is no faster than one process batching the same model either (README, "Embedding"). So for a manifest of at
+most LOCAL_MAX_ROWS rows, with no Ray cluster given (RAY_ADDRESS unset) and no Ray started in this process, nor
+any option that only an actor pool has (--concurrency, --max-workers, --gpus), `clap embed` runs the same two
+stages here: `decode_batch` on a thread one batch ahead, `EmbedBatch` on this thread. Same rows, same reject
+files, same attempt-named files and index (clap_core.data.embeddings), the same columns and values: readers see
+one output whichever runner wrote it.
+`--runner ray` forces the Ray job; `--runner local` forces this one on a manifest of any size (the rows are
+written to a file every ROWS_PER_FILE rows, so memory stays bounded by that).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from clap_core.config import ConfigError
+from clap_core.data import embeddings
+
+RUNNERS = ("auto", "ray", "local")
+LOCAL_MAX_ROWS = 1024  # auto: a manifest of at most this many rows runs in this process (~1 min on 2 cores)
+ROWS_PER_FILE = 4096  # rows per data file of an in-process run (~10 MB at D=512 with captions' embeddings)
+
+
+def choose_runner(runner: str, rows: int | None, *, cluster_options: bool) -> str:
+    """"ray" or "local" for `--runner`. `rows`: the manifest's rows (None: a shard folder, which Ray Data
+    reads). `cluster_options`: an actor-pool option was given (--concurrency, --max-workers, --gpus)."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"--runner {runner!r}: choose one of {', '.join(RUNNERS)}")
+    if runner == "local" and rows is None:
+        raise ConfigError("--runner local reads a manifest (JSONL/CSV); a shard folder is read by Ray Data: "
+                          "drop --runner local")
+    if runner != "auto":
+        return runner
+    if rows is None or rows > LOCAL_MAX_ROWS or cluster_options or ray_addressed():
+        return "ray"
+    return "local"
+
+
+def ray_addressed() -> bool:
+    """A Ray cluster is given (RAY_ADDRESS: `ray job submit` sets it) or this process has started Ray already
+    (a notebook, the tune-probe job): the job belongs there."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")  # never imported here: importing Ray costs ~1 s
+    return ray is not None and ray.is_initialized()
+
+
+def embed_in_process(items: list[dict], output: str, attempt: str, *, checkpoint: str, batch_size: int,
+                     text: bool, precision: str, layers: bool) -> None:
+    """Decode and embed manifest items (pipelines.embed.manifest_item) in this process into OUTPUT's data/ and
+    _rejects/ as files of `attempt`: decoding one batch ahead on a thread (soxr and the codecs release the GIL),
+    the model on this thread with this process' torch threads. The caller commits."""
+    from pipelines.console import bar, open_planned_log
+    from pipelines.embed import EmbedBatch, decode_batch
+
+    open_planned_log()  # what Ray's job would log (transformers' lines, native stderr) goes to the log file
+    model = EmbedBatch(checkpoint, batch_size, text, precision, layers)
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    written, pending_rows, part = 0, [], 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clap-decode") as decoder, \
+            bar(None, len(items), "embed clips") as progress:
+        def decode(chunk: list[dict]):
+            return decoder.submit(decode_batch, column_batch(chunk), output, attempt)
+
+        pending = decode(chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            batch = pending.result()  # rows that did not decode are in _rejects/ already
+            pending = decode(chunks[i + 1]) if i + 1 < len(chunks) else None
+            if len(batch["id"]):
+                pending_rows.append(model(batch))
+                written += len(batch["id"])
+            progress.update(len(chunks[i]))
+            if written >= ROWS_PER_FILE or (i == len(chunks) - 1 and pending_rows):
+                embeddings.write_data_file(output, attempt, f"local_{part:06d}", pending_rows)
+                pending_rows, written, part = [], 0, part + 1
+
+
+def column_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Row dicts -> a batch of numpy columns, as Ray Data hands a batch to decode_batch."""
+    return {key: np.array([row[key] for row in rows]) for key in rows[0]}

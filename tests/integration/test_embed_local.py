@@ -1,0 +1,94 @@
+"""`clap embed`'s in-process runner (pipelines.embed_local) writes the output the Ray job writes."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from clap_core.data import embeddings
+from clap_core.model.clap import ClapModel
+from clap_core.model.config import get_model_config
+from pipelines import embed_local
+from pipelines.embed import embed_manifest
+from tests.fixtures.shards import TONES, tone
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """A tiny checkpoint and a manifest of 6 clips (16 kHz and 48 kHz, 0.5-2 s), a missing file, a broken one and
+    a duplicate id."""
+    root = tmp_path_factory.mktemp("local")
+    torch.manual_seed(0)
+    ClapModel(get_model_config("tiny")).save_pretrained(root / "ckpt")
+    (root / "audio").mkdir()
+    rows = []
+    for i, (label, freq) in enumerate(list(TONES.items()) * 2):
+        rate = 16_000 if i % 2 else 48_000
+        sf.write(root / "audio" / f"{i}.wav", tone(freq, 0.5 + 0.3 * i), rate)
+        rows.append({"id": f"clip{i}", "audio_path": f"audio/{i}.wav", "caption": f"a {label}", "label": label})
+    (root / "audio" / "broken.wav").write_bytes(b"RIFF....not really")
+    rows += [{"id": "gone", "audio_path": "audio/missing.wav", "caption": "x"},
+             {"id": "broken", "audio_path": "audio/broken.wav", "caption": "y"},
+             {"id": "clip0", "audio_path": "audio/1.wav", "caption": "a second clip0"}]
+    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_in_process_output_equals_the_ray_jobs(ray_local, manifest, tmp_path, monkeypatch):
+    ckpt, rows = str(manifest / "ckpt"), str(manifest / "m.jsonl")
+    ray_out, local_out = str(tmp_path / "ray"), str(tmp_path / "local")
+    ray_summary = embed_manifest(ckpt, rows, ray_out, batch_size=2)  # Ray is up in this process: auto is ray
+    monkeypatch.setattr(embed_local, "ROWS_PER_FILE", 4)  # 6 rows: two data files
+    local_summary = embed_manifest(ckpt, rows, local_out, batch_size=2, runner="local")
+
+    expected = {"rows": 6, "rejects": 3, "reject_reasons": {"missing_file": 1, "undecodable": 1, "duplicate_id": 1}}
+    assert ray_summary == local_summary == expected
+    index = embeddings.read_index(local_out)
+    assert index["state"] == "complete" and [f["rows"] for f in sorted(index["files"], key=lambda f: f["path"])] \
+        == [4, 2]
+    assert all(f["path"].startswith(f"data/{index['attempt']}_local_") for f in index["files"])
+    by_ray, by_local = embeddings.read_table(ray_out), embeddings.read_table(local_out)
+    assert by_local.column_names == by_ray.column_names
+    for column in by_ray.column_names:
+        if column.endswith("_embedding"):  # the same model on the same batches
+            np.testing.assert_allclose(embeddings.embedding_matrix(by_local, column),
+                                       embeddings.embedding_matrix(by_ray, column), atol=1e-6, rtol=0)
+        else:
+            assert by_local.column(column).to_pylist() == by_ray.column(column).to_pylist(), column
+    reference = ClapModel.from_pretrained(ckpt).embed_audio(str(manifest / "audio" / "4.wav"), precision="auto")
+    row = by_local.column("id").to_pylist().index("clip4")
+    np.testing.assert_allclose(embeddings.embedding_matrix(by_local, "audio_embedding")[row], reference[0],
+                               atol=1e-5, rtol=0)
+
+    def rejects(out):
+        return sorted((r["id"], r["reason"]) for r in embeddings.read_rejects(out).to_pylist())
+
+    assert rejects(local_out) == rejects(ray_out) == [("broken", "undecodable"), ("clip0", "duplicate_id"),
+                                                     ("gone", "missing_file")]
+    # the same command again: the finished output stands (written once), by either runner
+    assert embed_manifest(ckpt, rows, local_out, batch_size=4, runner="local") == expected
+    assert embeddings.read_index(local_out)["attempt"] == index["attempt"]
+
+
+def test_clap_embed_without_a_cluster_never_starts_ray(manifest, tmp_path):
+    """The command a user types on a laptop: a small manifest, no RAY_ADDRESS. Ray is not even imported."""
+    script = ("import sys\nfrom pipelines import cli\n"
+              f"rc = cli.main(['embed', '--checkpoint', 'ckpt', '--input', 'm.jsonl', '--output', {str(tmp_path / 'e')!r},"
+              " '--batch-size', '4'])\n"
+              "print('ray imported:', 'ray' in sys.modules)\nsys.exit(rc)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=manifest, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 rows and no Ray cluster given: embedding in this process" in proc.stderr
+    assert f"clap embed: logs in {tmp_path / 'e' / 'logs' / 'clap-embed.log'}" in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert json.loads(lines[-2]) == {"rows": 6, "rejects": 3,
+                                     "reject_reasons": {"missing_file": 1, "undecodable": 1, "duplicate_id": 1}}
+    assert lines[-1] == "ray imported: False"
+    assert len(embeddings.read_table(str(tmp_path / "e"))) == 6
