@@ -310,8 +310,9 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     items = manifest_items(input_uri, split, output, attempt)
     cluster_options = bool(concurrency or max_workers or gpus or min_workers != 1)
     if choose_runner(runner, None if items is None else len(items), cluster_options=cluster_options) == "local":
-        print(f"clap embed: {len(items)} rows and no Ray cluster given: embedding in this process "
-              "(--runner ray for a Ray job)", file=sys.stderr, flush=True)
+        why = "--runner local" if runner == "local" else "no Ray cluster given"
+        print(f"clap embed: {len(items)} rows, {why}: embedding in this process (--runner ray for a Ray job)",
+              file=sys.stderr, flush=True)
         embed_in_process(items, output, attempt, checkpoint=checkpoint, batch_size=batch_size, text=text,
                          precision=precision, layers=layers)
         return embeddings.summary(embeddings.commit(output, attempt))

@@ -85,7 +85,7 @@ def test_clap_embed_without_a_cluster_never_starts_ray(manifest, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=manifest, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "8 rows and no Ray cluster given: embedding in this process" in proc.stderr
+    assert "8 rows, no Ray cluster given: embedding in this process" in proc.stderr
     assert f"clap embed: logs in {tmp_path / 'e' / 'logs' / 'clap-embed.log'}" in proc.stderr
     lines = proc.stdout.splitlines()
     assert json.loads(lines[-2]) == {"rows": 6, "rejects": 3,
