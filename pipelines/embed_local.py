@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -55,24 +56,24 @@ def ray_addressed() -> bool:
 def embed_in_process(items: list[dict], output: str, attempt: str, *, checkpoint: str, batch_size: int,
                      text: bool, precision: str, layers: bool) -> None:
     """Decode and embed manifest items (pipelines.embed.manifest_item) in this process into OUTPUT's data/ and
-    _rejects/ as files of `attempt`: decoding one batch ahead on a thread (soxr and the codecs release the GIL),
-    the model on this thread with this process' torch threads. The caller commits."""
+    _rejects/ as files of `attempt`: decoding the next batches on threads (soxr and the codecs release the GIL;
+    decode_ahead_batches), the model on this thread with this process' torch threads. The caller commits."""
     from pipelines.console import bar, open_planned_log
     from pipelines.embed import EmbedBatch, decode_batch
 
     open_planned_log()  # what Ray's job would log (transformers' lines, native stderr) goes to the log file
     model = EmbedBatch(checkpoint, batch_size, text, precision, layers)
+    ahead = decode_ahead_batches(model)
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     written, pending_rows, part = 0, [], 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clap-decode") as decoder, \
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="clap-decode") as decoder, \
             bar(None, len(items), "embed clips") as progress:
-        def decode(chunk: list[dict]):
-            return decoder.submit(decode_batch, column_batch(chunk), output, attempt)
-
-        pending = decode(chunks[0]) if chunks else None
+        decoding = deque(decoder.submit(decode_batch, column_batch(chunk), output, attempt)
+                         for chunk in chunks[:ahead])
         for i in range(len(chunks)):
-            batch = pending.result()  # rows that did not decode are in _rejects/ already
-            pending = decode(chunks[i + 1]) if i + 1 < len(chunks) else None
+            batch = decoding.popleft().result()  # rows that did not decode are in _rejects/ already
+            if i + ahead < len(chunks):
+                decoding.append(decoder.submit(decode_batch, column_batch(chunks[i + ahead]), output, attempt))
             if len(batch["id"]):
                 pending_rows.append(model(batch))
                 written += len(batch["id"])
@@ -80,6 +81,17 @@ def embed_in_process(items: list[dict], output: str, attempt: str, *, checkpoint
             if written >= ROWS_PER_FILE or (i == len(chunks) - 1 and pending_rows):
                 embeddings.write_data_file(output, attempt, f"local_{part:06d}", pending_rows)
                 pending_rows, written, part = [], 0, part + 1
+
+
+def decode_ahead_batches(model) -> int:
+    """Batches decoding at once, each on a thread of its own: 1 on CPU, where the model's threads need the
+    cores; on a GPU, which embeds far faster than one thread decodes, as many as embed_audio's decode threads
+    (clap_core.model.inference.decode_threads_for: up to 4)."""
+    import torch
+
+    from clap_core.model.inference import decode_threads_for
+
+    return 1 if model.onnx else decode_threads_for(getattr(model.model, "device", torch.device("cpu")))
 
 
 def column_batch(rows: list[dict]) -> dict[str, np.ndarray]:

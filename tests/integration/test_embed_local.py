@@ -92,3 +92,26 @@ def test_clap_embed_without_a_cluster_never_starts_ray(manifest, tmp_path):
                                      "reject_reasons": {"missing_file": 1, "undecodable": 1, "duplicate_id": 1}}
     assert lines[-1] == "ray imported: False"
     assert len(embeddings.read_table(str(tmp_path / "e"))) == 6
+
+
+def test_in_process_runner_reads_and_writes_object_storage(manifest, s3_bucket, tmp_path):
+    """A manifest, its audio and the output on S3 (the moto server): the in-process runner reads the audio
+    through the same sources and writes the same files as in a local folder."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    for path in sorted((manifest / "audio").iterdir()):
+        s3.upload_file(str(path), s3_bucket, f"corpus/audio/{path.name}")
+    s3.upload_file(str(manifest / "m.jsonl"), s3_bucket, "corpus/m.jsonl")
+    local = embed_manifest(str(manifest / "ckpt"), str(manifest / "m.jsonl"), str(tmp_path / "local"),
+                           batch_size=3, runner="local")
+    remote_out = f"s3://{s3_bucket}/emb"
+    remote = embed_manifest(str(manifest / "ckpt"), f"s3://{s3_bucket}/corpus/m.jsonl", remote_out, batch_size=3,
+                            runner="local")
+    assert remote == local and remote["rows"] == 6
+    by_local, by_remote = embeddings.read_table(str(tmp_path / "local")), embeddings.read_table(remote_out)
+    assert by_remote.column("id").to_pylist() == by_local.column("id").to_pylist()
+    np.testing.assert_allclose(embeddings.embedding_matrix(by_remote, "audio_embedding"),
+                               embeddings.embedding_matrix(by_local, "audio_embedding"), atol=1e-6, rtol=0)
+    assert sorted(embeddings.read_rejects(remote_out).column("reason").to_pylist()) == [
+        "duplicate_id", "missing_file", "undecodable"]
