@@ -11,7 +11,8 @@ it runs for a small manifest when no cluster is given) and as the Ray job on all
 checkpoint, same machine, in one run: the ratios are what to read, not the absolute clips/s. The job is timed
 as benchmarks/embed_jobs.py times it: end to end; its fixed cost, a one-clip job (actor start, imports, model
 load) run right after it (the session's first, warm-up job is printed beside it); and the steady state, the
-marginal rate between a job of the first quarter of the clips and the whole.
+marginal rate between a job of the first quarter of the clips and the whole. The model alone, on the clips decoded
+beforehand and batched, is the bound of every steady state on the machine: decoding only adds to it.
 With --onnx int8 (the default) or fp32, the checkpoint is also exported (`clap export --format onnx
 [--quantize int8]`, timed once: an export is made once and reused) and (b) and (c) run again from the export:
 OnnxTowers.embed_audio in one process, and `clap embed --checkpoint EXPORT`; the export's embeddings are
@@ -43,6 +44,7 @@ def main() -> None:
 
     from clap_core.model.clap import ClapModel
     from clap_core.model.config import get_model_config
+    from clap_core.model.inference import embed_waveforms, load_waveform
     from clap_demo.synth import write_corpus
 
     offline = [] if args.model == "tiny" else ["text_encoder.pretrained=null", "text_encoder.tokenizer=bytes"]
@@ -62,6 +64,16 @@ def main() -> None:
         start = time.perf_counter()
         model.embed_audio(paths, batch_size=args.batch_size)  # (b) batched, one process
         batched = len(paths) / (time.perf_counter() - start)
+
+        # the model alone on the clips decoded beforehand: no runner's steady state on this machine exceeds it
+        start = time.perf_counter()
+        waves = [load_waveform(path, None) for path in paths]
+        decode_ms = 1000 * (time.perf_counter() - start) / len(paths)
+        embed_waveforms(model, waves[:args.batch_size], args.batch_size)  # warm-up
+        start = time.perf_counter()
+        embed_waveforms(model, waves, args.batch_size)
+        model_only = len(paths) / (time.perf_counter() - start)
+        del waves
 
         if args.onnx != "none":  # (b) from the export: ONNX Runtime in this process
             from clap_core.model.onnx_export import OnnxTowers, export_onnx
@@ -95,6 +107,9 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| (a) one file per call (LAION-CLAP style) | {loop:.1f} | 1.00 |")
     print(f"| (b) ClapModel.embed_audio, batch {args.batch_size} | {batched:.1f} | {batched / loop:.2f} |")
+    print(f"| the model alone on clips decoded beforehand, batch {args.batch_size}: the bound of any steady state "
+          f"here (decoding alone: {decode_ms:.0f} ms a clip on one thread) | {model_only:.1f} | "
+          f"{model_only / loop:.2f} |")
     print(f"| (c) clap embed in process (--runner local; auto's choice for <= 1024 rows and no cluster), end to end "
           f"(its one-clip job: {local.fixed:.1f} s) | {local.end_to_end:.1f} | {local.end_to_end / loop:.2f} |")
     print(f"| (c) the same in steady state | {local.steady:.1f} | {local.steady / loop:.2f} |")
