@@ -4,7 +4,8 @@ A Ray job pays a fixed cost before its first clip: starting Ray (3-5 s from the 
 worker process for the embedding actor, and that process importing torch and transformers (3.5-4 s), on a
 2-core machine longer than embedding 64 clips one file at a time (~5 s). On one machine the job's steady state
 is no faster than one process batching the same model either (README, "Embedding"). So for a manifest of at
-most LOCAL_MAX_ROWS rows, with no Ray cluster given (RAY_ADDRESS unset) and no Ray started in this process, nor
+most LOCAL_MAX_ROWS rows, with no Ray cluster given (RAY_ADDRESS unset, no `ray start` cluster on this machine) and
+no Ray started in this process, nor
 any option that only an actor pool has (--concurrency, --max-workers, --gpus), `clap embed` runs the same two
 stages here: `decode_batch` on a thread one batch ahead, `EmbedBatch` on this thread. Same rows, same reject
 files, same attempt-named files and index (clap_core.data.embeddings), the same columns and values: readers see
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -45,12 +48,26 @@ def choose_runner(runner: str, rows: int | None, *, cluster_options: bool) -> st
 
 
 def ray_addressed() -> bool:
-    """A Ray cluster is given (RAY_ADDRESS: `ray job submit` sets it) or this process has started Ray already
-    (a notebook, the tune-probe job): the job belongs there."""
-    if os.environ.get("RAY_ADDRESS"):
+    """A Ray cluster is given (RAY_ADDRESS: `ray job submit` sets it), `ray start` has left the address of one
+    that ray.init() would join (ray_address_file), or this process has started Ray already (a notebook, the
+    tune-probe job): the job belongs there."""
+    if os.environ.get("RAY_ADDRESS") or ray_address_file().exists():
         return True
     ray = sys.modules.get("ray")  # never imported here: importing Ray costs ~1 s
     return ray is not None and ray.is_initialized()
+
+
+def ray_address_file() -> Path:
+    """Where `ray start` writes its cluster's address for the drivers that come after it (`ray stop` removes
+    it): `ray_current_cluster` in Ray's default temp folder, found as Ray finds it (RAY_TMPDIR, else TMPDIR on
+    Linux, else /tmp)."""
+    if os.environ.get("RAY_TMPDIR"):
+        base = os.environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
+        base = os.environ["TMPDIR"]
+    else:
+        base = "/tmp" if sys.platform.startswith(("linux", "darwin")) else tempfile.gettempdir()
+    return Path(base) / "ray" / "ray_current_cluster"
 
 
 def embed_in_process(items: list[dict], output: str, attempt: str, *, checkpoint: str, batch_size: int,

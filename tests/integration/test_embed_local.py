@@ -1,5 +1,6 @@
 """`clap embed`'s in-process runner (pipelines.embed_local) writes the output the Ray job writes."""
 import json
+import os
 import subprocess
 import sys
 
@@ -81,7 +82,8 @@ def test_clap_embed_without_a_cluster_never_starts_ray(manifest, tmp_path):
               f"rc = cli.main(['embed', '--checkpoint', 'ckpt', '--input', 'm.jsonl', '--output', {str(tmp_path / 'e')!r},"
               " '--batch-size', '4'])\n"
               "print('ray imported:', 'ray' in sys.modules)\nsys.exit(rc)\n")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path / "ray-tmp")  # no `ray start` cluster's address there
     proc = subprocess.run([sys.executable, "-c", script], cwd=manifest, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
