@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runner", choices=RUNNERS, default="auto",
                         help="ray: a Ray Data job; local: in this process, without Ray (manifests only); auto "
                              "(default): local for a manifest of at most 1024 rows when no Ray cluster is given "
-                             "(RAY_ADDRESS) and no actor-pool option is set, else ray")
+                             "(RAY_ADDRESS, or one of `ray start` on this machine) and no actor-pool option is "
+                             "set, else ray")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 (a bf16 copy of the encoders, under autocast) where the hardware has "
                              "native bf16 (cosine >= 0.999 to fp32), else fp32; fp32: exact. An ONNX export "
@@ -181,16 +182,14 @@ class EmbedBatch:
 # --- the job ---
 
 
-def manifest_items(input_uri: str, split: str | None, output: str, attempt: str) -> list[dict] | None:
-    """The rows of a manifest as items with id, where to read the audio, and metadata (None for a shard
-    folder: Ray Data reads its Parquet). A manifest id seen before is embedded once; its later rows go to
-    OUTPUT/_rejects/ as duplicate_id."""
+def manifest_items(input_uri: str, split: str | None) -> tuple[list[dict] | None, list[Reject]]:
+    """(the rows of a manifest as items with id, where to read the audio, and metadata; a duplicate_id reject
+    for every later row of an id seen before: embedded once). (None, []) for a shard folder: Ray Data reads
+    its Parquet."""
     if is_shard_folder(input_uri):
-        return None
+        return None, []
     rows = [r for r in read_inputs(input_uri) if not split or r.get("split") in (None, "", split)]
-    items, duplicates = unique_items([manifest_item(r) for r in rows])
-    write_batch_rejects(output, attempt, duplicates)
-    return items
+    return unique_items([manifest_item(r) for r in rows])
 
 
 def read_input(ray, input_uri: str, split: str | None, items: list[dict] | None):
@@ -283,7 +282,6 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
 
     `input_rejects`: rows the caller's own reader already rejected (e.g. MELD CSV lines that are not a clip),
     stored in OUTPUT/_rejects/ with the job's own, so the output accounts for every row of the corpus."""
-
     checkpoint, input_uri, output = (storage.absolute(u) for u in (checkpoint, input_uri, output))
     for uri in (checkpoint, input_uri, output):
         storage.check_access(uri)  # a missing bucket or refused credentials stop here, naming the URI
@@ -298,6 +296,9 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
             check_checkpoint(folder)
     except CheckpointError as e:
         raise CheckpointError(str(e).replace(folder, checkpoint)) from None
+    items, duplicates = manifest_items(input_uri, split)
+    cluster_options = bool(concurrency or max_workers or gpus or min_workers != 1)
+    chosen = choose_runner(runner, None if items is None else len(items), cluster_options=cluster_options)
     identity = embeddings.checkpoint_identity(folder)
     job = embeddings.job_hash(identity, input_uri, split, text, precision, layers)
     claim = embeddings.claim_output(output, job, {"uri": checkpoint, "identity": identity})
@@ -307,10 +308,9 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     if input_rejects:
         write_rejects(embeddings.rejects_folder(output), list(input_rejects), name="input.parquet",
                       prefix=embeddings.file_prefix(attempt))
-    items = manifest_items(input_uri, split, output, attempt)
-    cluster_options = bool(concurrency or max_workers or gpus or min_workers != 1)
-    if choose_runner(runner, None if items is None else len(items), cluster_options=cluster_options) == "local":
-        why = "--runner local" if runner == "local" else "no Ray cluster given"
+    write_batch_rejects(output, attempt, duplicates)
+    if chosen == "local":
+        why = "no Ray cluster given" if runner == "auto" else "--runner local"
         print(f"clap embed: {len(items)} rows, {why}: embedding in this process (--runner ray for a Ray job)",
               file=sys.stderr, flush=True)
         embed_in_process(items, output, attempt, checkpoint=checkpoint, batch_size=batch_size, text=text,

@@ -117,3 +117,14 @@ def test_in_process_runner_reads_and_writes_object_storage(manifest, s3_bucket, 
                                embeddings.embedding_matrix(by_local, "audio_embedding"), atol=1e-6, rtol=0)
     assert sorted(embeddings.read_rejects(remote_out).column("reason").to_pylist()) == [
         "duplicate_id", "missing_file", "undecodable"]
+
+
+def test_runner_local_on_a_shard_folder_is_refused_before_anything_is_written(manifest, tmp_path):
+    from clap_core.config import ConfigError
+    from pipelines.embed import embed_dataset
+    from tests.fixtures.shards import write_shards
+
+    write_shards(tmp_path / "shards", per_label=1, split="test")
+    with pytest.raises(ConfigError, match="a shard folder is read by Ray Data: drop --runner local"):
+        embed_dataset(str(manifest / "ckpt"), str(tmp_path / "shards"), str(tmp_path / "emb"), runner="local")
+    assert not (tmp_path / "emb").exists()
