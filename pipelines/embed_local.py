@@ -4,14 +4,13 @@ A Ray job pays a fixed cost before its first clip: starting Ray (3-5 s from the 
 worker process for the embedding actor, and that process importing torch and transformers (3.5-4 s), on a
 2-core machine longer than embedding 64 clips one file at a time (~5 s). On one machine the job's steady state
 is no faster than one process batching the same model either (README, "Embedding"). So for a manifest of at
-most LOCAL_MAX_ROWS rows, with no Ray cluster given (RAY_ADDRESS unset, no `ray start` cluster on this machine) and
-no Ray started in this process, nor
-any option that only an actor pool has (--concurrency, --max-workers, --gpus), `clap embed` runs the same two
-stages here: `decode_batch` on a thread one batch ahead, `EmbedBatch` on this thread. Same rows, same reject
-files, same attempt-named files and index (clap_core.data.embeddings), the same columns and values: readers see
-one output whichever runner wrote it.
-`--runner ray` forces the Ray job; `--runner local` forces this one on a manifest of any size (the rows are
-written to a file every ROWS_PER_FILE rows, so memory stays bounded by that).
+most LOCAL_MAX_ROWS rows, with no Ray cluster given (RAY_ADDRESS unset, no `ray start` cluster on this
+machine), no Ray started in this process and none of the actor pool's options (--concurrency, --min-workers,
+--max-workers, --gpus), `clap embed` runs the same two stages here: `decode_batch` on a thread a batch ahead,
+`EmbedBatch` on this thread. Same rows, same reject files, same attempt-named files and index
+(clap_core.data.embeddings), the same columns and values: readers see one output whichever runner wrote it.
+`--runner ray` forces the Ray job; `--runner local` forces this one on a manifest of any size (a data file is
+written every ROWS_PER_FILE rows, so the embeddings held stay bounded by that).
 """
 from __future__ import annotations
 
@@ -34,7 +33,8 @@ ROWS_PER_FILE = 4096  # rows per data file of an in-process run (~10 MB at D=512
 
 def choose_runner(runner: str, rows: int | None, *, cluster_options: bool) -> str:
     """"ray" or "local" for `--runner`. `rows`: the manifest's rows (None: a shard folder, which Ray Data
-    reads). `cluster_options`: an actor-pool option was given (--concurrency, --max-workers, --gpus)."""
+    reads). `cluster_options`: an actor-pool option was given (--concurrency, --min-workers, --max-workers,
+    --gpus)."""
     if runner not in RUNNERS:
         raise ConfigError(f"--runner {runner!r}: choose one of {', '.join(RUNNERS)}")
     if runner == "local" and rows is None:
