@@ -71,7 +71,7 @@ def test_in_process_output_equals_the_ray_jobs(ray_local, manifest, tmp_path, mo
 
     assert rejects(local_out) == rejects(ray_out) == [("broken", "undecodable"), ("clip0", "duplicate_id"),
                                                      ("gone", "missing_file")]
-    # the same command again: the finished output stands (written once), by either runner
+    # the same job again (another batch size changes nothing): the finished output stands, written once
     assert embed_manifest(ckpt, rows, local_out, batch_size=4, runner="local") == expected
     assert embeddings.read_index(local_out)["attempt"] == index["attempt"]
 
