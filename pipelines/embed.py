@@ -41,10 +41,11 @@ from clap_core.model.folders import (
 )
 from clap_core.storage import local_copy
 from pipelines.console import init_ray, plan_log
-from pipelines.embed_local import RUNNERS, choose_runner, embed_in_process
+from pipelines.embed_local import RUNNERS, choose_runner, embed_in_process, iter_shard_items, shard_rows
 from pipelines.ray_shards import read_shards
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
+SHARD_COLUMNS = ("id", "audio") + META_COLUMNS  # what the job reads of a shard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(autoscaling clusters). Default: 1 when the cluster has GPUs now, else CPU only")
     parser.add_argument("--no-text", action="store_true", help="skip caption embeddings")
     parser.add_argument("--runner", choices=RUNNERS, default="auto",
-                        help="ray: a Ray Data job; local: in this process, without Ray (manifests only); auto "
-                             "(default): local for a manifest of at most 1024 rows when no Ray cluster is given "
+                        help="ray: a Ray Data job; local: in this process, without Ray; auto (default): local "
+                             "for an input of at most 1024 rows (a manifest, or a shard split) when no Ray "
+                             "cluster is given "
                              "(RAY_ADDRESS, or one of `ray start` on this machine) and no actor-pool option is "
                              "set, else ray")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -195,8 +197,7 @@ def manifest_items(input_uri: str, split: str | None) -> tuple[list[dict] | None
 def read_input(ray, input_uri: str, split: str | None, items: list[dict] | None):
     """A Ray Dataset of rows with id, audio bytes (shards) or where to read them (manifest items), and metadata."""
     if items is None:
-        columns = ["id", "audio", "caption", "label", "split", "source_path", "language", "kind"]
-        return read_shards(shard_files(input_uri, split), columns)
+        return read_shards(shard_files(input_uri, split), list(SHARD_COLUMNS))
     return ray.data.from_items(items)
 
 
@@ -277,8 +278,8 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
                   layers: bool = False, min_workers: int = 1, max_workers: int | None = None,
                   gpus: float | None = None, input_rejects: list[Reject] = (), runner: str = "auto") -> dict:
     """Run the embedding job; returns a summary. `runner`: "ray", a Ray Data job (a local Ray, or the cluster
-    of RAY_ADDRESS); "local", this process (pipelines.embed_local); "auto", local for a small manifest when
-    no Ray cluster is given, else ray (embed_local.choose_runner).
+    of RAY_ADDRESS); "local", this process (pipelines.embed_local); "auto", local for a small input when no
+    Ray cluster is given, else ray (embed_local.choose_runner).
 
     `input_rejects`: rows the caller's own reader already rejected (e.g. MELD CSV lines that are not a clip),
     stored in OUTPUT/_rejects/ with the job's own, so the output accounts for every row of the corpus."""
@@ -298,7 +299,8 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
         raise CheckpointError(str(e).replace(folder, checkpoint)) from None
     items, duplicates = manifest_items(input_uri, split)
     cluster_options = bool(concurrency or max_workers or gpus or min_workers != 1)
-    chosen = choose_runner(runner, None if items is None else len(items), cluster_options=cluster_options)
+    rows = len(items) if items is not None else shard_rows(input_uri, split) if runner != "ray" else None
+    chosen = choose_runner(runner, rows, cluster_options=cluster_options)
     identity = embeddings.checkpoint_identity(folder)
     job = embeddings.job_hash(identity, input_uri, split, text, precision, layers)
     claim = embeddings.claim_output(output, job, {"uri": checkpoint, "identity": identity})
@@ -311,10 +313,11 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     write_batch_rejects(output, attempt, duplicates)
     if chosen == "local":
         why = "no Ray cluster given" if runner == "auto" else "--runner local"
-        print(f"clap embed: {len(items)} rows, {why}: embedding in this process (--runner ray for a Ray job)",
+        print(f"clap embed: {rows} rows, {why}: embedding in this process (--runner ray for a Ray job)",
               file=sys.stderr, flush=True)
-        embed_in_process(items, output, attempt, checkpoint=checkpoint, batch_size=batch_size, text=text,
-                         precision=precision, layers=layers)
+        embed_in_process(items if items is not None else iter_shard_items(input_uri, split), rows, output, attempt,
+                         checkpoint=checkpoint, batch_size=batch_size, text=text, precision=precision,
+                         layers=layers)
         return embeddings.summary(embeddings.commit(output, attempt))
 
     import ray

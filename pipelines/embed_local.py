@@ -1,45 +1,45 @@
-"""`clap embed` in this process, without Ray: the runner for a small manifest on a machine with no cluster.
+"""`clap embed` in this process, without Ray: the runner for a small input on a machine with no cluster.
 
 A Ray job pays a fixed cost before its first clip: starting Ray (3-5 s from the command line on 2 cores), a
 worker process for the embedding actor, and that process importing torch and transformers (3.5-4 s), on a
 2-core machine longer than embedding 64 clips one file at a time (~5 s). On one machine the job's steady state
-is no faster than one process batching the same model either (README, "Embedding"). So for a manifest of at
-most LOCAL_MAX_ROWS rows, with no Ray cluster given (RAY_ADDRESS unset, no `ray start` cluster on this
-machine), no Ray started in this process and none of the actor pool's options (--concurrency, --min-workers,
---max-workers, --gpus), `clap embed` runs the same two stages here: `decode_batch` on a thread a batch ahead,
-`EmbedBatch` on this thread. Same rows, same reject files, same attempt-named files and index
-(clap_core.data.embeddings), the same columns and values: readers see one output whichever runner wrote it.
-`--runner ray` forces the Ray job; `--runner local` forces this one on a manifest of any size (a data file is
-written every ROWS_PER_FILE rows, so the embeddings held stay bounded by that).
+is no faster than one process batching the same model either (README, "Embedding"). So for an input of at most
+LOCAL_MAX_ROWS rows (a manifest, or a shard folder's split, counted from its index), with no Ray cluster given
+(RAY_ADDRESS unset, no `ray start` cluster on this machine), no Ray started in this process and none of the
+actor pool's options (--concurrency, --min-workers, --max-workers, --gpus), `clap embed` runs the same two
+stages here: `decode_batch` on a thread a batch ahead, `EmbedBatch` on this thread. Same rows, same reject
+files, same attempt-named files and index (clap_core.data.embeddings), the same columns and values: readers see
+one output whichever runner wrote it.
+`--runner ray` forces the Ray job; `--runner local` forces this one on an input of any size (shard rows are
+streamed, and a data file is written every ROWS_PER_FILE rows, so the rows held stay bounded by that).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from clap_core.config import ConfigError
-from clap_core.data import embeddings
+from clap_core.data import embeddings, shards
 
 RUNNERS = ("auto", "ray", "local")
 LOCAL_MAX_ROWS = 1024  # auto: a manifest of at most this many rows runs in this process (~1 min on 2 cores)
 ROWS_PER_FILE = 4096  # rows per data file of an in-process run (~10 MB at D=512 with captions' embeddings)
+MAX_COUNTED_FILES = 64  # auto counts an unindexed shard folder's rows from at most this many Parquet footers
 
 
 def choose_runner(runner: str, rows: int | None, *, cluster_options: bool) -> str:
-    """"ray" or "local" for `--runner`. `rows`: the manifest's rows (None: a shard folder, which Ray Data
-    reads). `cluster_options`: an actor-pool option was given (--concurrency, --min-workers, --max-workers,
-    --gpus)."""
+    """"ray" or "local" for `--runner`. `rows`: the input's rows (None: not counted, a big shard folder).
+    `cluster_options`: an actor-pool option was given (--concurrency, --min-workers, --max-workers, --gpus)."""
     if runner not in RUNNERS:
         raise ConfigError(f"--runner {runner!r}: choose one of {', '.join(RUNNERS)}")
-    if runner == "local" and rows is None:
-        raise ConfigError("--runner local reads a manifest (JSONL/CSV); a shard folder is read by Ray Data: "
-                          "drop --runner local")
     if runner != "auto":
         return runner
     if rows is None or rows > LOCAL_MAX_ROWS or cluster_options or ray_addressed():
@@ -70,34 +70,61 @@ def ray_address_file() -> Path:
     return Path(base) / "ray" / "ray_current_cluster"
 
 
-def embed_in_process(items: list[dict], output: str, attempt: str, *, checkpoint: str, batch_size: int,
-                     text: bool, precision: str, layers: bool) -> None:
-    """Decode and embed manifest items (pipelines.embed.manifest_item) in this process into OUTPUT's data/ and
-    _rejects/ as files of `attempt`: decoding the next batches on threads (soxr and the codecs release the GIL;
-    decode_ahead_batches), the model on this thread with this process' torch threads. The caller commits."""
+def embed_in_process(rows: Iterable[dict], total: int | None, output: str, attempt: str, *, checkpoint: str,
+                     batch_size: int, text: bool, precision: str, layers: bool) -> None:
+    """Decode and embed rows (manifest items, pipelines.embed.manifest_item, or shard rows, streamed; `total` of
+    them, None when not counted) in this process into OUTPUT's data/ and _rejects/ as files of `attempt`:
+    decoding the next batches on threads (soxr and the codecs release the GIL; decode_ahead_batches), the model
+    on this thread with this process' torch threads. The caller commits."""
     from pipelines.console import bar, open_planned_log
     from pipelines.embed import EmbedBatch, decode_batch
 
     open_planned_log()  # what Ray's job would log (transformers' lines, native stderr) goes to the log file
     model = EmbedBatch(checkpoint, batch_size, text, precision, layers)
     ahead = decode_ahead_batches(model)
-    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    chunks = iter(lambda it=iter(rows): list(itertools.islice(it, batch_size)), [])  # lists of <= batch_size rows
     written, pending_rows, part = 0, [], 0
     with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="clap-decode") as decoder, \
-            bar(None, len(items), "embed clips") as progress:
-        decoding = deque(decoder.submit(decode_batch, column_batch(chunk), output, attempt)
-                         for chunk in chunks[:ahead])
-        for i in range(len(chunks)):
-            batch = decoding.popleft().result()  # rows that did not decode are in _rejects/ already
-            if i + ahead < len(chunks):
-                decoding.append(decoder.submit(decode_batch, column_batch(chunks[i + ahead]), output, attempt))
+            bar(None, total, "embed clips") as progress:
+        def decode(chunk: list[dict]):
+            return len(chunk), decoder.submit(decode_batch, column_batch(chunk), output, attempt)
+
+        decoding = deque(decode(chunk) for chunk in itertools.islice(chunks, ahead))
+        while decoding:
+            size, future = decoding.popleft()
+            batch = future.result()  # rows that did not decode are in _rejects/ already
+            decoding.extend(decode(chunk) for chunk in itertools.islice(chunks, 1))
             if len(batch["id"]):
                 pending_rows.append(model(batch))
                 written += len(batch["id"])
-            progress.update(len(chunks[i]))
-            if written >= ROWS_PER_FILE or (i == len(chunks) - 1 and pending_rows):
+            progress.update(size)
+            if written >= ROWS_PER_FILE or (not decoding and pending_rows):
                 embeddings.write_data_file(output, attempt, f"local_{part:06d}", pending_rows)
                 pending_rows, written, part = [], 0, part + 1
+
+
+def shard_rows(input_uri: str, split: str | None) -> int | None:
+    """Rows of a shard folder's split (all splits for None), for auto's choice: from the `clap preprocess`
+    index, else from the Parquet footers, read until they pass LOCAL_MAX_ROWS and of at most MAX_COUNTED_FILES
+    files (None beyond either: a big folder, which Ray Data reads; on S3 each footer is a request)."""
+    if shards.has_index(input_uri):
+        return sum(s["rows"] for s in shards.read_index(input_uri)["shards"] if split is None or s["split"] == split)
+    files = shards.shard_files(input_uri, split)
+    if len(files) > MAX_COUNTED_FILES:
+        return None
+    total = 0
+    for uri in files:
+        total += shards.file_rows(uri)
+        if total > LOCAL_MAX_ROWS:
+            return None
+    return total
+
+
+def iter_shard_items(input_uri: str, split: str | None) -> Iterator[dict]:
+    """The rows of a shard folder's split as the Ray job reads them (SHARD_COLUMNS), streamed."""
+    from pipelines.embed import SHARD_COLUMNS
+
+    return shards.iter_shard_rows(input_uri, split, list(SHARD_COLUMNS))
 
 
 def decode_ahead_batches(model) -> int:
@@ -112,5 +139,12 @@ def decode_ahead_batches(model) -> int:
 
 
 def column_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Row dicts -> a batch of numpy columns, as Ray Data hands a batch to decode_batch."""
-    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+    """Row dicts -> a batch of numpy columns, as Ray Data hands a batch to decode_batch: numbers as numeric
+    arrays, anything else (strings, audio bytes, None) as object arrays (a fixed-width bytes array would drop
+    an audio file's trailing zero bytes)."""
+    batch = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        batch[key] = np.array(values) if numeric else np.array(values + [None], dtype=object)[:-1]
+    return batch

@@ -237,11 +237,13 @@ def count_rows(uri: str, split: str) -> int:
     """Rows in a split: from the index when the folder has one, else from the Parquet footers."""
     if has_index(uri):
         return sum(s["rows"] for s in read_index(uri)["shards"] if s["split"] == split)
-    total = 0
-    for shard in shard_files(uri, split):
-        fs, path = storage.resolve_fs(shard)
-        total += pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
-    return total
+    return sum(file_rows(shard) for shard in shard_files(uri, split))
+
+
+def file_rows(uri: str) -> int:
+    """Rows of one shard file, from its Parquet footer."""
+    fs, path = storage.resolve_fs(uri)
+    return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
 
 
 def source_clip_id(row_id: str) -> str:

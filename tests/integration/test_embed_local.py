@@ -119,12 +119,29 @@ def test_in_process_runner_reads_and_writes_object_storage(manifest, s3_bucket, 
         "duplicate_id", "missing_file", "undecodable"]
 
 
-def test_runner_local_on_a_shard_folder_is_refused_before_anything_is_written(manifest, tmp_path):
-    from clap_core.config import ConfigError
+def test_a_small_shard_split_is_embedded_in_process_as_the_ray_job_embeds_it(ray_local, manifest, tmp_path,
+                                                                             monkeypatch):
+    """`clap embed --input SHARDS --split test` (the flow after `clap pretrain`): auto counts the split's rows
+    from the shard index and embeds them in process, streamed from the Parquet files, when no cluster is given."""
     from pipelines.embed import embed_dataset
     from tests.fixtures.shards import write_shards
 
-    write_shards(tmp_path / "shards", per_label=1, split="test")
-    with pytest.raises(ConfigError, match="a shard folder is read by Ray Data: drop --runner local"):
-        embed_dataset(str(manifest / "ckpt"), str(tmp_path / "shards"), str(tmp_path / "emb"), runner="local")
-    assert not (tmp_path / "emb").exists()
+    write_shards(tmp_path / "shards", per_label=2, split="train")
+    test_rows = write_shards(tmp_path / "shards", per_label=3, split="test", corrupt=1)
+    ckpt, shards = str(manifest / "ckpt"), str(tmp_path / "shards")
+    assert embed_local.shard_rows(shards, "test") == len(test_rows) == 10
+    by_ray = embed_dataset(ckpt, shards, str(tmp_path / "ray"), split="test", batch_size=4)
+    monkeypatch.setattr(embed_local, "ray_addressed", lambda: False)  # as on a machine with no Ray running
+    by_local = embed_dataset(ckpt, shards, str(tmp_path / "local"), split="test", batch_size=4)
+    assert by_local == by_ray == {"rows": 9, "rejects": 1, "reject_reasons": {"undecodable": 1}}
+    assert all("_local_" in f["path"] for f in embeddings.read_index(str(tmp_path / "local"))["files"])
+    ray_table, local_table = embeddings.read_table(str(tmp_path / "ray")), embeddings.read_table(str(tmp_path / "local"))
+    assert local_table.column_names == ray_table.column_names
+    assert local_table.column("id").to_pylist() == sorted(r["id"] for r in test_rows if r["id"] != "corrupt-0")
+    assert embeddings.read_rejects(str(tmp_path / "local")).column("id").to_pylist() == ["corrupt-0"]
+    for column in ray_table.column_names:
+        if column.endswith("_embedding"):
+            np.testing.assert_allclose(embeddings.embedding_matrix(local_table, column),
+                                       embeddings.embedding_matrix(ray_table, column), atol=1e-6, rtol=0)
+        else:
+            assert local_table.column(column).to_pylist() == ray_table.column(column).to_pylist(), column

@@ -20,7 +20,7 @@ def test_auto_runs_a_small_manifest_in_process_only_without_a_cluster(no_cluster
     assert choose_runner("auto", 64, cluster_options=False) == "local"
     assert choose_runner("auto", LOCAL_MAX_ROWS, cluster_options=False) == "local"
     assert choose_runner("auto", LOCAL_MAX_ROWS + 1, cluster_options=False) == "ray"
-    assert choose_runner("auto", None, cluster_options=False) == "ray"  # a shard folder: Ray Data reads it
+    assert choose_runner("auto", None, cluster_options=False) == "ray"  # rows not counted: a big shard folder
     assert choose_runner("auto", 64, cluster_options=True) == "ray"  # --concurrency, --max-workers, --gpus
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True))
     assert embed_local.ray_addressed() and choose_runner("auto", 64, cluster_options=False) == "ray"
@@ -39,12 +39,35 @@ def test_auto_joins_a_cluster_that_ray_start_left_an_address_for(no_cluster, tmp
     assert choose_runner("auto", 64, cluster_options=False) == "ray"
 
 
-def test_an_explicit_runner_is_honoured_or_refused_clearly(no_cluster, monkeypatch):
+def test_an_explicit_runner_is_honoured_and_an_unknown_one_refused(no_cluster, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert choose_runner("local", LOCAL_MAX_ROWS * 10, cluster_options=True) == "local"
     monkeypatch.delenv("RAY_ADDRESS")
     assert choose_runner("ray", 1, cluster_options=False) == "ray"
-    with pytest.raises(ConfigError, match="a shard folder is read by Ray Data"):
-        choose_runner("local", None, cluster_options=False)
+    assert choose_runner("local", None, cluster_options=False) == "local"  # streams rows it has not counted
     with pytest.raises(ConfigError, match="choose one of auto, ray, local"):
         choose_runner("spark", 1, cluster_options=False)
+
+
+def test_column_batch_keeps_audio_bytes_whole():
+    """Shard rows carry FLAC bytes: a numpy bytes array ('S' dtype) would drop their trailing zero bytes."""
+    audio = [b"fLaC\x00\x01\x00\x00", b"fLaC\x02\x00"]
+    batch = embed_local.column_batch([{"id": "a", "audio": audio[0], "n": 1, "x": None},
+                                      {"id": "b", "audio": audio[1], "n": 2, "x": "y"}])
+    assert list(batch["audio"]) == audio and batch["audio"].dtype == object
+    assert batch["n"].dtype.kind == "i" and list(batch["n"]) == [1, 2]
+    assert list(batch["x"]) == [None, "y"] and list(batch["id"]) == ["a", "b"]
+
+
+def test_shard_rows_counts_small_folders_and_stops_early_on_big_ones(tmp_path, monkeypatch):
+    from tests.fixtures.shards import write_shards
+
+    write_shards(tmp_path / "shards", per_label=2, split="train")
+    write_shards(tmp_path / "shards", per_label=1, split="test")
+    folder = str(tmp_path / "shards")
+    assert embed_local.shard_rows(folder, "train") == 6 and embed_local.shard_rows(folder, "test") == 3
+    assert embed_local.shard_rows(folder, None) == 9
+    monkeypatch.setattr(embed_local, "LOCAL_MAX_ROWS", 5)  # past it: not counted further, a job for Ray
+    assert embed_local.shard_rows(folder, "train") is None and embed_local.shard_rows(folder, "test") == 3
+    monkeypatch.setattr(embed_local, "MAX_COUNTED_FILES", 1)  # more files than that: not even opened
+    assert embed_local.shard_rows(folder, None) is None
