@@ -19,6 +19,7 @@ import itertools
 import os
 import sys
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +29,10 @@ import numpy as np
 
 from clap_core.config import ConfigError
 from clap_core.data import embeddings, shards
+from clap_core.io_faults import retry_transient
 
 RUNNERS = ("auto", "ray", "local")
-LOCAL_MAX_ROWS = 1024  # auto: a manifest of at most this many rows runs in this process (~1 min on 2 cores)
+LOCAL_MAX_ROWS = 1024  # auto: an input of at most this many rows runs in this process (~1 min on 2 cores)
 ROWS_PER_FILE = 4096  # rows per data file of an in-process run (~10 MB at D=512 with captions' embeddings)
 MAX_COUNTED_FILES = 64  # auto counts an unindexed shard folder's rows from at most this many Parquet footers
 
@@ -74,8 +76,8 @@ def embed_in_process(rows: Iterable[dict], total: int | None, output: str, attem
                      batch_size: int, text: bool, precision: str, layers: bool) -> None:
     """Decode and embed rows (manifest items, pipelines.embed.manifest_item, or shard rows, streamed; `total` of
     them, None when not counted) in this process into OUTPUT's data/ and _rejects/ as files of `attempt`:
-    decoding the next batches on threads (soxr and the codecs release the GIL; decode_ahead_batches), the model
-    on this thread with this process' torch threads. The caller commits."""
+    reading and decoding the next batches on threads (soxr, the codecs and Parquet release the GIL;
+    decode_ahead_batches), the model on this thread with this process' torch threads. The caller commits."""
     from pipelines.console import bar, open_planned_log
     from pipelines.embed import EmbedBatch, decode_batch
 
@@ -83,24 +85,34 @@ def embed_in_process(rows: Iterable[dict], total: int | None, output: str, attem
     model = EmbedBatch(checkpoint, batch_size, text, precision, layers)
     ahead = decode_ahead_batches(model)
     chunks = iter(lambda it=iter(rows): list(itertools.islice(it, batch_size)), [])  # lists of <= batch_size rows
+    reading = threading.Lock()  # the decode threads take the next rows in turn (shard rows are read here)
+
+    def next_batch() -> tuple[int, dict[str, np.ndarray]] | None:
+        with reading:
+            chunk = next(chunks, None)
+        if chunk is None:  # the rows ran out
+            return None
+        return len(chunk), decode_batch(column_batch(chunk), output, attempt)  # rejects are in _rejects/ already
+
     written, pending_rows, part = 0, [], 0
     with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="clap-decode") as decoder, \
             bar(None, total, "embed clips") as progress:
-        def decode(chunk: list[dict]):
-            return len(chunk), decoder.submit(decode_batch, column_batch(chunk), output, attempt)
-
-        decoding = deque(decode(chunk) for chunk in itertools.islice(chunks, ahead))
+        decoding = deque(decoder.submit(next_batch) for _ in range(ahead))
         while decoding:
-            size, future = decoding.popleft()
-            batch = future.result()  # rows that did not decode are in _rejects/ already
-            decoding.extend(decode(chunk) for chunk in itertools.islice(chunks, 1))
+            decoded = decoding.popleft().result()
+            if decoded is None:
+                continue
+            decoding.append(decoder.submit(next_batch))
+            size, batch = decoded
             if len(batch["id"]):
                 pending_rows.append(model(batch))
                 written += len(batch["id"])
             progress.update(size)
-            if written >= ROWS_PER_FILE or (not decoding and pending_rows):
+            if written >= ROWS_PER_FILE:
                 embeddings.write_data_file(output, attempt, f"local_{part:06d}", pending_rows)
                 pending_rows, written, part = [], 0, part + 1
+    if pending_rows:
+        embeddings.write_data_file(output, attempt, f"local_{part:06d}", pending_rows)
 
 
 def shard_rows(input_uri: str, split: str | None) -> int | None:
@@ -121,10 +133,16 @@ def shard_rows(input_uri: str, split: str | None) -> int | None:
 
 
 def iter_shard_items(input_uri: str, split: str | None) -> Iterator[dict]:
-    """The rows of a shard folder's split as the Ray job reads them (SHARD_COLUMNS), streamed."""
+    """The rows of a shard folder's split as the Ray job reads them (SHARD_COLUMNS), streamed a row group at a
+    time; a transient storage error re-reads that row group (io_faults.retry_transient), as Ray Data retries a
+    read task."""
     from pipelines.embed import SHARD_COLUMNS
 
-    return shards.iter_shard_rows(input_uri, split, list(SHARD_COLUMNS))
+    for uri in shards.shard_files(input_uri, split):
+        for index in range(retry_transient(lambda: shards.row_groups(uri), what=uri)):
+            group = retry_transient(lambda: shards.read_row_group(uri, index, list(SHARD_COLUMNS)),
+                                    what=f"{uri} row group {index}")
+            yield from group.to_pylist()
 
 
 def decode_ahead_batches(model) -> int:

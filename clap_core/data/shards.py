@@ -242,8 +242,22 @@ def count_rows(uri: str, split: str) -> int:
 
 def file_rows(uri: str) -> int:
     """Rows of one shard file, from its Parquet footer."""
+    return _parquet_file(uri).metadata.num_rows
+
+
+def row_groups(uri: str) -> int:
+    """Row groups of one shard file (ShardWriter writes `row_group_rows` rows to each)."""
+    return _parquet_file(uri).num_row_groups
+
+
+def read_row_group(uri: str, index: int, columns: list[str] | None = None) -> pa.Table:
+    """One row group of a shard file: a unit small enough to read again after a transient error."""
+    return _parquet_file(uri).read_row_group(index, columns=columns)
+
+
+def _parquet_file(uri: str) -> pq.ParquetFile:
     fs, path = storage.resolve_fs(uri)
-    return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+    return pq.ParquetFile(fs.open_input_file(path))
 
 
 def source_clip_id(row_id: str) -> str:
