@@ -94,3 +94,17 @@ def test_shard_rows_are_streamed_by_row_group_and_a_transient_read_error_is_read
     assert [item["id"] for item in items] == [row["id"] for row in rows]
     assert [item["audio"] for item in items] == [row["audio"] for row in rows]
     assert set(items[0]) == {"id", "audio", "caption", "label", "split", "source_path", "language", "kind"}
+
+
+def test_shard_rows_of_a_preprocess_output_come_from_its_index(tmp_path, no_cluster):
+    """A `clap preprocess` output is counted from manifest.json alone: no shard file is opened."""
+    from clap_core.data import shards
+
+    shards.write_index(str(tmp_path), {"shards": [
+        {"path": "train/a.parquet", "split": "train", "rows": 1500, "bytes": 1, "seconds": 1.0},
+        {"path": "test/b.parquet", "split": "test", "rows": 40, "bytes": 1, "seconds": 1.0},
+        {"path": "test/c.parquet", "split": "test", "rows": 24, "bytes": 1, "seconds": 1.0}]})
+    folder = str(tmp_path)  # the listed files do not exist: opening one would raise
+    assert embed_local.shard_rows(folder, "test") == 64 and embed_local.shard_rows(folder, None) == 1564
+    assert choose_runner("auto", embed_local.shard_rows(folder, "test"), cluster_options=False) == "local"
+    assert choose_runner("auto", embed_local.shard_rows(folder, "train"), cluster_options=False) == "ray"
