@@ -100,8 +100,9 @@ def plan_log(command: str, output: str) -> None:
 
 
 def open_planned_log(what: str = "logs") -> None:
-    """Open the planned log file (plan_log) now, for a command that runs without Ray (`clap embed`'s in-process
-    runner): the chatty libraries' lines and native stderr go to it as they would in a Ray job."""
+    """Open the planned log file (plan_log) now, if one is planned and not open yet: init_ray does, and a command
+    that runs without Ray (`clap embed`'s in-process runner), whose chatty libraries' lines and native stderr go
+    to it as they would in a Ray job. `what`: how the console line names its contents."""
     global _planned_log
     if _planned_log is not None:
         start_log(*_planned_log, what=what)
@@ -220,10 +221,8 @@ def init_ray(worker_output: bool = False, data_bars: bool = True, **kwargs):
     Returns ray.init's context, or None when Ray was already up."""
     import ray
 
-    global _planned_log, _workers_silent, _started_ray
-    if _planned_log is not None:
-        start_log(*_planned_log)
-        _planned_log = None
+    global _workers_silent, _started_ray
+    open_planned_log("Ray's logs")
     context = None
     if _job_log is not None:
         _catch_raylet_messages()

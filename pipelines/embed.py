@@ -299,7 +299,10 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
         raise CheckpointError(str(e).replace(folder, checkpoint)) from None
     items, duplicates = manifest_items(input_uri, split)
     cluster_options = bool(concurrency or max_workers or gpus or min_workers != 1)
-    rows = len(items) if items is not None else shard_rows(input_uri, split) if runner != "ray" else None
+    if items is not None:
+        rows = len(items)
+    else:  # a shard folder: its rows are counted only when a runner may be chosen by them
+        rows = None if runner == "ray" else shard_rows(input_uri, split)
     chosen = choose_runner(runner, rows, cluster_options=cluster_options)
     identity = embeddings.checkpoint_identity(folder)
     job = embeddings.job_hash(identity, input_uri, split, text, precision, layers)

@@ -60,9 +60,9 @@ def ray_addressed() -> bool:
 
 
 def ray_address_file() -> Path:
-    """Where `ray start` writes its cluster's address for the drivers that come after it (`ray stop` removes
-    it): `ray_current_cluster` in Ray's default temp folder, found as Ray finds it (RAY_TMPDIR, else TMPDIR on
-    Linux, else /tmp)."""
+    """Where `ray start` writes its cluster's address for the drivers that come after it (Ray removes the file
+    when that cluster is taken down): `ray_current_cluster` in Ray's default temp folder, found as Ray finds it
+    (RAY_TMPDIR, else TMPDIR on Linux, else /tmp)."""
     if os.environ.get("RAY_TMPDIR"):
         base = os.environ["RAY_TMPDIR"]
     elif sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
