@@ -29,7 +29,6 @@ import numpy as np
 
 from clap_core.config import ConfigError
 from clap_core.data import embeddings, shards
-from clap_core.io_faults import retry_transient
 
 RUNNERS = ("auto", "ray", "local")
 LOCAL_MAX_ROWS = 1024  # auto: an input of at most this many rows runs in this process (~1 min on 2 cores)
@@ -120,7 +119,7 @@ def shard_rows(input_uri: str, split: str | None) -> int | None:
     index, else from the Parquet footers, read until they pass LOCAL_MAX_ROWS and of at most MAX_COUNTED_FILES
     files (None beyond either: a big folder, which Ray Data reads; on S3 each footer is a request)."""
     if shards.has_index(input_uri):
-        return sum(s["rows"] for s in shards.read_index(input_uri)["shards"] if split is None or s["split"] == split)
+        return shards.count_rows(input_uri, split)
     files = shards.shard_files(input_uri, split)
     if len(files) > MAX_COUNTED_FILES:
         return None
@@ -133,16 +132,11 @@ def shard_rows(input_uri: str, split: str | None) -> int | None:
 
 
 def iter_shard_items(input_uri: str, split: str | None) -> Iterator[dict]:
-    """The rows of a shard folder's split as the Ray job reads them (SHARD_COLUMNS), streamed a row group at a
-    time; a transient storage error re-reads that row group (io_faults.retry_transient), as Ray Data retries a
-    read task."""
+    """The rows of a shard folder's split as the Ray job reads them (SHARD_COLUMNS), streamed by
+    shards.iter_shard_rows (a transient storage error resumes the read, as Ray Data retries a read task)."""
     from pipelines.embed import SHARD_COLUMNS
 
-    for uri in shards.shard_files(input_uri, split):
-        for index in range(retry_transient(lambda: shards.row_groups(uri), what=uri)):
-            group = retry_transient(lambda: shards.read_row_group(uri, index, list(SHARD_COLUMNS)),
-                                    what=f"{uri} row group {index}")
-            yield from group.to_pylist()
+    return shards.iter_shard_rows(input_uri, split, list(SHARD_COLUMNS))
 
 
 def decode_ahead_batches(model) -> int:

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from clap_core import storage
 from clap_core.data.markers import Marker, ShardEntry, marker_uri
 from clap_core.data.rejects import REJECTS_DIR, read_rejects  # OUT/_rejects/: one file per unit with rejects
+from clap_core.io_faults import retry_transient
 
 INDEX_FILE = "manifest.json"  # OUT/manifest.json: the index (its name predates "index"; it stays)
 INDEX_FORMAT = "clap-shards/1"  # the index's "format" field
@@ -233,26 +234,16 @@ def shard_files(uri: str, split: str | None = None) -> list[str]:
             if f.endswith(".parquet") and "/_" not in f[rel:] and storage.TEMP_PREFIX not in f[rel:]]
 
 
-def count_rows(uri: str, split: str) -> int:
-    """Rows in a split: from the index when the folder has one, else from the Parquet footers."""
+def count_rows(uri: str, split: str | None = None) -> int:
+    """Rows in a split (None: every split): from the index when the folder has one, else from the Parquet footers."""
     if has_index(uri):
-        return sum(s["rows"] for s in read_index(uri)["shards"] if s["split"] == split)
+        return sum(s["rows"] for s in read_index(uri)["shards"] if split is None or s["split"] == split)
     return sum(file_rows(shard) for shard in shard_files(uri, split))
 
 
 def file_rows(uri: str) -> int:
     """Rows of one shard file, from its Parquet footer."""
     return _parquet_file(uri).metadata.num_rows
-
-
-def row_groups(uri: str) -> int:
-    """Row groups of one shard file (ShardWriter writes `row_group_rows` rows to each)."""
-    return _parquet_file(uri).num_row_groups
-
-
-def read_row_group(uri: str, index: int, columns: list[str] | None = None) -> pa.Table:
-    """One row group of a shard file: a unit small enough to read again after a transient error."""
-    return _parquet_file(uri).read_row_group(index, columns=columns)
 
 
 def _parquet_file(uri: str) -> pq.ParquetFile:
@@ -278,12 +269,65 @@ def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def iter_shard_rows(uri: str, split: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:
-    """Rows (dicts) of one shard file, or of every shard of an output folder (optionally one split)."""
+    """Rows (dicts) of one shard file, or of every shard of an output folder (optionally one split), streamed
+    READ_BATCH_ROWS at a time. A transient storage error (a reset connection, a throttled request) opens the file
+    again and goes on after the last row read (io_faults.retry_transient, as Ray Data retries a read task): no
+    row lost or repeated; a persistent one (refused credentials) is raised at once."""
     uris = [uri] if uri.endswith(".parquet") else shard_files(uri, split)
     for shard in uris:
-        fs, path = storage.resolve_fs(shard)
-        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=64, columns=columns):
-            yield from batch.to_pylist()
+        yield from _file_rows(shard, columns)
+
+
+READ_BATCH_ROWS = 64  # rows a streaming reader decodes at once: one ShardWriter row group of 10-s FLAC, ~40 MB
+WHOLE_ROW_GROUP_BYTES = 64 << 20  # a row group up to this size (compressed) is fetched in one coalesced read
+READ_BUFFER_BYTES = 8 << 20  # a bigger one (another tool's Parquet may hold a whole file in one) is read page
+#                              after page through a buffer of this size: memory follows the batch, not the row group
+
+
+def _file_rows(uri: str, columns: list[str] | None) -> Iterator[dict]:
+    done = 0  # rows of the file read so far: where a re-opened file resumes
+    batches: Iterator[pa.RecordBatch] | None = None
+
+    def next_batch() -> pa.RecordBatch | None:
+        nonlocal batches
+        try:
+            if batches is None:
+                batches = _batches_from(uri, columns, done)
+            return next(batches, None)
+        except Exception:
+            batches = None  # a retry opens the file again
+            raise
+
+    while (batch := retry_transient(next_batch, what=f"{uri} (after row {done})")) is not None:
+        done += batch.num_rows
+        yield from batch.to_pylist()
+
+
+def _batches_from(uri: str, columns: list[str] | None, start: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of one file from row `start` on, a row group at a time (a ParquetFile asked for all of
+    them at once pre-buffers the whole file); the row groups before `start` are not read."""
+    whole = _parquet_file(uri)  # pre-buffered: a row group's column chunks in one coalesced read
+    paged = None  # the same file read through READ_BUFFER_BYTES, for row groups too big to fetch whole
+    skip = start  # rows still to pass over
+    for index in range(whole.metadata.num_row_groups):
+        group = whole.metadata.row_group(index)
+        if skip >= group.num_rows:
+            skip -= group.num_rows
+            continue
+        source = whole
+        if sum(group.column(c).total_compressed_size for c in range(group.num_columns)) > WHOLE_ROW_GROUP_BYTES:
+            if paged is None:
+                fs, path = storage.resolve_fs(uri)
+                paged = pq.ParquetFile(fs.open_input_file(path), metadata=whole.metadata,
+                                       buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+            source = paged
+        for batch in source.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[index], columns=columns,
+                                         use_threads=False):
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            yield batch.slice(skip)
+            skip = 0
 
 
 def read_shards(out_uri: str, split: str | None = None, columns: list[str] | None = None) -> pa.Table:

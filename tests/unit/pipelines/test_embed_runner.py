@@ -73,24 +73,14 @@ def test_shard_rows_counts_small_folders_and_stops_early_on_big_ones(tmp_path, m
     assert embed_local.shard_rows(folder, None) is None
 
 
-def test_shard_rows_are_streamed_by_row_group_and_a_transient_read_error_is_read_again(tmp_path, monkeypatch):
-    """The in-process runner reads shards a row group at a time; a reset connection re-reads that row group
-    (retry_transient, ~1 s of backoff here) instead of ending the job, and no row is lost or repeated."""
-    from clap_core.data import shards
+def test_shard_items_are_the_rows_the_ray_job_reads(tmp_path):
+    """The in-process runner streams a split's rows through shards.iter_shard_rows (its retries and memory bound:
+    tests/unit/data/test_shard_reader.py) with the Ray job's columns."""
     from tests.fixtures.shards import write_shards
 
     rows = write_shards(tmp_path / "shards", per_label=1, split="test")
-    real, failed = shards.read_row_group, []
-
-    def flaky(uri, index, columns=None):
-        if not failed:
-            failed.append(index)
-            raise ConnectionResetError("connection reset by peer")
-        return real(uri, index, columns)
-
-    monkeypatch.setattr(shards, "read_row_group", flaky)
+    write_shards(tmp_path / "shards", per_label=1, split="train")
     items = list(embed_local.iter_shard_items(str(tmp_path / "shards"), "test"))
-    assert failed == [0]
     assert [item["id"] for item in items] == [row["id"] for row in rows]
     assert [item["audio"] for item in items] == [row["audio"] for row in rows]
     assert set(items[0]) == {"id", "audio", "caption", "label", "split", "source_path", "language", "kind"}
