@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py --rows 100000
     python benchmarks/bench_scale.py --rows 1000000 --no-baseline
+    python benchmarks/bench_scale.py --rows 1000000 --command embed   # `clap embed` on the same manifest
 
 The manifest holds a few real clips and N - 4 rows whose audio files do not exist (rejected
 `missing_file` without decoding), 1 in 1000 a duplicate id: the run measures the planning and
@@ -18,6 +19,11 @@ Ray with `--cores` CPUs; the child reports:
 Baseline in the same run (skip with --no-baseline): the in-memory planner (`read_inputs` +
 `plan_units`, what the driver did before planning was distributed) in its own child process, for its
 wall time and VmHWM.
+
+With --command embed, the child runs the Ray `clap embed` job (a tiny random-init checkpoint, --no-text) on the
+manifest, read by Ray tasks a chunk at a time (pipelines/embed_input.py), and the baseline is the same job with
+the manifest read whole into the driver's items (what it did before; what it still does up to
+IN_DRIVER_MANIFEST_BYTES): driver peak (VmHWM) and wall time of each, rows and rejects checked equal.
 """
 from __future__ import annotations
 
@@ -96,6 +102,47 @@ def baseline_child(manifest: str, overrides: list[str]) -> dict:
     return {"plan_s": time.perf_counter() - start, "driver_peak_mb": vm_hwm_mb(), "units": len(plan.units)}
 
 
+def embed_child(manifest: str, out: str, checkpoint: str, cores: int, whole: bool) -> dict:
+    """The `clap embed` driver on the manifest; `whole`: its items read into the driver, as before."""
+    import ray
+
+    from pipelines import embed_input
+    from pipelines.embed import embed_dataset
+
+    if whole:
+        embed_input.IN_DRIVER_MANIFEST_BYTES = float("inf")
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    start = time.perf_counter()
+    # batches of 1024 rows: one rejects file per decode batch, and all but 4 rows here are rejects
+    summary = embed_dataset(checkpoint, manifest, out, batch_size=1024, text=False, runner="ray")
+    total = time.perf_counter() - start
+    ray.shutdown()
+    return {"total_s": total, "driver_peak_mb": vm_hwm_mb(), **summary}
+
+
+def embed_run(manifest: str, work: str, rows: int, cores: int, baseline: bool) -> None:
+    import torch
+
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
+
+    torch.manual_seed(0)
+    ClapModel(get_model_config("tiny")).save_pretrained(f"{work}/ckpt")
+    runs = {"chunked": run_child("embed", manifest, f"{work}/emb", f"{work}/ckpt", str(cores), "chunked")}
+    if baseline:
+        runs["whole"] = run_child("embed", manifest, f"{work}/emb-whole", f"{work}/ckpt", str(cores), "whole")
+    assert runs["chunked"]["rows"] + runs["chunked"]["rejects"] == rows, runs
+    assert all(r["rows"] == runs["chunked"]["rows"] and r["reject_reasons"] == runs["chunked"]["reject_reasons"]
+               for r in runs.values()), runs
+    print("| rows | manifest read | driver peak (MB) | total (s) | embedded | rejects |")
+    print("|---:|---|---:|---:|---:|---|")
+    for name, r in runs.items():
+        how = "by Ray tasks, a chunk each" if name == "chunked" else "whole, into the driver (before)"
+        print(f"| {rows:,} | {how} | {r['driver_peak_mb']:.0f} | {r['total_s']:.1f} | {r['rows']} "
+              f"| {r['reject_reasons']} |")
+
+
 def run_child(*args: str) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -111,13 +158,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the in-memory planner baseline")
+    parser.add_argument("--command", choices=["preprocess", "embed"], default="preprocess")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides for the job, e.g. output.rows_per_unit=2000")
     args = parser.parse_args()
     if args.child:
         kind, rest = args.child[0], args.child[1:]
-        result = (job_child(rest[0], rest[1], int(rest[2]), rest[3:]) if kind == "job"
-                  else baseline_child(rest[0], rest[1:]))
+        if kind == "embed":
+            result = embed_child(rest[0], rest[1], rest[2], int(rest[3]), whole=rest[4] == "whole")
+        elif kind == "job":
+            result = job_child(rest[0], rest[1], int(rest[2]), rest[3:])
+        else:
+            result = baseline_child(rest[0], rest[1:])
         print(json.dumps(result))
         return
 
@@ -128,6 +180,9 @@ def main() -> None:
         manifest = str(write_scale_manifest(Path(work) / "in", args.rows, duplicate_every=1000))
         print(f"{args.rows:,}-row manifest ({os.path.getsize(manifest) / 1e6:.0f} MB) written in "
               f"{time.perf_counter() - t:.0f} s; {args.cores} cores; overrides {args.overrides or 'none'}")
+        if args.command == "embed":
+            embed_run(manifest, work, args.rows, args.cores, baseline=not args.no_baseline)
+            return
         job = run_child("job", manifest, f"{work}/out", str(args.cores), *args.overrides)
         assert job["rows_in"] == args.rows and job["resume_units"] == 0, job
         base = None if args.no_baseline else run_child("baseline", manifest, *args.overrides)

@@ -27,10 +27,9 @@ from clap_core import storage
 from clap_core.audio.codec import MAX_CLIP_SECONDS, TARGET_SR, decode_audio
 from clap_core.config import CheckpointError, ConfigError
 from clap_core.data import embeddings
-from clap_core.data.input_rows import audio_source, row_id
-from clap_core.data.inputs import read_inputs
+from clap_core.data.input_rows import audio_source
 from clap_core.data.rejects import Reject, failure_reject, reject, write_rejects
-from clap_core.data.shards import is_shard_folder, shard_files
+from clap_core.data.shards import is_shard_folder
 from clap_core.io_faults import retry_transient
 from clap_core.model.folders import (
     check_checkpoint,
@@ -41,11 +40,8 @@ from clap_core.model.folders import (
 )
 from clap_core.storage import local_copy
 from pipelines.console import init_ray, plan_log
-from pipelines.embed_local import RUNNERS, choose_runner, embed_in_process, iter_shard_items, shard_rows
-from pipelines.ray_shards import read_shards
-
-META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
-SHARD_COLUMNS = ("id", "audio") + META_COLUMNS  # what the job reads of a shard
+from pipelines.embed_input import local_rows, manifest_items, ray_dataset
+from pipelines.embed_local import RUNNERS, choose_runner, embed_in_process, shard_rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,52 +180,6 @@ class EmbedBatch:
 # --- the job ---
 
 
-def manifest_items(input_uri: str, split: str | None) -> tuple[list[dict] | None, list[Reject]]:
-    """(the rows of a manifest as items with id, where to read the audio, and metadata; a duplicate_id reject
-    for every later row of an id seen before: embedded once). (None, []) for a shard folder: Ray Data reads
-    its Parquet."""
-    if is_shard_folder(input_uri):
-        return None, []
-    rows = [r for r in read_inputs(input_uri) if not split or r.get("split") in (None, "", split)]
-    return unique_items([manifest_item(r) for r in rows])
-
-
-def read_input(ray, input_uri: str, split: str | None, items: list[dict] | None):
-    """A Ray Dataset of rows with id, audio bytes (shards) or where to read them (manifest items), and metadata."""
-    if items is None:
-        return read_shards(shard_files(input_uri, split), list(SHARD_COLUMNS))
-    return ray.data.from_items(items)
-
-
-def unique_items(items: list[dict]) -> tuple[list[dict], list[Reject]]:
-    """(items with unique ids, a duplicate_id reject record for every later row of an id seen before)."""
-    seen: set[str] = set()
-    unique, duplicates = [], []
-    for item in items:
-        if item["id"] in seen:
-            duplicates.append(reject(item, "read_manifest", "duplicate_id",
-                                     f"id {item['id']!r} appeared earlier in the input: embedded once"))
-            continue
-        seen.add(item["id"])
-        unique.append(item)
-    return unique, duplicates
-
-
-def manifest_item(row: dict) -> dict:
-    """A manifest row as flat strings for Ray Data (where to read the audio, what to carry along)."""
-    item = {k: _text(row.get(k)) for k in META_COLUMNS}
-    error = row.get("error")
-    ranged = row.get("byte_offset") is not None
-    item.update(id=row_id(row), audio_uri=_text(row.get("audio_uri")),
-                byte_offset=row["byte_offset"] if ranged else -1, byte_size=row["byte_size"] if ranged else -1,
-                error_reason=error[0] if error else "", error_detail=error[1] if error else "")
-    return item
-
-
-def _text(value) -> str:
-    return "" if value is None else str(value)
-
-
 def actor_pool(cluster_gpus: int, gpus: float | None, concurrency: int | None, min_workers: int,
                max_workers: int | None, cpus: float = 0) -> tuple[float, int | tuple[int, int]]:
     """(GPUs per actor, Ray Data concurrency: a fixed size or a (min, max) range). An explicit --gpus
@@ -297,12 +247,14 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
             check_checkpoint(folder)
     except CheckpointError as e:
         raise CheckpointError(str(e).replace(folder, checkpoint)) from None
-    items, duplicates = manifest_items(input_uri, split)
+    items, duplicates = manifest_items(input_uri, split)  # None: a shard folder or a big manifest, streamed
     cluster_options = bool(concurrency or max_workers or gpus or min_workers != 1)
     if items is not None:
         rows = len(items)
-    else:  # a shard folder: its rows are counted only when a runner may be chosen by them
-        rows = None if runner == "ray" else shard_rows(input_uri, split)
+    elif runner != "ray" and is_shard_folder(input_uri):  # counted only when a runner may be chosen by them
+        rows = shard_rows(input_uri, split)
+    else:  # a manifest too big to read here: a job for Ray unless --runner local
+        rows = None
     chosen = choose_runner(runner, rows, cluster_options=cluster_options)
     identity = embeddings.checkpoint_identity(folder)
     job = embeddings.job_hash(identity, input_uri, split, text, precision, layers)
@@ -316,9 +268,10 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     write_batch_rejects(output, attempt, duplicates)
     if chosen == "local":
         why = "no Ray cluster given" if runner == "auto" else "--runner local"
-        print(f"clap embed: {rows} rows, {why}: embedding in this process (--runner ray for a Ray job)",
+        size = "rows streamed" if rows is None else f"{rows} rows"  # a big input, not counted beforehand
+        print(f"clap embed: {size}, {why}: embedding in this process (--runner ray for a Ray job)",
               file=sys.stderr, flush=True)
-        embed_in_process(items if items is not None else iter_shard_items(input_uri, split), rows, output, attempt,
+        embed_in_process(local_rows(input_uri, split, items), rows, output, attempt,
                          checkpoint=checkpoint, batch_size=batch_size, text=text, precision=precision,
                          layers=layers)
         return embeddings.summary(embeddings.commit(output, attempt))
@@ -330,7 +283,7 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     resources = ray.cluster_resources()
     gpus_per_actor, pool = actor_pool(int(resources.get("GPU", 0)), gpus, concurrency, min_workers, max_workers,
                                       cpus=resources.get("CPU", 0))
-    ds = read_input(ray, input_uri, split, items)
+    ds = ray_dataset(ray, input_uri, split, items, num_cpus=decode_cpus(gpus_per_actor))
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output, "attempt": attempt}, batch_size=batch_size,
                         num_cpus=decode_cpus(gpus_per_actor))
     threads = actor_threads(resources.get("CPU", 0), gpus_per_actor, pool)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,7 +73,7 @@ def ray_address_file() -> Path:
 
 def embed_in_process(rows: Iterable[dict], total: int | None, output: str, attempt: str, *, checkpoint: str,
                      batch_size: int, text: bool, precision: str, layers: bool) -> None:
-    """Decode and embed rows (manifest items, pipelines.embed.manifest_item, or shard rows, streamed; `total` of
+    """Decode and embed rows (pipelines.embed_input.local_rows: manifest items, or shard rows streamed; `total` of
     them, None when not counted) in this process into OUTPUT's data/ and _rejects/ as files of `attempt`:
     reading and decoding the next batches on threads (soxr, the codecs and Parquet release the GIL;
     decode_ahead_batches), the model on this thread with this process' torch threads. The caller commits."""
@@ -129,14 +129,6 @@ def shard_rows(input_uri: str, split: str | None) -> int | None:
         if total > LOCAL_MAX_ROWS:
             return None
     return total
-
-
-def iter_shard_items(input_uri: str, split: str | None) -> Iterator[dict]:
-    """The rows of a shard folder's split as the Ray job reads them (SHARD_COLUMNS), streamed by
-    shards.iter_shard_rows (a transient storage error resumes the read, as Ray Data retries a read task)."""
-    from pipelines.embed import SHARD_COLUMNS
-
-    return shards.iter_shard_rows(input_uri, split, list(SHARD_COLUMNS))
 
 
 def decode_ahead_batches(model) -> int:

@@ -19,6 +19,7 @@ import json
 
 import ray
 
+from clap_core.data import input_chunks as chunking
 from clap_core.io_faults import retry_transient
 from clap_core.preprocess import plan as planner
 from clap_core.preprocess import staging
@@ -28,7 +29,7 @@ from clap_core.preprocess.plan import Plan, content_hash, job_config, rows_per_u
 PLAN_FORMAT = "clap-plan/1"  # plan.json's "format" field
 
 
-def run_tasks(fn, items: list[dict], cfg: PreprocessConfig) -> list[dict]:
+def run_tasks(fn, items: list[dict], num_cpus: float) -> list[dict]:
     """fn(item) -> dict over items as Ray Data tasks (one item per block); results in item order."""
     if not items:
         return []
@@ -39,7 +40,7 @@ def run_tasks(fn, items: list[dict], cfg: PreprocessConfig) -> list[dict]:
         # a transient storage error is retried, never a verdict on the input (clap_core.io_faults)
         return {"i": row["i"], "result": json.dumps(retry_transient(lambda: fn(item), what="planning task"))}
 
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(task, num_cpus=cfg.ray.num_cpus)
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(task, num_cpus=num_cpus)
     done = sorted(ds.take_all(), key=lambda r: r["i"])
     return [json.loads(r["result"]) for r in done]
 
@@ -55,24 +56,27 @@ def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan,
     doc = staging.read_plan_file(root)
     if doc is not None:
         return Plan.from_dict(doc), root
-    chunks = planner.input_chunks(input_uri, cfg, cfg.ray.plan_chunk_mb)
+    enc, audio_dir = cfg.input.encoding, cfg.input.audio_dir
+    chunks = chunking.input_chunks(input_uri, cfg.ray.plan_chunk_mb, enc)
 
     # 0. rows per chunk -> where each chunk's rows start in input order
-    counted = run_tasks(lambda c: dict(zip(("rows", "lines"), planner.count_lines(c, cfg))), chunks, cfg)
-    firsts = planner.chunk_starts(chunks, [(r["rows"], r["lines"]) for r in counted])  # and each first_line
+    cpus = cfg.ray.num_cpus
+    counted = run_tasks(lambda c: dict(zip(("rows", "lines"), chunking.count_lines(c, enc, audio_dir))), chunks,
+                        cpus)
+    firsts = chunking.chunk_starts(chunks, [(r["rows"], r["lines"]) for r in counted])  # and each first_line
     rows_in = sum(r["rows"] for r in counted)
     groups = planner.group_count(rows_in, cfg)
 
     # 1. read + validate each chunk, write its rows per planning group
     def route(item: dict) -> dict:
-        rows = planner.read_chunk(item["chunk"], item["first"], cfg)
+        rows = chunking.read_chunk(item["chunk"], item["first"], enc, audio_dir)
         by_group, by_split = planner.route_rows(rows, groups, cfg)
         for g, part in by_group.items():
             staging.write_staged(staging.routed_file(root, item["c"], g), part)
         return {"counts": by_split}
 
     items = [{"c": c, "chunk": chunk, "first": first} for c, (chunk, first) in enumerate(zip(chunks, firsts))]
-    routed = run_tasks(route, items, cfg)
+    routed = run_tasks(route, items, cpus)
     per_group = planner.merge_counts([{int(g): n for g, n in r["counts"].items()} for r in routed])
     size = rows_per_unit(cfg)
     units_per_split, offsets = planner.split_layout(per_group, size)
@@ -91,7 +95,7 @@ def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan,
     files = {g: [staging.routed_file(root, c, g) for c, r in enumerate(routed) if str(g) in r["counts"]]
              for g in sorted(per_group)}
     resolved = run_tasks(resolve, [{"g": g, "files": files[g], "offsets": offsets[g]} for g in sorted(per_group)],
-                         cfg)
+                         cpus)
     plan = planner.assemble_plan(resolved, units_per_split, rows_in, cfg)
     staging.write_plan_file(root, {"format": PLAN_FORMAT, "input": input_uri, **plan.to_dict()})
     return plan, root

@@ -7,9 +7,9 @@ The job plans without holding the rows in one process: `pipelines/preprocess_pla
 stages as parallel Ray tasks, each touching a bounded part of the input, and both give the same
 units and hashes:
 
-    chunks = input_chunks(input_uri, cfg)               # byte ranges of JSONL, one tar each, or the whole input
-    firsts = chunk_starts(chunks, [count_lines(c, cfg) for c in chunks])  # 0. rows per chunk -> row offsets
-    route_rows(read_chunk(chunk, first, cfg), G, cfg)   # 1. validate (check_row), route each row by a hash of its id
+    chunks = input_chunks(input_uri, chunk_mb, enc)     # clap_core.data.input_chunks: JSONL byte ranges, tars, ...
+    firsts = chunk_starts(chunks, [count_lines(c, enc, audio_dir) for c in chunks])  # 0. rows per chunk -> row offsets
+    route_rows(read_chunk(chunk, first, enc, audio_dir), G, cfg)  # 1. validate (check_row), route each row by a hash of its id
     resolve_group(staged, offsets, size, cfg)           # 2. per group: duplicates, env partners, unit of each row
     assemble_plan(resolved, units_per_split, rows, cfg) # the driver: units from the groups' piece summaries
 
@@ -36,10 +36,8 @@ from dataclasses import dataclass, field
 from clap_core import storage
 from clap_core.audio.augment import pair_speech_with_env, stable_seed
 from clap_core.config import to_dict
-from clap_core.data.input_folders import webdataset_rows
-from clap_core.data.input_rows import InputRow, decode_text
-from clap_core.data.input_tables import jsonl_block_rows
-from clap_core.data.inputs import read_inputs, resolve_input
+from clap_core.data.input_rows import InputRow
+from clap_core.data.inputs import resolve_input
 from clap_core.data.rejects import printable
 from clap_core.data.shards import unit_key
 from clap_core.preprocess.config import PreprocessConfig
@@ -120,25 +118,7 @@ def unit_hash(job: dict, key: str, piece_hashes: list[str]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------
-# input chunks
-
-
-def input_chunks(input_uri: str, cfg: PreprocessConfig, chunk_mb: float) -> list[dict]:
-    """Pieces of the input that tasks read independently, in input order. JSONL files are cut into byte
-    ranges of about chunk_mb (lines belong to the range they start in); each tar is one chunk; a CSV
-    or sidecar folder is one chunk (its rows are grouped across lines, e.g. AudioCaps)."""
-    kind, files = resolve_input(input_uri)
-    if kind == "jsonl" and "\n".encode(cfg.input.encoding) == b"\n":
-        chunks = []
-        for uri in files:
-            size = storage.file_size(uri)
-            step = max(1, int(chunk_mb * 1e6))
-            chunks += [{"kind": "jsonl", "uri": uri, "start": s, "end": min(s + step, size), "size": size}
-                       for s in range(0, max(size, 1), step)]
-        return chunks
-    if kind == "tar":
-        return [{"kind": "tar", "uri": uri} for uri in files]
-    return [{"kind": "whole", "uri": input_uri}]
+# input fingerprint
 
 
 def input_fingerprint(input_uri: str) -> str:
@@ -149,62 +129,6 @@ def input_fingerprint(input_uri: str) -> str:
     fs, _ = storage.resolve_fs(input_uri)
     infos = fs.get_file_info([storage.resolve_fs(f)[1] for f in files])
     return hashlib.sha256(json.dumps([[i.path, i.size, i.mtime_ns] for i in infos]).encode()).hexdigest()[:16]
-
-
-def line_block(uri: str, start: int, end: int, size: int) -> bytes:
-    """The bytes of the lines of a file that start in [start, end)."""
-    head = start
-    if start > 0:
-        probe = storage.read_range(uri, start - 1, end - start + 1)
-        newline = probe.find(b"\n")
-        if newline < 0:
-            return b""  # one line runs through the whole range: it belongs to an earlier chunk
-        head = start + newline
-    if head >= end:
-        return b""
-    data, pos = storage.read_range(uri, head, end - head), end
-    while not data.endswith(b"\n") and pos < size:  # finish the last line
-        more = storage.read_range(uri, pos, min(1 << 16, size - pos))
-        cut = more.find(b"\n")
-        data += more if cut < 0 else more[:cut + 1]
-        pos = size if cut >= 0 else pos + len(more)
-    return data
-
-
-def read_chunk(chunk: dict, first_index: int, cfg: PreprocessConfig) -> list[InputRow]:
-    """Input rows of one chunk, numbered from first_index."""
-    enc = cfg.input.encoding
-    if chunk["kind"] == "jsonl":
-        data = line_block(chunk["uri"], chunk["start"], chunk["end"], chunk["size"])
-        return jsonl_block_rows(data, chunk["uri"], enc, first_index, chunk.get("first_line", 1))
-    if chunk["kind"] == "tar":
-        return webdataset_rows(chunk["uri"], first_index, enc)
-    return read_inputs(chunk["uri"], enc, cfg.input.audio_dir)
-
-
-def count_lines(chunk: dict, cfg: PreprocessConfig) -> tuple[int, int]:
-    """(rows, newline bytes) of a chunk; JSONL lines are counted without parsing them, by the rule of
-    jsonl_block_rows (newline bytes only; blank lines are no rows)."""
-    if chunk["kind"] == "jsonl":
-        data = line_block(chunk["uri"], chunk["start"], chunk["end"], chunk["size"])
-        enc = cfg.input.encoding
-        rows = sum(1 for i, raw in enumerate(data.split(b"\n")) if
-                   (decode_text(raw, enc) if i == 0 and chunk["start"] == 0 else
-                    raw.decode(enc, errors="surrogateescape")).strip())
-        return rows, data.count(b"\n")
-    return len(read_chunk(chunk, 0, cfg)), 0
-
-
-def chunk_starts(chunks: list[dict], counted: list[tuple[int, int]]) -> list[int]:
-    """Stage 0's (rows, newline bytes) of each chunk -> where each chunk's rows start in input order (returned),
-    and each chunk's "first_line": the file line number of its first line (reject details), counted per file."""
-    firsts, rows, lines_before = [], 0, {}
-    for chunk, (n, lines) in zip(chunks, counted, strict=True):
-        firsts.append(rows)
-        chunk["first_line"] = 1 + lines_before.get(chunk["uri"], 0)
-        rows += n
-        lines_before[chunk["uri"]] = lines_before.get(chunk["uri"], 0) + lines
-    return firsts
 
 
 # -------------------------------------------------------------------------------------------------

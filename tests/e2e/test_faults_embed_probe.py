@@ -35,7 +35,8 @@ from clap_core.model.clap import ClapModel
 from clap_core.model.config import get_model_config
 from clap_demo.synth import write_corpus
 from pipelines import cli
-from pipelines.embed import EmbedBatch, decode_row, manifest_item
+from pipelines.embed import EmbedBatch, decode_row
+from pipelines.embed_input import manifest_item
 from tests.e2e.ray_cluster import LocalRayCluster
 from tests.fixtures.shards import TONES, shard_row, tone
 

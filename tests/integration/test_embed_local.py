@@ -1,4 +1,6 @@
-"""`clap embed`'s in-process runner (pipelines.embed_local) writes the output the Ray job writes."""
+"""`clap embed`'s in-process runner (pipelines.embed_local) writes the output the Ray job writes; a manifest too big to
+hold (pipelines.embed_input) gives the output of one read whole."""
+import functools
 import json
 import os
 import subprocess
@@ -145,3 +147,51 @@ def test_a_small_shard_split_is_embedded_in_process_as_the_ray_job_embeds_it(ray
                                        embeddings.embedding_matrix(ray_table, column), atol=1e-6, rtol=0)
         else:
             assert local_table.column(column).to_pylist() == ray_table.column(column).to_pylist(), column
+
+
+def test_a_manifest_too_big_to_hold_is_read_a_chunk_at_a_time_into_the_same_output(ray_local, manifest, tmp_path,
+                                                                                   monkeypatch):
+    """Past IN_DRIVER_MANIFEST_BYTES no process holds the manifest: Ray tasks count, group by id and read it a
+    chunk at a time (the in-process runner: chunk after chunk). Chunks of ~150 bytes cut lines mid-way and put the
+    repeats of an id in other chunks than its first row: the rows, the embeddings and every reject (duplicates,
+    a line that is not JSON with its line number, a missing file) equal those of the manifest read whole."""
+    from pipelines import embed_input
+    from pipelines.embed import embed_dataset
+
+    lines = (manifest / "m.jsonl").read_text().splitlines()
+    lines += ["{not json", json.dumps({"audio_path": "audio/5.wav", "caption": "no id: named by its path"}),
+              json.dumps({"id": "clip3", "audio_path": "audio/2.wav", "caption": "clip3 again"}), "",
+              json.dumps({"id": "clip0", "audio_path": "audio/3.wav", "caption": "clip0, a third time"})]
+    big = manifest / "big.jsonl"
+    big.write_text("\n".join(lines) + "\n")
+    ckpt = str(manifest / "ckpt")
+    # fp32: the Ray job batches other rows together, and bf16 GEMMs differ in the last bits with their batch
+    run = functools.partial(embed_dataset, ckpt, str(big), batch_size=2, precision="fp32")
+    whole = run(str(tmp_path / "whole"), runner="local")
+    monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 500)
+    monkeypatch.setattr(embed_input, "CHUNK_MB", 150 / 1e6)
+    assert embed_input.manifest_items(str(big), None) == (None, []) and big.stat().st_size > 500
+    by_ray = run(str(tmp_path / "ray"))  # Ray is up in this process: auto is ray
+    by_local = run(str(tmp_path / "local"), runner="local")
+    assert whole == by_ray == by_local == {"rows": 7, "rejects": 6, "reject_reasons": {
+        "missing_file": 1, "undecodable": 1, "duplicate_id": 3, "bad_manifest_row": 1}}
+
+    tables = [embeddings.read_table(str(tmp_path / name)) for name in ("whole", "ray", "local")]
+    assert tables[0].column("id").to_pylist() == sorted([f"clip{i}" for i in range(6)] + ["audio/5"])
+    captions = dict(zip(tables[0].column("id").to_pylist(), tables[0].column("caption").to_pylist()))
+    assert (captions["clip0"], captions["clip3"]) == (json.loads(lines[0])["caption"], json.loads(lines[3])["caption"])
+    for table in tables[1:]:
+        assert table.column_names == tables[0].column_names
+        for column in table.column_names:
+            if column.endswith("_embedding"):
+                np.testing.assert_allclose(embeddings.embedding_matrix(table, column),
+                                           embeddings.embedding_matrix(tables[0], column), atol=1e-6, rtol=0)
+            else:
+                assert table.column(column).to_pylist() == tables[0].column(column).to_pylist(), column
+
+    def rejects(name):
+        return sorted((r["id"], r["stage"], r["reason"], r["detail"])
+                      for r in embeddings.read_rejects(str(tmp_path / name)).to_pylist())
+
+    assert rejects("ray") == rejects("local") == rejects("whole")
+    assert [r[3][:8] for r in rejects("whole") if r[2] == "bad_manifest_row"] == ["line 10:"]  # numbered in chunks too

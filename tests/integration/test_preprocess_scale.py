@@ -39,7 +39,7 @@ def test_100k_rows_crash_and_resume_exactly_once(ray_local, tmp_path, monkeypatc
     def no_reading(*args, **kwargs):
         raise AssertionError("the input was read again although its plan was committed")
 
-    monkeypatch.setattr(plan_module.planner, "input_chunks", no_reading)
+    monkeypatch.setattr(plan_module.chunking, "input_chunks", no_reading)
     cfg = load_preprocess_config(None, SCALE)
     result = preprocess(str(manifest), out, cfg)
     assert result["run"]["units_processed"] == result["units"] - 3 and result["units"] >= 25

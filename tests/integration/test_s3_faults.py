@@ -78,7 +78,8 @@ def test_three_503s_on_one_clip_leave_the_unit_uncommitted_then_identical(s3_fau
 
 
 def test_three_503s_on_one_clip_never_reject_it_in_embed(s3_faults, s3_bucket, tmp_path, few_retries):
-    from pipelines.embed import decode_batch, manifest_item
+    from pipelines.embed import decode_batch
+    from pipelines.embed_input import manifest_item
 
     corpus = upload_folder(write_corpus(tmp_path / "corpus", 4, seed=6, seconds=(0.5, 0.7)).parent, s3_bucket, "c")
     items = [manifest_item(r) for r in read_inputs(f"{corpus}/manifest.jsonl")]

@@ -20,7 +20,7 @@ from clap_core.data.rejects import (
     write_rejects,
 )
 from clap_core.eval import sources
-from pipelines import embed
+from pipelines import embed, embed_input
 from tests.fixtures.hostile import write_hostile_corpus
 
 
@@ -114,8 +114,8 @@ def test_hostile_corpus_through_evaluate_is_fully_accounted(tmp_path):
 
 def test_embed_duplicate_ids_are_reported_not_embedded_twice(tmp_path):
     corpus, n_rows = write_hostile_corpus(tmp_path / "c")
-    items = [embed.manifest_item(r) for r in read_inputs(corpus)]
-    unique, duplicates = embed.unique_items(items)
+    items = [embed_input.manifest_item(r) for r in read_inputs(corpus)]
+    unique, duplicates = embed_input.unique_items(items)
     assert len(unique) + len(duplicates) == n_rows
     assert [(d["id"], d["reason"]) for d in duplicates] == [("clip%23seg1", "duplicate_id")]
     assert len({i["id"] for i in unique}) == len(unique)

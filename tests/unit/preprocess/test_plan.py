@@ -8,6 +8,7 @@ import json
 import pytest
 
 import pipelines.preprocess_plan as plan_job_module
+from clap_core.data import input_chunks as chunking
 from clap_core.data.input_rows import new_row
 from clap_core.data.inputs import read_inputs
 from clap_core.preprocess import plan as planner
@@ -26,12 +27,12 @@ MESSY_JSONL = ("\ufeff" + json.dumps({"id": "a", "audio_path": "a.wav", "caption
 
 
 def chunked_rows(uri: str, cfg, chunk_mb: float) -> list[dict]:
-    chunks = planner.input_chunks(uri, cfg, chunk_mb)
-    counted = [planner.count_lines(c, cfg) for c in chunks]  # (rows, lines) of each chunk, counted once
-    firsts = planner.chunk_starts(chunks, counted)  # as pipelines/preprocess_plan.py: row offsets, first lines
+    chunks = chunking.input_chunks(uri, chunk_mb, cfg.input.encoding)
+    counted = [chunking.count_lines(c, cfg.input.encoding) for c in chunks]  # (rows, lines) of each chunk, once
+    firsts = chunking.chunk_starts(chunks, counted)  # as pipelines/preprocess_plan.py: row offsets, first lines
     rows = []
     for chunk, (count, _), first in zip(chunks, counted, firsts):
-        part = planner.read_chunk(chunk, first, cfg)
+        part = chunking.read_chunk(chunk, first, cfg.input.encoding)
         assert len(part) == count  # stage 0's count without parsing = the rows stage 1 reads
         rows += part
     return rows
@@ -56,7 +57,7 @@ def test_folder_of_manifest_parts_numbers_rows_across_parts(tmp_path):
     assert chunked_rows(str(tmp_path), load_preprocess_config(), 30 / 1e6) == rows
 
 
-def serial_tasks(fn, items, cfg):
+def serial_tasks(fn, items, num_cpus):
     """run_tasks without Ray: the same JSON round trips, one item after another."""
     return [json.loads(json.dumps(fn(json.loads(json.dumps(item))))) for item in items]
 
@@ -81,7 +82,7 @@ def test_staged_plan_equals_in_memory_plan(tmp_path, monkeypatch):
     plan, root = plan_job_module.plan_job(str(manifest), str(tmp_path / "out"), cfg)
     memory = plan_units(read_inputs(str(manifest)), cfg)
 
-    assert len(planner.input_chunks(str(manifest), cfg, cfg.ray.plan_chunk_mb)) > 3  # really chunked
+    assert len(chunking.input_chunks(str(manifest), cfg.ray.plan_chunk_mb)) > 3  # really chunked
     assert planner.group_count(plan.rows_in, cfg) == 5  # and really grouped
     assert [u.key for u in plan.units] == [u.key for u in memory.units]
     assert [u.hash for u in plan.units] == [u.hash for u in memory.units]

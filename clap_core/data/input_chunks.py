@@ -1,0 +1,91 @@
+"""An input manifest cut into chunks that tasks read independently (`clap preprocess`'s planning, `clap embed`'s
+Ray job on a big manifest), so no process holds all its rows:
+
+    chunks = input_chunks(input_uri, chunk_mb=64)        # byte ranges of JSONL, one tar each, or the whole input
+    firsts = chunk_starts(chunks, [count_lines(c) for c in chunks])  # rows per chunk -> where each one starts
+    rows = read_chunk(chunks[i], firsts[i])              # the rows of one chunk, numbered as read_inputs numbers them
+
+A chunk is a JSON-able dict (it travels to Ray tasks). Reading every chunk in order gives read_inputs' rows.
+"""
+from __future__ import annotations
+
+from clap_core import storage
+from clap_core.data.input_folders import webdataset_rows
+from clap_core.data.input_rows import InputRow, decode_text
+from clap_core.data.input_tables import jsonl_block_rows
+from clap_core.data.inputs import read_inputs, resolve_input
+
+
+def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8") -> list[dict]:
+    """Pieces of the input that tasks read independently, in input order. JSONL files are cut into byte
+    ranges of about chunk_mb (lines belong to the range they start in); each tar is one chunk; a CSV
+    or sidecar folder is one chunk (its rows are grouped across lines, e.g. AudioCaps)."""
+    kind, files = resolve_input(input_uri)
+    if kind == "jsonl" and "\n".encode(encoding) == b"\n":
+        chunks = []
+        for uri in files:
+            size = storage.file_size(uri)
+            step = max(1, int(chunk_mb * 1e6))
+            chunks += [{"kind": "jsonl", "uri": uri, "start": s, "end": min(s + step, size), "size": size}
+                       for s in range(0, max(size, 1), step)]
+        return chunks
+    if kind == "tar":
+        return [{"kind": "tar", "uri": uri} for uri in files]
+    return [{"kind": "whole", "uri": input_uri}]
+
+
+def line_block(uri: str, start: int, end: int, size: int) -> bytes:
+    """The bytes of the lines of a file that start in [start, end)."""
+    head = start
+    if start > 0:
+        probe = storage.read_range(uri, start - 1, end - start + 1)
+        newline = probe.find(b"\n")
+        if newline < 0:
+            return b""  # one line runs through the whole range: it belongs to an earlier chunk
+        head = start + newline
+    if head >= end:
+        return b""
+    data, pos = storage.read_range(uri, head, end - head), end
+    while not data.endswith(b"\n") and pos < size:  # finish the last line
+        more = storage.read_range(uri, pos, min(1 << 16, size - pos))
+        cut = more.find(b"\n")
+        data += more if cut < 0 else more[:cut + 1]
+        pos = size if cut >= 0 else pos + len(more)
+    return data
+
+
+def read_chunk(chunk: dict, first_index: int, encoding: str = "utf-8",
+               audio_dir: str | None = None) -> list[InputRow]:
+    """Input rows of one chunk, numbered from first_index."""
+    enc = encoding
+    if chunk["kind"] == "jsonl":
+        data = line_block(chunk["uri"], chunk["start"], chunk["end"], chunk["size"])
+        return jsonl_block_rows(data, chunk["uri"], enc, first_index, chunk.get("first_line", 1))
+    if chunk["kind"] == "tar":
+        return webdataset_rows(chunk["uri"], first_index, enc)
+    return read_inputs(chunk["uri"], enc, audio_dir)
+
+
+def count_lines(chunk: dict, encoding: str = "utf-8", audio_dir: str | None = None) -> tuple[int, int]:
+    """(rows, newline bytes) of a chunk; JSONL lines are counted without parsing them, by the rule of
+    jsonl_block_rows (newline bytes only; blank lines are no rows)."""
+    if chunk["kind"] == "jsonl":
+        data = line_block(chunk["uri"], chunk["start"], chunk["end"], chunk["size"])
+        enc = encoding
+        rows = sum(1 for i, raw in enumerate(data.split(b"\n")) if
+                   (decode_text(raw, enc) if i == 0 and chunk["start"] == 0 else
+                    raw.decode(enc, errors="surrogateescape")).strip())
+        return rows, data.count(b"\n")
+    return len(read_chunk(chunk, 0, encoding, audio_dir)), 0
+
+
+def chunk_starts(chunks: list[dict], counted: list[tuple[int, int]]) -> list[int]:
+    """Stage 0's (rows, newline bytes) of each chunk -> where each chunk's rows start in input order (returned),
+    and each chunk's "first_line": the file line number of its first line (reject details), counted per file."""
+    firsts, rows, lines_before = [], 0, {}
+    for chunk, (n, lines) in zip(chunks, counted, strict=True):
+        firsts.append(rows)
+        chunk["first_line"] = 1 + lines_before.get(chunk["uri"], 0)
+        rows += n
+        lines_before[chunk["uri"]] = lines_before.get(chunk["uri"], 0) + lines
+    return firsts

@@ -1,0 +1,164 @@
+"""What `clap embed` reads: rows of id, the audio (shard bytes, or where to read it) and the input's metadata, for
+either runner (the Ray job: `ray_dataset`; the in-process one: `local_rows`). No Ray import at module level: the
+in-process runner never imports Ray.
+
+- A shard folder (`clap preprocess` output, or Parquet with SHARD_COLUMNS): Ray Data reads its Parquet; the
+  in-process runner streams it (clap_core.data.shards.iter_shard_rows).
+- A manifest (anything clap_core.data.inputs reads) of at most IN_DRIVER_MANIFEST_BYTES: read here, into items
+  (`manifest_item`), every later row of an id seen before a duplicate_id reject (embedded once, the first
+  occurrence).
+- A bigger manifest is never held by one process (1M JSONL rows are ~1.9 GB of items in Python): it is cut into
+  chunks (clap_core.data.input_chunks) that Ray tasks read. (0) Each chunk's rows are counted, so rows are
+  numbered as a whole read numbers them (an id derived from a position, a reject's line number). (1) A group-by on
+  id over the chunks finds the ids of more than one row and where each first occurs: the driver holds only
+  those. (2) The chunks are read again into items, later rows of a repeated id marked duplicate_id, and stream
+  into the decode stage. The in-process runner reads the chunks one after another, keeping the ids seen.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from clap_core import storage
+from clap_core.data import shards
+from clap_core.data.input_chunks import chunk_starts, count_lines, input_chunks, read_chunk
+from clap_core.data.input_rows import row_id
+from clap_core.data.inputs import read_inputs, resolve_input
+from clap_core.data.rejects import Reject, reject
+
+META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
+SHARD_COLUMNS = ("id", "audio") + META_COLUMNS  # what the job reads of a shard
+IN_DRIVER_MANIFEST_BYTES = 16 << 20  # a manifest up to this size is read by the driver (~80K JSONL rows, ~150 MB
+#                                      of items); a bigger one by Ray tasks, a chunk each
+CHUNK_MB = 16.0  # JSONL a read task turns into items at once (~150 MB of them)
+DUPLICATE = "duplicate_id"
+
+
+def manifest_items(input_uri: str, split: str | None) -> tuple[list[dict] | None, list[Reject]]:
+    """(the items of a manifest read here, a duplicate_id reject for every later row of an id seen before); (None,
+    []) for a shard folder or a manifest too big to hold (`ray_dataset` / `local_rows` stream those)."""
+    if shards.is_shard_folder(input_uri) or is_big_manifest(input_uri):
+        return None, []
+    return unique_items([manifest_item(r) for r in read_inputs(input_uri) if in_split(r, split)])
+
+
+def is_big_manifest(input_uri: str) -> bool:
+    """Whether the manifest's files pass IN_DRIVER_MANIFEST_BYTES (sizes asked until they do). A folder of audio
+    with caption sidecars is read here whatever its size: its rows come from one listing."""
+    kind, files = resolve_input(input_uri)
+    if kind == "sidecar":
+        return False
+    total = 0
+    for uri in files:
+        total += storage.file_size(uri)
+        if total > IN_DRIVER_MANIFEST_BYTES:
+            return True
+    return False
+
+
+def in_split(row: dict, split: str | None) -> bool:
+    return not split or row.get("split") in (None, "", split)
+
+
+def unique_items(items: list[dict]) -> tuple[list[dict], list[Reject]]:
+    """(items with unique ids, a duplicate_id reject record for every later row of an id seen before)."""
+    seen: set[str] = set()
+    unique, duplicates = [], []
+    for item in items:
+        if item["id"] in seen:
+            duplicates.append(reject(item, "read_manifest", DUPLICATE, duplicate_detail(item["id"])))
+            continue
+        seen.add(item["id"])
+        unique.append(item)
+    return unique, duplicates
+
+
+def duplicate_detail(item_id: str) -> str:
+    return f"id {item_id!r} appeared earlier in the input: embedded once"
+
+
+def manifest_item(row: dict) -> dict:
+    """A manifest row as flat strings for Ray Data (where to read the audio, what to carry along)."""
+    item = {k: _text(row.get(k)) for k in META_COLUMNS}
+    error = row.get("error")
+    ranged = row.get("byte_offset") is not None
+    item.update(id=row_id(row), audio_uri=_text(row.get("audio_uri")),
+                byte_offset=row["byte_offset"] if ranged else -1, byte_size=row["byte_size"] if ranged else -1,
+                error_reason=error[0] if error else "", error_detail=error[1] if error else "")
+    return item
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def as_duplicate(item: dict) -> dict:
+    """A later row of a repeated id: an item the decode stage turns into its duplicate_id reject."""
+    return {**item, "error_reason": DUPLICATE, "error_detail": duplicate_detail(item["id"])}
+
+
+# --- a big manifest, a chunk at a time ---
+
+
+def counted_chunks(input_uri: str, count) -> list[dict]:
+    """The manifest's chunks, each with "first" (its first row's index in the input) and "first_line"; `count`
+    maps the chunks to their (rows, newline bytes), in tasks or here."""
+    chunks = input_chunks(input_uri, CHUNK_MB)
+    firsts = chunk_starts(chunks, count(chunks))
+    return [{**chunk, "first": first} for chunk, first in zip(chunks, firsts, strict=True)]
+
+
+def chunk_items(chunk: dict, split: str | None) -> Iterator[tuple[int, dict]]:
+    """(row index, item) of one counted chunk's rows of `split`."""
+    for row in read_chunk(chunk, chunk["first"]):
+        if in_split(row, split):
+            yield row["row_index"], manifest_item(row)
+
+
+def local_rows(input_uri: str, split: str | None, items: list[dict] | None) -> Iterator[dict]:
+    """The input's rows for the in-process runner: the items read here, a shard folder's rows streamed, or a big
+    manifest's items a chunk at a time (duplicates marked as the Ray job marks them; the ids seen are held)."""
+    if items is not None:
+        yield from items
+    elif shards.is_shard_folder(input_uri):
+        yield from shards.iter_shard_rows(input_uri, split, list(SHARD_COLUMNS))
+    else:
+        seen: set[str] = set()
+        for chunk in counted_chunks(input_uri, lambda chunks: [count_lines(c) for c in chunks]):
+            for _, item in chunk_items(chunk, split):
+                yield as_duplicate(item) if item["id"] in seen else item
+                seen.add(item["id"])
+
+
+def ray_dataset(ray, input_uri: str, split: str | None, items: list[dict] | None, num_cpus: float = 1):
+    """A Ray Dataset of the input's rows (the items read here, a shard folder's Parquet, or a big manifest read by
+    tasks, a chunk each: the module docstring's stages 0-2)."""
+    from pipelines.ray_shards import read_shards
+
+    if items is not None:
+        return ray.data.from_items(items)
+    if shards.is_shard_folder(input_uri):
+        return read_shards(shards.shard_files(input_uri, split), list(SHARD_COLUMNS))
+    from ray.data.aggregate import Count, Min
+
+    from pipelines.preprocess_plan import run_tasks
+
+    def count(chunks: list[dict]) -> list[tuple[int, int]]:  # (0) rows and newline bytes of each chunk
+        return [(r["rows"], r["lines"]) for r in run_tasks(lambda c: dict(zip(("rows", "lines"), count_lines(c))),
+                                                          chunks, num_cpus)]
+
+    chunks = counted_chunks(input_uri, count)
+    source = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=max(1, len(chunks)))
+
+    def ids(row: dict) -> list[dict]:
+        return [{"id": item["id"], "row": index} for index, item in chunk_items(json.loads(row["chunk"]), split)]
+
+    repeated = (source.flat_map(ids, num_cpus=num_cpus).groupby("id").aggregate(Count(), Min("row"))
+                .filter(lambda r: r["count()"] > 1).take_all())  # (1) only the ids of more than one row
+    first_row = {r["id"]: r["min(row)"] for r in repeated}
+
+    def chunk_rows(row: dict) -> list[dict]:  # (2) one chunk's items, later rows of a repeated id marked
+        return [as_duplicate(item) if first_row.get(item["id"], index) != index else item
+                for index, item in chunk_items(json.loads(row["chunk"]), split)]
+
+    return source.flat_map(chunk_rows, num_cpus=num_cpus)

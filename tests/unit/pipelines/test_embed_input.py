@@ -1,0 +1,53 @@
+"""What `clap embed` reads (pipelines.embed_input): a manifest too big for the driver streams, a chunk at a time, the
+items and duplicate verdicts of one read whole (the Ray job's chunked read: tests/integration/test_embed_local.py)."""
+import json
+
+import pytest
+
+from clap_core.data.rejects import reject
+from pipelines import embed_input
+from pipelines.embed_input import DUPLICATE, local_rows, manifest_items
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    lines = []
+    for i in range(40):
+        row = {"id": f"clip{i % 31}", "audio_path": f"audio/{i}.wav", "caption": f"clip {i}",
+               "split": "train" if i % 4 else "test"}
+        if i == 7:
+            del row["id"]  # named by its path
+        lines.append(json.dumps(row))
+    lines[12] = "{not json"
+    lines.insert(20, "")
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("split", [None, "train"])
+def test_a_big_manifest_streams_the_items_of_a_whole_read(manifest, monkeypatch, split):
+    items, duplicates = manifest_items(manifest, split)
+    # rows 31-39 repeat clip0-clip8, but for row 7 (no id: "audio/7"); in train, only those whose first row is too
+    assert [d["id"] for d in duplicates] == (["clip0", "clip1", "clip2", "clip3", "clip4", "clip5", "clip6", "clip8"]
+                                             if split is None else ["clip2", "clip3", "clip6"])
+    monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 100)
+    monkeypatch.setattr(embed_input, "CHUNK_MB", 97 / 1e6)  # ~30 chunks: lines and repeated ids cut apart
+    assert embed_input.is_big_manifest(manifest) and manifest_items(manifest, split) == (None, [])
+
+    streamed = list(local_rows(manifest, split, None))
+    assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items  # every field, in input order
+    marked = [r for r in streamed if r["error_reason"] == DUPLICATE]
+    assert [reject(r, "read_manifest", r["error_reason"], r["error_detail"]) for r in marked] == duplicates
+    bad = [r for r in items if r["error_reason"] == "bad_manifest_row"]
+    assert [r["error_detail"][:8] for r in bad] == ["line 13:"]  # numbered across chunks as in one read
+    assert "audio/7" in [r["id"] for r in items]
+
+
+def test_sidecar_folders_are_read_by_the_driver_whatever_their_size(tmp_path, monkeypatch):
+    (tmp_path / "a.wav").write_bytes(b"RIFF" + bytes(400))
+    (tmp_path / "a.txt").write_text("a caption")
+    monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 100)
+    assert not embed_input.is_big_manifest(str(tmp_path))
+    items, _ = manifest_items(str(tmp_path), None)
+    assert [i["caption"] for i in items] == ["a caption"]
