@@ -51,3 +51,18 @@ def test_sidecar_folders_are_read_by_the_driver_whatever_their_size(tmp_path, mo
     assert not embed_input.is_big_manifest(str(tmp_path))
     items, _ = manifest_items(str(tmp_path), None)
     assert [i["caption"] for i in items] == ["a caption"]
+
+
+def test_a_big_manifest_on_object_storage_streams_the_same_items(manifest, s3_bucket, monkeypatch):
+    """The chunks of an s3:// manifest are ranged reads (the moto server): the same items as a whole read."""
+    import boto3
+
+    boto3.client("s3").upload_file(manifest, s3_bucket, "corpus/m.jsonl")
+    uri = f"s3://{s3_bucket}/corpus/m.jsonl"
+    items, duplicates = manifest_items(uri, None)
+    monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 100)
+    monkeypatch.setattr(embed_input, "CHUNK_MB", 300 / 1e6)
+    assert manifest_items(uri, None) == (None, [])
+    streamed = list(local_rows(uri, None, None))
+    assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items and len(items) == 32
+    assert [r["id"] for r in streamed if r["error_reason"] == DUPLICATE] == [d["id"] for d in duplicates]
