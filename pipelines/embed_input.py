@@ -25,6 +25,7 @@ from clap_core.data.input_chunks import chunk_starts, count_lines, input_chunks,
 from clap_core.data.input_rows import row_id
 from clap_core.data.inputs import read_inputs, resolve_input
 from clap_core.data.rejects import Reject, reject
+from clap_core.io_faults import retry_transient
 
 META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
 SHARD_COLUMNS = ("id", "audio") + META_COLUMNS  # what the job reads of a shard
@@ -109,10 +110,20 @@ def counted_chunks(input_uri: str, count) -> list[dict]:
 
 
 def chunk_items(chunk: dict, split: str | None) -> Iterator[tuple[int, dict]]:
-    """(row index, item) of one counted chunk's rows of `split`."""
-    for row in read_chunk(chunk, chunk["first"]):
+    """(row index, item) of one counted chunk's rows of `split`; a transient storage error reads the chunk again
+    (a verdict on the network, never on the rows)."""
+    for row in retry_transient(lambda: read_chunk(chunk, chunk["first"]), what=chunk_name(chunk)):
         if in_split(row, split):
             yield row["row_index"], manifest_item(row)
+
+
+def chunk_name(chunk: dict) -> str:
+    return f"{chunk['uri']} bytes {chunk['start']}-{chunk['end']}" if "start" in chunk else chunk["uri"]
+
+
+def count_chunk(chunk: dict) -> tuple[int, int]:
+    """(rows, newline bytes) of a chunk, read again after a transient storage error."""
+    return retry_transient(lambda: count_lines(chunk), what=chunk_name(chunk))
 
 
 def local_rows(input_uri: str, split: str | None, items: list[dict] | None) -> Iterator[dict]:
@@ -124,7 +135,7 @@ def local_rows(input_uri: str, split: str | None, items: list[dict] | None) -> I
         yield from shards.iter_shard_rows(input_uri, split, list(SHARD_COLUMNS))
     else:
         seen: set[str] = set()
-        for chunk in counted_chunks(input_uri, lambda chunks: [count_lines(c) for c in chunks]):
+        for chunk in counted_chunks(input_uri, lambda chunks: [count_chunk(c) for c in chunks]):
             for _, item in chunk_items(chunk, split):
                 yield as_duplicate(item) if item["id"] in seen else item
                 seen.add(item["id"])
@@ -145,7 +156,7 @@ def ray_dataset(ray, input_uri: str, split: str | None, items: list[dict] | None
 
     def count(chunks: list[dict]) -> list[tuple[int, int]]:  # (0) rows and newline bytes of each chunk
         return [(r["rows"], r["lines"]) for r in run_tasks(lambda c: dict(zip(("rows", "lines"), count_lines(c))),
-                                                          chunks, num_cpus)]
+                                                          chunks, num_cpus)]  # run_tasks retries transient errors
 
     chunks = counted_chunks(input_uri, count)
     source = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=max(1, len(chunks)))

@@ -66,3 +66,28 @@ def test_a_big_manifest_on_object_storage_streams_the_same_items(manifest, s3_bu
     streamed = list(local_rows(uri, None, None))
     assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items and len(items) == 32
     assert [r["id"] for r in streamed if r["error_reason"] == DUPLICATE] == [d["id"] for d in duplicates]
+
+
+def test_a_transient_error_reads_the_chunk_again(manifest, monkeypatch):
+    """A reset connection while a chunk is read is retried (a verdict on the network, never on the rows)."""
+    import functools
+
+    from clap_core import io_faults
+
+    items, _ = manifest_items(manifest, None)
+    monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 100)
+    monkeypatch.setattr(embed_input, "CHUNK_MB", 300 / 1e6)
+    monkeypatch.setattr(embed_input, "retry_transient",
+                        functools.partial(io_faults.retry_transient, sleep=lambda s: None))
+    real, calls = embed_input.read_chunk, []
+
+    def flaky(chunk, first):
+        calls.append(chunk["start"])
+        if len(calls) == 2:
+            raise ConnectionResetError(104, "connection reset by peer")
+        return real(chunk, first)
+
+    monkeypatch.setattr(embed_input, "read_chunk", flaky)
+    streamed = list(local_rows(manifest, None, None))
+    assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items
+    assert calls[1] == calls[2] and len(calls) == len(set(calls)) + 1  # that chunk read twice, no other
