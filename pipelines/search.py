@@ -5,7 +5,8 @@
 
 The index is the output of `clap embed` (local or s3://, format in clap_core.data.embeddings); it must have been
 built by --checkpoint (its identity is recorded there): the checkpoint, or the ONNX export, that `clap embed` ran.
-Scores are cosine similarities (clap_core.eval.search).
+Scores are cosine similarities (clap_core.eval.search); the index is read one data file at a time, so an
+output of any size is searched in the memory of one file.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import argparse
 import sys
 
 from clap_core.data import embeddings
-from clap_core.eval.search import load_index, search
+from clap_core.eval.search import search_output
 from clap_core.storage import local_copy
 
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"clap search: {e}", file=sys.stderr)
         return 2
     model = load_embedder(folder)  # ClapModel, or OnnxTowers for an ONNX export: both embed text and audio
-    results = search(model, load_index(args.index), args.query, args.k, args.audio)
+    results = search_output(model, args.index, args.query, args.k, args.audio)  # one data file at a time
     print(f"{'rank':>4}  {'score':>6}  {'id':<24} caption")
     for r in results:
         print(f"{r['rank']:>4}  {r['score']:6.3f}  {r['id']:<24} {r['caption'] or r['source']}")

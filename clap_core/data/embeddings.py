@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -243,14 +244,22 @@ def committed_index(output: str) -> dict:
 
 def read_table(output: str, columns: list[str] | None = None) -> pa.Table:
     """Every embedded row of a finished output, sorted by id (file order depends on the job's scheduling)."""
-    manifest = committed_index(output)
-    tables = []
-    for entry in manifest["files"]:
-        fs, path = storage.resolve_fs(storage.join(output, entry["path"]))
-        tables.append(pq.read_table(fs.open_input_file(path), columns=columns))
+    tables = list(iter_tables(output, columns))
     if not tables:
         raise FileNotFoundError(f"{output}: the embedding output holds no rows")
     return pa.concat_tables(tables).sort_by("id")
+
+
+def iter_tables(output: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The rows of a finished output one data file at a time, in the index's order (memory: one file). With
+    `columns`, only those the file has: a column the output lacks (e.g. text_embedding after --no-text) is left
+    out, never an error."""
+    for entry in committed_index(output)["files"]:
+        fs, path = storage.resolve_fs(storage.join(output, entry["path"]))
+        with fs.open_input_file(path) as f:
+            file = pq.ParquetFile(f)
+            names = None if columns is None else [c for c in columns if c in file.schema_arrow.names]
+            yield file.read(columns=names)
 
 
 def read_rejects(output: str) -> pa.Table:
@@ -259,8 +268,18 @@ def read_rejects(output: str) -> pa.Table:
 
 
 def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
-    """(N, D) float32 from a list<float> column."""
-    return np.asarray(table.column(column).to_pylist(), dtype=np.float32)
+    """(N, D) float32 from a column of equal-length float lists (fixed-size lists as the in-process runner writes
+    them, or Ray Data's tensor extension over lists): the values reshaped, never a Python float per value (a
+    million 512-d rows would be half a billion of them)."""
+    parts = []
+    for chunk in table.column(column).chunks:
+        lists = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        if lists.null_count or (len(lists) and values.size % len(lists)):
+            raise ValueError(f"{column}: rows of different lengths or missing values; not an embedding column")
+        parts.append(values.reshape(len(lists), values.size // len(lists) if len(lists) else 0))
+    filled = [p for p in parts if len(p)]
+    return np.concatenate(filled) if filled else np.zeros((0, 0), np.float32)
 
 
 def layer_matrix(table: pa.Table) -> np.ndarray | None:
