@@ -10,7 +10,7 @@ A chunk is a JSON-able dict (it travels to Ray tasks). Reading every chunk in or
 from __future__ import annotations
 
 from clap_core import storage
-from clap_core.data.input_folders import webdataset_rows
+from clap_core.data.input_folders import read_sidecar_folder, sidecar_audio, webdataset_rows
 from clap_core.data.input_rows import InputRow, decode_text
 from clap_core.data.input_tables import jsonl_block_rows
 from clap_core.data.inputs import read_inputs, resolve_input
@@ -31,6 +31,8 @@ def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8") -> li
         return chunks
     if kind == "tar":
         return [{"kind": "tar", "uri": uri} for uri in files]
+    if kind == "sidecar":  # counted from its listing alone (count_lines), its sidecars read once
+        return [{"kind": "sidecar", "uri": files[0]}]
     return [{"kind": "whole", "uri": input_uri}]
 
 
@@ -63,6 +65,8 @@ def read_chunk(chunk: dict, first_index: int, encoding: str = "utf-8",
         return jsonl_block_rows(data, chunk["uri"], enc, first_index, chunk.get("first_line", 1))
     if chunk["kind"] == "tar":
         return webdataset_rows(chunk["uri"], first_index, enc)
+    if chunk["kind"] == "sidecar":
+        return read_sidecar_folder(chunk["uri"], enc)
     return read_inputs(chunk["uri"], enc, audio_dir)
 
 
@@ -76,6 +80,8 @@ def count_lines(chunk: dict, encoding: str = "utf-8", audio_dir: str | None = No
                    (decode_text(raw, enc) if i == 0 and chunk["start"] == 0 else
                     raw.decode(enc, errors="surrogateescape")).strip())
         return rows, data.count(b"\n")
+    if chunk["kind"] == "sidecar":  # a row per audio file: the listing says how many, no sidecar is read
+        return len(sidecar_audio(chunk["uri"])), 0
     return len(read_chunk(chunk, 0, encoding, audio_dir)), 0
 
 

@@ -63,13 +63,19 @@ SIDECAR_READERS = 16  # sidecars read at once: on object storage each is a reque
 #                      8M clips would take ~2 days; they are small, so threads wait on the network, not the CPU
 
 
+def sidecar_audio(uri: str, entries: list[tuple[str, tuple[str, str] | None]] | None = None) -> list[tuple]:
+    """(path, problem) of the folder's audio entries, in row order: one row each."""
+    entries = folder_entries(uri.rstrip("/")) if entries is None else entries
+    return [(f, problem) for f, problem in entries if f.lower().endswith(AUDIO_SUFFIXES)]
+
+
 def read_sidecar_folder(uri: str, encoding: str = "utf-8") -> list[InputRow]:
     """Each audio file is a row, id = its path relative to the folder without the suffix; the sidecars are read
     SIDECAR_READERS at a time, the rows in listing order."""
     root = uri.rstrip("/")
     entries = folder_entries(root)
     by_stem = {f.rsplit(".", 1)[0]: (f, problem) for f, problem in entries if f.lower().endswith((".txt", ".json"))}
-    audio = [(f, problem) for f, problem in entries if f.lower().endswith(AUDIO_SUFFIXES)]
+    audio = sidecar_audio(root, entries)
 
     def row(index: int, path: str, problem: tuple[str, str] | None) -> InputRow:
         rel = path[len(root) + 1:]

@@ -57,6 +57,22 @@ def test_folder_of_manifest_parts_numbers_rows_across_parts(tmp_path):
     assert chunked_rows(str(tmp_path), load_preprocess_config(), 30 / 1e6) == rows
 
 
+
+def test_a_sidecar_folder_is_counted_from_its_listing_and_its_sidecars_read_once(tmp_path, monkeypatch):
+    """Planning counts a sidecar folder's rows (stage 0) from the listing: each sidecar (a request on S3) is
+    read once, by stage 1, and the rows equal a whole read."""
+    from clap_core.data import input_folders
+
+    for i in range(6):
+        (tmp_path / f"{i}.wav").write_bytes(b"RIFF")
+        if i != 4:
+            (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    rows = read_inputs(str(tmp_path))
+    real, reads = input_folders.storage.read_bytes, []
+    monkeypatch.setattr(input_folders.storage, "read_bytes", lambda uri: reads.append(uri) or real(uri))
+    assert chunked_rows(str(tmp_path), load_preprocess_config(), 1.0) == rows
+    assert sorted(reads) == sorted(str(tmp_path / f"{i}.txt") for i in (0, 1, 2, 3, 5))  # once each
+
 def serial_tasks(fn, items, num_cpus):
     """run_tasks without Ray: the same JSON round trips, one item after another."""
     return [json.loads(json.dumps(fn(json.loads(json.dumps(item))))) for item in items]
