@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clap_core import storage
@@ -274,9 +275,10 @@ def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
     parts = []
     for chunk in table.column(column).chunks:
         lists = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
-        values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        if lists.null_count or (len(lists) and values.size % len(lists)):
+        lengths = pc.list_value_length(lists)
+        if lists.null_count or (len(lists) and pc.min_max(lengths)["min"] != pc.min_max(lengths)["max"]):
             raise ValueError(f"{column}: rows of different lengths or missing values; not an embedding column")
+        values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         parts.append(values.reshape(len(lists), values.size // len(lists) if len(lists) else 0))
     filled = [p for p in parts if len(p)]
     return np.concatenate(filled) if filled else np.zeros((0, 0), np.float32)

@@ -1,7 +1,7 @@
 """An input manifest cut into chunks that tasks read independently (`clap preprocess`'s planning, `clap embed`'s
 Ray job on a big manifest), so no process holds all its rows:
 
-    chunks = input_chunks(input_uri, chunk_mb=64)        # byte ranges of JSONL, one tar each, or the whole input
+    chunks = input_chunks(input_uri, chunk_mb=64)        # JSONL byte ranges, a tar or a sidecar folder each, ...
     firsts = chunk_starts(chunks, [count_lines(c) for c in chunks])  # rows per chunk -> where each one starts
     rows = read_chunk(chunks[i], firsts[i])              # the rows of one chunk, numbered as read_inputs numbers them
 
@@ -18,8 +18,8 @@ from clap_core.data.inputs import read_inputs, resolve_input
 
 def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8") -> list[dict]:
     """Pieces of the input that tasks read independently, in input order. JSONL files are cut into byte
-    ranges of about chunk_mb (lines belong to the range they start in); each tar is one chunk; a CSV
-    or sidecar folder is one chunk (its rows are grouped across lines, e.g. AudioCaps)."""
+    ranges of about chunk_mb (lines belong to the range they start in); each tar is one chunk; a sidecar folder
+    is one chunk; a CSV is one chunk (its rows are grouped across lines, e.g. AudioCaps)."""
     kind, files = resolve_input(input_uri)
     if kind == "jsonl" and "\n".encode(encoding) == b"\n":
         chunks = []

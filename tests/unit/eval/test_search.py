@@ -82,9 +82,9 @@ def test_embedding_matrix_takes_every_list_layout_and_refuses_ragged_rows():
     assert embeddings.embedding_matrix(table, "lists").dtype == np.float32
     assert np.array_equal(embeddings.embedding_matrix(table, "lists"), vectors)
     assert embeddings.embedding_matrix(table.slice(0, 0), "fixed").shape[0] == 0
-    ragged = pa.table({"e": pa.array([[1.0, 2.0], [3.0], [4.0, 5.0]])})
-    with pytest.raises(ValueError, match="rows of different lengths"):
-        embeddings.embedding_matrix(ragged, "e")
+    for rows in ([[1.0, 2.0], [3.0], [4.0, 5.0]], [[1.0], [2.0, 3.0, 4.0]], [[1.0, 2.0], None]):
+        with pytest.raises(ValueError, match="rows of different lengths"):  # [1], [2, 3, 4]: 4 values, 2 rows
+            embeddings.embedding_matrix(pa.table({"e": pa.array(rows)}), "e")
 
 
 def test_iter_tables_reads_the_listed_files_and_only_columns_they_have(tmp_path):
