@@ -164,9 +164,10 @@ def ray_dataset(ray, input_uri: str, split: str | None, items: list[dict] | None
     def ids(row: dict) -> list[dict]:
         return [{"id": item["id"], "row": index} for index, item in chunk_items(json.loads(row["chunk"]), split)]
 
-    repeated = (source.flat_map(ids, num_cpus=num_cpus).groupby("id").aggregate(Count(), Min("row"))
-                .filter(lambda r: r["count()"] > 1).take_all())  # (1) only the ids of more than one row
-    first_row = {r["id"]: r["min(row)"] for r in repeated}
+    repeated = (source.flat_map(ids, num_cpus=num_cpus).groupby("id")
+                .aggregate(Count(alias_name="rows"), Min("row", alias_name="first"))
+                .filter(expr="rows > 1").take_all())  # (1) only the ids of more than one row
+    first_row = {r["id"]: r["first"] for r in repeated}
 
     def chunk_rows(row: dict) -> list[dict]:  # (2) one chunk's items, later rows of a repeated id marked
         return [as_duplicate(item) if first_row.get(item["id"], index) != index else item
