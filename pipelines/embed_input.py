@@ -17,7 +17,7 @@ in-process runner never imports Ray.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from clap_core import storage
 from clap_core.data import shards
@@ -49,12 +49,18 @@ def is_big_manifest(input_uri: str) -> bool:
     kind, files = resolve_input(input_uri)
     if kind == "sidecar":
         return False
+    return total_within((storage.file_size(uri) for uri in files), IN_DRIVER_MANIFEST_BYTES) is None
+
+
+def total_within(counts: Iterable[int], limit: int) -> int | None:
+    """The sum of `counts`, or None once it passes `limit` (the counts after that are never asked for: each may
+    be a request to object storage)."""
     total = 0
-    for uri in files:
-        total += storage.file_size(uri)
-        if total > IN_DRIVER_MANIFEST_BYTES:
-            return True
-    return False
+    for count in counts:
+        total += count
+        if total > limit:
+            return None
+    return total
 
 
 def in_split(row: dict, split: str | None) -> bool:
@@ -63,15 +69,21 @@ def in_split(row: dict, split: str | None) -> bool:
 
 def unique_items(items: list[dict]) -> tuple[list[dict], list[Reject]]:
     """(items with unique ids, a duplicate_id reject record for every later row of an id seen before)."""
-    seen: set[str] = set()
     unique, duplicates = [], []
-    for item in items:
-        if item["id"] in seen:
-            duplicates.append(reject(item, "read_manifest", DUPLICATE, duplicate_detail(item["id"])))
-            continue
-        seen.add(item["id"])
-        unique.append(item)
+    for item in mark_repeats(items):
+        if item["error_reason"] == DUPLICATE:
+            duplicates.append(reject(item, "read_manifest", DUPLICATE, item["error_detail"]))
+        else:
+            unique.append(item)
     return unique, duplicates
+
+
+def mark_repeats(items: Iterable[dict]) -> Iterator[dict]:
+    """The items, every later row of an id seen before marked duplicate_id (as_duplicate); holds the ids seen."""
+    seen: set[str] = set()
+    for item in items:
+        yield as_duplicate(item) if item["id"] in seen else item
+        seen.add(item["id"])
 
 
 def duplicate_detail(item_id: str) -> str:
@@ -134,11 +146,8 @@ def local_rows(input_uri: str, split: str | None, items: list[dict] | None) -> I
     elif shards.is_shard_folder(input_uri):
         yield from shards.iter_shard_rows(input_uri, split, list(SHARD_COLUMNS))
     else:
-        seen: set[str] = set()
-        for chunk in counted_chunks(input_uri, lambda chunks: [count_chunk(c) for c in chunks]):
-            for _, item in chunk_items(chunk, split):
-                yield as_duplicate(item) if item["id"] in seen else item
-                seen.add(item["id"])
+        chunks = counted_chunks(input_uri, lambda chunks: [count_chunk(c) for c in chunks])
+        yield from mark_repeats(item for chunk in chunks for _, item in chunk_items(chunk, split))
 
 
 def ray_dataset(ray, input_uri: str, split: str | None, items: list[dict] | None, num_cpus: float = 1):

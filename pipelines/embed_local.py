@@ -29,6 +29,7 @@ import numpy as np
 
 from clap_core.config import ConfigError
 from clap_core.data import embeddings, shards
+from pipelines.embed_input import total_within
 
 RUNNERS = ("auto", "ray", "local")
 LOCAL_MAX_ROWS = 1024  # auto: an input of at most this many rows runs in this process (~1 min on 2 cores)
@@ -123,12 +124,7 @@ def shard_rows(input_uri: str, split: str | None) -> int | None:
     files = shards.shard_files(input_uri, split)
     if len(files) > MAX_COUNTED_FILES:
         return None
-    total = 0
-    for uri in files:
-        total += shards.file_rows(uri)
-        if total > LOCAL_MAX_ROWS:
-            return None
-    return total
+    return total_within((shards.file_rows(uri) for uri in files), LOCAL_MAX_ROWS)
 
 
 def decode_ahead_batches(model) -> int:
