@@ -161,13 +161,9 @@ def ray_dataset(ray, input_uri: str, split: str | None, items: list[dict] | None
         return read_shards(shards.shard_files(input_uri, split), list(SHARD_COLUMNS))
     from ray.data.aggregate import Count, Min
 
-    from pipelines.preprocess_plan import run_tasks
+    from pipelines.preprocess_plan import count_chunks
 
-    def count(chunks: list[dict]) -> list[tuple[int, int]]:  # (0) rows and newline bytes of each chunk
-        return [(r["rows"], r["lines"]) for r in run_tasks(lambda c: dict(zip(("rows", "lines"), count_lines(c))),
-                                                          chunks, num_cpus)]  # run_tasks retries transient errors
-
-    chunks = counted_chunks(input_uri, count)
+    chunks = counted_chunks(input_uri, lambda chunks: count_chunks(chunks, num_cpus))  # (0), transient errors retried
     source = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=max(1, len(chunks)))
 
     def ids(row: dict) -> list[dict]:

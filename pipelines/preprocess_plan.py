@@ -30,7 +30,7 @@ PLAN_FORMAT = "clap-plan/1"  # plan.json's "format" field
 
 
 def run_tasks(fn, items: list[dict], num_cpus: float) -> list[dict]:
-    """fn(item) -> dict over items as Ray Data tasks (one item per block); results in item order."""
+    """fn(item) -> a JSON-able result, over items as Ray Data tasks (one item per block); results in item order."""
     if not items:
         return []
     rows = [{"i": i, "item": json.dumps(item)} for i, item in enumerate(items)]
@@ -43,6 +43,13 @@ def run_tasks(fn, items: list[dict], num_cpus: float) -> list[dict]:
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(task, num_cpus=num_cpus)
     done = sorted(ds.take_all(), key=lambda r: r["i"])
     return [json.loads(r["result"]) for r in done]
+
+
+def count_chunks(chunks: list[dict], num_cpus: float, encoding: str = "utf-8",
+                 audio_dir: str | None = None) -> list[tuple[int, int]]:
+    """(rows, newline bytes) of each input chunk (input_chunks.count_lines), one Ray task per chunk."""
+    counted = run_tasks(lambda c: list(chunking.count_lines(c, encoding, audio_dir)), chunks, num_cpus)
+    return [(rows, lines) for rows, lines in counted]
 
 
 def plan_root(out_uri: str, input_uri: str, cfg: PreprocessConfig) -> str:
@@ -61,10 +68,9 @@ def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan,
 
     # 0. rows per chunk -> where each chunk's rows start in input order
     cpus = cfg.ray.num_cpus
-    counted = run_tasks(lambda c: dict(zip(("rows", "lines"), chunking.count_lines(c, enc, audio_dir))), chunks,
-                        cpus)
-    firsts = chunking.chunk_starts(chunks, [(r["rows"], r["lines"]) for r in counted])  # and each first_line
-    rows_in = sum(r["rows"] for r in counted)
+    counted = count_chunks(chunks, cpus, enc, audio_dir)
+    firsts = chunking.chunk_starts(chunks, counted)  # and each chunk's first_line
+    rows_in = sum(rows for rows, _ in counted)
     groups = planner.group_count(rows_in, cfg)
 
     # 1. read + validate each chunk, write its rows per planning group

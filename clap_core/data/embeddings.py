@@ -275,8 +275,8 @@ def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
     parts = []
     for chunk in table.column(column).chunks:
         lists = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
-        lengths = pc.list_value_length(lists)
-        if lists.null_count or (len(lists) and pc.min_max(lengths)["min"] != pc.min_max(lengths)["max"]):
+        bounds = pc.min_max(pc.list_value_length(lists))
+        if lists.null_count or (len(lists) and bounds["min"] != bounds["max"]):
             raise ValueError(f"{column}: rows of different lengths or missing values; not an embedding column")
         values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         parts.append(values.reshape(len(lists), values.size // len(lists) if len(lists) else 0))
