@@ -30,23 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import child_process
+from child_process import vm_hwm_mb
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def vm_hwm_mb() -> float:
-    """Peak resident set size of this process (VmHWM), MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def job_child(manifest: str, out: str, cores: int, overrides: list[str]) -> dict:
@@ -144,13 +138,7 @@ def embed_run(manifest: str, work: str, rows: int, cores: int, baseline: bool) -
 
 
 def run_child(*args: str) -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
-                          cwd=REPO)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_process.run_child(__file__, *args, env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
 
 
 def main() -> None:

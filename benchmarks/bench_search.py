@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import child_process
 import numpy as np
+from child_process import vm_hwm_mb
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -39,13 +39,6 @@ class QueryModel:
 
     def embed_text(self, texts):
         return np.repeat(self.q, len(texts), axis=0)
-
-
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def write_output(folder: Path, rows: int, dim: int, per_file: int = 4096) -> None:
@@ -90,12 +83,7 @@ def child(kind: str, output: str, dim: int, k: int) -> dict:
 
 
 def run_child(kind: str, output: str, dim: int, k: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, __file__, "--child", kind, output, str(dim), str(k)], env=env,
-                          capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_process.run_child(__file__, kind, output, str(dim), str(k))
 
 
 def main() -> None:
