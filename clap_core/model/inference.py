@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from clap_core.audio.clips import split_windows
 from clap_core.audio.codec import TARGET_SR, decode_audio, resample
 from clap_core.eval.metrics import DEFAULT_TEMPLATES, format_templates, zero_shot_classifier, zero_shot_predict
+from clap_core.model.packed_linear import pack_linears
 from clap_core.runtime import keep_freed_memory
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ def bf16_copy(model: "ClapModel") -> "ClapModel":
                 memo[id(tensor)] = nn.Parameter(cast, tensor.requires_grad) \
                     if isinstance(tensor, nn.Parameter) else cast
     fast = copy.deepcopy(model, memo).eval()
+    if model.device.type == "cpu":  # each bf16 linear multiplies by its weight packed once for oneDNN
+        pack_linears(fast)  # the towers' linears: the front end and towers left fp32 have no bf16 linear
     model.__dict__[BF16_COPY] = (key, fast)
     return fast
 
