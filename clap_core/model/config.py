@@ -82,8 +82,8 @@ class HTSATConfig:
     num_attention_heads: tuple[int, ...] = (4, 8, 16, 32)  # heads per stage
     window_size: int = 8  # Swin window
     mlp_ratio: float = 4.0  # MLP width multiplier
-    hidden_dropout_prob: float = 0.1  # dropout in Swin blocks
-    drop_path_rate: float = 0.0  # stochastic depth
+    hidden_dropout_prob: float = 0.0  # dropout after each Swin block's MLP (LAION-CLAP's HTS-AT: none)
+    drop_path_rate: float = 0.1  # stochastic depth, rising linearly over the blocks to this (LAION-CLAP: 0.1)
     enable_fusion: bool = False  # attentional feature fusion of the 4 views (set with audio.fusion)
     fusion_type: str | None = None  # transformers' fusion variant ("aff_2d" in LAION's fused models)
 

@@ -22,8 +22,8 @@ class HTSATEncoder(nn.Module):
     def __init__(self, n_mels: int = 64, spec_size: int = 256, patch_size: int = 4,
                  patch_stride: tuple[int, int] = (4, 4), patch_embeds_hidden_size: int = 96,
                  depths: tuple[int, ...] = (2, 2, 6, 2), num_attention_heads: tuple[int, ...] = (4, 8, 16, 32),
-                 window_size: int = 8, mlp_ratio: float = 4.0, hidden_dropout_prob: float = 0.1,
-                 drop_path_rate: float = 0.0, enable_fusion: bool = False, fusion_type: str | None = None):
+                 window_size: int = 8, mlp_ratio: float = 4.0, hidden_dropout_prob: float = 0.0,
+                 drop_path_rate: float = 0.1, enable_fusion: bool = False, fusion_type: str | None = None):
         super().__init__()
         self.out_dim = patch_embeds_hidden_size * 2 ** (len(depths) - 1)
         config = ClapAudioConfig(

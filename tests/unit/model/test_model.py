@@ -62,6 +62,21 @@ def test_tiny_is_a_few_hundred_thousand_parameters():
     assert 50_000 < n < 1_000_000
 
 
+def test_htsat_trains_with_laion_clap_regularisation():
+    """LAION-CLAP's HTS-AT tiny: no dropout after the Swin MLPs, stochastic depth rising to 0.1 over the blocks."""
+    model = ClapModel(get_model_config("htsat-tiny-roberta", SHRINK["htsat-tiny-roberta"][:5]))
+    swin = model.audio_encoder.model
+    dropouts = {name: m.p for name, m in swin.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert dropouts and not any(dropouts.values()), dropouts
+    drop_paths = [m.drop_prob for m in swin.modules() if type(m).__name__ == "ClapDropPath"]
+    assert drop_paths == pytest.approx(torch.linspace(0, 0.1, 12)[1:].tolist())  # 2+2+6+2 blocks, the first 0
+    model.train()  # and it draws per clip: two passes differ in training, not in eval
+    mel = torch.randn(2, 1, 1001, 64)
+    assert not torch.equal(model.audio_encoder(mel), model.audio_encoder(mel))
+    model.eval()
+    assert torch.equal(model.audio_encoder(mel), model.audio_encoder(mel))
+
+
 def test_per_modality_temperature_scales_each_direction():
     model = small_model("clara-perceiver")
     with torch.no_grad():
