@@ -16,7 +16,7 @@ is its minimum cosine to our exact fp32 embeddings on decoded MP3/Ogg clips (tes
 `clap embed` rows: on the 32 wav files).
 Train case (peer_bench's `laion_train`): batch 8 of 10 s noise at 48 kHz + random token ids of length 32, the
 log-mel front end inside the step, InfoNCE, backward, AdamW (lr 1e-4, wd 0.01; ours with build_optimizer's fused
-kernel), plain PyTorch on CPU; the mean of 5 steps after a warm-up, in fp32 and under bf16 autocast (fp32 weights
+kernel), plain PyTorch on CPU; the mean of --train-steps steps (5) after a warm-up, in fp32 and under bf16 autocast (fp32 weights
 and optimizer), each with its gradient's cosine to the fp32 step's on the same batch. Lines `RESULT {json}` are
 what peer_bench's --extra reads.
 Machines are noisy: compare only ratios of one run.
@@ -162,10 +162,10 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
                  unit="clips/s", median=statistics.median(steady), runs=len(steady), detail=detail)]
 
 
-TRAIN_BS, TEXT_LEN, VOCAB, TRAIN_STEPS = 8, 32, 50265, 5
+TRAIN_BS, TEXT_LEN, VOCAB = 8, 32, 50265
 
 
-def our_train_steps(precisions: list[str]) -> list[dict]:
+def our_train_steps(precisions: list[str], steps: int) -> list[dict]:
     """peer_bench's laion_train case on this project's model: s/step per precision + gradient cosine to fp32."""
     import numpy as np
     import torch
@@ -192,7 +192,12 @@ def our_train_steps(precisions: list[str]) -> list[dict]:
         # our optimizer's kernel (build_optimizer: fused AdamW), with the peers' hyper-parameters
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **adamw_kernel(model.device))
         times, grad = [], None
-        for step in range(1 + TRAIN_STEPS):  # step 0: warm-up, and the gradient compared across precisions
+        # step 0's gradient is compared across precisions with stochastic depth off: under autocast its per-clip
+        # draws are made in bf16 and round to other clips dropped than fp32's (a cosine of 0.92, not precision)
+        drop_paths = [(m, m.drop_prob) for m in model.modules() if type(m).__name__ == "ClapDropPath"]
+        for step in range(1 + steps):  # step 0: warm-up, and the gradient compared across precisions
+            for module, rate in drop_paths:
+                module.drop_prob = 0.0 if step == 0 else rate
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             torch.manual_seed(step)  # the same random crop / augment draws in every precision
@@ -210,7 +215,7 @@ def our_train_steps(precisions: list[str]) -> list[dict]:
         cosine = float(torch.nn.functional.cosine_similarity(grad.double(), reference.double(), dim=0))
         rows.append(dict(case=f"laion_train_L{TEXT_LEN}", impl=f"clap-at-scale train step {precision}",
                          metric=f"train step bs{TRAIN_BS}, 10 s audio, text L={TEXT_LEN}", unit="s/step",
-                         median=sum(times[1:]) / TRAIN_STEPS, runs=TRAIN_STEPS,
+                         median=sum(times[1:]) / steps, runs=steps,
                          detail={"median_s": round(statistics.median(times[1:]), 3),
                                  "steps_s": [round(t, 3) for t in times[1:]],
                                  "grad_cosine_to_" + precisions[0]: round(cosine, 6),
@@ -218,13 +223,13 @@ def our_train_steps(precisions: list[str]) -> list[dict]:
     return rows
 
 
-def peer_rows(python: str, runs: int, cases: list[str]) -> list[dict]:
+def peer_rows(python: str, runs: int, cases: list[str], steps: int) -> list[dict]:
     """The peers' harness with their interpreter for both LAION-CLAP and transformers; rows from its JSON."""
     only = (["laion_filelist", "hf_data"] if "embed" in cases else []) + (["laion_train"] if "train" in cases else [])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
         subprocess.run([python, str(PEERS), "--repeat", "1", "--runs", str(runs), "--only", ",".join(only),
-                        "--steps", str(TRAIN_STEPS), "--text-lens", str(TEXT_LEN),
+                        "--steps", str(steps), "--text-lens", str(TEXT_LEN),
                         "--laion-python", python, "--hf-python", python, "--json-out", str(out)],
                        check=True, timeout=3600, env=dict(os.environ, HF_HUB_OFFLINE="1",  # its offline stand-ins
                                                           HF_HOME=os.path.expanduser("~/.cache/clap-peers/hf")))
@@ -241,6 +246,8 @@ def main() -> None:
                              "is installed)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--cases", default="embed,train", help="embed, train or both")
+    parser.add_argument("--train-steps", type=int, default=5,
+                        help="timed train steps per precision and for LAION-CLAP, after one warm-up step")
     parser.add_argument("--train-precisions", default=None,
                         help="our train step's precisions, fp32 first (default: as --paths)")
     args = parser.parse_args()
@@ -263,9 +270,9 @@ def main() -> None:
         print("bench_peers: this CPU has no native bf16 (precision auto = fp32 here): bf16 is not timed unless "
               "--paths / --train-precisions name it", flush=True)
     rows = our_paths(args.paths.split(","), args.runs) if "embed" in cases else []
-    rows += our_train_steps(args.train_precisions.split(",")) if "train" in cases else []
+    rows += our_train_steps(args.train_precisions.split(","), args.train_steps) if "train" in cases else []
     if args.peers_python:
-        rows += peer_rows(args.peers_python, args.runs, cases)
+        rows += peer_rows(args.peers_python, args.runs, cases, args.train_steps)
     for row in rows:
         print("RESULT " + json.dumps(row), flush=True)
     group = {"hf_data": "laion_filelist"}  # transformers' embedding row beside LAION-CLAP's filelist one
