@@ -31,7 +31,7 @@ META_COLUMNS = ("caption", "label", "split", "source_path", "language", "kind")
 SHARD_COLUMNS = ("id", "audio") + META_COLUMNS  # what the job reads of a shard
 IN_DRIVER_MANIFEST_BYTES = 16 << 20  # a manifest up to this size is read by the driver (~80K JSONL rows, ~150 MB
 #                                      of items); a bigger one by Ray tasks, a chunk each
-CHUNK_MB = 16.0  # JSONL a read task turns into items at once (~150 MB of them)
+CHUNK_MB = 16.0  # JSONL or CSV a read task turns into items at once (~150 MB of them)
 DUPLICATE = "duplicate_id"
 
 

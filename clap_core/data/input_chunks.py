@@ -1,7 +1,7 @@
 """An input manifest cut into chunks that tasks read independently (`clap preprocess`'s planning, `clap embed`'s
 Ray job on a big manifest), so no process holds all its rows:
 
-    chunks = input_chunks(input_uri, chunk_mb=64)        # JSONL byte ranges, a tar or a sidecar folder each, ...
+    chunks = input_chunks(input_uri, chunk_mb=64)        # JSONL / CSV byte ranges, a tar or a sidecar folder each
     firsts = chunk_starts(chunks, [count_lines(c) for c in chunks])  # rows per chunk -> where each one starts
     rows = read_chunk(chunks[i], firsts[i])              # the rows of one chunk, numbered as read_inputs numbers them
 
@@ -12,23 +12,33 @@ from __future__ import annotations
 from clap_core import storage
 from clap_core.data.input_folders import read_sidecar_folder, sidecar_audio, webdataset_rows
 from clap_core.data.input_rows import InputRow, decode_text
-from clap_core.data.input_tables import jsonl_block_rows
+from clap_core.data.input_tables import csv_chunk_bounds, csv_chunk_records, jsonl_block_rows, row_from_record
 from clap_core.data.inputs import read_inputs, resolve_input
+from clap_core.io_faults import retry_transient
 
 
 def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8") -> list[dict]:
     """Pieces of the input that tasks read independently, in input order. JSONL files are cut into byte
-    ranges of about chunk_mb (lines belong to the range they start in); each tar is one chunk; a sidecar folder
-    is one chunk; a CSV is one chunk (its rows are grouped across lines, e.g. AudioCaps)."""
+    ranges of about chunk_mb (lines belong to the range they start in); a CSV manifest bigger than chunk_mb into
+    ranges that end where a record ends (found by one streaming parse of the file here: quoted fields may hold
+    newlines); each tar is one chunk; a sidecar folder is one chunk; a smaller CSV, and AudioCaps and Clotho
+    CSVs (rows of one clip are grouped across the file), are one chunk read whole."""
     kind, files = resolve_input(input_uri)
-    if kind == "jsonl" and "\n".encode(encoding) == b"\n":
+    step = max(1, int(chunk_mb * 1e6))
+    byte_lines = "\n".encode(encoding) == b"\n" and "\r".encode(encoding) == b"\r"  # cut on bytes
+    if kind == "jsonl" and byte_lines:
         chunks = []
         for uri in files:
             size = storage.file_size(uri)
-            step = max(1, int(chunk_mb * 1e6))
             chunks += [{"kind": "jsonl", "uri": uri, "start": s, "end": min(s + step, size), "size": size}
                        for s in range(0, max(size, 1), step)]
         return chunks
+    if kind == "csv" and byte_lines and storage.file_size(files[0]) > step:
+        uri = files[0]
+        cut = retry_transient(lambda: csv_chunk_bounds(uri, encoding, step), what=f"cutting {uri} into chunks")
+        if cut is not None:
+            header, bounds = cut
+            return [{"kind": "csv", "uri": uri, "start": s, "end": e, "header": header} for s, e in bounds]
     if kind == "tar":
         return [{"kind": "tar", "uri": uri} for uri in files]
     if kind == "sidecar":  # counted from its listing alone (count_lines), its sidecars read once
@@ -63,11 +73,20 @@ def read_chunk(chunk: dict, first_index: int, encoding: str = "utf-8",
     if chunk["kind"] == "jsonl":
         data = line_block(chunk["uri"], chunk["start"], chunk["end"], chunk["size"])
         return jsonl_block_rows(data, chunk["uri"], enc, first_index, chunk.get("first_line", 1))
+    if chunk["kind"] == "csv":
+        records, _ = csv_block(chunk, enc)
+        base = storage.parent(chunk["uri"])
+        return [row_from_record(record, first_index + i, base) for i, record in enumerate(records)]
     if chunk["kind"] == "tar":
         return webdataset_rows(chunk["uri"], first_index, enc)
     if chunk["kind"] == "sidecar":
         return read_sidecar_folder(chunk["uri"], enc)
     return read_inputs(chunk["uri"], enc, audio_dir)
+
+
+def csv_block(chunk: dict, encoding: str) -> tuple[list[dict], int]:
+    return csv_chunk_records(chunk["uri"], chunk["start"], chunk["end"], chunk["header"], encoding,
+                             chunk.get("first_line", 1))
 
 
 def count_lines(chunk: dict, encoding: str = "utf-8", audio_dir: str | None = None) -> tuple[int, int]:
@@ -80,6 +99,9 @@ def count_lines(chunk: dict, encoding: str = "utf-8", audio_dir: str | None = No
                    (decode_text(raw, enc) if i == 0 and chunk["start"] == 0 else
                     raw.decode(enc, errors="surrogateescape")).strip())
         return rows, data.count(b"\n")
+    if chunk["kind"] == "csv":  # records and the lines they span (a quoted field may hold newlines)
+        records, lines = csv_block(chunk, encoding)
+        return len(records), lines
     if chunk["kind"] == "sidecar":  # a row per audio file: the listing says how many, no sidecar is read
         return len(sidecar_audio(chunk["uri"])), 0
     return len(read_chunk(chunk, 0, encoding, audio_dir)), 0

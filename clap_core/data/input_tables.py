@@ -14,9 +14,9 @@ row with `error` set, never an exception: it is rejected at stage read_manifest.
 from __future__ import annotations
 
 import csv
-import io
 import re
 from pathlib import PurePosixPath
+from typing import Iterable, Iterator
 
 from clap_core import storage
 from clap_core.data.input_rows import (
@@ -111,27 +111,59 @@ USED_COLUMNS = {"audio_path", "caption", "captions", "youtube_id", "audiocap_id"
 ERROR_KEY = "\x00error"  # a CSV record the reader could not take as is: (reason, detail)
 
 
-def read_csv_records(uri: str, encoding: str) -> tuple[list[str], list[dict]]:
-    """Header and records; a record that cannot be used as is carries ERROR_KEY: a ragged row (more or
-    fewer fields than the header), a malformed line, or duplicate used columns. Fields of any size parse."""
-    text = decode_text(storage.read_bytes(uri), encoding)
-    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # the default 131,072 killed the job
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = [h.strip() for h in next(reader)]
-    except (StopIteration, csv.Error):
-        return [], []
+CSV_BLOCK_BYTES = 8 << 20  # the CSV readers read the file this much at a time
+
+
+def split_csv_lines(data: bytes, encoding: str, at_file_start: bool) -> Iterator[tuple[str, int]]:
+    """Whole lines of `data` as text, each with the byte offset in `data` where it ends. Lines end after \n, \r\n
+    or a lone \r, as csv's documented `open(..., newline="")` reads them; cut on bytes, which holds for encodings
+    in which "\n" and "\r" are those bytes alone (input_chunks only cuts those)."""
+    end = 0
+    for raw in data.splitlines(keepends=True):  # bytes split at \n, \r\n and \r only (str.splitlines cuts more)
+        text = decode_text(raw, encoding) if at_file_start and end == 0 else raw.decode(encoding, "surrogateescape")
+        end += len(raw)
+        yield text, end
+
+
+def csv_lines(uri: str, encoding: str, start: int = 0, end: int | None = None) -> Iterator[tuple[str, int]]:
+    """The lines of the file's bytes [start, end) (the whole file by default), each with the file offset where it
+    ends, read CSV_BLOCK_BYTES at a time: never the whole file in memory (a line longer than a block is read
+    whole). `start` must be a line start."""
+    end = storage.file_size(uri) if end is None else end
+    pos = start
+    while pos < end:
+        block = more = storage.read_range(uri, pos, min(CSV_BLOCK_BYTES, end - pos))
+        while b"\n" not in more and pos + len(block) < end:  # a line longer than a block
+            more = storage.read_range(uri, pos + len(block), min(CSV_BLOCK_BYTES, end - pos - len(block)))
+            block += more
+        if pos + len(block) < end:  # whole lines only: cut after the block's last \n (a \r\n stays together)
+            block = block[:block.rfind(b"\n") + 1]
+        for line, stop in split_csv_lines(block, encoding, at_file_start=pos == 0):
+            yield line, pos + stop
+        pos += len(block)
+
+
+def csv_header(fields: list[str]) -> tuple[list[str], list[str]]:
+    """(header names stripped, the used columns it repeats): a repeated used column makes every row ambiguous."""
+    header = [h.strip() for h in fields]
     duplicates = sorted({h for h in header if header.count(h) > 1 and (h in USED_COLUMNS or
                                                                       re.fullmatch(r"caption_\d+", h))})
-    records = []
+    return header, duplicates
+
+
+def csv_records_of(reader, header: list[str], first_line: int = 1) -> Iterator[dict]:
+    """The records a csv reader gives after the header, as dicts; `first_line` is the file line number of the
+    reader's first line (reject details). A record that cannot be used as is carries ERROR_KEY: a ragged row
+    (more or fewer fields than the header), a malformed line, or duplicate used columns."""
+    header, duplicates = csv_header(header)
     while True:
-        line = reader.line_num + 1
+        line = reader.line_num + first_line
         try:
             fields = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as e:
-            records.append({ERROR_KEY: ("bad_manifest_row", f"line {line}: {e}")})
+            yield {ERROR_KEY: ("bad_manifest_row", f"line {line}: {e}")}
             continue
         if not fields:
             continue  # a blank line
@@ -140,8 +172,79 @@ def read_csv_records(uri: str, encoding: str) -> tuple[list[str], list[dict]]:
             record[ERROR_KEY] = ("duplicate_column", f"the header repeats column(s) {duplicates}: ambiguous")
         elif len(fields) != len(header):
             record[ERROR_KEY] = ("ragged_row", f"line {line} has {len(fields)} fields, the header {len(header)}")
-        records.append(record)
-    return header, records
+        yield record
+
+
+def csv_reader(lines: Iterable[str], size: int):
+    csv.field_size_limit(max(csv.field_size_limit(), size + 1))  # the default 131,072 killed the job
+    return csv.reader(lines)
+
+
+def read_csv_records(uri: str, encoding: str) -> tuple[list[str], list[dict]]:
+    """Header and records of a whole CSV (read a block at a time; the records are held). Fields of any size parse."""
+    reader = csv_reader((line for line, _ in csv_lines(uri, encoding)), storage.file_size(uri))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error):
+        return [], []
+    return csv_header(header)[0], list(csv_records_of(reader, header))
+
+
+def is_grouped_csv(header: list[str]) -> bool:
+    """AudioCaps (rows of one youtube_id are one clip, anywhere in the file) or Clotho: read whole, not cut."""
+    names = set(csv_header(header)[0])
+    return {"youtube_id", "caption"} <= names or {"file_name", "caption_1"} <= names
+
+
+def csv_chunk_bounds(uri: str, encoding: str, step_bytes: int) -> tuple[list[str], list[tuple[int, int]]] | None:
+    """(raw header fields, byte ranges) cutting a generic CSV manifest into ranges of about step_bytes, each ending
+    where a record ends as the csv module reads the file (quoted fields may hold newlines, and a quote inside an
+    unquoted field is text: only a parse tells where records end). One pass over the file, a block at a time.
+    None for a file with no header, and for AudioCaps and Clotho files (read whole)."""
+    size = storage.file_size(uri)
+    read_to = [0]  # the file offset after the last line the reader took (it never reads past a record's end)
+
+    def lines() -> Iterator[str]:
+        for line, stop in csv_lines(uri, encoding):
+            read_to[0] = stop
+            yield line
+
+    reader = csv_reader(lines(), size)
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error):
+        return None
+    if is_grouped_csv(header):
+        return None
+    bounds, start = [], 0  # the first range holds the header line
+    while True:
+        try:
+            next(reader)
+        except StopIteration:
+            break
+        except csv.Error:
+            continue  # no cut right after a malformed line: the next record ends in a known state
+        if read_to[0] - start >= step_bytes:
+            bounds.append((start, read_to[0]))
+            start = read_to[0]
+    if start < size or not bounds:
+        bounds.append((start, size))
+    return header, bounds
+
+
+def csv_chunk_records(uri: str, start: int, end: int, header: list[str], encoding: str = "utf-8",
+                      first_line: int = 1) -> tuple[list[dict], int]:
+    """(records, lines) of the byte range [start, end) of a CSV cut by csv_chunk_bounds: the records read_csv_records
+    gives for those lines (the header skipped in the range that starts the file), and the lines the range holds."""
+    lines = (line for line, _ in csv_lines(uri, encoding, start, end))
+    reader = csv_reader(lines, end - start)
+    if start == 0:
+        try:
+            next(reader)  # the header
+        except (StopIteration, csv.Error):
+            return [], reader.line_num
+    records = list(csv_records_of(reader, header, first_line))
+    return records, reader.line_num
 
 
 def record_error(record: dict) -> tuple[str, str] | None:

@@ -64,7 +64,7 @@ class RayConfig:
     min_workers: int = 1  # unit actors always kept (Ray Data ActorPoolStrategy min_size)
     max_workers: int = 0  # unit actors the pool may grow to; 0: one per unit (the autoscaler adds nodes)
     num_cpus: float = 1.0  # CPUs reserved per worker (and per planning task)
-    plan_chunk_mb: float = 16.0  # JSONL manifests are read and validated in byte ranges of this size
+    plan_chunk_mb: float = 16.0  # JSONL and CSV manifests are read and validated in byte ranges of this size
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """`clap embed`'s in-process runner (pipelines.embed_local) writes the output the Ray job writes; a manifest too big to
 hold (pipelines.embed_input) gives the output of one read whole."""
+import csv
 import functools
 import json
 import os
@@ -176,10 +177,17 @@ def test_a_manifest_too_big_to_hold_is_read_a_chunk_at_a_time_into_the_same_outp
     assert whole == by_ray == by_local == {"rows": 7, "rejects": 6, "reject_reasons": {
         "missing_file": 1, "undecodable": 1, "duplicate_id": 3, "bad_manifest_row": 1}}
 
-    tables = [embeddings.read_table(str(tmp_path / name)) for name in ("whole", "ray", "local")]
+    tables, rejects = same_outputs(tmp_path, ("whole", "ray", "local"))
     assert tables[0].column("id").to_pylist() == sorted([f"clip{i}" for i in range(6)] + ["audio/5"])
     captions = dict(zip(tables[0].column("id").to_pylist(), tables[0].column("caption").to_pylist()))
     assert (captions["clip0"], captions["clip3"]) == (json.loads(lines[0])["caption"], json.loads(lines[3])["caption"])
+    assert [r[3][:8] for r in rejects if r[2] == "bad_manifest_row"] == ["line 10:"]  # numbered in chunks too
+
+
+def same_outputs(tmp_path, names: tuple[str, ...]):
+    """(tables, rejects) of the first output, having checked that the others hold the same rows, columns,
+    embeddings (within 1e-6) and rejects (id, stage, reason, detail)."""
+    tables = [embeddings.read_table(str(tmp_path / name)) for name in names]
     for table in tables[1:]:
         assert table.column_names == tables[0].column_names
         for column in table.column_names:
@@ -188,10 +196,40 @@ def test_a_manifest_too_big_to_hold_is_read_a_chunk_at_a_time_into_the_same_outp
                                            embeddings.embedding_matrix(tables[0], column), atol=1e-6, rtol=0)
             else:
                 assert table.column(column).to_pylist() == tables[0].column(column).to_pylist(), column
+    rejects = [sorted((r["id"], r["stage"], r["reason"], r["detail"])
+                      for r in embeddings.read_rejects(str(tmp_path / name)).to_pylist()) for name in names]
+    assert all(r == rejects[0] for r in rejects[1:])
+    return tables, rejects[0]
 
-    def rejects(name):
-        return sorted((r["id"], r["stage"], r["reason"], r["detail"])
-                      for r in embeddings.read_rejects(str(tmp_path / name)).to_pylist())
 
-    assert rejects("ray") == rejects("local") == rejects("whole")
-    assert [r[3][:8] for r in rejects("whole") if r[2] == "bad_manifest_row"] == ["line 10:"]  # numbered in chunks too
+def test_a_big_csv_manifest_is_cut_where_records_end_into_the_same_output(ray_local, manifest, tmp_path,
+                                                                         monkeypatch):
+    """A CSV past IN_DRIVER_MANIFEST_BYTES is cut into ranges that end where records end (captions over several
+    lines, quotes inside them), read by Ray tasks: the same rows, embeddings and rejects as the CSV read whole."""
+    from clap_core.data.input_chunks import input_chunks
+    from pipelines import embed_input
+    from pipelines.embed import embed_dataset
+
+    records = [json.loads(line) for line in (manifest / "m.jsonl").read_text().splitlines()]
+    big = manifest / "big.csv"
+    with big.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "audio_path", "caption"])
+        for i, r in enumerate(records):
+            writer.writerow([r["id"], r["audio_path"], r["caption"] + ('\nsaid "twice",\r\nthen' if i % 2 else "")])
+        f.write("clip9,audio/2.wav,a 12\" record\nclip10,audio/3.wav,ragged,row\n")
+    run = functools.partial(embed_dataset, str(manifest / "ckpt"), str(big), batch_size=2, precision="fp32")
+    whole = run(str(tmp_path / "whole"), runner="local")
+    monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 300)
+    monkeypatch.setattr(embed_input, "CHUNK_MB", 60 / 1e6)
+    assert embed_input.manifest_items(str(big), None) == (None, []) and big.stat().st_size > 400
+    chunks = input_chunks(str(big), embed_input.CHUNK_MB)
+    assert len(chunks) > 3 and {c["kind"] for c in chunks} == {"csv"}
+    by_ray = run(str(tmp_path / "ray"))
+    assert whole == by_ray == {"rows": 7, "rejects": 4, "reject_reasons": {
+        "missing_file": 1, "undecodable": 1, "duplicate_id": 1, "ragged_row": 1}}
+    tables, rejects = same_outputs(tmp_path, ("whole", "ray"))
+    captions = dict(zip(tables[0].column("id").to_pylist(), tables[0].column("caption").to_pylist()))
+    assert captions["clip1"] == 'a ' + records[1]["label"] + '\nsaid "twice",\r\nthen'
+    assert captions["clip9"] == 'a 12" record'
+    assert [r[3] for r in rejects if r[2] == "ragged_row"] == ["line 20 has 4 fields, the header 3"]  # 1 + 9 + 4 x 2

@@ -48,6 +48,54 @@ def test_jsonl_byte_range_chunks_read_like_the_whole_file(tmp_path, chunk_bytes)
     assert chunked_rows(str(path), cfg, chunk_bytes / 1e6) == whole
 
 
+MESSY_CSV = ("\ufeffid,audio_path,caption,caption_2\r\n"
+             + 'q1,q1.wav,"a quoted caption\nover two lines",second\r\n'
+             + 'q2,q2.wav,"says ""hi"", then\r\n\r\nleaves",\n'  # escaped quotes, a blank line inside quotes
+             + 's1,s1.wav,a 12" record and a 7" one,x\n'  # a quote inside an unquoted field is text
+             + "\n,\n"  # a blank line, then a row with no audio
+             + "r1,r1.wav,too,many,fields\n"  # ragged
+             + "m1,m1.wav,old mac line\rm2,m2.wav,ends,\r"  # lone \r line ends
+             + "v1,v1.wav,vt\x0bff\x0cls\u2028nel\x85,\n"  # line ends for str.splitlines, not for csv
+             + "".join(f'c{i},{i}.wav,"clip {i}, caf\u00e9",\n' for i in range(30))
+             + 'last,last.wav,"no trailing newline",')
+
+
+@pytest.mark.parametrize("chunk_bytes", [3, 7, 50, 333])  # every size would cut records and quoted fields apart
+@pytest.mark.parametrize("block_bytes", [5, 1 << 20])  # the readers' block: lines longer than it, \r\n across it
+def test_csv_chunks_end_where_records_end_and_read_like_the_whole_file(tmp_path, monkeypatch, chunk_bytes,
+                                                                       block_bytes):
+    from clap_core.data import input_tables
+
+    monkeypatch.setattr(input_tables, "CSV_BLOCK_BYTES", block_bytes)
+    path = tmp_path / "m.csv"
+    path.write_bytes(MESSY_CSV.encode("utf-8"))
+    cfg = load_preprocess_config()
+    whole = read_inputs(str(path))
+    assert [r["id"] for r in whole[:4]] == ["q1", "q2", "s1", None] and len(whole) == 39
+    assert whole[0]["captions"] == ["a quoted caption\nover two lines", "second"]
+    assert whole[1]["captions"] == ['says "hi", then\r\n\r\nleaves']
+    assert whole[2]["captions"] == ['a 12" record and a 7" one', "x"]
+    assert whole[4]["error"] == ("ragged_row", "line 10 has 5 fields, the header 4")  # lines as csv counts them
+    assert [r["id"] for r in whole[5:7]] == ["m1", "m2"] and whole[-1]["captions"] == ["no trailing newline"]
+    assert whole[7]["captions"] == ["vt\x0bff\x0cls\u2028nel\x85"]
+    chunks = chunking.input_chunks(str(path), chunk_bytes / 1e6, cfg.input.encoding)
+    assert len(chunks) >= min(30, 1100 // chunk_bytes // 2) and {c["kind"] for c in chunks} == {"csv"}
+    assert chunked_rows(str(path), cfg, chunk_bytes / 1e6) == whole
+
+
+def test_small_and_grouped_csvs_stay_one_chunk(tmp_path):
+    audiocaps = tmp_path / "train.csv"
+    audiocaps.write_text("audiocap_id,youtube_id,start_time,caption\n"
+                         + "".join(f"{i},yt{i % 3},0,caption {i}\n" for i in range(30)))  # a clip's rows far apart
+    generic = tmp_path / "g.csv"
+    generic.write_text("audio_path,caption\n" + "".join(f"{i}.wav,c{i}\n" for i in range(30)))
+    cfg = load_preprocess_config()
+    assert [c["kind"] for c in chunking.input_chunks(str(audiocaps), 50 / 1e6)] == ["whole"]
+    assert len(chunked_rows(str(audiocaps), cfg, 50 / 1e6)) == 3  # grouped per youtube_id, as a whole read
+    assert [c["kind"] for c in chunking.input_chunks(str(generic), 1.0)] == ["whole"]  # under chunk_mb: as before
+    assert chunked_rows(str(generic), cfg, 50 / 1e6) == read_inputs(str(generic))
+
+
 def test_folder_of_manifest_parts_numbers_rows_across_parts(tmp_path):
     for part in range(3):
         (tmp_path / f"part-{part}.jsonl").write_text("".join(
