@@ -56,10 +56,11 @@ class PackedLinear(nn.Linear):
         return module
 
     def packed_weight(self) -> torch.Tensor:
-        key = (self.weight.data_ptr(), self.weight._version)
+        weight = self.weight  # an inference tensor (a copy made under torch.inference_mode) has no version counter
+        key = (weight.data_ptr(), None if weight.is_inference() else weight._version)
         cached = self.__dict__.get(PACKED)
         if cached is None or cached[0] != key:
-            cached = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
             self.__dict__[PACKED] = cached
         return cached[1]
 

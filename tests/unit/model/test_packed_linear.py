@@ -110,6 +110,9 @@ def test_the_bf16_copy_packs_its_tower_linears_and_embeds_as_the_unpacked_copy(m
     assert not any(isinstance(m, PackedLinear) for m in model.modules())  # the fp32 model is untouched
     copy.deepcopy(model)  # a model holding its cached copy still copies (the packed weights are left out)
     inference.drop_bf16_copy(model)
+    with torch.inference_mode():  # a copy made of inference tensors (no version counter) packs and embeds too
+        assert np.array_equal(model.embed_audio(clips, sample_rate=48_000, precision="bf16"), packed)
+    inference.drop_bf16_copy(model)
     monkeypatch.setattr(inference, "pack_linears", lambda module: 0)
     plain = model.embed_audio(clips, sample_rate=48_000, precision="bf16")
     plain_text = model.embed_text(captions, precision="bf16")
