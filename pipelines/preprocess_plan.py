@@ -47,7 +47,7 @@ def run_tasks(fn, items: list[dict], num_cpus: float) -> list[dict]:
 
 def count_chunks(chunks: list[dict], num_cpus: float, encoding: str = "utf-8",
                  audio_dir: str | None = None) -> list[tuple[int, int]]:
-    """(rows, newline bytes) of each input chunk (input_chunks.count_lines), one Ray task per chunk."""
+    """(rows, lines) of each input chunk (input_chunks.count_lines), one Ray task per chunk."""
     counted = run_tasks(lambda c: list(chunking.count_lines(c, encoding, audio_dir)), chunks, num_cpus)
     return [(rows, lines) for rows, lines in counted]
 

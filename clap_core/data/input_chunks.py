@@ -90,8 +90,8 @@ def csv_block(chunk: dict, encoding: str) -> tuple[list[dict], int]:
 
 
 def count_lines(chunk: dict, encoding: str = "utf-8", audio_dir: str | None = None) -> tuple[int, int]:
-    """(rows, newline bytes) of a chunk; JSONL lines are counted without parsing them, by the rule of
-    jsonl_block_rows (newline bytes only; blank lines are no rows)."""
+    """(rows, lines) of a chunk; JSONL lines are counted without parsing them, by the rule of jsonl_block_rows
+    (newline bytes only; blank lines are no rows); CSV records are parsed, lines counted as csv counts them."""
     if chunk["kind"] == "jsonl":
         data = line_block(chunk["uri"], chunk["start"], chunk["end"], chunk["size"])
         enc = encoding
@@ -108,7 +108,7 @@ def count_lines(chunk: dict, encoding: str = "utf-8", audio_dir: str | None = No
 
 
 def chunk_starts(chunks: list[dict], counted: list[tuple[int, int]]) -> list[int]:
-    """Stage 0's (rows, newline bytes) of each chunk -> where each chunk's rows start in input order (returned),
+    """Stage 0's (rows, lines) of each chunk -> where each chunk's rows start in input order (returned),
     and each chunk's "first_line": the file line number of its first line (reject details), counted per file."""
     firsts, rows, lines_before = [], 0, {}
     for chunk, (n, lines) in zip(chunks, counted, strict=True):

@@ -83,6 +83,32 @@ def test_csv_chunks_end_where_records_end_and_read_like_the_whole_file(tmp_path,
     assert chunked_rows(str(path), cfg, chunk_bytes / 1e6) == whole
 
 
+def test_a_transient_error_while_cutting_a_csv_scans_it_again(tmp_path, monkeypatch):
+    """The driver's one parse of a big CSV reads it a block at a time: a reset connection mid-way is retried (the
+    scan again from the start), never a verdict on the file; the cuts are those of a scan without faults."""
+    import functools
+
+    from clap_core import io_faults
+    from clap_core.data import input_tables
+
+    monkeypatch.setattr(input_tables, "CSV_BLOCK_BYTES", 64)
+    path = tmp_path / "m.csv"
+    path.write_bytes(MESSY_CSV.encode("utf-8"))
+    expected = chunking.input_chunks(str(path), 100 / 1e6)
+    monkeypatch.setattr(chunking, "retry_transient", functools.partial(io_faults.retry_transient, sleep=lambda s: None))
+    real, calls = input_tables.storage.read_range, []
+
+    def flaky(uri, offset, size):
+        calls.append(offset)
+        if len(calls) == 5:
+            raise ConnectionResetError(104, "connection reset by peer")
+        return real(uri, offset, size)
+
+    monkeypatch.setattr(input_tables.storage, "read_range", flaky)
+    assert chunking.input_chunks(str(path), 100 / 1e6) == expected and len(expected) > 5
+    assert calls[:4] == calls[5:9] and calls.count(0) == 2  # read again from the start, once
+
+
 def test_small_and_grouped_csvs_stay_one_chunk(tmp_path):
     audiocaps = tmp_path / "train.csv"
     audiocaps.write_text("audiocap_id,youtube_id,start_time,caption\n"
