@@ -115,7 +115,7 @@ def as_duplicate(item: dict) -> dict:
 
 def counted_chunks(input_uri: str, count) -> list[dict]:
     """The manifest's chunks, each with "first" (its first row's index in the input) and "first_line"; `count`
-    maps the chunks to their (rows, newline bytes), in tasks or here."""
+    maps the chunks to their (rows, lines), in tasks or here."""
     chunks = input_chunks(input_uri, CHUNK_MB)
     firsts = chunk_starts(chunks, count(chunks))
     return [{**chunk, "first": first} for chunk, first in zip(chunks, firsts, strict=True)]
@@ -134,7 +134,7 @@ def chunk_name(chunk: dict) -> str:
 
 
 def count_chunk(chunk: dict) -> tuple[int, int]:
-    """(rows, newline bytes) of a chunk, read again after a transient storage error."""
+    """(rows, lines) of a chunk, read again after a transient storage error."""
     return retry_transient(lambda: count_lines(chunk), what=chunk_name(chunk))
 
 
