@@ -3,6 +3,7 @@
     python benchmarks/bench_scale.py --rows 100000
     python benchmarks/bench_scale.py --rows 1000000 --no-baseline
     python benchmarks/bench_scale.py --rows 1000000 --command embed   # `clap embed` on the same manifest
+    python benchmarks/bench_scale.py --rows 1000000 --command embed --format csv   # the same rows as a CSV
 
 The manifest holds a few real clips and N - 4 rows whose audio files do not exist (rejected
 `missing_file` without decoding), 1 in 1000 a duplicate id: the run measures the planning and
@@ -24,10 +25,13 @@ With --command embed, the child runs the Ray `clap embed` job (a tiny random-ini
 manifest, read by Ray tasks a chunk at a time (pipelines/embed_input.py), and the baseline is the same job with
 the manifest read whole into the driver's items (what it did before; what it still does up to
 IN_DRIVER_MANIFEST_BYTES): driver peak (VmHWM) and wall time of each, rows and rejects checked equal.
+With --format csv the manifest's rows are written as a CSV (id, audio_path, caption, split, kind, language): the
+driver cuts it where records end (one streaming parse) and tasks read the ranges.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -137,6 +141,19 @@ def embed_run(manifest: str, work: str, rows: int, cores: int, baseline: bool) -
               f"| {r['reject_reasons']} |")
 
 
+def as_csv(jsonl: str) -> str:
+    """The JSONL manifest's rows as a CSV beside it (its path); streamed, never held."""
+    columns = ["id", "audio_path", "caption", "split", "kind", "language"]
+    path = str(Path(jsonl).with_suffix(".csv"))
+    with open(jsonl, encoding="utf-8") as src, open(path, "w", newline="", encoding="utf-8") as dst:
+        writer = csv.writer(dst)
+        writer.writerow(columns)
+        for line in src:
+            record = json.loads(line)
+            writer.writerow([record.get(c) or "" for c in columns])
+    return path
+
+
 def run_child(*args: str) -> dict:
     return child_process.run_child(__file__, *args, env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
 
@@ -147,6 +164,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the in-memory planner baseline")
     parser.add_argument("--command", choices=["preprocess", "embed"], default="preprocess")
+    parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="the manifest's format")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides for the job, e.g. output.rows_per_unit=2000")
     args = parser.parse_args()
@@ -166,6 +184,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as work:  # outside the checkout: git never sees it
         t = time.perf_counter()
         manifest = str(write_scale_manifest(Path(work) / "in", args.rows, duplicate_every=1000))
+        manifest = as_csv(manifest) if args.format == "csv" else manifest
         print(f"{args.rows:,}-row manifest ({os.path.getsize(manifest) / 1e6:.0f} MB) written in "
               f"{time.perf_counter() - t:.0f} s; {args.cores} cores; overrides {args.overrides or 'none'}")
         if args.command == "embed":

@@ -205,7 +205,8 @@ def same_outputs(tmp_path, names: tuple[str, ...]):
 def test_a_big_csv_manifest_is_cut_where_records_end_into_the_same_output(ray_local, manifest, tmp_path,
                                                                          monkeypatch):
     """A CSV past IN_DRIVER_MANIFEST_BYTES is cut into ranges that end where records end (captions over several
-    lines, quotes inside them), read by Ray tasks: the same rows, embeddings and rejects as the CSV read whole."""
+    lines, quotes inside them), read by Ray tasks (or chunk after chunk in process): the same rows, embeddings and
+    rejects as the CSV read whole."""
     from clap_core.data.input_chunks import input_chunks
     from pipelines import embed_input
     from pipelines.embed import embed_dataset
@@ -226,9 +227,10 @@ def test_a_big_csv_manifest_is_cut_where_records_end_into_the_same_output(ray_lo
     chunks = input_chunks(str(big), embed_input.CHUNK_MB)
     assert len(chunks) > 3 and {c["kind"] for c in chunks} == {"csv"}
     by_ray = run(str(tmp_path / "ray"))
-    assert whole == by_ray == {"rows": 7, "rejects": 4, "reject_reasons": {
+    by_local = run(str(tmp_path / "local"), runner="local")  # the in-process runner: chunk after chunk
+    assert whole == by_ray == by_local == {"rows": 7, "rejects": 4, "reject_reasons": {
         "missing_file": 1, "undecodable": 1, "duplicate_id": 1, "ragged_row": 1}}
-    tables, rejects = same_outputs(tmp_path, ("whole", "ray"))
+    tables, rejects = same_outputs(tmp_path, ("whole", "ray", "local"))
     captions = dict(zip(tables[0].column("id").to_pylist(), tables[0].column("caption").to_pylist()))
     assert captions["clip1"] == 'a ' + records[1]["label"] + '\nsaid "twice",\r\nthen'
     assert captions["clip9"] == 'a 12" record'
