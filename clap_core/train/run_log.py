@@ -20,7 +20,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from clap_core import storage
-from clap_core.eval.plots import plot_curves
 from clap_core.storage import resolve_fs
 from clap_core.train.engine import TrainState
 
@@ -112,6 +111,8 @@ class RunLogger:
                    "history": self.history, "evals": self.evals,
                    "final_eval": self.evals[-1] if self.evals else None}
         Path(folder, SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        from clap_core.eval.plots import plot_curves  # matplotlib: imported when a curve is drawn, not by each worker
+
         plot_curves(self.history, self.evals, Path(folder) / CURVES_FILE)
         return [SUMMARY_FILE, CURVES_FILE]
 
