@@ -33,6 +33,7 @@ import functools
 import os
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -141,6 +142,17 @@ def read_bytes(uri: str) -> bytes:
     fs, path = resolve_fs(uri)
     with naming(uri), fs.open_input_stream(path) as f:
         return f.read()
+
+
+STREAM_BLOCK_BYTES = 8 << 20  # what iter_blocks reads at a time
+
+
+def iter_blocks(uri: str) -> Iterator[bytes]:
+    """The file's bytes in order, STREAM_BLOCK_BYTES at a time: a hash or a scan of a big file holds one block."""
+    fs, path = resolve_fs(uri)
+    with naming(uri), fs.open_input_stream(path) as f:
+        while block := f.read(STREAM_BLOCK_BYTES):
+            yield block
 
 
 def read_range(uri: str, offset: int, size: int) -> bytes:

@@ -79,8 +79,9 @@ def input_identity(input_uri: str) -> str:
     elif storage.is_dir(input_uri):
         for uri in storage.list_files(input_uri):
             digest.update(f"{uri[len(input_uri):]}:{storage.file_size(uri)}\n".encode())
-    else:
-        digest.update(storage.read_bytes(input_uri))
+    else:  # a manifest of any size: hashed a block at a time, never held (the driver keeps to bounded memory)
+        for block in storage.iter_blocks(input_uri):
+            digest.update(block)
     return digest.hexdigest()[:32]
 
 

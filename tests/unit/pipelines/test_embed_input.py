@@ -91,3 +91,26 @@ def test_a_transient_error_reads_the_chunk_again(manifest, monkeypatch):
     streamed = list(local_rows(manifest, None, None))
     assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items
     assert calls[1] == calls[2] and len(calls) == len(set(calls)) + 1  # that chunk read twice, no other
+
+
+def test_the_input_identity_hashes_a_manifest_a_block_at_a_time(manifest, monkeypatch):
+    """The job hash covers the manifest's bytes, read a block at a time (the driver never holds the manifest):
+    the same digest as the whole file's, and no whole read."""
+    import hashlib
+
+    from clap_core import storage
+    from clap_core.data import embeddings
+
+    data = open(manifest, "rb").read()
+    monkeypatch.setattr(storage, "STREAM_BLOCK_BYTES", 256)
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: pytest.fail(f"read whole: {uri}"))
+    real, sizes = storage.iter_blocks, []
+
+    def counted(uri):
+        for block in real(uri):
+            sizes.append(len(block))
+            yield block
+
+    monkeypatch.setattr(storage, "iter_blocks", counted)
+    assert embeddings.input_identity(str(manifest)) == hashlib.sha256(data).hexdigest()[:32]
+    assert sum(sizes) == len(data) > 1000 and max(sizes) <= 256
