@@ -8,9 +8,9 @@ or by its centre window ("center_crop").
 precision="auto" (the default) runs the encoders in bf16 where the device has native bf16 (AVX-512 BF16 / AMX
 CPUs, Ampere+ GPUs) and in fp32 elsewhere; the log-mel front end always stays fp32. The bf16 path runs a copy
 of the model whose encoders and projections hold bf16 weights (bf16_copy), under autocast: autocast alone
-casts every fp32 weight again at every call. On this project's CPU that is ~2.2x faster than fp32 with a
-cosine >= 0.9999 to fp32 on decoded clips (README, "Exact or fast inference"). precision="fp32" forces the
-exact path.
+casts every fp32 weight again at every call; on CPU its linears multiply by weights packed once for oneDNN
+(clap_core.model.packed_linear). On this project's CPU that is ~2.2x faster than fp32 with a cosine >= 0.9999 to
+fp32 on decoded clips (README, "Exact or fast inference"). precision="fp32" forces the exact path.
 """
 from __future__ import annotations
 
