@@ -4,9 +4,9 @@ An eager bf16 `nn.Linear` on CPU runs oneDNN's matmul, which reorders the weight
 every call. torch.compile with inductor's freezing pass reorders each weight once and calls oneDNN's linear on
 the packed weight (`mkldnn._reorder_linear_weight` + `mkldnn._linear_pointwise`); it is that which made the
 compiled audio tower 1.19-1.24x faster here, after 55 s of compiling in every process (freezing bypasses the
-compile cache). PackedLinear calls the same two operators in eager mode: no compile, the same speed-up
-(HTS-AT tiny, bf16, 10-s clips: 1.07-1.24x at batch 8, 1.09-1.28x at batch 1; README, "Exact or fast
-inference"), and the same numbers as the eager bf16 linear (tests/unit/model/test_packed_linear.py).
+compile cache). PackedLinear calls the same two operators in eager mode: no compile, most of the speed-up
+(HTS-AT tiny, bf16, 10-s clips, packed and unpacked alternating: 1.09x at batch 8, 1.02x at batch 1; README,
+"Exact or fast inference"), and the eager bf16 linear's numbers (tests/unit/model/test_packed_linear.py).
 
 Used by inference.bf16_copy for the towers of the bf16 copy on CPU. The dense weight stays the module's
 parameter (state_dict, hooks and dtype checks see a plain Linear); the packed one is a cache beside it, rebuilt
