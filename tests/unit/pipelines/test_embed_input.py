@@ -101,7 +101,8 @@ def test_the_input_identity_hashes_a_manifest_a_block_at_a_time(manifest, monkey
     from clap_core import storage
     from clap_core.data import embeddings
 
-    data = open(manifest, "rb").read()
+    with open(manifest, "rb") as f:
+        data = f.read()
     monkeypatch.setattr(storage, "STREAM_BLOCK_BYTES", 256)
     monkeypatch.setattr(storage, "read_bytes", lambda uri: pytest.fail(f"read whole: {uri}"))
     real, sizes = storage.iter_blocks, []
