@@ -33,7 +33,7 @@ def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8") -> li
             chunks += [{"kind": "jsonl", "uri": uri, "start": s, "end": min(s + step, size), "size": size}
                        for s in range(0, max(size, 1), step)]
         return chunks
-    if kind == "csv" and byte_lines and storage.file_size(files[0]) > step:
+    if kind == "csv" and byte_lines:
         uri = files[0]
         cut = retry_transient(lambda: csv_chunk_bounds(uri, encoding, step), what=f"cutting {uri} into chunks")
         if cut is not None:

@@ -125,11 +125,10 @@ def split_csv_lines(data: bytes, encoding: str, at_file_start: bool) -> Iterator
         yield text, end
 
 
-def csv_lines(uri: str, encoding: str, start: int = 0, end: int | None = None) -> Iterator[tuple[str, int]]:
-    """The lines of the file's bytes [start, end) (the whole file by default), each with the file offset where it
-    ends, read CSV_BLOCK_BYTES at a time: never the whole file in memory (a line longer than a block is read
-    whole). `start` must be a line start."""
-    end = storage.file_size(uri) if end is None else end
+def csv_lines(uri: str, encoding: str, start: int, end: int) -> Iterator[tuple[str, int]]:
+    """The lines of the file's bytes [start, end), each with the file offset where it ends, read CSV_BLOCK_BYTES at
+    a time: never the whole file in memory (a line longer than a block is read whole). `start` must be a line
+    start."""
     pos = start
     while pos < end:
         block = more = storage.read_range(uri, pos, min(CSV_BLOCK_BYTES, end - pos))
@@ -182,7 +181,8 @@ def csv_reader(lines: Iterable[str], size: int):
 
 def read_csv_records(uri: str, encoding: str) -> tuple[list[str], list[dict]]:
     """Header and records of a whole CSV (read a block at a time; the records are held). Fields of any size parse."""
-    reader = csv_reader((line for line, _ in csv_lines(uri, encoding)), storage.file_size(uri))
+    size = storage.file_size(uri)
+    reader = csv_reader((line for line, _ in csv_lines(uri, encoding, 0, size)), size)
     try:
         header = next(reader)
     except (StopIteration, csv.Error):
@@ -190,22 +190,27 @@ def read_csv_records(uri: str, encoding: str) -> tuple[list[str], list[dict]]:
     return csv_header(header)[0], list(csv_records_of(reader, header))
 
 
-def is_grouped_csv(header: list[str]) -> bool:
-    """AudioCaps (rows of one youtube_id are one clip, anywhere in the file) or Clotho: read whole, not cut."""
+def csv_layout(header: list[str]) -> str:
+    """"audiocaps" (rows of one youtube_id are one clip, anywhere in the file), "clotho" or "manifest", by the header."""
     names = set(csv_header(header)[0])
-    return {"youtube_id", "caption"} <= names or {"file_name", "caption_1"} <= names
+    if {"youtube_id", "caption"} <= names:
+        return "audiocaps"
+    return "clotho" if {"file_name", "caption_1"} <= names else "manifest"
 
 
 def csv_chunk_bounds(uri: str, encoding: str, step_bytes: int) -> tuple[list[str], list[tuple[int, int]]] | None:
     """(raw header fields, byte ranges) cutting a generic CSV manifest into ranges of about step_bytes, each ending
     where a record ends as the csv module reads the file (quoted fields may hold newlines, and a quote inside an
     unquoted field is text: only a parse tells where records end). One pass over the file, a block at a time.
-    None for a file with no header, and for AudioCaps and Clotho files (read whole)."""
+    None (read it whole) for a file of at most step_bytes (not parsed), one with no header, and AudioCaps and
+    Clotho files."""
     size = storage.file_size(uri)
+    if size <= step_bytes:
+        return None
     read_to = [0]  # the file offset after the last line the reader took (it never reads past a record's end)
 
     def lines() -> Iterator[str]:
-        for line, stop in csv_lines(uri, encoding):
+        for line, stop in csv_lines(uri, encoding, 0, size):
             read_to[0] = stop
             yield line
 
@@ -214,7 +219,7 @@ def csv_chunk_bounds(uri: str, encoding: str, step_bytes: int) -> tuple[list[str
         header = next(reader)
     except (StopIteration, csv.Error):
         return None
-    if is_grouped_csv(header):
+    if csv_layout(header) != "manifest":
         return None
     bounds, start = [], 0  # the first range holds the header line
     while True:
@@ -260,9 +265,10 @@ def record_error(record: dict) -> tuple[str, str] | None:
 def read_csv(uri: str, encoding: str = "utf-8", audio_dir: str | None = None) -> list[InputRow]:
     """Generic, AudioCaps or Clotho CSV, told apart by the header."""
     header, records = read_csv_records(uri, encoding)
-    if {"youtube_id", "caption"} <= set(header):
+    layout = csv_layout(header)
+    if layout == "audiocaps":
         return audiocaps_rows(uri, records, audio_dir)
-    if {"file_name", "caption_1"} <= set(header):
+    if layout == "clotho":
         return clotho_rows(uri, records, audio_dir)
     base = storage.parent(uri)
     return [row_from_record(r, i, base) for i, r in enumerate(records)]
