@@ -101,8 +101,7 @@ def bf16_copy(model: "ClapModel") -> "ClapModel":
                 memo[id(tensor)] = nn.Parameter(cast, tensor.requires_grad) \
                     if isinstance(tensor, nn.Parameter) else cast
     fast = copy.deepcopy(model, memo).eval()
-    if model.device.type == "cpu":  # each bf16 linear multiplies by its weight packed once for oneDNN
-        pack_linears(fast)  # the towers' linears: the front end and towers left fp32 have no bf16 linear
+    pack_linears(fast)  # on CPU each bf16 linear of the towers multiplies by its weight packed once for oneDNN
     model.__dict__[BF16_COPY] = (key, fast)
     return fast
 
