@@ -3,6 +3,7 @@
     python benchmarks/bench_peers.py                                  # our paths only
     python benchmarks/bench_peers.py --peers-python ~/.cache/clap-peers/venv/bin/python   # + the peers
     python benchmarks/bench_peers.py --cases train --peers-python ...  # the train step only
+    python benchmarks/bench_peers.py --peers-python ... --interleave 12   # LAION-CLAP's calls and ours alternating
 
 Embedding case: 32 wav files of 10 s at 48 kHz (the peers' harness files: noise + a tone, PCM-16), random-init
 HTS-AT tiny + RoBERTa-base, 2 torch threads, `ClapModel.embed_audio(paths, batch_size=8)` with each
@@ -24,6 +25,7 @@ Machines are noisy: compare only ratios of one run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -167,6 +169,34 @@ TRAIN_BS, TEXT_LEN, VOCAB = 8, 32, 50265
 
 def our_train_steps(precisions: list[str], steps: int) -> list[dict]:
     """peer_bench's laion_train case on this project's model: s/step per precision + gradient cosine to fp32."""
+    import torch
+
+    rows, reference = [], None
+    for precision in precisions:
+        step, params = train_stepper(precision)
+        times = [step(0)]  # step 0: warm-up, and the gradient compared across precisions
+        grad = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+        times += [step(k) for k in range(1, 1 + steps)]
+        reference = grad if reference is None else reference
+        # in float64: a float32 cosine over 150M terms came out above 1
+        cosine = float(torch.nn.functional.cosine_similarity(grad.double(), reference.double(), dim=0))
+        rows.append(dict(case=f"laion_train_L{TEXT_LEN}", impl=f"clap-at-scale train step {precision}",
+                         metric=f"train step bs{TRAIN_BS}, 10 s audio, text L={TEXT_LEN}", unit="s/step",
+                         median=sum(times[1:]) / steps, runs=steps,
+                         detail={"median_s": round(statistics.median(times[1:]), 3),
+                                 "steps_s": [round(t, 3) for t in times[1:]],
+                                 "grad_cosine_to_" + precisions[0]: round(cosine, 6),
+                                 "params_M": round(sum(p.numel() for p in params) / 1e6, 2)}))
+    return rows
+
+
+def train_stepper(precision: str):
+    """(step(k) -> seconds, trainable params): peer_bench's laion_train step on this project's model, built once.
+
+    Step k draws its random crop / augment with seed k (the same draws in every precision); step 0 runs with
+    stochastic depth off, so that its gradient (left in the params' .grad) compares across precisions: under
+    autocast the per-clip draws are made in bf16 and round to other clips dropped than fp32's (a cosine of 0.92,
+    not precision)."""
     import numpy as np
     import torch
 
@@ -183,44 +213,28 @@ def our_train_steps(precisions: list[str], steps: int) -> list[dict]:
     ids[:, 0], ids[:, -1] = 0, 2  # <s> ... </s>
     mask = torch.ones_like(ids)
     loss_fn = ClipLoss()
-    rows, reference = [], None
-    for precision in precisions:
-        torch.manual_seed(0)
-        model = ClapModel(get_model_config("htsat-tiny-roberta", ["text_encoder.pretrained=null",
-                                                                   "text_encoder.tokenizer=bytes"])).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        # our optimizer's kernel (build_optimizer: fused AdamW), with the peers' hyper-parameters
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **adamw_kernel(model.device))
-        times, grad = [], None
-        # step 0's gradient is compared across precisions with stochastic depth off: under autocast its per-clip
-        # draws are made in bf16 and round to other clips dropped than fp32's (a cosine of 0.92, not precision)
-        drop_paths = [(m, m.drop_prob) for m in model.modules() if type(m).__name__ == "ClapDropPath"]
-        for step in range(1 + steps):  # step 0: warm-up, and the gradient compared across precisions
-            for module, rate in drop_paths:
-                module.drop_prob = 0.0 if step == 0 else rate
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            torch.manual_seed(step)  # the same random crop / augment draws in every precision
-            with autocast(model, precision):
-                out = model(wave, ids, mask)
-                loss = loss_fn(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
-                               output_dict=False)
-            loss.backward()
-            if step == 0:
-                grad = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-            opt.step()
-            times.append(time.perf_counter() - start)
-        reference = grad if reference is None else reference
-        # in float64: a float32 cosine over 150M terms came out above 1
-        cosine = float(torch.nn.functional.cosine_similarity(grad.double(), reference.double(), dim=0))
-        rows.append(dict(case=f"laion_train_L{TEXT_LEN}", impl=f"clap-at-scale train step {precision}",
-                         metric=f"train step bs{TRAIN_BS}, 10 s audio, text L={TEXT_LEN}", unit="s/step",
-                         median=sum(times[1:]) / steps, runs=steps,
-                         detail={"median_s": round(statistics.median(times[1:]), 3),
-                                 "steps_s": [round(t, 3) for t in times[1:]],
-                                 "grad_cosine_to_" + precisions[0]: round(cosine, 6),
-                                 "params_M": round(sum(p.numel() for p in params) / 1e6, 2)}))
-    return rows
+    torch.manual_seed(0)
+    model = ClapModel(get_model_config("htsat-tiny-roberta", ["text_encoder.pretrained=null",
+                                                               "text_encoder.tokenizer=bytes"])).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # our optimizer's kernel (build_optimizer: fused AdamW), with the peers' hyper-parameters
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **adamw_kernel(model.device))
+    drop_paths = [(m, m.drop_prob) for m in model.modules() if type(m).__name__ == "ClapDropPath"]
+
+    def step(k: int) -> float:
+        for module, rate in drop_paths:
+            module.drop_prob = 0.0 if k == 0 else rate
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(k)
+        with autocast(model, precision):
+            out = model(wave, ids, mask)
+            loss = loss_fn(out["audio_embeds"].float(), out["text_embeds"].float(), *model.logit_scales(),
+                           output_dict=False)
+        loss.backward()
+        opt.step()  # AdamW reads the gradient and leaves it in .grad until the next step's zero_grad
+        return time.perf_counter() - start
+    return step, params
 
 
 def peer_rows(python: str, runs: int, cases: list[str], steps: int) -> list[dict]:
@@ -234,6 +248,106 @@ def peer_rows(python: str, runs: int, cases: list[str], steps: int) -> list[dict
                        check=True, timeout=3600, env=dict(os.environ, HF_HUB_OFFLINE="1",  # its offline stand-ins
                                                           HF_HOME=os.path.expanduser("~/.cache/clap-peers/hf")))
         return json.loads(out.read_text())["rows"]
+
+
+def interleaved_rows(python: str, rounds: int, cases: list[str], paths: list[str],
+                     precisions: list[str]) -> list[dict]:
+    """Our calls and LAION-CLAP's alternating one at a time, `rounds` times after two warm-ups of each.
+
+    LAION-CLAP stays loaded in its environment (peer_server.py) and times one filelist call or one train step
+    per request; ours run here. Each round times LAION-CLAP's call and each of ours back to back (whose turn
+    comes first alternates), and its ratio is taken within the round, so a slow minute of a shared machine moves
+    both sides of it: the median and range of these ratios say more than two whole cases run minutes apart.
+    Embedding: our `paths` (embed_audio per precision, or the ONNX ones) against the filelist call, as a speed
+    multiple of LAION-CLAP's clips/s. Train: each of our `precisions` against LAION-CLAP's step, as a multiple
+    of its step time."""
+    import torch
+
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "peer_server.log").open("w+") as log:
+        # the log takes LAION-CLAP's and transformers' warnings; read back if the server fails
+        server = subprocess.Popen(
+            [python, str(REPO / "benchmarks" / "peer_server.py"), "--peers-dir", str(PEERS.parent),
+             "--workdir", str(Path(tmp) / "peers"), "--text-len", str(TEXT_LEN)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=os.path.expanduser("~/.cache/clap-peers/hf")))
+
+        def laion(case: str) -> float:
+            server.stdin.write(json.dumps({"case": case}) + "\n")
+            server.stdin.flush()
+            for line in server.stdout:  # LAION-CLAP prints lines of its own
+                if line.startswith("TIMED "):
+                    return json.loads(line[6:])["s"]
+            log.seek(0)
+            tail = "\n".join(log.read().splitlines()[-5:])
+            raise RuntimeError(f"peer_server.py ended (exit code {server.wait()}):\n{tail}")
+
+        try:
+            if "embed" in cases:
+                ours = _interleave_embedders(paths, Path(tmp))
+                rows += _interleave("filelist", lambda: laion("filelist"), ours, rounds, speed=True)
+            if "train" in cases:
+                steppers = {p: train_stepper(p)[0] for p in precisions}
+                # step k draws with seed k; k = 0 (stochastic depth off) is for the gradient check only
+                ours = {p: (lambda step=step, k=itertools.count(1): step(next(k))) for p, step in steppers.items()}
+                rows += _interleave("train", lambda: laion("train"), ours, rounds, speed=False)
+        finally:
+            server.stdin.close()
+            server.wait(timeout=60)
+    return rows
+
+
+def _interleave_embedders(paths: list[str], tmp: Path) -> dict:
+    """{path: () -> seconds of one embed_audio of the 32 wav files} for our_paths' in-process paths."""
+    import torch
+
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
+
+    torch.manual_seed(0)
+    model = ClapModel(get_model_config("htsat-tiny-roberta", ["text_encoder.pretrained=null",
+                                                               "text_encoder.tokenizer=bytes"])).eval()
+    files = make_wavs(tmp)
+    timers = {}
+    for path in paths:
+        embed, _ = _embedder(model, path, tmp)
+
+        def call(embed=embed) -> float:
+            start = time.perf_counter()
+            assert embed(files).shape == (N_CLIPS, 512)
+            return time.perf_counter() - start
+        timers[path] = call
+    return timers
+
+
+def _interleave(case: str, laion, ours: dict, rounds: int, speed: bool) -> list[dict]:
+    """Rows of per-round ratios (ours against LAION-CLAP's call of the same round): speed multiples for
+    embedding (LAION-CLAP's seconds / ours), step-time multiples for training (ours / LAION-CLAP's)."""
+    for _ in range(2):  # warm-up: LAION-CLAP's first timed train step after one warm-up still took 12 s
+        laion()
+        for call in ours.values():
+            call()
+    laion_s, ours_s = [], {name: [] for name in ours}
+    for r in range(rounds):
+        if r % 2:
+            laion_s.append(laion())
+        for name, call in ours.items():
+            ours_s[name].append(call())
+        if not r % 2:
+            laion_s.append(laion())
+    rows = []
+    for name, times in ours_s.items():
+        ratios = [(t_laion / t if speed else t / t_laion) for t, t_laion in zip(times, laion_s)]
+        laion_med, ours_med = statistics.median(laion_s), statistics.median(times)
+        rows.append(dict(case=f"interleaved_{case}", impl=f"clap-at-scale {name}",
+                         metric=f"{'speed' if speed else 'step time'} x LAION-CLAP, within each round",
+                         unit="x LAION", median=statistics.median(ratios), runs=rounds,
+                         detail={"ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+                                 "ratio_of_medians": round(laion_med / ours_med if speed else ours_med / laion_med, 3),
+                                 "ratios": [round(x, 3) for x in ratios], "ours_s": [round(t, 3) for t in times],
+                                 "laion_s": [round(t, 3) for t in laion_s]}))
+    return rows
 
 
 def main() -> None:
@@ -250,6 +364,10 @@ def main() -> None:
                         help="timed train steps per precision and for LAION-CLAP, after one warm-up step")
     parser.add_argument("--train-precisions", default=None,
                         help="our train step's precisions, fp32 first (default: as --paths)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="with --peers-python: instead of whole cases one after the other, alternate "
+                             "LAION-CLAP's calls and ours one at a time for ROUNDS rounds and report the ratio "
+                             "within each round (embedding: --paths' in-process paths, default auto)")
     args = parser.parse_args()
     cases = args.cases.split(",")
     # bf16 without AVX-512 BF16 / AMX is emulated: 0.26x LAION-CLAP's embedding and a 140 s train step on an
@@ -264,11 +382,24 @@ def main() -> None:
         onnx_paths = ",onnx,onnx-int8,job-onnx-int8"
     except ImportError:
         onnx_paths = ""
-    args.paths = args.paths or default + ",job-local,job" + onnx_paths
+    if args.interleave and not args.peers_python:
+        parser.error("--interleave needs --peers-python")
+    args.paths = args.paths or ("auto" if args.interleave else default + ",job-local,job" + onnx_paths)
     args.train_precisions = args.train_precisions or default
     if default == "fp32":
         print("bench_peers: this CPU has no native bf16 (precision auto = fp32 here): bf16 is not timed unless "
               "--paths / --train-precisions name it", flush=True)
+    if args.interleave:
+        paths = [p for p in args.paths.split(",") if not p.startswith("job")]
+        rows = interleaved_rows(args.peers_python, args.interleave, cases, paths, args.train_precisions.split(","))
+        for row in rows:
+            print("RESULT " + json.dumps(row), flush=True)
+        print(f"\n{'ours against LAION-CLAP, round by round':48s} {'median':>8s} {'range':>13s} {'of medians':>10s}")
+        for row in rows:
+            d = row["detail"]
+            print(f"{row['case'] + ' ' + row['impl'][14:]:48s} {row['median']:8.2f} "
+                  f"{d['ratio_min']:6.2f}-{d['ratio_max']:<6.2f} {d['ratio_of_medians']:10.2f}")
+        return
     rows = our_paths(args.paths.split(","), args.runs) if "embed" in cases else []
     rows += our_train_steps(args.train_precisions.split(","), args.train_steps) if "train" in cases else []
     if args.peers_python:
