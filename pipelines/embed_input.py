@@ -4,7 +4,8 @@ in-process runner never imports Ray.
 
 - A shard folder (`clap preprocess` output, or Parquet with SHARD_COLUMNS): Ray Data reads its Parquet; the
   in-process runner streams it (clap_core.data.shards.iter_shard_rows).
-- A manifest (anything clap_core.data.inputs reads) of at most IN_DRIVER_MANIFEST_BYTES: read here, into items
+- A manifest (anything clap_core.data.inputs reads) of at most IN_DRIVER_MANIFEST_BYTES (a folder of audio with
+  caption sidecars: of at most SIDECAR_CHUNK_CLIPS audio files): read here, into items
   (`manifest_item`), every later row of an id seen before a duplicate_id reject (embedded once, the first
   occurrence).
 - A bigger manifest is never held by one process (1M JSONL rows are ~1.9 GB of items in Python): it is cut into
@@ -20,9 +21,9 @@ import json
 from collections.abc import Iterable, Iterator
 
 from clap_core import storage
-from clap_core.data import shards
+from clap_core.data import input_folders, shards
 from clap_core.data.input_chunks import chunk_starts, count_lines, input_chunks, read_chunk
-from clap_core.data.input_rows import row_id
+from clap_core.data.input_rows import AUDIO_SUFFIXES, row_id
 from clap_core.data.inputs import read_inputs, resolve_input
 from clap_core.data.rejects import Reject, reject
 from clap_core.io_faults import retry_transient
@@ -44,11 +45,13 @@ def manifest_items(input_uri: str, split: str | None) -> tuple[list[dict] | None
 
 
 def is_big_manifest(input_uri: str) -> bool:
-    """Whether the manifest's files pass IN_DRIVER_MANIFEST_BYTES (sizes asked until they do). A folder of audio
-    with caption sidecars is read here whatever its size: its rows come from one listing."""
+    """Whether the manifest's files pass IN_DRIVER_MANIFEST_BYTES (sizes asked until they do); a folder of audio
+    with caption sidecars, whether it holds more audio files than a chunk of it (SIDECAR_CHUNK_CLIPS): each of
+    its rows costs a sidecar read, which tasks share."""
     kind, files = resolve_input(input_uri)
     if kind == "sidecar":
-        return False
+        audio = (1 for f in storage.list_files(files[0]) if f.lower().endswith(AUDIO_SUFFIXES))
+        return total_within(audio, input_folders.SIDECAR_CHUNK_CLIPS) is None
     return total_within((storage.file_size(uri) for uri in files), IN_DRIVER_MANIFEST_BYTES) is None
 
 
@@ -130,7 +133,11 @@ def chunk_items(chunk: dict, split: str | None) -> Iterator[tuple[int, dict]]:
 
 
 def chunk_name(chunk: dict) -> str:
-    return f"{chunk['uri']} bytes {chunk['start']}-{chunk['end']}" if "start" in chunk else chunk["uri"]
+    if "start" in chunk:
+        return f"{chunk['uri']} bytes {chunk['start']}-{chunk['end']}"
+    if chunk.get("audio"):  # a part of a sidecar folder
+        return f"{chunk['uri']} files {chunk['audio'][0][0]} to {chunk['audio'][-1][0]}"
+    return chunk["uri"]
 
 
 def count_chunk(chunk: dict) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """An input manifest cut into chunks that tasks read independently (`clap preprocess`'s planning, `clap embed`'s
 Ray job on a big manifest), so no process holds all its rows:
 
-    chunks = input_chunks(input_uri, chunk_mb=64)        # JSONL / CSV byte ranges, a tar or a sidecar folder each
+    chunks = input_chunks(input_uri, chunk_mb=64)        # JSONL / CSV byte ranges, a tar each, sidecar folder parts
     firsts = chunk_starts(chunks, [count_lines(c) for c in chunks])  # rows per chunk -> where each one starts
     rows = read_chunk(chunks[i], firsts[i])              # the rows of one chunk, numbered as read_inputs numbers them
 
@@ -10,7 +10,7 @@ A chunk is a JSON-able dict (it travels to Ray tasks). Reading every chunk in or
 from __future__ import annotations
 
 from clap_core import storage
-from clap_core.data.input_folders import read_sidecar_folder, sidecar_audio, webdataset_rows
+from clap_core.data.input_folders import sidecar_chunk_rows, sidecar_chunks, webdataset_rows
 from clap_core.data.input_rows import InputRow, decode_text
 from clap_core.data.input_tables import csv_chunk_bounds, csv_chunk_records, jsonl_block_rows, row_from_record
 from clap_core.data.inputs import read_inputs, resolve_input
@@ -21,8 +21,9 @@ def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8") -> li
     """Pieces of the input that tasks read independently, in input order. JSONL files are cut into byte
     ranges of about chunk_mb (lines belong to the range they start in); a CSV manifest bigger than chunk_mb into
     ranges that end where a record ends (found by one streaming parse of the file here: quoted fields may hold
-    newlines); each tar is one chunk; a sidecar folder is one chunk; a smaller CSV, and AudioCaps and Clotho
-    CSVs (rows of one clip are grouped across the file), are one chunk read whole."""
+    newlines); each tar is one chunk; a sidecar folder is listed here once and cut into chunks of
+    SIDECAR_CHUNK_CLIPS audio files, each carrying its files' paths and the sidecars of their stems; a smaller
+    CSV, and AudioCaps and Clotho CSVs (rows of one clip are grouped across the file), are one chunk read whole."""
     kind, files = resolve_input(input_uri)
     step = max(1, int(chunk_mb * 1e6))
     byte_lines = "\n".encode(encoding) == b"\n" and "\r".encode(encoding) == b"\r"  # cut on bytes
@@ -41,8 +42,8 @@ def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8") -> li
             return [{"kind": "csv", "uri": uri, "start": s, "end": e, "header": header} for s, e in bounds]
     if kind == "tar":
         return [{"kind": "tar", "uri": uri} for uri in files]
-    if kind == "sidecar":  # counted from its listing alone (count_lines), its sidecars read once
-        return [{"kind": "sidecar", "uri": files[0]}]
+    if kind == "sidecar":  # counted from the chunk's listing alone (count_lines), its sidecars read once
+        return sidecar_chunks(files[0])
     return [{"kind": "whole", "uri": input_uri}]
 
 
@@ -80,7 +81,7 @@ def read_chunk(chunk: dict, first_index: int, encoding: str = "utf-8",
     if chunk["kind"] == "tar":
         return webdataset_rows(chunk["uri"], first_index, enc)
     if chunk["kind"] == "sidecar":
-        return read_sidecar_folder(chunk["uri"], enc)
+        return sidecar_chunk_rows(chunk, first_index, enc)
     return read_inputs(chunk["uri"], enc, audio_dir)
 
 
@@ -102,8 +103,8 @@ def count_lines(chunk: dict, encoding: str = "utf-8", audio_dir: str | None = No
     if chunk["kind"] == "csv":  # records and the lines they span (a quoted field may hold newlines)
         records, lines = csv_block(chunk, encoding)
         return len(records), lines
-    if chunk["kind"] == "sidecar":  # a row per audio file: the listing says how many, no sidecar is read
-        return len(sidecar_audio(chunk["uri"])), 0
+    if chunk["kind"] == "sidecar":  # a row per audio file: the chunk's listing says how many, no sidecar is read
+        return len(chunk["audio"]), 0
     return len(read_chunk(chunk, 0, encoding, audio_dir)), 0
 
 

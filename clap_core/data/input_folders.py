@@ -61,12 +61,20 @@ def folder_entries(root: str) -> list[tuple[str, tuple[str, str] | None]]:
 
 SIDECAR_READERS = 16  # sidecars read at once: on object storage each is a request (~20 ms), one after another
 #                      8M clips would take ~2 days; they are small, so threads wait on the network, not the CPU
+SIDECAR_CHUNK_CLIPS = 20_000  # audio files of a folder one task reads the sidecars of (~25 s of requests on S3)
+
+Entry = tuple[str, tuple[str, str] | None]  # (path, problem): folder_entries' items
 
 
-def sidecar_audio(uri: str, entries: list[tuple[str, tuple[str, str] | None]] | None = None) -> list[tuple]:
+def sidecar_audio(uri: str, entries: list[Entry] | None = None) -> list[Entry]:
     """(path, problem) of the folder's audio entries, in row order: one row each."""
     entries = folder_entries(uri.rstrip("/")) if entries is None else entries
     return [(f, problem) for f, problem in entries if f.lower().endswith(AUDIO_SUFFIXES)]
+
+
+def sidecars_by_stem(entries: list[Entry]) -> dict[str, Entry]:
+    """{path less its suffix: (sidecar path, problem)} of the .txt / .json entries."""
+    return {f.rsplit(".", 1)[0]: (f, problem) for f, problem in entries if f.lower().endswith((".txt", ".json"))}
 
 
 def read_sidecar_folder(uri: str, encoding: str = "utf-8") -> list[InputRow]:
@@ -74,8 +82,41 @@ def read_sidecar_folder(uri: str, encoding: str = "utf-8") -> list[InputRow]:
     SIDECAR_READERS at a time, the rows in listing order."""
     root = uri.rstrip("/")
     entries = folder_entries(root)
-    by_stem = {f.rsplit(".", 1)[0]: (f, problem) for f, problem in entries if f.lower().endswith((".txt", ".json"))}
-    audio = sidecar_audio(root, entries)
+    return sidecar_rows(root, sidecar_audio(root, entries), sidecars_by_stem(entries), 0, encoding)
+
+
+def sidecar_chunks(uri: str, clips_per_chunk: int | None = None) -> list[dict]:
+    """A sidecar folder's listing cut into JSON-able chunks of at most clips_per_chunk audio files, each with the
+    sidecars of its own stems, so that tasks read the rows of a chunk each (sidecar_chunk_rows) without listing
+    the folder again; the chunks in order hold read_sidecar_folder's rows. Paths are kept relative to the folder."""
+    root, step = uri.rstrip("/"), clips_per_chunk or SIDECAR_CHUNK_CLIPS
+    entries = folder_entries(root)
+    audio, by_stem = sidecar_audio(root, entries), sidecars_by_stem(entries)
+    cut = len(root) + 1
+    chunks = []
+    for start in range(0, max(len(audio), 1), step):
+        part = audio[start:start + step]
+        stems = [f.rsplit(".", 1)[0] for f, _ in part]
+        chunks.append({"kind": "sidecar", "uri": root, "audio": [[f[cut:], problem] for f, problem in part],
+                       "sidecars": {stem[cut:]: [by_stem[stem][0][cut:], by_stem[stem][1]]
+                                    for stem in stems if stem in by_stem}})
+    return chunks
+
+
+def sidecar_chunk_rows(chunk: dict, first_index: int, encoding: str = "utf-8") -> list[InputRow]:
+    """The rows of one of sidecar_chunks' chunks, numbered from first_index."""
+    root = chunk["uri"]
+
+    def entry(rel: str, problem: list | None) -> Entry:
+        return f"{root}/{rel}", tuple(problem) if problem else None
+    audio = [entry(rel, problem) for rel, problem in chunk["audio"]]
+    by_stem = {f"{root}/{stem}": entry(*sidecar) for stem, sidecar in chunk["sidecars"].items()}
+    return sidecar_rows(root, audio, by_stem, first_index, encoding)
+
+
+def sidecar_rows(root: str, audio: list[Entry], by_stem: dict[str, Entry], first_index: int,
+                 encoding: str) -> list[InputRow]:
+    """Rows of audio entries (numbered from first_index) with their sidecars, read SIDECAR_READERS at a time."""
 
     def row(index: int, path: str, problem: tuple[str, str] | None) -> InputRow:
         rel = path[len(root) + 1:]
@@ -98,12 +139,12 @@ def read_sidecar_folder(uri: str, encoding: str = "utf-8") -> list[InputRow]:
         return new_row(index, rel, path, captions, **fields)
 
     if len(audio) < 2:
-        return [row(i, path, problem) for i, (path, problem) in enumerate(audio)]
+        return [row(first_index + i, path, problem) for i, (path, problem) in enumerate(audio)]
     rows = []
     with ThreadPoolExecutor(max_workers=min(SIDECAR_READERS, len(audio)), thread_name_prefix="sidecars") as pool:
         for start in range(0, len(audio), 64 * SIDECAR_READERS):  # futures for a window at a time, not per clip
             window = audio[start:start + 64 * SIDECAR_READERS]
-            rows += pool.map(row, range(start, start + len(window)), *zip(*window))
+            rows += pool.map(row, range(first_index + start, first_index + start + len(window)), *zip(*window))
     return rows
 
 

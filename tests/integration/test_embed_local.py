@@ -235,3 +235,34 @@ def test_a_big_csv_manifest_is_cut_where_records_end_into_the_same_output(ray_lo
     assert captions["clip1"] == 'a ' + records[1]["label"] + '\nsaid "twice",\r\nthen'
     assert captions["clip9"] == 'a 12" record'
     assert [r[3] for r in rejects if r[2] == "ragged_row"] == ["line 20 has 4 fields, the header 3"]  # 1 + 9 + 4 x 2
+
+
+def test_a_big_sidecar_folder_is_read_in_parts_into_the_same_output(ray_local, manifest, tmp_path, monkeypatch):
+    """A folder of audio + caption sidecars with more audio files than SIDECAR_CHUNK_CLIPS is listed once and read
+    in parts of that many files by Ray tasks (or part after part in process): the same rows, embeddings and rejects
+    (a missing caption, a broken file, an id repeated in another part) as the folder read by the driver."""
+    import shutil
+
+    from clap_core.data import input_folders
+    from clap_core.data.input_chunks import input_chunks
+    from pipelines import embed_input
+    from pipelines.embed import embed_dataset
+
+    folder = tmp_path / "corpus"
+    shutil.copytree(manifest / "audio", folder)
+    for i in range(6):
+        if i != 4:  # 4.wav: missing_caption
+            fields = {"caption": f"clip {i}", **({"id": "same"} if i in (0, 5) else {})}  # 5 repeats 0's id
+            (folder / f"{i}.json").write_text(json.dumps(fields))
+    (folder / "broken.txt").write_text("a broken file")
+    run = functools.partial(embed_dataset, str(manifest / "ckpt"), str(folder), batch_size=2, precision="fp32")
+    whole = run(str(tmp_path / "whole"), runner="local")
+    monkeypatch.setattr(input_folders, "SIDECAR_CHUNK_CLIPS", 2)
+    assert embed_input.manifest_items(str(folder), None) == (None, [])
+    assert [len(c["audio"]) for c in input_chunks(str(folder), embed_input.CHUNK_MB)] == [2, 2, 2, 1]
+    by_ray = run(str(tmp_path / "ray"))
+    by_local = run(str(tmp_path / "local"), runner="local")
+    assert whole == by_ray == by_local == {"rows": 4, "rejects": 3, "reject_reasons": {
+        "missing_caption": 1, "undecodable": 1, "duplicate_id": 1}}
+    tables, _ = same_outputs(tmp_path, ("whole", "ray", "local"))
+    assert tables[0].column("id").to_pylist() == ["1", "2", "3", "same"]

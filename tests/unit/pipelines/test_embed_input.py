@@ -44,13 +44,27 @@ def test_a_big_manifest_streams_the_items_of_a_whole_read(manifest, monkeypatch,
     assert "audio/7" in [r["id"] for r in items]
 
 
-def test_sidecar_folders_are_read_by_the_driver_whatever_their_size(tmp_path, monkeypatch):
-    (tmp_path / "a.wav").write_bytes(b"RIFF" + bytes(400))
-    (tmp_path / "a.txt").write_text("a caption")
+def test_a_sidecar_folder_of_more_clips_than_a_chunk_streams_the_items_of_a_whole_read(tmp_path, monkeypatch):
+    """A folder of audio + sidecars is read by the driver up to SIDECAR_CHUNK_CLIPS audio files (whatever their
+    bytes); a bigger one streams in parts of that many files, with the same items and duplicate verdicts."""
+    from clap_core.data import input_folders
+
+    for i in range(7):
+        (tmp_path / f"{i}.wav").write_bytes(b"RIFF" + bytes(400))
+        if i != 3:
+            id_field = {"id": "same"} if i in (1, 5) else {}  # 5 repeats 1's id, in another chunk
+            (tmp_path / f"{i}.json").write_text(json.dumps({"caption": f"caption {i}", **id_field}))
     monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 100)
     assert not embed_input.is_big_manifest(str(tmp_path))
-    items, _ = manifest_items(str(tmp_path), None)
-    assert [i["caption"] for i in items] == ["a caption"]
+    items, duplicates = manifest_items(str(tmp_path), None)
+    assert [i["caption"] for i in items] == [f"caption {i}" if i != 3 else "" for i in range(7) if i != 5]
+    assert [d["id"] for d in duplicates] == ["same"] and items[3]["error_reason"] == "missing_caption"
+
+    monkeypatch.setattr(input_folders, "SIDECAR_CHUNK_CLIPS", 2)
+    assert embed_input.is_big_manifest(str(tmp_path)) and manifest_items(str(tmp_path), None) == (None, [])
+    streamed = list(local_rows(str(tmp_path), None, None))
+    assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items
+    assert [r["id"] for r in streamed if r["error_reason"] == DUPLICATE] == ["same"]
 
 
 def test_a_big_manifest_on_object_storage_streams_the_same_items(manifest, s3_bucket, monkeypatch):

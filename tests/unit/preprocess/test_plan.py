@@ -147,6 +147,43 @@ def test_a_sidecar_folder_is_counted_from_its_listing_and_its_sidecars_read_once
     assert chunked_rows(str(tmp_path), load_preprocess_config(), 1.0) == rows
     assert sorted(reads) == sorted(str(tmp_path / f"{i}.txt") for i in (0, 1, 2, 3, 5))  # once each
 
+@pytest.mark.parametrize("clips_per_chunk", [1, 2, 3, 100])
+def test_a_sidecar_folder_is_cut_into_chunks_read_like_the_whole_folder(tmp_path, monkeypatch, clips_per_chunk):
+    """A sidecar folder is listed once and cut into parts of SIDECAR_CHUNK_CLIPS audio files, each carrying its
+    sidecars (none read twice, the folder never listed again by a task): the rows, their numbers and their
+    rejects are the whole read's."""
+    import os
+
+    from clap_core.data import input_folders
+
+    (tmp_path / "sub").mkdir()
+    for i in range(7):
+        folder = tmp_path / ("sub" if i % 3 == 0 else "")
+        (folder / f"{i}.wav").write_bytes(b"RIFF")
+        if i == 2:
+            (folder / f"{i}.json").write_text(json.dumps({"caption": "json caption", "split": "valid"}))
+        elif i == 5:
+            (folder / f"{i}.txt").write_bytes(b"\xff\xfe bad")  # rejected later as caption_not_utf8
+        elif i != 4:  # 4: missing_caption
+            (folder / f"{i}.txt").write_text(f"caption {i}\nsecond {i}")
+    os.mkfifo(tmp_path / "fifo.wav")  # never opened: a not_regular row
+    (tmp_path / "loose.txt").write_text("a sidecar with no audio")
+    rows = read_inputs(str(tmp_path))
+    assert len(rows) == 8 and [r["row_index"] for r in rows] == list(range(8))
+    monkeypatch.setattr(input_folders, "SIDECAR_CHUNK_CLIPS", clips_per_chunk)
+    listings = []
+    real_entries = input_folders.folder_entries
+    monkeypatch.setattr(input_folders, "folder_entries", lambda root: listings.append(root) or real_entries(root))
+    chunks = chunking.input_chunks(str(tmp_path), 1.0)
+    assert len(chunks) == -(-8 // clips_per_chunk) and listings == [str(tmp_path)]
+    json.loads(json.dumps(chunks))  # chunks travel to Ray tasks as JSON
+    real_read, reads = input_folders.storage.read_bytes, []
+    monkeypatch.setattr(input_folders.storage, "read_bytes", lambda uri: reads.append(uri) or real_read(uri))
+    assert chunked_rows(str(tmp_path), load_preprocess_config(), 1.0) == rows
+    assert listings == [str(tmp_path)] * 2  # input_chunks, called again by chunked_rows; no task lists it
+    assert len(reads) == len(set(reads)) == 6  # the sidecars of clips 0-3, 5 and 6, once each; loose.txt never
+
+
 def serial_tasks(fn, items, num_cpus):
     """run_tasks without Ray: the same JSON round trips, one item after another."""
     return [json.loads(json.dumps(fn(json.loads(json.dumps(item))))) for item in items]
