@@ -293,8 +293,12 @@ def interleaved_rows(python: str, rounds: int, cases: list[str], paths: list[str
                 ours = {p: (lambda step=step, k=itertools.count(1): step(next(k))) for p, step in steppers.items()}
                 rows += _interleave("train", lambda: laion("train"), ours, rounds, speed=False)
         finally:
-            server.stdin.close()
-            server.wait(timeout=60)
+            server.stdin.close()  # its loop ends at end of input
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     return rows
 
 
