@@ -64,9 +64,8 @@ def checkpoint_identity(folder: str | Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        for block in storage.iter_blocks(str(path)):
+            digest.update(block)
     return digest.hexdigest()[:32]
 
 
