@@ -42,6 +42,19 @@ N_CLIPS, SR, SECONDS = 32, 48_000, 10
 JOB_COPIES = 4  # `clap embed` rows: the 32 files 4 times (128 ids), so that a job's steady state is measurable
 
 
+def peer_model():
+    """The peers' model on this project's side: random-init HTS-AT tiny + RoBERTa-base (byte tokenizer: nothing
+    downloaded), seed 0."""
+    import torch
+
+    from clap_core.model.clap import ClapModel
+    from clap_core.model.config import get_model_config
+
+    torch.manual_seed(0)
+    return ClapModel(get_model_config("htsat-tiny-roberta", ["text_encoder.pretrained=null",
+                                                             "text_encoder.tokenizer=bytes"]))
+
+
 def make_wavs(folder: Path) -> list[str]:
     """The peers' 32 files: 0.1 * noise + 0.3 * sine (220 + 20 i Hz), 10 s, PCM-16."""
     import numpy as np
@@ -62,14 +75,10 @@ def our_paths(paths: list[str], runs: int) -> list[dict]:
     OnnxTowers.embed_audio (log-mel graph, 2 threads; the export is timed apart, before)."""
     import torch
 
-    from clap_core.model.clap import ClapModel
-    from clap_core.model.config import get_model_config
     from tests.fixtures.audio import decoded_clips
 
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = ClapModel(get_model_config("htsat-tiny-roberta", ["text_encoder.pretrained=null",
-                                                               "text_encoder.tokenizer=bytes"])).eval()
+    model = peer_model().eval()
     with tempfile.TemporaryDirectory() as tmp:
         files = make_wavs(Path(tmp))
         clips = decoded_clips([10.0, 7.0, 10.0, 4.0, 10.0, 13.0])
@@ -200,8 +209,6 @@ def train_stepper(precision: str):
     import numpy as np
     import torch
 
-    from clap_core.model.clap import ClapModel
-    from clap_core.model.config import get_model_config
     from clap_core.model.inference import autocast
     from clap_core.train.loss import ClipLoss
     from clap_core.train.optim import adamw_kernel
@@ -213,9 +220,7 @@ def train_stepper(precision: str):
     ids[:, 0], ids[:, -1] = 0, 2  # <s> ... </s>
     mask = torch.ones_like(ids)
     loss_fn = ClipLoss()
-    torch.manual_seed(0)
-    model = ClapModel(get_model_config("htsat-tiny-roberta", ["text_encoder.pretrained=null",
-                                                               "text_encoder.tokenizer=bytes"])).train()
+    model = peer_model().train()
     params = [p for p in model.parameters() if p.requires_grad]
     # our optimizer's kernel (build_optimizer: fused AdamW), with the peers' hyper-parameters
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **adamw_kernel(model.device))
@@ -304,14 +309,7 @@ def interleaved_rows(python: str, rounds: int, cases: list[str], paths: list[str
 
 def _interleave_embedders(paths: list[str], tmp: Path) -> dict:
     """{path: () -> seconds of one embed_audio of the 32 wav files} for our_paths' in-process paths."""
-    import torch
-
-    from clap_core.model.clap import ClapModel
-    from clap_core.model.config import get_model_config
-
-    torch.manual_seed(0)
-    model = ClapModel(get_model_config("htsat-tiny-roberta", ["text_encoder.pretrained=null",
-                                                               "text_encoder.tokenizer=bytes"])).eval()
+    model = peer_model().eval()
     files = make_wavs(tmp)
     timers = {}
     for path in paths:
