@@ -2,7 +2,7 @@
 
     fs, path = resolve_fs("s3://bucket/run")        # or a local path
     put_atomic("s3://bucket/run/x.parquet", data)    # the object appears whole or not at all
-    read_bytes(uri), read_range(uri, offset, size), list_files(uri), exists(uri), delete(uri)
+    read_bytes(uri), read_range(uri, offset, size), list_files(uri), list_file_stats(uri), exists(uri), delete(uri)
 
 S3 credentials, region and endpoint come from the standard AWS environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for S3-compatible servers
@@ -33,7 +33,7 @@ import functools
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -192,14 +192,28 @@ def put_atomic(uri: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def list_files(uri: str, recursive: bool = True) -> list[str]:
-    """URIs of the files under a folder/prefix (sorted); [] when it does not exist."""
+class FileStat(NamedTuple):
+    """A listed file: its URI, and the size and modification time that the listing itself carries (on S3 each
+    LIST page holds them for 1000 keys: no request per file)."""
+    uri: str
+    size: int
+    mtime_ns: int | None
+
+
+def list_file_stats(uri: str, recursive: bool = True) -> list[FileStat]:
+    """The files under a folder/prefix with their sizes and modification times, sorted by URI; [] when it does
+    not exist."""
     fs, path = resolve_fs(uri)
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     with naming(uri):
         infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
     prefix = "s3://" if is_s3(uri) else ""
-    return sorted(prefix + i.path for i in infos)
+    return sorted(FileStat(prefix + i.path, i.size, i.mtime_ns) for i in infos)
+
+
+def list_files(uri: str, recursive: bool = True) -> list[str]:
+    """URIs of the files under a folder/prefix (sorted); [] when it does not exist."""
+    return [stat.uri for stat in list_file_stats(uri, recursive)]
 
 
 def delete(uri: str) -> None:

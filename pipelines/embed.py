@@ -29,7 +29,6 @@ from clap_core.config import CheckpointError, ConfigError
 from clap_core.data import embeddings
 from clap_core.data.input_rows import audio_source
 from clap_core.data.rejects import Reject, failure_reject, reject, write_rejects
-from clap_core.data.shards import is_shard_folder
 from clap_core.io_faults import retry_transient
 from clap_core.model.folders import (
     check_checkpoint,
@@ -40,7 +39,7 @@ from clap_core.model.folders import (
 )
 from clap_core.storage import local_copy
 from pipelines.console import init_ray, plan_log
-from pipelines.embed_input import local_rows, manifest_items, ray_dataset
+from pipelines.embed_input import local_rows, open_input, ray_dataset
 from pipelines.embed_local import RUNNERS, choose_runner, embed_in_process, shard_rows
 
 
@@ -247,11 +246,11 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
             check_checkpoint(folder)
     except CheckpointError as e:
         raise CheckpointError(str(e).replace(folder, checkpoint)) from None
-    items, duplicates = manifest_items(input_uri, split)  # None: a shard folder or a big manifest, streamed
+    source = open_input(input_uri, split)  # its items when read here; a shard folder or a big manifest streams
     cluster_options = bool(concurrency or max_workers or gpus or min_workers != 1)
-    if items is not None:
-        rows = len(items)
-    elif runner != "ray" and is_shard_folder(input_uri):  # counted only when a runner may be chosen by them
+    if source.items is not None:
+        rows = len(source.items)
+    elif runner != "ray" and source.shards:  # counted only when a runner may be chosen by them
         rows = shard_rows(input_uri, split)
     else:  # a manifest too big to read here: a job for Ray unless --runner local
         rows = None
@@ -265,13 +264,13 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     if input_rejects:
         write_rejects(embeddings.rejects_folder(output), list(input_rejects), name="input.parquet",
                       prefix=embeddings.file_prefix(attempt))
-    write_batch_rejects(output, attempt, duplicates)
+    write_batch_rejects(output, attempt, source.duplicates)
     if chosen == "local":
         why = "no Ray cluster given" if runner == "auto" else "--runner local"
         size = "rows streamed" if rows is None else f"{rows} rows"  # a big input, not counted beforehand
         print(f"clap embed: {size}, {why}: embedding in this process (--runner ray for a Ray job)",
               file=sys.stderr, flush=True)
-        embed_in_process(local_rows(input_uri, split, items), rows, output, attempt,
+        embed_in_process(local_rows(source), rows, output, attempt,
                          checkpoint=checkpoint, batch_size=batch_size, text=text, precision=precision,
                          layers=layers)
         return embeddings.summary(embeddings.commit(output, attempt))
@@ -283,7 +282,7 @@ def embed_dataset(checkpoint: str, input_uri: str, output: str, *, split: str | 
     resources = ray.cluster_resources()
     gpus_per_actor, pool = actor_pool(int(resources.get("GPU", 0)), gpus, concurrency, min_workers, max_workers,
                                       cpus=resources.get("CPU", 0))
-    ds = ray_dataset(ray, input_uri, split, items, num_cpus=decode_cpus(gpus_per_actor))
+    ds = ray_dataset(ray, source, num_cpus=decode_cpus(gpus_per_actor))
     ds = ds.map_batches(decode_batch, fn_kwargs={"output": output, "attempt": attempt}, batch_size=batch_size,
                         num_cpus=decode_cpus(gpus_per_actor))
     threads = actor_threads(resources.get("CPU", 0), gpus_per_actor, pool)

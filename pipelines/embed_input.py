@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from clap_core import storage
 from clap_core.data import input_folders, shards
 from clap_core.data.input_chunks import chunk_starts, count_lines, input_chunks, read_chunk
 from clap_core.data.input_rows import AUDIO_SUFFIXES, row_id
-from clap_core.data.inputs import read_inputs, resolve_input
+from clap_core.data.inputs import ResolvedInput, read_inputs, resolve_input
 from clap_core.data.rejects import Reject, reject
 from clap_core.io_faults import retry_transient
 
@@ -36,23 +37,40 @@ CHUNK_MB = 16.0  # JSONL or CSV a read task turns into items at once (~150 MB of
 DUPLICATE = "duplicate_id"
 
 
-def manifest_items(input_uri: str, split: str | None) -> tuple[list[dict] | None, list[Reject]]:
-    """(the items of a manifest read here, a duplicate_id reject for every later row of an id seen before); (None,
-    []) for a shard folder or a manifest too big to hold (`ray_dataset` / `local_rows` stream those)."""
-    if shards.is_shard_folder(input_uri) or is_big_manifest(input_uri):
-        return None, []
-    return unique_items([manifest_item(r) for r in read_inputs(input_uri) if in_split(r, split)])
+class EmbedInput(NamedTuple):
+    """What `clap embed` reads, looked at once in the driver (open_input): the runners take it as it is."""
+    uri: str
+    split: str | None
+    shards: bool  # a shard folder: Parquet read as such
+    resolved: ResolvedInput | None  # a manifest's kind, files and folder listing (reused, never listed again)
+    items: list[dict] | None  # a manifest read here; None: a shard folder or a big manifest, streamed
+    duplicates: list[Reject]  # a duplicate_id reject for every later row of an id among `items`
 
 
-def is_big_manifest(input_uri: str) -> bool:
+def open_input(input_uri: str, split: str | None) -> EmbedInput:
+    """The input looked at once: a folder is listed once (resolve_input) for whether it holds shards, how big it
+    is and, when it is small enough (is_big_manifest), its items read here."""
+    resolved = None if shards.has_index(input_uri) else resolve_input(input_uri)
+    if resolved is None or shards.is_shard_folder(input_uri, resolved.listing):
+        return EmbedInput(input_uri, split, True, None, None, [])
+    if is_big_manifest(input_uri, resolved):
+        return EmbedInput(input_uri, split, False, resolved, None, [])
+    items, duplicates = unique_items([manifest_item(r) for r in read_inputs(input_uri, resolved=resolved)
+                                      if in_split(r, split)])
+    return EmbedInput(input_uri, split, False, resolved, items, duplicates)
+
+
+def is_big_manifest(input_uri: str, resolved: ResolvedInput | None = None) -> bool:
     """Whether the manifest's files pass IN_DRIVER_MANIFEST_BYTES (sizes asked until they do); a folder of audio
     with caption sidecars, whether it holds more audio files than a chunk of it (SIDECAR_CHUNK_CLIPS): each of
-    its rows costs a sidecar read, which tasks share."""
-    kind, files = resolve_input(input_uri)
-    if kind == "sidecar":
-        audio = (1 for f in storage.list_files(files[0]) if f.lower().endswith(AUDIO_SUFFIXES))
+    its rows costs a sidecar read, which tasks share. `resolved`: resolve_input(input_uri) if the caller has it."""
+    kind, files, listing = resolved or resolve_input(input_uri)
+    if kind == "sidecar":  # counted in the folder's listing
+        audio = (1 for stat in listing if stat.uri.lower().endswith(AUDIO_SUFFIXES))
         return total_within(audio, input_folders.SIDECAR_CHUNK_CLIPS) is None
-    return total_within((storage.file_size(uri) for uri in files), IN_DRIVER_MANIFEST_BYTES) is None
+    listed = {stat.uri: stat.size for stat in listing or ()}  # a folder of manifest parts: sizes from its listing
+    sizes = (listed[uri] if uri in listed else storage.file_size(uri) for uri in files)
+    return total_within(sizes, IN_DRIVER_MANIFEST_BYTES) is None
 
 
 def total_within(counts: Iterable[int], limit: int) -> int | None:
@@ -116,10 +134,10 @@ def as_duplicate(item: dict) -> dict:
 # --- a big manifest, a chunk at a time ---
 
 
-def counted_chunks(input_uri: str, count) -> list[dict]:
+def counted_chunks(source: EmbedInput, count) -> list[dict]:
     """The manifest's chunks, each with "first" (its first row's index in the input) and "first_line"; `count`
     maps the chunks to their (rows, lines), in tasks or here."""
-    chunks = input_chunks(input_uri, CHUNK_MB)
+    chunks = input_chunks(source.uri, CHUNK_MB, resolved=source.resolved)
     firsts = chunk_starts(chunks, count(chunks))
     return [{**chunk, "first": first} for chunk, first in zip(chunks, firsts, strict=True)]
 
@@ -145,32 +163,33 @@ def count_chunk(chunk: dict) -> tuple[int, int]:
     return retry_transient(lambda: count_lines(chunk), what=chunk_name(chunk))
 
 
-def local_rows(input_uri: str, split: str | None, items: list[dict] | None) -> Iterator[dict]:
+def local_rows(source: EmbedInput) -> Iterator[dict]:
     """The input's rows for the in-process runner: the items read here, a shard folder's rows streamed, or a big
     manifest's items a chunk at a time (duplicates marked as the Ray job marks them; the ids seen are held)."""
-    if items is not None:
-        yield from items
-    elif shards.is_shard_folder(input_uri):
-        yield from shards.iter_shard_rows(input_uri, split, list(SHARD_COLUMNS))
+    if source.items is not None:
+        yield from source.items
+    elif source.shards:
+        yield from shards.iter_shard_rows(source.uri, source.split, list(SHARD_COLUMNS))
     else:
-        chunks = counted_chunks(input_uri, lambda chunks: [count_chunk(c) for c in chunks])
-        yield from mark_repeats(item for chunk in chunks for _, item in chunk_items(chunk, split))
+        chunks = counted_chunks(source, lambda chunks: [count_chunk(c) for c in chunks])
+        yield from mark_repeats(item for chunk in chunks for _, item in chunk_items(chunk, source.split))
 
 
-def ray_dataset(ray, input_uri: str, split: str | None, items: list[dict] | None, num_cpus: float = 1):
+def ray_dataset(ray, source: EmbedInput, num_cpus: float = 1):
     """A Ray Dataset of the input's rows (the items read here, a shard folder's Parquet, or a big manifest read by
     tasks, a chunk each: the module docstring's stages 0-2)."""
     from pipelines.ray_shards import read_shards
 
-    if items is not None:
-        return ray.data.from_items(items)
-    if shards.is_shard_folder(input_uri):
-        return read_shards(shards.shard_files(input_uri, split), list(SHARD_COLUMNS))
+    split = source.split
+    if source.items is not None:
+        return ray.data.from_items(source.items)
+    if source.shards:
+        return read_shards(shards.shard_files(source.uri, split), list(SHARD_COLUMNS))
     from ray.data.aggregate import Count, Min
 
     from pipelines.preprocess_plan import count_chunks
 
-    chunks = counted_chunks(input_uri, lambda chunks: count_chunks(chunks, num_cpus))  # (0), transient errors retried
+    chunks = counted_chunks(source, lambda chunks: count_chunks(chunks, num_cpus))  # (0), transient errors retried
     source = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=max(1, len(chunks)))
 
     def ids(row: dict) -> list[dict]:

@@ -20,6 +20,7 @@ import json
 import ray
 
 from clap_core.data import input_chunks as chunking
+from clap_core.data.inputs import ResolvedInput, resolve_input
 from clap_core.io_faults import retry_transient
 from clap_core.preprocess import plan as planner
 from clap_core.preprocess import staging
@@ -52,19 +53,21 @@ def count_chunks(chunks: list[dict], num_cpus: float, encoding: str = "utf-8",
     return [(rows, lines) for rows, lines in counted]
 
 
-def plan_root(out_uri: str, input_uri: str, cfg: PreprocessConfig) -> str:
+def plan_root(out_uri: str, input_uri: str, cfg: PreprocessConfig, resolved: ResolvedInput | None = None) -> str:
     """OUT/_plan/<plan id>: the id hashes the input's files (names, sizes, mtimes) and the job config."""
-    return staging.plan_root(out_uri, content_hash([input_uri, planner.input_fingerprint(input_uri), job_config(cfg)]))
+    fingerprint = planner.input_fingerprint(input_uri, resolved)
+    return staging.plan_root(out_uri, content_hash([input_uri, fingerprint, job_config(cfg)]))
 
 
 def plan_job(input_uri: str, out_uri: str, cfg: PreprocessConfig) -> tuple[Plan, str]:
     """(plan, its staging folder): read from plan.json when this exact job was planned before."""
-    root = plan_root(out_uri, input_uri, cfg)
+    resolved = resolve_input(input_uri)  # a folder listed once, for the plan's id and its chunks
+    root = plan_root(out_uri, input_uri, cfg, resolved)
     doc = staging.read_plan_file(root)
     if doc is not None:
         return Plan.from_dict(doc), root
     enc, audio_dir = cfg.input.encoding, cfg.input.audio_dir
-    chunks = chunking.input_chunks(input_uri, cfg.ray.plan_chunk_mb, enc)
+    chunks = chunking.input_chunks(input_uri, cfg.ray.plan_chunk_mb, enc, resolved)
 
     # 0. rows per chunk -> where each chunk's rows start in input order
     cpus = cfg.ray.num_cpus

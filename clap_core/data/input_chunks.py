@@ -13,18 +13,20 @@ from clap_core import storage
 from clap_core.data.input_folders import sidecar_chunk_rows, sidecar_chunks, webdataset_rows
 from clap_core.data.input_rows import InputRow, decode_text
 from clap_core.data.input_tables import csv_chunk_bounds, csv_chunk_records, jsonl_block_rows, row_from_record
-from clap_core.data.inputs import read_inputs, resolve_input
+from clap_core.data.inputs import ResolvedInput, read_inputs, resolve_input
 from clap_core.io_faults import retry_transient
 
 
-def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8") -> list[dict]:
+def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8",
+                 resolved: ResolvedInput | None = None) -> list[dict]:
     """Pieces of the input that tasks read independently, in input order. JSONL files are cut into byte
     ranges of about chunk_mb (lines belong to the range they start in); a CSV manifest bigger than chunk_mb into
     ranges that end where a record ends (found by one streaming parse of the file here: quoted fields may hold
     newlines); each tar is one chunk; a sidecar folder is listed here once and cut into chunks of
     SIDECAR_CHUNK_CLIPS audio files, each carrying its files' paths and the sidecars of their stems; a smaller
-    CSV, and AudioCaps and Clotho CSVs (rows of one clip are grouped across the file), are one chunk read whole."""
-    kind, files = resolve_input(input_uri)
+    CSV, and AudioCaps and Clotho CSVs (rows of one clip are grouped across the file), are one chunk read whole.
+    `resolved`: resolve_input(input_uri) when the caller has it (a folder is then not listed again)."""
+    kind, files, listing = resolved or resolve_input(input_uri)
     step = max(1, int(chunk_mb * 1e6))
     byte_lines = "\n".encode(encoding) == b"\n" and "\r".encode(encoding) == b"\r"  # cut on bytes
     if kind == "jsonl" and byte_lines:
@@ -43,7 +45,7 @@ def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8") -> li
     if kind == "tar":
         return [{"kind": "tar", "uri": uri} for uri in files]
     if kind == "sidecar":  # counted from the chunk's listing alone (count_lines), its sidecars read once
-        return sidecar_chunks(files[0])
+        return sidecar_chunks(files[0], listing=listing)
     return [{"kind": "whole", "uri": input_uri}]
 
 

@@ -39,12 +39,14 @@ def sidecar_fields(data: bytes, suffix: str, encoding: str) -> tuple[list[str], 
     return captions, {k: as_text(record.get(k)) or None for k in ROW_FIELDS}
 
 
-def folder_entries(root: str) -> list[tuple[str, tuple[str, str] | None]]:
+def folder_entries(root: str, listing: list[storage.FileStat] | None = None) -> list[tuple[str, tuple[str, str] | None]]:
     """(path, problem) for every entry below a folder, sorted; problem = (reason, detail) for an audio-named
     entry that is not a regular file (is_directory, fifo, device, symlink_loop, ...). Local folders are
-    walked without following symlinked folders (a loop can never list a clip twice); nothing is opened."""
+    walked without following symlinked folders (a loop can never list a clip twice); nothing is opened.
+    An object store holds only objects: its `listing` (storage.list_file_stats, from resolve_input) is used
+    as it is when given, else the prefix is listed here."""
     if storage.is_s3(root):
-        return [(f, None) for f in storage.list_files(root)]
+        return [(stat.uri, None) for stat in (storage.list_file_stats(root) if listing is None else listing)]
     entries = []
     for folder, dirs, files in os.walk(root, followlinks=False):
         for name in files + [d for d in dirs if d.lower().endswith(AUDIO_SUFFIXES)]:
@@ -66,9 +68,8 @@ SIDECAR_CHUNK_CLIPS = 20_000  # audio files of a folder one task reads the sidec
 Entry = tuple[str, tuple[str, str] | None]  # (path, problem): folder_entries' items
 
 
-def sidecar_audio(uri: str, entries: list[Entry] | None = None) -> list[Entry]:
-    """(path, problem) of the folder's audio entries, in row order: one row each."""
-    entries = folder_entries(uri.rstrip("/")) if entries is None else entries
+def sidecar_audio(entries: list[Entry]) -> list[Entry]:
+    """(path, problem) of a folder's audio entries, in row order: one row each."""
     return [(f, problem) for f, problem in entries if f.lower().endswith(AUDIO_SUFFIXES)]
 
 
@@ -77,21 +78,24 @@ def sidecars_by_stem(entries: list[Entry]) -> dict[str, Entry]:
     return {f.rsplit(".", 1)[0]: (f, problem) for f, problem in entries if f.lower().endswith((".txt", ".json"))}
 
 
-def read_sidecar_folder(uri: str, encoding: str = "utf-8") -> list[InputRow]:
+def read_sidecar_folder(uri: str, encoding: str = "utf-8",
+                        listing: list[storage.FileStat] | None = None) -> list[InputRow]:
     """Each audio file is a row, id = its path relative to the folder without the suffix; the sidecars are read
-    SIDECAR_READERS at a time, the rows in listing order."""
+    SIDECAR_READERS at a time, the rows in listing order (`listing`: see folder_entries)."""
     root = uri.rstrip("/")
-    entries = folder_entries(root)
-    return sidecar_rows(root, sidecar_audio(root, entries), sidecars_by_stem(entries), 0, encoding)
+    entries = folder_entries(root, listing)
+    return sidecar_rows(root, sidecar_audio(entries), sidecars_by_stem(entries), 0, encoding)
 
 
-def sidecar_chunks(uri: str, clips_per_chunk: int | None = None) -> list[dict]:
-    """A sidecar folder's listing cut into JSON-able chunks of at most clips_per_chunk audio files, each with the
-    sidecars of its own stems, so that tasks read the rows of a chunk each (sidecar_chunk_rows) without listing
-    the folder again; the chunks in order hold read_sidecar_folder's rows. Paths are kept relative to the folder."""
+def sidecar_chunks(uri: str, clips_per_chunk: int | None = None,
+                   listing: list[storage.FileStat] | None = None) -> list[dict]:
+    """A sidecar folder's listing (`listing`: see folder_entries) cut into JSON-able chunks of at most
+    clips_per_chunk audio files, each with the sidecars of its own stems, so that tasks read the rows of a chunk
+    each (sidecar_chunk_rows) without listing the folder again; the chunks in order hold read_sidecar_folder's
+    rows. Paths are kept relative to the folder."""
     root, step = uri.rstrip("/"), clips_per_chunk or SIDECAR_CHUNK_CLIPS
-    entries = folder_entries(root)
-    audio, by_stem = sidecar_audio(root, entries), sidecars_by_stem(entries)
+    entries = folder_entries(root, listing)
+    audio, by_stem = sidecar_audio(entries), sidecars_by_stem(entries)
     cut = len(root) + 1
     chunks = []
     for start in range(0, max(len(audio), 1), step):

@@ -20,39 +20,51 @@ at stage read_manifest. Nothing here checks audio files beyond finding them: dec
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from clap_core import storage
 from clap_core.data.input_folders import read_sidecar_folder, read_webdataset
 from clap_core.data.input_rows import AUDIO_SUFFIXES, InputRow
 from clap_core.data.input_tables import read_csv, read_jsonl
 
 
-def resolve_input(path: str) -> tuple[str, list[str]]:
-    """(kind, files) of an input: "jsonl" (a manifest, or a folder of .jsonl manifest parts read in name
-    order), "csv", "tar" (a .tar or a folder of them) or "sidecar" (a folder of audio + captions)."""
+class ResolvedInput(NamedTuple):
+    """What an input is, found once per job and handed to what reads, counts or fingerprints it."""
+    kind: str  # "jsonl" (a manifest, or a folder of .jsonl parts), "csv", "tar" (a .tar or a folder of them), "sidecar"
+    files: list[str]  # the manifest files or tars, in read order; [the folder] for a sidecar folder
+    listing: list[storage.FileStat] | None  # every file below a folder input, from one listing; None for a file
+
+
+def resolve_input(path: str) -> ResolvedInput:
+    """The kind and files of an input (see ResolvedInput). A folder is listed here, once: on object storage a
+    listing of 8M clips is ~8,000 requests, so the fingerprint, the size test and the cut into chunks reuse it."""
     path = str(path)
     uri = path if storage.is_s3(path) else storage.resolve_fs(path)[1]
     lower = uri.lower()
     if lower.endswith((".jsonl", ".json")):
-        return "jsonl", [uri]
+        return ResolvedInput("jsonl", [uri], None)
     if lower.endswith(".csv"):
-        return "csv", [uri]
+        return ResolvedInput("csv", [uri], None)
     if lower.endswith(".tar"):
-        return "tar", [uri]
-    if not storage.is_dir(uri) and not storage.is_s3(uri):
+        return ResolvedInput("tar", [uri], None)
+    if not storage.is_s3(uri) and not storage.is_dir(uri):  # a prefix is listed below: no request for it here
         raise FileNotFoundError(f"input not found or of unknown kind: {path}")
-    files = storage.list_files(uri)
+    listing = storage.list_file_stats(uri)
+    files = [stat.uri for stat in listing]
     tars = [f for f in files if f.lower().endswith(".tar")]
     if tars:
-        return "tar", tars
+        return ResolvedInput("tar", tars, listing)
     parts = [f for f in files if f.lower().endswith(".jsonl")]
     if parts and not any(f.lower().endswith(AUDIO_SUFFIXES) for f in files):
-        return "jsonl", parts
-    return "sidecar", [uri]
+        return ResolvedInput("jsonl", parts, listing)
+    return ResolvedInput("sidecar", [uri], listing)
 
 
-def read_inputs(path: str, encoding: str = "utf-8", audio_dir: str | None = None) -> list[InputRow]:
-    """Rows of any supported input (see the module docstring), in input order."""
-    kind, files = resolve_input(path)
+def read_inputs(path: str, encoding: str = "utf-8", audio_dir: str | None = None,
+                resolved: ResolvedInput | None = None) -> list[InputRow]:
+    """Rows of any supported input (see the module docstring), in input order; `resolved`: resolve_input(path)
+    when the caller has it (a folder is then not listed again)."""
+    kind, files, listing = resolved or resolve_input(path)
     if kind == "jsonl":
         rows = []
         for uri in files:
@@ -62,4 +74,4 @@ def read_inputs(path: str, encoding: str = "utf-8", audio_dir: str | None = None
         return read_csv(files[0], encoding, audio_dir)
     if kind == "tar":
         return read_webdataset(files, encoding)
-    return read_sidecar_folder(files[0], encoding)
+    return read_sidecar_folder(files[0], encoding, listing)

@@ -216,22 +216,28 @@ def shard_uris(out_uri: str, split: str | None = None) -> list[str]:
     return [storage.join(out_uri, s["path"]) for s in shards if split is None or s["split"] == split]
 
 
-def is_shard_folder(uri: str) -> bool:
-    """A `clap preprocess` output (its index) or any folder with <split>/*.parquet below it."""
-    return has_index(uri) or bool(shard_files(uri))
+def is_shard_folder(uri: str, listing: list[storage.FileStat] | None = None) -> bool:
+    """A `clap preprocess` output (its index) or any folder with <split>/*.parquet below it (`listing`: the
+    folder's, storage.list_file_stats, when the caller holds it)."""
+    return has_index(uri) or bool(shard_files(uri, listing=listing))
 
 
-def shard_files(uri: str, split: str | None = None) -> list[str]:
+def shard_files(uri: str, split: str | None = None, listing: list[storage.FileStat] | None = None) -> list[str]:
     """Shards to read: the ones the index lists (never crash debris), else every Parquet file below
-    <uri>/<split> (folders written by other tools), skipping _rejects/, _done/ and temp files."""
+    <uri>/<split> (folders written by other tools; of `listing` when given, else listed here), skipping _rejects/,
+    _done/ and temp files."""
     if has_index(uri):
         return shard_uris(uri, split)
-    base = storage.join(uri, split) if split else uri
-    if not storage.is_dir(base):
+    root = str(uri).rstrip("/") if storage.is_s3(uri) else storage.resolve_fs(uri)[1]  # as listings name files
+    base = storage.join(root, split) if split else root
+    if listing is not None:
+        files = [stat.uri for stat in listing if stat.uri.startswith(base + "/")]
+    elif storage.is_dir(base):
+        files = storage.list_files(base)
+    else:
         return []
-    rel = len(str(uri).rstrip("/"))
-    return [f for f in storage.list_files(base)
-            if f.endswith(".parquet") and "/_" not in f[rel:] and storage.TEMP_PREFIX not in f[rel:]]
+    return [f for f in files if f.endswith(".parquet") and "/_" not in f[len(root):]
+            and storage.TEMP_PREFIX not in f[len(root):]]
 
 
 def count_rows(uri: str, split: str | None = None) -> int:

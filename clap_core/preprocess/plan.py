@@ -37,7 +37,7 @@ from clap_core import storage
 from clap_core.audio.augment import pair_speech_with_env, stable_seed
 from clap_core.config import to_dict
 from clap_core.data.input_rows import InputRow
-from clap_core.data.inputs import resolve_input
+from clap_core.data.inputs import ResolvedInput, resolve_input
 from clap_core.data.rejects import printable
 from clap_core.data.shards import unit_key
 from clap_core.preprocess.config import PreprocessConfig
@@ -121,14 +121,17 @@ def unit_hash(job: dict, key: str, piece_hashes: list[str]) -> str:
 # input fingerprint
 
 
-def input_fingerprint(input_uri: str) -> str:
-    """Hash of the input files' names, sizes and modification times: a changed input is planned again."""
-    kind, files = resolve_input(input_uri)
-    if kind == "sidecar":
-        files = storage.list_files(files[0])
-    fs, _ = storage.resolve_fs(input_uri)
-    infos = fs.get_file_info([storage.resolve_fs(f)[1] for f in files])
-    return hashlib.sha256(json.dumps([[i.path, i.size, i.mtime_ns] for i in infos]).encode()).hexdigest()[:16]
+def input_fingerprint(input_uri: str, resolved: ResolvedInput | None = None) -> str:
+    """Hash of the input files' names, sizes and modification times: a changed input is planned again. A folder's
+    come from its listing (resolve_input's, reused when the caller passes it): no request per file."""
+    kind, files, listing = resolved or resolve_input(input_uri)
+    if listing is None:  # one manifest or tar: its own stat
+        fs, _ = storage.resolve_fs(input_uri)
+        stats = [(i.path, i.size, i.mtime_ns) for i in fs.get_file_info([storage.resolve_fs(f)[1] for f in files])]
+    else:  # a sidecar folder: every file in it; a folder of tars or manifest parts: those
+        read = None if kind == "sidecar" else set(files)
+        stats = [tuple(stat) for stat in listing if read is None or stat.uri in read]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 # -------------------------------------------------------------------------------------------------

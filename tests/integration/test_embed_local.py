@@ -171,7 +171,7 @@ def test_a_manifest_too_big_to_hold_is_read_a_chunk_at_a_time_into_the_same_outp
     whole = run(str(tmp_path / "whole"), runner="local")
     monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 500)
     monkeypatch.setattr(embed_input, "CHUNK_MB", 150 / 1e6)
-    assert embed_input.manifest_items(str(big), None) == (None, []) and big.stat().st_size > 500
+    assert embed_input.open_input(str(big), None).items is None and big.stat().st_size > 500
     by_ray = run(str(tmp_path / "ray"))  # Ray is up in this process: auto is ray
     by_local = run(str(tmp_path / "local"), runner="local")
     assert whole == by_ray == by_local == {"rows": 7, "rejects": 6, "reject_reasons": {
@@ -223,7 +223,7 @@ def test_a_big_csv_manifest_is_cut_where_records_end_into_the_same_output(ray_lo
     whole = run(str(tmp_path / "whole"), runner="local")
     monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 300)
     monkeypatch.setattr(embed_input, "CHUNK_MB", 60 / 1e6)
-    assert embed_input.manifest_items(str(big), None) == (None, []) and big.stat().st_size > 400
+    assert embed_input.open_input(str(big), None).items is None and big.stat().st_size > 400
     chunks = input_chunks(str(big), embed_input.CHUNK_MB)
     assert len(chunks) > 3 and {c["kind"] for c in chunks} == {"csv"}
     by_ray = run(str(tmp_path / "ray"))
@@ -258,7 +258,7 @@ def test_a_big_sidecar_folder_is_read_in_parts_into_the_same_output(ray_local, m
     run = functools.partial(embed_dataset, str(manifest / "ckpt"), str(folder), batch_size=2, precision="fp32")
     whole = run(str(tmp_path / "whole"), runner="local")
     monkeypatch.setattr(input_folders, "SIDECAR_CHUNK_CLIPS", 2)
-    assert embed_input.manifest_items(str(folder), None) == (None, [])
+    assert embed_input.open_input(str(folder), None).items is None
     assert [len(c["audio"]) for c in input_chunks(str(folder), embed_input.CHUNK_MB)] == [2, 2, 2, 1]
     by_ray = run(str(tmp_path / "ray"))
     by_local = run(str(tmp_path / "local"), runner="local")

@@ -6,7 +6,13 @@ import pytest
 
 from clap_core.data.rejects import reject
 from pipelines import embed_input
-from pipelines.embed_input import DUPLICATE, local_rows, manifest_items
+from pipelines.embed_input import DUPLICATE, local_rows, open_input
+
+
+def manifest_items(uri: str, split):
+    """(items, duplicates) as the driver reads them (None: streamed)."""
+    source = open_input(uri, split)
+    return source.items, source.duplicates
 
 
 @pytest.fixture
@@ -35,7 +41,7 @@ def test_a_big_manifest_streams_the_items_of_a_whole_read(manifest, monkeypatch,
     monkeypatch.setattr(embed_input, "CHUNK_MB", 97 / 1e6)  # ~30 chunks: lines and repeated ids cut apart
     assert embed_input.is_big_manifest(manifest) and manifest_items(manifest, split) == (None, [])
 
-    streamed = list(local_rows(manifest, split, None))
+    streamed = list(local_rows(open_input(manifest, split)))
     assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items  # every field, in input order
     marked = [r for r in streamed if r["error_reason"] == DUPLICATE]
     assert [reject(r, "read_manifest", r["error_reason"], r["error_detail"]) for r in marked] == duplicates
@@ -62,7 +68,7 @@ def test_a_sidecar_folder_of_more_clips_than_a_chunk_streams_the_items_of_a_whol
 
     monkeypatch.setattr(input_folders, "SIDECAR_CHUNK_CLIPS", 2)
     assert embed_input.is_big_manifest(str(tmp_path)) and manifest_items(str(tmp_path), None) == (None, [])
-    streamed = list(local_rows(str(tmp_path), None, None))
+    streamed = list(local_rows(open_input(str(tmp_path), None)))
     assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items
     assert [r["id"] for r in streamed if r["error_reason"] == DUPLICATE] == ["same"]
 
@@ -77,7 +83,7 @@ def test_a_big_manifest_on_object_storage_streams_the_same_items(manifest, s3_bu
     monkeypatch.setattr(embed_input, "IN_DRIVER_MANIFEST_BYTES", 100)
     monkeypatch.setattr(embed_input, "CHUNK_MB", 300 / 1e6)
     assert manifest_items(uri, None) == (None, [])
-    streamed = list(local_rows(uri, None, None))
+    streamed = list(local_rows(open_input(uri, None)))
     assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items and len(items) == 32
     assert [r["id"] for r in streamed if r["error_reason"] == DUPLICATE] == [d["id"] for d in duplicates]
 
@@ -102,7 +108,7 @@ def test_a_transient_error_reads_the_chunk_again(manifest, monkeypatch):
         return real(chunk, first)
 
     monkeypatch.setattr(embed_input, "read_chunk", flaky)
-    streamed = list(local_rows(manifest, None, None))
+    streamed = list(local_rows(open_input(manifest, None)))
     assert [r for r in streamed if r["error_reason"] != DUPLICATE] == items
     assert calls[1] == calls[2] and len(calls) == len(set(calls)) + 1  # that chunk read twice, no other
 

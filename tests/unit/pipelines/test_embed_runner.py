@@ -76,12 +76,14 @@ def test_shard_rows_counts_small_folders_and_stops_early_on_big_ones(tmp_path, m
 def test_shard_items_are_the_rows_the_ray_job_reads(tmp_path):
     """The in-process runner streams a split's rows through shards.iter_shard_rows (its retries and memory bound:
     tests/unit/data/test_shard_reader.py) with the Ray job's columns (embed_input.local_rows)."""
-    from pipelines.embed_input import local_rows
+    from pipelines.embed_input import local_rows, open_input
     from tests.fixtures.shards import write_shards
 
     rows = write_shards(tmp_path / "shards", per_label=1, split="test")
     write_shards(tmp_path / "shards", per_label=1, split="train")
-    items = list(local_rows(str(tmp_path / "shards"), "test", None))
+    source = open_input(str(tmp_path / "shards"), "test")
+    assert source.shards and source.items is None
+    items = list(local_rows(source))
     assert [item["id"] for item in items] == [row["id"] for row in rows]
     assert [item["audio"] for item in items] == [row["audio"] for row in rows]
     assert set(items[0]) == {"id", "audio", "caption", "label", "split", "source_path", "language", "kind"}

@@ -173,7 +173,8 @@ def test_a_sidecar_folder_is_cut_into_chunks_read_like_the_whole_folder(tmp_path
     monkeypatch.setattr(input_folders, "SIDECAR_CHUNK_CLIPS", clips_per_chunk)
     listings = []
     real_entries = input_folders.folder_entries
-    monkeypatch.setattr(input_folders, "folder_entries", lambda root: listings.append(root) or real_entries(root))
+    monkeypatch.setattr(input_folders, "folder_entries",
+                        lambda root, listing=None: listings.append(root) or real_entries(root, listing))
     chunks = chunking.input_chunks(str(tmp_path), 1.0)
     assert len(chunks) == -(-8 // clips_per_chunk) and listings == [str(tmp_path)]
     json.loads(json.dumps(chunks))  # chunks travel to Ray tasks as JSON
