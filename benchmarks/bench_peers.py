@@ -70,7 +70,8 @@ def make_wavs(folder: Path) -> list[str]:
 
 
 def our_paths(paths: list[str], runs: int) -> list[dict]:
-    """embed_audio from the 32 files per path: a precision of ClapModel ("fp32", "bf16", "auto"), or ONNX Runtime
+    """embed_audio from the 32 files per path: a precision of ClapModel ("fp32", "bf16", "auto", "int8": the int8
+    encoder, compiled in the warm-up when the cache does not hold it yet), or ONNX Runtime
     on this model's `clap export --format onnx` ("onnx": fp32; "onnx-int8": --quantize int8) through
     OnnxTowers.embed_audio (log-mel graph, 2 threads; the export is timed apart, before)."""
     import torch
@@ -359,10 +360,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers-python", default=None, help="the peers' venv python (see ../shared/peers)")
     parser.add_argument("--paths", default=None,
-                        help="our paths to time: precisions (fp32, bf16, auto), onnx, onnx-int8, and clap embed: "
-                             "job-local (in process), job (the Ray job), job-onnx-int8 (default: fp32, bf16 where "
-                             "the CPU computes it natively, job-local, job, and the onnx paths where onnxruntime "
-                             "is installed)")
+                        help="our paths to time: precisions (fp32, bf16, auto, int8), onnx, onnx-int8, and clap "
+                             "embed: job-local (in process), job (the Ray job), job-onnx-int8 (default: fp32, bf16 "
+                             "where the CPU computes it natively, int8 where torchao is installed, job-local, job, "
+                             "and the onnx paths where onnxruntime is installed)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--cases", default="embed,train", help="embed, train or both")
     parser.add_argument("--train-steps", type=int, default=5,
@@ -372,7 +373,7 @@ def main() -> None:
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="with --peers-python: instead of whole cases one after the other, alternate "
                              "LAION-CLAP's calls and ours one at a time for ROUNDS rounds and report the ratio "
-                             "within each round (embedding: --paths' in-process paths, default auto)")
+                             "within each round (embedding: --paths' in-process paths, default auto and int8)")
     args = parser.parse_args()
     cases = args.cases.split(",")
     # bf16 without AVX-512 BF16 / AMX is emulated: 0.26x LAION-CLAP's embedding and a 140 s train step on an
@@ -387,9 +388,15 @@ def main() -> None:
         onnx_paths = ",onnx,onnx-int8,job-onnx-int8"
     except ImportError:
         onnx_paths = ""
+    try:
+        import torchao  # noqa: F401  (the `int8` extra)
+        int8_path = ",int8"
+    except ImportError:
+        int8_path = ""
     if args.interleave and not args.peers_python:
         parser.error("--interleave needs --peers-python")
-    args.paths = args.paths or ("auto" if args.interleave else default + ",job-local,job" + onnx_paths)
+    args.paths = args.paths or ("auto" + int8_path if args.interleave
+                                else default + int8_path + ",job-local,job" + onnx_paths)
     args.train_precisions = args.train_precisions or default
     if default == "fp32":
         print("bench_peers: this CPU has no native bf16 (precision auto = fp32 here): bf16 is not timed unless "

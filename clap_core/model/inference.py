@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 AudioInput = Union[str, "np.ndarray", torch.Tensor]
 LongAudio = Literal["auto", "window_mean", "center_crop"]
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "int8"]
 
 
 @lru_cache(maxsize=None)
@@ -59,8 +59,8 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16", "int8"):
+        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'int8', got {precision!r}")
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
@@ -86,7 +86,8 @@ def bf16_copy(model: "ClapModel") -> "ClapModel":
     cached = model.__dict__.get(BF16_COPY)
     if cached is not None and cached[0] == key:
         return cached[1]
-    model.__dict__.pop(BF16_COPY, None)  # not into the deepcopy
+    model.__dict__.pop(BF16_COPY, None)  # not into the deepcopy, nor the int8 copy made from it
+    model.__dict__.pop(INT8_COPY, None)
     towers = [model.audio_projection] + ([model.text_encoder, model.text_projection] if model.has_text_tower else [])
     if not getattr(model.audio_encoder, "takes_waveform", False):
         towers.append(model.audio_encoder)  # encode_mel hands it the fp32 log-mel cast to its dtype
@@ -107,13 +108,40 @@ def bf16_copy(model: "ClapModel") -> "ClapModel":
 
 
 def drop_bf16_copy(model: "ClapModel") -> None:
-    """Forget the cached bf16 copy (its memory, or weights changed in a way bf16_copy cannot see)."""
+    """Forget the cached bf16 copy and the int8 copy made from it (their memory, or weights changed in a way
+    bf16_copy cannot see)."""
     model.__dict__.pop(BF16_COPY, None)
+    model.__dict__.pop(INT8_COPY, None)
 
 
 def runner(model: "ClapModel", precision: Precision) -> "ClapModel":
-    """The model the encoders run on: `model` itself (fp32), or its bf16 copy."""
-    return model if resolve_precision(precision, model.device) == "fp32" else bf16_copy(model)
+    """The model the encoders run on: `model` itself (fp32), its bf16 copy, or for int8 the bf16 copy with the
+    compiled int8 audio encoder (int8_copy)."""
+    resolved = resolve_precision(precision, model.device)
+    if resolved == "fp32":
+        return model
+    return int8_copy(model) if resolved == "int8" else bf16_copy(model)
+
+
+INT8_COPY = "_int8_copy"  # the model's __dict__ entry holding (the bf16 copy it was made from, the int8 copy)
+
+
+def int8_copy(model: "ClapModel") -> "ClapModel":
+    """The bf16 copy (bf16_copy) with its audio encoder replaced by the compiled static-int8 one
+    (clap_core.model.int8_tower: built from the fp32 weights, once per machine and weights; its text tower and
+    projections stay the bf16 copy's. Rebuilt with the bf16 copy, i.e. when a weight changed."""
+    from clap_core.model import int8_tower
+
+    int8_tower.check_int8(model)
+    fast = bf16_copy(model)
+    cached = model.__dict__.get(INT8_COPY)
+    if cached is not None and cached[0] is fast:
+        return cached[1]
+    encoder = int8_tower.compiled_audio_encoder(model)
+    int8 = copy.copy(fast)  # shares every module with the bf16 copy but the audio encoder
+    int8._modules = {**fast._modules, "audio_encoder": encoder}
+    model.__dict__[INT8_COPY] = (fast, int8)
+    return int8
 
 
 def load_waveform(item: AudioInput, sample_rate: int | None) -> np.ndarray:
