@@ -16,9 +16,10 @@ real audio puts into the log-mel (silence to full scale, noise, tones, sweeps, c
 speech-like bursts).
 
 The compiled package (a shared library + the int8 weights) lives in a cache folder of this user's
-(CLAP_CACHE_DIR, default ~/.cache/clap-at-scale), named by a digest of the encoder's weights, the torch and torchao
-versions and the CPU's instruction sets; a file lock lets one process of a machine build it while the others
-wait. Only packages this code wrote are loaded: a checkpoint never carries compiled code.
+(CLAP_CACHE_DIR, default ~/.cache/clap-at-scale), named by a digest of the encoder's weights, the torch and
+torchao versions, the CPU's instruction sets and torch's thread count; a file lock lets one process of a machine
+build it while the others wait. Only packages this code wrote are loaded: a checkpoint never carries compiled
+code.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def calibration_waves(samples: int, sr: int) -> list[np.ndarray]:
 
 def package_key(model: nn.Module) -> str:
     """Digest of what the compiled package depends on: the encoder's weights and buffers, the input shape, the
-    versions of torch and torchao, the CPU's instruction sets, this module's format."""
+    versions of torch and torchao, the CPU's instruction sets, torch's thread count, this module's format."""
     import torchao
 
     digest = hashlib.sha256()
@@ -93,8 +94,10 @@ def package_key(model: nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     cpu = " ".join(sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx", "fma"))))
+    # the thread count is compiled into the kernels (`omp parallel num_threads(n)`): a process of another count
+    # builds its own package rather than run on the builder's threads
     meta = [PACKAGE_FORMAT, INT8_BATCH, model.config.audio.sample_rate, model.frontend.clip_samples,
-            torch.__version__, torchao.__version__, cpu]
+            torch.__version__, torchao.__version__, cpu, torch.get_num_threads()]
     digest.update(repr(meta).encode())
     return digest.hexdigest()[:24]
 

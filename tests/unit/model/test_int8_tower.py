@@ -55,6 +55,12 @@ def test_the_package_key_follows_the_audio_weights_only():
     assert int8_tower.package_key(model) != int8_tower.package_key(other)
     other.audio_encoder.load_state_dict(model.audio_encoder.state_dict())  # text tower still different
     assert int8_tower.package_key(model) == int8_tower.package_key(other)
+    key, threads = int8_tower.package_key(model), torch.get_num_threads()
+    try:  # compiled into the kernels: another thread count is another package
+        torch.set_num_threads(threads + 1)
+        assert int8_tower.package_key(model) != key
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_calibration_clips_are_fixed_and_span_silence_to_full_scale():
