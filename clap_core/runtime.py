@@ -15,8 +15,10 @@ glibc's malloc settings already (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import logging
 import os
 import platform
 
@@ -41,3 +43,15 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+@contextlib.contextmanager
+def logger_at(logger: logging.Logger, level: int):
+    """`logger` at `level` for the block, its own level restored after (a library's notes kept off the console
+    while one call runs)."""
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

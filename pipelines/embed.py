@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: bf16 (a bf16 copy of the encoders, under autocast) where the hardware has "
                              "native bf16 (cosine >= 0.999 to fp32), else fp32; fp32: exact; int8 (CPU, "
                              "pip install 'clap-at-scale[int8]'): the audio encoder in static int8, compiled "
-                             "once per machine and checkpoint (~100 s, cached), then ~1.2x bf16. An ONNX export "
+                             "once per machine and checkpoint (~2 min, cached), then 1.2-1.6x bf16. An ONNX export "
                              "runs at the precision it was exported in (auto only)")
 
 

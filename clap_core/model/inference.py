@@ -12,7 +12,7 @@ casts every fp32 weight again at every call; on CPU its linears multiply by weig
 (clap_core.model.packed_linear). On this project's CPU that is ~2.2x faster than fp32 with a cosine >= 0.9999 to
 fp32 on decoded clips (README, "Exact or fast inference"). precision="fp32" forces the exact path.
 precision="int8" (CPU, opt-in) is the bf16 path with the audio encoder in static int8, compiled ahead of time
-once per machine and weights (clap_core.model.int8_tower): ~1.2x the bf16 path, cosine >= 0.999 to fp32.
+once per machine and weights (clap_core.model.int8_tower): 1.4-1.6x the bf16 path, cosine >= 0.999 to fp32.
 """
 from __future__ import annotations
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from clap_core.config import CheckpointError
 from clap_core.model.folders import AUDIO_FILE, META_FILE, TEXT_FILE, TOKENIZER_DIR, check_export, is_onnx_export  # noqa: F401
+from clap_core.runtime import logger_at
 
 if TYPE_CHECKING:
     import onnx
@@ -116,21 +117,10 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
 def _quiet_exporter():
     """The exporter's notes that concern neither the graph nor the user (torchvision's detection ops are not
     registered; a pytree deprecation inside torch.export), kept off the console for the export only."""
-    with _logger_at(logging.getLogger("torch.onnx._internal.exporter._registration"), logging.ERROR), \
+    with logger_at(logging.getLogger("torch.onnx._internal.exporter._registration"), logging.ERROR), \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated", category=FutureWarning)
         yield
-
-
-@contextlib.contextmanager
-def _logger_at(logger: logging.Logger, level: int):
-    """`logger` at `level` for the block, its own level restored after."""
-    before = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(before)
 
 
 def export_onnx(model: "ClapModel", output: str | Path, audio_input: AudioInput = "mel", opset: int = 20,
@@ -223,7 +213,7 @@ def quantize_linears(path: Path, module: nn.Module) -> int:
         return 0
     staged = path.with_name(path.stem + ".int8.tmp")
     # its advice to run ORT's shape pre-processing first goes to the root logger
-    with _logger_at(logging.getLogger(), logging.ERROR):
+    with logger_at(logging.getLogger(), logging.ERROR):
         try:
             quantize_dynamic(graph, str(staged), weight_type=QuantType.QInt8, per_channel=True,
                              reduce_range=True, op_types_to_quantize=["MatMul"], nodes_to_quantize=names)
