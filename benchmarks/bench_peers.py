@@ -129,8 +129,9 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
     imports, model load) in the detail; medians of
     min(runs, 3) jobs after a warm-up job (Ray Data's first use). "job": the checkpoint at the default
     precision; "job-onnx-int8": the int8 ONNX export; "job-local": the checkpoint with `--runner local`, in this
-    process and no Ray (what `clap embed` runs for a manifest of <= 1024 rows when no cluster is given). Min
-    cosine of the job's embeddings to our exact fp32."""
+    process and no Ray (what `clap embed` runs for a manifest of <= 1024 rows when no cluster is given);
+    "job-int8", "job-local-int8": those two with `--precision int8` (the encoder built in the warm-up job when
+    the cache lacks it). Min cosine of the job's embeddings to our exact fp32."""
     import numpy as np
     import ray
     from embed_jobs import time_job, warm_up
@@ -149,14 +150,16 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
              for k in range(JOB_COPIES) for i, f in enumerate(files)]
     manifest.write_text("\n".join(lines) + "\n")
     exact = dict(zip((f"c0-{i:02d}" for i in range(N_CLIPS)), model.embed_audio(files, precision="fp32")))
-    runner = "local" if path == "job-local" else "ray"
+    runner = "local" if path.startswith("job-local") else "ray"
+    precision = "int8" if path in ("job-int8", "job-local-int8") else "auto"
     if runner == "ray":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        warm_up(checkpoint, manifest, tmp / f"{path}-out-warm", batch_size=8, runner=runner)
-        jobs = [time_job(checkpoint, manifest, tmp / f"{path}-out{r}", batch_size=8, runner=runner)
+        warm_up(checkpoint, manifest, tmp / f"{path}-out-warm", batch_size=8, runner=runner, precision=precision)
+        jobs = [time_job(checkpoint, manifest, tmp / f"{path}-out{r}", batch_size=8, runner=runner,
+                         precision=precision)
                 for r in range(min(runs, 3))]
         whole, steady = [j.end_to_end for j in jobs], [j.steady for j in jobs]
         index = load_index(str(tmp / f"{path}-out0"))
@@ -165,7 +168,9 @@ def _job_rows(model, path: str, files: list[str], tmp: Path, runs: int) -> list[
             ray.shutdown()
     cosine = min(float(np.dot(index.audio[i], exact[name])) for i, name in enumerate(index.ids) if name in exact)
     impl = "clap-at-scale clap embed" + {"job-onnx-int8": " (int8 ONNX export)",
-                                         "job-local": " in process (--runner local)"}.get(path, "")
+                                         "job-local": " in process (--runner local)",
+                                         "job-int8": " --precision int8",
+                                         "job-local-int8": " in process --precision int8"}.get(path, "")
     detail = {"min_cosine_to_fp32": round(cosine, 6), "rows": len(lines),
               "fixed_s": round(statistics.median(j.fixed for j in jobs), 2)}
     return [dict(case="laion_filelist", impl=f"{impl} end to end", metric=f"audio embed of {len(lines)} wav files",
@@ -361,7 +366,8 @@ def main() -> None:
     parser.add_argument("--peers-python", default=None, help="the peers' venv python (see ../shared/peers)")
     parser.add_argument("--paths", default=None,
                         help="our paths to time: precisions (fp32, bf16, auto, int8), onnx, onnx-int8, and clap "
-                             "embed: job-local (in process), job (the Ray job), job-onnx-int8 (default: fp32, bf16 "
+                             "embed: job-local (in process), job (the Ray job), job-onnx-int8, job-int8, "
+                             "job-local-int8 (default: fp32, bf16 "
                              "where the CPU computes it natively, int8 where torchao is installed, job-local, job, "
                              "and the onnx paths where onnxruntime is installed)")
     parser.add_argument("--runs", type=int, default=2)

@@ -46,32 +46,35 @@ def first_rows_manifest(manifest: Path, n: int) -> Path:
 
 
 def run_job(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int,
-            runner: str = "ray") -> tuple[int, float]:
-    """(rows, seconds) of one `clap embed --no-text --runner RUNNER` job ("ray": the Ray Data job; "local": in
-    this process, what `clap embed` runs for a small manifest when no Ray cluster is given)."""
-    from pipelines.embed import embed_manifest
+            runner: str = "ray", precision: str = "auto") -> tuple[int, float]:
+    """(rows, seconds) of one `clap embed --no-text --runner RUNNER --precision PRECISION` job ("ray": the Ray
+    Data job; "local": in this process, what `clap embed` runs for a small manifest when no Ray cluster is
+    given)."""
+    from pipelines.embed import embed_dataset
 
     start = time.perf_counter()
-    summary = embed_manifest(str(checkpoint), str(manifest), str(output), batch_size=batch_size, text=False,
-                             runner=runner)
+    summary = embed_dataset(str(checkpoint), str(manifest), str(output), batch_size=batch_size, text=False,
+                            runner=runner, precision=precision)
     return summary["rows"], time.perf_counter() - start
 
 
-def warm_up(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int, runner: str = "ray") -> float:
-    """The session's first job, on one clip (Ray Data's first use); returns its seconds."""
-    return run_job(checkpoint, first_rows_manifest(manifest, 1), output, batch_size, runner)[1]
+def warm_up(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int, runner: str = "ray",
+            precision: str = "auto") -> float:
+    """The session's first job, on one clip (Ray Data's first use; int8: the encoder's build when the cache
+    lacks it); returns its seconds."""
+    return run_job(checkpoint, first_rows_manifest(manifest, 1), output, batch_size, runner, precision)[1]
 
 
 def time_job(checkpoint: str | Path, manifest: Path, output: Path, batch_size: int,
-             runner: str = "ray") -> TimedJob:
+             runner: str = "ray", precision: str = "auto") -> TimedJob:
     """A job on the whole manifest into `output`, then a one-clip job into `output`-one and a job on the first
     quarter of the rows (whole batches, at least one) into `output`-part."""
-    rows, seconds = run_job(checkpoint, manifest, output, batch_size, runner)
+    rows, seconds = run_job(checkpoint, manifest, output, batch_size, runner, precision)
     _, fixed = run_job(checkpoint, first_rows_manifest(manifest, 1), output.with_name(f"{output.name}-one"),
-                       batch_size, runner)
+                       batch_size, runner, precision)
     quarter = max(batch_size, rows // 4 // batch_size * batch_size)
     if quarter >= rows:
         raise ValueError(f"a job of {rows} rows has no steady state to time at batch size {batch_size}")
     part_rows, part_seconds = run_job(checkpoint, first_rows_manifest(manifest, quarter),
-                                      output.with_name(f"{output.name}-part"), batch_size, runner)
+                                      output.with_name(f"{output.name}-part"), batch_size, runner, precision)
     return TimedJob(rows, seconds, fixed, part_rows, part_seconds)
