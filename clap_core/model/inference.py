@@ -130,7 +130,7 @@ INT8_COPY = "_int8_copy"  # the model's __dict__ entry holding (the bf16 copy it
 
 def int8_copy(model: "ClapModel") -> "ClapModel":
     """The bf16 copy (bf16_copy) with its audio encoder replaced by the compiled static-int8 one
-    (clap_core.model.int8_tower: built from the fp32 weights, once per machine and weights; its text tower and
+    (clap_core.model.int8_tower: built from the fp32 weights, once per machine and weights); its text tower and
     projections stay the bf16 copy's. Rebuilt with the bf16 copy, i.e. when a weight changed."""
     from clap_core.model import int8_tower
 
