@@ -22,7 +22,7 @@ def input_chunks(input_uri: str, chunk_mb: float, encoding: str = "utf-8",
     """Pieces of the input that tasks read independently, in input order. JSONL files are cut into byte
     ranges of about chunk_mb (lines belong to the range they start in); a CSV manifest bigger than chunk_mb into
     ranges that end where a record ends (found by one streaming parse of the file here: quoted fields may hold
-    newlines); each tar is one chunk; a sidecar folder is listed here once and cut into chunks of
+    newlines); each tar is one chunk; a sidecar folder's listing (resolve_input's) is cut into chunks of
     SIDECAR_CHUNK_CLIPS audio files, each carrying its files' paths and the sidecars of their stems; a smaller
     CSV, and AudioCaps and Clotho CSVs (rows of one clip are grouped across the file), are one chunk read whole.
     `resolved`: resolve_input(input_uri) when the caller has it (a folder is then not listed again)."""
