@@ -137,13 +137,12 @@ class CompiledAudioEncoder(nn.Module):
             if pad:
                 part = torch.cat([part, part.new_zeros((pad,) + self.mel_shape)])
                 part_flags = torch.cat([part_flags, part_flags.new_zeros(pad, 1)])
-            args = (part, part_flags) if self.takes_is_longer else (part,)
-            out.append(self.runner(*args)[:INT8_BATCH - pad])  # (b, H)
+            out.append(self.runner(part, part_flags)[:INT8_BATCH - pad])  # (b, H): the export takes both
         return torch.cat(out)
 
 
 class _Encoder(nn.Module):
-    """The encoder with a fixed signature for torch.export."""
+    """The encoder with one signature for torch.export, (mel, is_longer), whether or not it reads is_longer."""
 
     def __init__(self, encoder: nn.Module, takes_is_longer: bool):
         super().__init__()

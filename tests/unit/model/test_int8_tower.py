@@ -84,3 +84,26 @@ def test_what_int8_cannot_run_is_refused_with_the_reason():
     on_gpu = types.SimpleNamespace(device=torch.device("cuda"))
     with pytest.raises(ValueError, match="runs on CPU"):
         int8_tower.check_int8(on_gpu)
+
+
+def test_the_compiled_encoder_runs_fixed_batches_of_both_inputs_and_drops_the_padding():
+    """The exported graph takes (mel (8, C, T, F), is_longer (8, 1)) whether or not the encoder reads is_longer
+    (the `tiny` model's conv encoder does not: it was called with the mel alone, and the package refused)."""
+    calls = []
+
+    def runner(mel, is_longer):  # stands in for the AOTInductor package: one feature per clip
+        calls.append((tuple(mel.shape), is_longer.dtype, is_longer[:, 0].tolist()))
+        return mel.mean(dim=(1, 2, 3))[:, None].repeat(1, 4)
+
+    for takes_is_longer in (False, True):
+        calls.clear()
+        encoder = int8_tower.CompiledAudioEncoder(runner, (1, 5, 3), takes_is_longer)
+        mel = torch.arange(11 * 15, dtype=torch.float32).reshape(11, 1, 5, 3)
+        flags = torch.tensor([[i % 2 == 0] for i in range(11)])
+        out = encoder(mel, flags) if takes_is_longer else encoder(mel)
+        assert out.shape == (11, 4) and torch.equal(out[:, 0], mel.mean(dim=(1, 2, 3)))  # padding dropped
+        assert [c[0] for c in calls] == [(8, 1, 5, 3)] * 2 and {c[1] for c in calls} == {torch.bool}
+        expected = [i % 2 == 0 for i in range(11)] if takes_is_longer else [False] * 11
+        assert calls[0][2] + calls[1][2][:3] == expected and calls[1][2][3:] == [False] * 5
+    with pytest.raises(ValueError, match="compiled for log-mel"):
+        encoder(torch.zeros(2, 1, 6, 3))
