@@ -171,14 +171,17 @@ def build_package(model: nn.Module, path: Path) -> None:
         for mel, is_longer in batches:  # calibration: the observers see every batch
             prepared(mel, is_longer.reshape(INT8_BATCH, 1).bool())
         quantized = torch.export.export(convert_pt2e(prepared), example)
-        staged = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    staged = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
         with _quiet_compiler():
             # dynamic threads: the kernels ask OpenMP for the caller's thread count at each call; by default inductor
             # writes the builder's count into them (a Ray actor builds on its constructor's 1 thread and embeds on
             # its batches' N: its package ran at 0.4x the in-process one)
             torch._inductor.aoti_compile_and_package(quantized, package_path=str(staged),
                                                      inductor_configs={"freezing": True, "cpp.dynamic_threads": True})
-    os.replace(staged, path)  # whole or absent: a crash mid-build leaves no package to load
+        os.replace(staged, path)  # whole or absent: a crash mid-build leaves no package to load
+    finally:
+        staged.unlink(missing_ok=True)  # a failed build leaves nothing behind
 
 
 def compiled_audio_encoder(model: nn.Module) -> CompiledAudioEncoder:
