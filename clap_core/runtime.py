@@ -9,7 +9,7 @@ keep_freed_memory() fixes the mmap threshold at glibc's ceiling (32 MB on 64-bit
 1 GB: blocks up to 32 MB are then reused from the heap, and the process keeps the memory of its largest batch
 (its RSS stays at that peak instead of falling between batches).
 
-The embedding paths call it on CPU (clap_core.model.inference.evaluating). It changes nothing where malloc is not
+The embedding paths call it on CPU (evaluating, below). It changes nothing where malloc is not
 glibc's (macOS, musl, Windows, an LD_PRELOADed jemalloc or tcmalloc keeps its own policy) or where the user chose
 glibc's malloc settings already (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or glibc.malloc tunables).
 """
@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import platform
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's largest accepted value on 64-bit (HEAP_MAX_SIZE / 2)
@@ -55,3 +56,18 @@ def logger_at(logger: logging.Logger, level: int):
         yield
     finally:
         logger.setLevel(before)
+
+
+@contextlib.contextmanager
+def evaluating(model) -> Iterator[None]:
+    """The model in eval mode for the block (no dropout, batch norm's running statistics: deterministic), the
+    caller's mode restored after. On CPU, glibc's malloc is set once per process to reuse the memory one batch
+    frees for the next (keep_freed_memory)."""
+    if model.device.type == "cpu":
+        keep_freed_memory()
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -34,7 +34,7 @@ from clap_core.audio.clips import split_windows
 from clap_core.audio.codec import TARGET_SR, decode_audio, resample
 from clap_core.eval.metrics import DEFAULT_TEMPLATES, format_templates, zero_shot_classifier, zero_shot_predict
 from clap_core.model.packed_linear import pack_linears
-from clap_core.runtime import keep_freed_memory
+from clap_core.runtime import evaluating
 
 if TYPE_CHECKING:
     from clap_core.model.clap import ClapModel
@@ -173,21 +173,6 @@ def pad_batch(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, w in enumerate(waves):
         out[i, :len(w)] = torch.from_numpy(np.ascontiguousarray(w))
     return out, lengths
-
-
-@contextlib.contextmanager
-def evaluating(model: "ClapModel") -> Iterator[None]:
-    """The model in eval mode for the block (no dropout, batch norm's running statistics: deterministic), the
-    caller's mode restored after. On CPU, glibc's malloc is set once per process to reuse the memory one batch
-    frees for the next (clap_core.runtime)."""
-    if model.device.type == "cpu":
-        keep_freed_memory()
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from clap_core.runtime import logger_at
+from clap_core.runtime import evaluating, logger_at
 
 INT8_BATCH = 8  # clips per call of the compiled encoder: a batch is cut into, and the last part padded to, 8
 CALIBRATION_CLIPS = 16  # synthetic clips the activation ranges are observed on (two batches)
@@ -160,7 +160,7 @@ def build_package(model: nn.Module, path: Path) -> None:
     frontend = model.frontend
     waves = torch.from_numpy(np.stack(calibration_waves(frontend.clip_samples, model.config.audio.sample_rate)))
     takes_is_longer = getattr(model.audio_encoder, "takes_is_longer", False)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), evaluating(model):
         batches = [frontend(waves[i:i + INT8_BATCH]) for i in range(0, len(waves), INT8_BATCH)]  # (mel, is_longer)
         encoder = _Encoder(model.audio_encoder, takes_is_longer).eval()
         example = (batches[0][0], batches[0][1].reshape(INT8_BATCH, 1).bool())
@@ -199,7 +199,7 @@ def compiled_audio_encoder(model: nn.Module) -> CompiledAudioEncoder:
     # so the flags in /proc/cpuinfo are taken as they are (inductor's documented TORCHINDUCTOR_VEC_ISA_OK): ~8 s
     with torch._inductor.config.patch({"cpp.vec_isa_ok": True}):
         runner = torch._inductor.aoti_load_package(str(path))
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), evaluating(model):
         mel, _ = model.frontend(torch.zeros(1, model.frontend.clip_samples))
     return CompiledAudioEncoder(runner, tuple(mel.shape[1:]), getattr(model.audio_encoder, "takes_is_longer", False))
 
@@ -223,14 +223,3 @@ def _locked(lock: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode (the centre crop, no dropout) while the encoder is exported and calibrated; the mode restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
